@@ -1,0 +1,51 @@
+# Everything goes through these targets; on a fresh machine `make test` and
+# `make demo` create the virtual environment, install the dependencies and
+# build the Cython extensions and the gRPC code first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+SEEDS ?= 1-2000
+PYTEST_ARGS ?=
+
+.PHONY: all venv build test test-fast lint sim chaos bench demo clean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+# Reinstall when the package metadata changes.
+$(INSTALLED): $(PY) pyproject.toml setup.py
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(INSTALLED)
+
+# Cython extensions and protobuf/gRPC modules, in place (cheap when nothing changed).
+build: $(INSTALLED)
+	$(PY) setup.py -q build_ext --inplace
+
+lint: build
+	$(PY) -m ruff check replicator chaos tests benchmarks
+	$(PY) -m mypy replicator
+
+test: build lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+sim: build
+	$(PY) -m chaos.sim --seeds $(SEEDS)
+
+chaos: build
+	$(PY) -m chaos run --all
+
+bench: build
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,mean,ops
+
+demo: build
+	$(PY) -m replicator.demo
+
+clean:
+	rm -rf build replicator/_native/*.so native/*.c replicator/v1/*_pb2*.py replicator/v1/*_pb2*.pyi

@@ -1,0 +1,1 @@
+"""Pure-Python twins of the Cython modules in native/ (same API, same results)."""
