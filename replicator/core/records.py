@@ -1,0 +1,55 @@
+"""Records: the unit of replication (DESIGN.md section 3).
+
+A record is one atomic mutation: one or more operations (put key value,
+delete key) with an id `(origin, incarnation, seq)`, the epoch it was written
+in, a hybrid-logical-clock timestamp `ts` and the client's request id. Keys
+and values are bytes. Timestamps are totally ordered integers; ties between
+origins are broken inside the integer (see hlc.py), so last-writer-wins on
+`ts` alone is deterministic at both sites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class RecordId:
+    """Identity of a record. Ordered by (origin, incarnation, seq)."""
+
+    origin: str
+    incarnation: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """Put `value` at `key`, or delete `key` when `value` is None."""
+
+    key: bytes
+    value: bytes | None
+
+    @property
+    def is_delete(self) -> bool:
+        return self.value is None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    id: RecordId
+    epoch: int
+    ts: int
+    request_id: bytes
+    operations: tuple[Operation, ...]
+
+    def keys(self) -> tuple[bytes, ...]:
+        return tuple(operation.key for operation in self.operations)
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A stored version of a key: what resync ships and the visible state holds."""
+
+    key: bytes
+    ts: int
+    value: bytes | None  # None is a tombstone
