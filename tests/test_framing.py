@@ -1,0 +1,418 @@
+"""Frame codec: round trips, streaming, hostile input, and the two twins against each other."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import replicator.framing as public
+from replicator._pure import framing as pure
+from replicator._select import extensions_disabled
+from replicator.checksum import crc32c
+from replicator.core.records import Operation, Record, RecordId, Versioned
+from replicator.framing import FrameType, ResyncKind
+
+native = pytest.importorskip("replicator._native.framing") if extensions_disabled() else None
+if native is None:
+    from replicator._native import framing as native  # a missing build fails here, loudly
+
+IMPLEMENTATIONS = [pytest.param(native, id="cython"), pytest.param(pure, id="pure")]
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+u64 = st.integers(0, 2**64 - 1)
+names = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12).filter(
+    lambda text: len(text.encode()) <= 255
+)
+blobs = st.binary(max_size=64)
+operations = st.builds(Operation, blobs, st.one_of(st.none(), st.binary(max_size=300)))
+records = st.builds(
+    Record,
+    st.builds(RecordId, names, u64, u64),
+    u64,
+    u64,
+    st.binary(max_size=40),
+    st.lists(operations, max_size=4).map(tuple),
+)
+watermarks = st.one_of(st.none(), st.tuples(u64, u64))
+versioned = st.builds(Versioned, blobs, u64, st.one_of(st.none(), st.binary(max_size=300)))
+
+# One frame description: (encoder name, arguments after `out`).
+frame_specs = st.one_of(
+    st.tuples(st.just("records"), st.tuples(u64, st.lists(records, max_size=5), watermarks)),
+    st.tuples(
+        st.just("hello"),
+        st.tuples(u64, names, names, u64, st.integers(0, 255), u64, u64, st.binary(max_size=30)),
+    ),
+    st.tuples(
+        st.just("cumulative"),
+        st.tuples(
+            st.sampled_from(sorted(pure.CUMULATIVE_TYPES)),
+            u64,
+            names,
+            u64,
+            u64,
+        ),
+    ),
+    st.tuples(st.just("heartbeat"), st.tuples(st.sampled_from(sorted(pure.HEARTBEAT_TYPES)), u64, u64)),
+    st.tuples(st.just("resync_data"), st.tuples(u64, u64, st.lists(versioned, max_size=5))),
+    st.tuples(
+        st.just("resync_control"),
+        st.tuples(u64, st.sampled_from(list(ResyncKind)), st.lists(u64, max_size=6).map(tuple), blobs),
+    ),
+    st.tuples(st.just("goodbye"), st.tuples(u64, st.integers(0, 255), names)),
+    st.tuples(st.just("link_ack"), st.tuples(u64)),
+)
+
+
+def encode(module, spec, out: bytearray | None = None) -> bytearray:
+    kind, arguments = spec
+    out = bytearray() if out is None else out
+    getattr(module, f"encode_{kind}")(out, *arguments)
+    return out
+
+
+def expected_frame(spec) -> tuple:
+    """What decoding the frame of `spec` must give, in normal form."""
+    kind, arguments = spec
+    if kind == "records":
+        epoch, items, watermark = arguments
+        return (FrameType.RECORDS, epoch, ("records", tuple(items), watermark))
+    if kind == "hello":
+        epoch, pair_id, site, incarnation, state, resume_incarnation, resume_seq, extras = arguments
+        return (
+            FrameType.HELLO,
+            epoch,
+            pure.Hello(pair_id, site, incarnation, state, resume_incarnation, resume_seq, extras),
+        )
+    if kind == "cumulative":
+        frame_type, epoch, origin, incarnation, seq = arguments
+        return (frame_type, epoch, pure.Cumulative(origin, incarnation, seq))
+    if kind == "heartbeat":
+        frame_type, epoch, nonce = arguments
+        return (frame_type, epoch, pure.Heartbeat(nonce))
+    if kind == "resync_data":
+        epoch, batch_seq, entries = arguments
+        return (FrameType.RESYNC_DATA, epoch, ("resync", batch_seq, tuple(entries)))
+    if kind == "resync_control":
+        epoch, kind_value, counts, key = arguments
+        return (FrameType.RESYNC_CONTROL, epoch, pure.ResyncControl(kind_value, counts, key))
+    if kind == "goodbye":
+        epoch, reason, message = arguments
+        return (FrameType.GOODBYE, epoch, pure.Goodbye(reason, message))
+    assert kind == "link_ack"
+    return (FrameType.LINK_ACK, arguments[0], None)
+
+
+def normal(frame) -> tuple:
+    body = frame.body
+    if isinstance(body, pure.RecordBatch):
+        body = ("records", tuple(record.materialise() for record in body.records), body.watermark)
+    elif isinstance(body, pure.ResyncData):
+        body = ("resync", body.batch_seq, tuple(entry.materialise() for entry in body.entries))
+    return (frame.type, frame.epoch, body)
+
+
+def sample_records(count: int = 3, value_bytes: int = 100) -> list[Record]:
+    return [
+        Record(
+            RecordId("a", 7, seq),
+            3,
+            1000 + seq,
+            b"request-%d" % seq,
+            (Operation(b"key-%d" % seq, bytes([seq % 256]) * value_bytes), Operation(b"gone", None)),
+        )
+        for seq in range(1, count + 1)
+    ]
+
+
+def raw_frame(
+    payload: bytes,
+    frame_type: int = FrameType.LINK_ACK,
+    version: int = pure.PROTOCOL_VERSION,
+    flags: int = 0,
+    reserved: int = 0,
+    magic: bytes = pure.MAGIC,
+    length: int | None = None,
+) -> bytes:
+    """A frame with arbitrary header fields and correct CRCs."""
+    length = len(payload) if length is None else length
+    header = struct.pack("<4sBBHIIQQQI", magic, version, frame_type, flags, length, crc32c(payload), 9, 0, 0, reserved)
+    return header + struct.pack("<I", crc32c(header)) + payload
+
+
+# --- round trips and agreement ------------------------------------------------
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+@FAST
+@given(spec=frame_specs)
+def test_round_trip_every_frame_type(module, spec):
+    data = encode(module, spec)
+    frame = module.decode_frame(bytes(data))
+    assert frame.size_bytes == len(data)
+    assert (frame.link_seq, frame.link_ack) == (0, 0)
+    assert normal(frame) == expected_frame(spec)
+
+
+@FAST
+@given(spec=frame_specs)
+def test_twins_agree_byte_for_byte(spec):
+    native_bytes = encode(native, spec)
+    pure_bytes = encode(pure, spec)
+    assert native_bytes == pure_bytes
+    assert normal(native.decode_frame(pure_bytes)) == normal(pure.decode_frame(native_bytes))
+
+
+@FAST
+@given(specs=st.lists(frame_specs, min_size=1, max_size=6), cuts=st.lists(st.integers(0, 10_000), max_size=12))
+def test_stream_cut_anywhere_gives_whole_frames(specs, cuts):
+    stream = bytearray()
+    for spec in specs:
+        encode(native, spec, stream)
+    stream = bytes(stream)
+    points = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+    expected = [expected_frame(spec) for spec in specs]
+    for module in (native, pure):
+        decoder = module.FrameDecoder()
+        frames = []
+        for start, end in zip(points, points[1:], strict=False):
+            frames.extend(decoder.feed(stream[start:end]))
+        assert [normal(frame) for frame in frames] == expected
+        assert decoder.pending_bytes == 0
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+@FAST
+@given(specs=st.lists(frame_specs, min_size=1, max_size=6), reads=st.lists(st.integers(1, 5000), min_size=1))
+def test_buffered_protocol_path(module, specs, reads):
+    stream = bytearray()
+    for spec in specs:
+        encode(module, spec, stream)
+    decoder = module.FrameDecoder(receive_buffer_bytes=16 * 1024)
+    frames, position, index = [], 0, 0
+    while position < len(stream):
+        target = decoder.get_buffer(-1)
+        count = min(len(target), reads[index % len(reads)], len(stream) - position)
+        target[:count] = stream[position : position + count]
+        position += count
+        index += 1
+        frames.extend(decoder.buffer_updated(count))
+    assert [normal(frame) for frame in frames] == [expected_frame(spec) for spec in specs]
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+def test_keys_and_values_are_views_of_the_receive_buffer(module):
+    chunk = bytes(encode(module, ("records", (5, sample_records(), (7, 2)))))
+    (frame,) = module.FrameDecoder().feed(chunk)  # immutable chunk, nothing pending: decoded in place
+    record = frame.body.records[0]
+    assert isinstance(record.operations[0].key, memoryview)
+    assert record.operations[0].key.obj is chunk
+    assert record.operations[0].value.obj is chunk
+    assert record.request_id.obj is chunk
+    assert record.raw.obj is chunk
+    assert crc32c(record.raw) == record.crc
+    assert record.id == RecordId("a", 7, 1)
+    assert record.operations[1].is_delete
+    assert frame.body.watermark == (7, 2)
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+def test_views_survive_later_reads(module):
+    """Frames handed out keep their bytes while the decoder moves on to fresh buffers."""
+    decoder = module.FrameDecoder(receive_buffer_bytes=16 * 1024)
+    kept = []
+    for round_number in range(40):
+        batch = sample_records(4, value_bytes=1000 + round_number)
+        stream = encode(module, ("records", (round_number, batch, None)))
+        for start in range(0, len(stream), 3000):
+            piece = stream[start : start + 3000]
+            target = decoder.get_buffer(-1)
+            target[: len(piece)] = piece
+            for frame in decoder.buffer_updated(len(piece)):
+                kept.append((frame, batch))
+    assert len(kept) == 40
+    for frame, batch in kept:
+        assert [record.materialise() for record in frame.body.records] == batch
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+def test_large_values(module):
+    big = Record(RecordId("b", 1, 1), 1, 1, b"", (Operation(b"k", bytes(range(256)) * 1024),))
+    data = encode(module, ("records", (1, [big], None)))
+    decoder = module.FrameDecoder(receive_buffer_bytes=64 * 1024)
+    frames = []
+    for start in range(0, len(data), 50_000):
+        frames.extend(decoder.feed(data[start : start + 50_000]))
+    assert [record.materialise() for record in frames[0].body.records] == [big]
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+def test_stamp_link(module):
+    data = encode(module, ("heartbeat", (FrameType.HEARTBEAT, 4, 99)))
+    module.encode_link_ack(data, 4)
+    module.stamp_link(data, 56, 0, 17)
+    module.stamp_link(data, 0, 12, 34)
+    frames = module.FrameDecoder().feed(bytes(data))
+    assert [(frame.link_seq, frame.link_ack) for frame in frames] == [(12, 34), (0, 17)]
+    with pytest.raises(ValueError):
+        module.stamp_link(data, 1, 1, 1)
+
+
+def test_twins_agree_on_many_records_in_one_buffer():
+    native_out, pure_out = bytearray(), bytearray()
+    for epoch in range(30):
+        native.encode_records(native_out, epoch, sample_records(20, 500))
+        pure.encode_records(pure_out, epoch, sample_records(20, 500))
+    assert native_out == pure_out
+
+
+def test_public_module_picks_an_implementation():
+    expected = "python" if extensions_disabled() else "cython"
+    assert public.IMPLEMENTATION == expected
+    assert public.FramingError is pure.FramingError
+
+
+# --- hostile input --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400), max_size=4))
+def test_random_bytes_are_never_accepted(module, data, cuts):
+    decoder = module.FrameDecoder(frame_size_bytes_max=4096)
+    points = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
+    try:
+        for start, end in zip(points, points[1:], strict=False):
+            assert decoder.feed(data[start:end]) == []
+    except pure.FramingError:
+        pass
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+@settings(max_examples=200, deadline=None)
+@given(spec=frame_specs, position=st.integers(0, 10**6), replacement=st.integers(1, 255))
+def test_mutated_frames_are_never_accepted(module, spec, position, replacement):
+    data = bytearray(encode(module, spec))
+    position %= len(data)
+    data[position] ^= replacement  # a different byte
+    with pytest.raises(pure.FramingError):
+        module.FrameDecoder().feed(bytes(data))
+
+
+@settings(max_examples=200, deadline=None)
+@given(spec=frame_specs, position=st.integers(0, 10**6), noise=st.binary(min_size=1, max_size=16))
+def test_twins_raise_the_same_error(spec, position, noise):
+    data = bytearray(encode(pure, spec))
+    position %= len(data)
+    end = min(len(data), position + len(noise))
+    assume(data[position:end] != noise[: end - position])
+    data[position:end] = noise[: end - position]
+    errors = []
+    for module in (native, pure):
+        with pytest.raises(pure.FramingError) as caught:
+            module.FrameDecoder().feed(bytes(data))
+        errors.append(type(caught.value))
+    assert errors[0] is errors[1]
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+@settings(max_examples=100, deadline=None)
+@given(spec=frame_specs, keep=st.integers(0, 10**6))
+def test_truncated_frame_returns_nothing(module, spec, keep):
+    data = encode(module, spec)
+    keep %= len(data)
+    decoder = module.FrameDecoder()
+    assert decoder.feed(bytes(data[:keep])) == []
+    assert decoder.pending_bytes == keep
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        (raw_frame(b"", magic=b"XPLF"), pure.BadMagic),
+        (raw_frame(b"", version=2), pure.UnsupportedVersion),
+        (raw_frame(b"", frame_type=0), pure.UnknownFrameType),
+        (raw_frame(b"", frame_type=12), pure.UnknownFrameType),
+        (raw_frame(b"x" * 5000), pure.FrameTooLarge),
+        (raw_frame(b"", length=2**32 - 1), pure.FrameTooLarge),
+        (raw_frame(b"", reserved=1), pure.MalformedFrame),
+        (raw_frame(b"", flags=1), pure.MalformedFrame),
+        (raw_frame(b"\x00"), pure.MalformedFrame),  # LINK_ACK has no payload
+        (raw_frame(struct.pack("<I", 3), FrameType.RECORDS), pure.MalformedFrame),  # 3 records announced, none there
+        (raw_frame(struct.pack("<QI", 1, 1), FrameType.RESYNC_DATA), pure.MalformedFrame),
+        (raw_frame(struct.pack("<BBHI", 9, 0, 0, 0), FrameType.RESYNC_CONTROL), pure.MalformedFrame),
+        (raw_frame(struct.pack("<QQB", 1, 1, 1) + b"\xff", FrameType.PREPARED_ACK), pure.MalformedFrame),
+        (raw_frame(struct.pack("<II", 1, 39) + bytes(8), FrameType.RECORDS), pure.MalformedFrame),
+    ],
+)
+def test_typed_errors(module, frame, error):
+    decoder = module.FrameDecoder(frame_size_bytes_max=4096)
+    with pytest.raises(error):
+        decoder.feed(frame)
+    with pytest.raises(error):  # the decoder stays failed
+        decoder.feed(raw_frame(b""))
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+def test_checksum_errors(module):
+    data = bytearray(encode(module, ("records", (1, sample_records(2), None))))
+    data[-1] ^= 1
+    with pytest.raises(pure.ChecksumMismatch):
+        module.decode_frame(bytes(data))
+    data = bytearray(encode(module, ("records", (1, sample_records(2), None))))
+    data[30] ^= 1  # inside the header
+    with pytest.raises(pure.ChecksumMismatch):
+        module.FrameDecoder().feed(bytes(data))
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+def test_record_crc_is_checked(module):
+    """A frame whose payload CRC is right but a record's own CRC is wrong (a broken sender)."""
+    data = bytearray(encode(module, ("records", (1, sample_records(1), None))))
+    data[pure.HEADER_BYTES + 8] ^= 0xFF  # the record CRC field
+    payload = bytes(data[pure.HEADER_BYTES :])
+    with pytest.raises(pure.ChecksumMismatch):
+        module.decode_frame(raw_frame(payload, FrameType.RECORDS))
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+def test_good_frames_before_a_bad_one_in_the_same_call_are_not_returned(module):
+    good = encode(module, ("heartbeat", (FrameType.HEARTBEAT, 1, 5)))
+    bad = bytearray(encode(module, ("heartbeat", (FrameType.HEARTBEAT, 1, 6))))
+    bad[-1] ^= 0x10
+    decoder = module.FrameDecoder()
+    with pytest.raises(pure.ChecksumMismatch):
+        decoder.feed(bytes(good + bad))
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+def test_local_errors_on_encode(module):
+    out = bytearray(b"keep")
+    with pytest.raises(ValueError):
+        module.encode_heartbeat(out, FrameType.HEARTBEAT, -1, 0)
+    with pytest.raises(TypeError):
+        module.encode_heartbeat(out, FrameType.HEARTBEAT, "1", 0)
+    with pytest.raises(ValueError):
+        module.encode_cumulative(out, FrameType.RECORDS, 1, "a", 1, 1)
+    with pytest.raises(ValueError):
+        module.encode_hello(out, 1, "p" * 300, "a", 1, 0, 0, 0)
+    with pytest.raises(ValueError):
+        module.encode_resync_control(out, 1, 99)
+    bad_record = Record(RecordId("a", -1, 1), 1, 1, b"", ())
+    with pytest.raises(ValueError):
+        module.encode_records(out, 1, [sample_records(1)[0], bad_record])
+    with pytest.raises(TypeError):
+        module.encode_link_ack(b"immutable", 1)
+    assert out == b"keep"  # nothing half-written
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+def test_decoder_limits_are_checked(module):
+    with pytest.raises(ValueError):
+        module.FrameDecoder(frame_size_bytes_max=10)
+    with pytest.raises(ValueError):
+        module.FrameDecoder(receive_buffer_bytes=100)
