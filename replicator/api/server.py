@@ -1,0 +1,122 @@
+"""Start and stop the gRPC servers of a site (data, admin, health) and of the witness.
+
+The daemon calls `start_site_server(backend, config.listen.grpc, config.api,
+config.tls.grpc)` after its backend is ready, and `await server.stop()` as
+the first stage of shutdown (stop accepting; in-flight calls get `grace_s`).
+
+Health (grpc.health.v1): the overall service "" is SERVING while the process
+runs (liveness); "replicator.v1.ObjectService" and "replicator.v1.BlockService"
+are SERVING only while the site's state lets it serve (SYNC or SOLO,
+SiteStatus.serving), refreshed every api.health_refresh_ms; the admin service
+is always SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from replicator.api.admin import AdminServicer
+from replicator.api.backend import SiteBackend
+from replicator.api.blocks import BlockServicer
+from replicator.api.objects import ObjectServicer
+from replicator.api.witness import WitnessBackend, WitnessServicer
+from replicator.config import ApiConfig, TlsFiles, parse_address
+from replicator.v1 import admin_pb2_grpc, blocks_pb2_grpc, objects_pb2_grpc, witness_pb2_grpc
+
+DATA_SERVICES = ("replicator.v1.ObjectService", "replicator.v1.BlockService")
+ADMIN_SERVICE = "replicator.v1.AdminService"
+WITNESS_SERVICE = "replicator.v1.WitnessService"
+
+
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """mTLS: present our certificate and require one signed by `tls.ca_file` from every client."""
+    ca, cert, key = tls.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    address: str  # "host:port" actually bound (port 0 resolved)
+    port: int
+    health: health.aio.HealthServicer
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace_s: float | None = 1.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+def _bind(server: grpc.aio.Server, listen: str, tls: TlsFiles | None) -> tuple[str, int]:
+    host, _ = parse_address(listen)
+    if tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, server_credentials(tls))
+    assert port > 0, listen  # grpc raises on a failed bind in the versions we support
+    shown_host = f"[{host}]" if ":" in host else host
+    return f"{shown_host}:{port}", port
+
+
+async def start_site_server(
+    backend: SiteBackend,
+    listen: str = "127.0.0.1:0",
+    config: ApiConfig | None = None,
+    tls: TlsFiles | None = None,
+) -> RunningServer:
+    config = config or ApiConfig()
+    options = [
+        ("grpc.max_receive_message_length", config.message_bytes_max),
+        ("grpc.max_send_message_length", config.message_bytes_max),
+    ]
+    server = grpc.aio.server(options=options)
+    objects_pb2_grpc.add_ObjectServiceServicer_to_server(ObjectServicer(backend, config), server)
+    blocks_pb2_grpc.add_BlockServiceServicer_to_server(BlockServicer(backend, config), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(backend, config), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address, port = _bind(server, listen, tls)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(ADMIN_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await _set_data_health(health_servicer, backend)
+    await server.start()
+    running = RunningServer(server, address, port, health_servicer)
+    running._tasks.append(asyncio.create_task(_follow_health(health_servicer, backend, config.health_refresh_ms)))
+    return running
+
+
+async def _set_data_health(health_servicer: health.aio.HealthServicer, backend: SiteBackend) -> None:
+    serving = backend.status().serving
+    value = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in DATA_SERVICES:
+        await health_servicer.set(service, value)
+
+
+async def _follow_health(health_servicer: health.aio.HealthServicer, backend: SiteBackend, refresh_ms: int) -> None:
+    while True:
+        await asyncio.sleep(refresh_ms / 1000)
+        await _set_data_health(health_servicer, backend)
+
+
+async def start_witness_server(
+    backend: WitnessBackend, listen: str = "127.0.0.1:0", tls: TlsFiles | None = None
+) -> RunningServer:
+    server = grpc.aio.server()
+    witness_pb2_grpc.add_WitnessServiceServicer_to_server(WitnessServicer(backend), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address, port = _bind(server, listen, tls)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(WITNESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await server.start()
+    return RunningServer(server, address, port, health_servicer)

@@ -1,0 +1,165 @@
+"""What the blocking and the asyncio clients share: retry policy, request ids, messages.
+
+Retry rule: a call that fails with UNAVAILABLE (or a broken connection, which
+gRPC reports the same way), DEADLINE_EXCEEDED or DATA_LOSS is tried again, on
+the other site when there is one, up to `attempts_max` attempts. The first
+switch to the other site is immediate; once every site has been tried, each
+further attempt waits a backoff that doubles from `backoff_initial_ms` up to
+`backoff_ms_max`, with jitter. Writes are retried with the SAME request id,
+so whichever site a retry reaches, the write is applied at most once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from replicator.api.backend import SiteStatus, VerifyReport
+from replicator.client.errors import ClientError, error_for
+from replicator.config import TlsFiles, parse_address
+from replicator.v1 import admin_pb2
+
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS}
+)
+OTHER_SITE_METADATA_KEY = "replicator-other-site"
+MESSAGE_BYTES_MAX = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts_max: int = 6
+    backoff_initial_ms: int = 20
+    backoff_ms_max: int = 1000
+    call_timeout_ms: int = 5000
+
+    def __post_init__(self) -> None:
+        for name in ("attempts_max", "backoff_initial_ms", "backoff_ms_max", "call_timeout_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"RetryPolicy.{name}: must be a positive integer, got {value!r}")
+
+
+class RequestIds:
+    """Request ids: 16 random bytes fixed per client, then a 64-bit counter (unique, never reused)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(16)
+        self._counter = itertools.count(1)
+
+    def next(self) -> bytes:
+        return self._prefix + next(self._counter).to_bytes(8, "big")
+
+
+def check_endpoints(endpoints: Sequence[str]) -> list[str]:
+    if isinstance(endpoints, str):
+        raise TypeError("endpoints must be a list of 'host:port' strings, not one string")
+    endpoints = list(endpoints)
+    if not 1 <= len(endpoints) <= 2:
+        raise ValueError(f"give one or two site endpoints, got {len(endpoints)}")
+    for endpoint in endpoints:
+        parse_address(endpoint)
+    return endpoints
+
+
+def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
+    ca, cert, key = tls.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+class Rotation:
+    """Which site to call next, and how long to wait before the next attempt."""
+
+    def __init__(self, endpoints: list[str], policy: RetryPolicy) -> None:
+        self.endpoints = endpoints
+        self.policy = policy
+        self.current = 0  # sticky: the site that answered last
+
+    def delay_s(self, attempt: int) -> float:
+        """Wait before attempt number `attempt` (0-based); moves to the other site."""
+        if attempt == 0:
+            return 0.0
+        self.current = (self.current + 1) % len(self.endpoints)
+        rounds = attempt - len(self.endpoints) + 1
+        if rounds <= 0:
+            return 0.0
+        backoff_ms = min(self.policy.backoff_ms_max, self.policy.backoff_initial_ms * 2 ** (rounds - 1))
+        return backoff_ms * random.uniform(0.5, 1.0) / 1000
+
+
+def failure(error: grpc.RpcError, endpoint: str, tried: list[str]) -> ClientError:
+    code = error.code()
+    details = error.details() or code.name
+    if code in RETRYABLE and len(tried) > 1:
+        details = f"{details} (tried {', '.join(dict.fromkeys(tried))}, {len(tried)} attempts)"
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        details = f"{endpoint}: {details}"
+    return error_for(code, details, endpoint)
+
+
+def status_from_message(message: admin_pb2.SiteStatus) -> SiteStatus:
+    return SiteStatus(
+        site=message.site,
+        peer=message.peer,
+        pair=message.pair,
+        state=message.state,
+        epoch=message.epoch,
+        role=message.role,
+        peer_reachable=message.peer_reachable,
+        witness_reachable=message.witness_reachable,
+        lag_records=message.lag_records,
+        lag_bytes=message.lag_bytes,
+        dirty_keys=message.dirty_keys,
+        resync_progress=(message.resync_done, message.resync_total),
+        preferred=message.preferred_site,
+        peer_address=message.peer_address,
+        details=dict(message.details),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """Verify's outcome as the client sees it (the server lists at most keys_max keys)."""
+
+    keys_compared: int
+    differing_count: int
+    differing_keys: tuple[bytes, ...]
+    truncated: bool
+    repaired: int
+
+
+def verify_result(report: admin_pb2.VerifyReport) -> VerifyResult:
+    return VerifyResult(
+        keys_compared=report.keys_compared,
+        differing_count=report.differing_count,
+        differing_keys=tuple(report.differing_keys),
+        truncated=report.truncated,
+        repaired=report.repaired,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size_bytes: int
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeInfo:
+    name: str
+    size_bytes: int
+    block_size: int
+    block_count: int
+
+
+__all__ = ["ObjectInfo", "RetryPolicy", "VerifyReport", "VerifyResult", "VolumeInfo"]

@@ -1,0 +1,59 @@
+"""Errors raised by the client library, one per gRPC status the APIs use."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ClientError(Exception):
+    """A call failed; `code` is the gRPC status, `endpoint` the site that answered last."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, endpoint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.endpoint = endpoint
+
+
+class NotFound(ClientError):
+    """The object (or volume) does not exist."""
+
+
+class InvalidArgument(ClientError):
+    """The request was refused as malformed or out of bounds; nothing was applied."""
+
+
+class AlreadyExists(ClientError):
+    """The name is taken."""
+
+
+class Refused(ClientError):
+    """An admin action was refused in the current state (FAILED_PRECONDITION)."""
+
+
+class Unavailable(ClientError):
+    """No site could serve, after every retry; nothing was applied by the failed attempts."""
+
+
+class OutcomeUnknown(ClientError):
+    """The last attempt timed out: the write may or may not be applied. Retrying the same call is safe."""
+
+
+class DataLoss(ClientError):
+    """A stored value failed its checksum at every site tried."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: Refused,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: OutcomeUnknown,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
+}
+
+
+def error_for(code: grpc.StatusCode, message: str, endpoint: str) -> ClientError:
+    return _BY_CODE.get(code, ClientError)(message, code, endpoint)

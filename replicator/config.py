@@ -1,0 +1,567 @@
+"""Configuration of a site daemon and of the witness, from TOML.
+
+Theory of operation: a configuration file is parsed with `tomllib`, then
+every section is built into a frozen dataclass field by field. Each field
+declares its type and a check; the first bad value is refused with its full
+name and the reason (`site.peer_timeout_ms: must be a positive integer, got
+-5`), and so is any key the schema does not know (with a suggestion when it
+looks like a typo). Checks that tie several keys together run after the
+sections are built. Nothing is read from the environment except
+REPLICATOR_CHAOS, which unlocks the chaos-only `chaos.test_plant` setting.
+
+Relative paths (data_dir, TLS files) are resolved against the directory of
+the configuration file, so a launcher can write a self-contained tree.
+
+Every listen address defaults to loopback (127.0.0.1). A non-loopback
+address is served only when it is written in the file: it is never a
+default, and `SiteConfig.exposed_addresses()` names them for the start-up log.
+
+Layout of a site file (every key but the four in [site] marked required has
+a default; see docs/operations.md for the full table):
+
+    [site]
+    name = "a"                 # required
+    peer_name = "b"            # required
+    pair_id = "pair-1"         # required
+    data_dir = "data/a"        # required
+    peer_address = "127.0.0.1:7501"
+    peer_timeout_ms = 1000
+    ...
+    [listen]  grpc, link, metrics
+    [witness] address, timeout_ms, retry_interval_ms
+    [api]     request limits and timeouts of the gRPC data API
+    [tls.grpc] / [tls.link] / [tls.witness]   ca_file, cert_file, key_file
+    [chaos]   test_plant (refused unless REPLICATOR_CHAOS=1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ApiConfig",
+    "ChaosConfig",
+    "ConfigError",
+    "ListenConfig",
+    "PairSpec",
+    "SiteConfig",
+    "SiteSection",
+    "TlsConfig",
+    "TlsFiles",
+    "WitnessClientConfig",
+    "WitnessConfig",
+    "WitnessListenConfig",
+    "WitnessSection",
+    "load_site_config",
+    "load_witness_config",
+    "parse_address",
+    "site_config_from_mapping",
+    "witness_config_from_mapping",
+]
+
+CHAOS_ENVIRONMENT_VARIABLE = "REPLICATOR_CHAOS"
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class ConfigError(ValueError):
+    """A configuration value was refused; the message names the key and the reason."""
+
+
+# --------------------------------------------------------------------------
+# Checks. Each returns the (possibly normalised) value or raises _Refused
+# with the reason; the builder prefixes the key's full name.
+
+
+class _Refused(Exception):
+    pass
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _Refused(f"must be a positive integer, got {_describe(value)}")
+    return value
+
+
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Refused(f"must be a non-negative integer, got {_describe(value)}")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Refused(f"must be true or false, got {_describe(value)}")
+    return value
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Refused(f"must be a string, got {_describe(value)}")
+    return value
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def name(value: Any) -> str:
+    string(value)
+    if not _NAME.match(value):
+        raise _Refused(
+            f"must be 1 to 63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit, "
+            f"got {_describe(value)}"
+        )
+    return str(value)
+
+
+def optional_name(value: Any) -> str:
+    return "" if value == "" else name(value)
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:port") into (host, port); raise ValueError if malformed."""
+    if value.startswith("["):
+        host, separator, port_text = value[1:].partition("]:")
+    else:
+        host, separator, port_text = value.rpartition(":")
+    if not separator or not host or not port_text.isdigit():
+        raise ValueError(f"must be HOST:PORT, got {value!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port must be at most 65535, got {value!r}")
+    return host, port
+
+
+def address(value: Any) -> str:
+    string(value)
+    try:
+        parse_address(value)
+    except ValueError as error:
+        raise _Refused(str(error)) from None
+    return str(value)
+
+
+def optional_address(value: Any) -> str:
+    return "" if value == "" else address(value)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _field(default: Any = dataclasses.MISSING, *, check: Callable[[Any], Any], doc: str, path: bool = False) -> Any:
+    metadata = {"check": check, "doc": doc, "path": path}
+    if default is dataclasses.MISSING:
+        return field(metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------
+# Sections.
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for mutual TLS: the CA that signs the other side, our certificate and key."""
+
+    ca_file: Path = _field(check=string, doc="CA certificate (PEM) that signs the other side", path=True)
+    cert_file: Path = _field(check=string, doc="this process's certificate (PEM)", path=True)
+    key_file: Path = _field(check=string, doc="this process's private key (PEM)", path=True)
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """Return (ca, cert, key) bytes."""
+        return self.ca_file.read_bytes(), self.cert_file.read_bytes(), self.key_file.read_bytes()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Optional TLS per channel; None means plaintext (loopback or a trusted network only)."""
+
+    grpc: TlsFiles | None = None
+    link: TlsFiles | None = None
+    witness: TlsFiles | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SiteSection:
+    name: str = _field(check=name, doc="this site's name (required)")
+    peer_name: str = _field(check=name, doc="the other site's name (required)")
+    pair_id: str = _field(check=name, doc="the pair both sites replicate (required)")
+    data_dir: Path = _field(check=string, doc="RocksDB and log directory (required)", path=True)
+    peer_address: str = _field("127.0.0.1:7501", check=address, doc="the peer's link address")
+    peer_grpc_address: str = _field(
+        "", check=optional_address, doc="the peer's gRPC address, named to clients when this site cannot serve"
+    )
+    peer_timeout_ms: int = _field(1000, check=positive_int, doc="silence from the peer before SUSPENDED")
+    heartbeat_ms: int = _field(100, check=positive_int, doc="heartbeat interval on an idle link")
+    lease_ms: int = _field(2000, check=positive_int, doc="read lease granted by each frame")
+    lease_drift_ppm: int = _field(1000, check=non_negative_int, doc="clock-rate error allowed for leases")
+    preferred_site: str = _field("", check=optional_name, doc="site that wins when both are alive; empty: none")
+    preferred_grace_ms: int = _field(2000, check=non_negative_int, doc="head start given to the preferred site")
+    static_priority: bool = _field(False, check=boolean, doc="preferred site goes on alone if the witness is down")
+    inflight_bytes_max: int = _field(64 * MIB, check=positive_int, doc="unacknowledged bytes on the link")
+    frame_size_bytes_max: int = _field(4 * MIB, check=positive_int, doc="largest frame on the link")
+    dedup_age_ms: int = _field(600_000, check=positive_int, doc="how long a request id is remembered")
+    dedup_entries_max: int = _field(1_000_000, check=positive_int, doc="request ids remembered at most")
+    read_wait_ms: int = _field(1000, check=positive_int, doc="how long a read waits for a prepared record")
+    reconnect_backoff_ms_max: int = _field(1000, check=positive_int, doc="longest wait between peer reconnects")
+    shutdown_stage_timeout_ms: int = _field(5000, check=positive_int, doc="bound on each shutdown stage")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    grpc: str = _field("127.0.0.1:7400", check=address, doc="client gRPC API (objects, blocks, admin, health)")
+    link: str = _field("127.0.0.1:7500", check=address, doc="peer log-shipping link")
+    metrics: str = _field("127.0.0.1:9400", check=address, doc="Prometheus metrics over HTTP")
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessClientConfig:
+    address: str = _field("127.0.0.1:7600", check=address, doc="the witness's gRPC address")
+    timeout_ms: int = _field(1000, check=positive_int, doc="deadline of one witness call")
+    retry_interval_ms: int = _field(200, check=positive_int, doc="wait between witness attempts")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """Limits and timeouts of the gRPC data API (see docs/api.md)."""
+
+    request_timeout_ms: int = _field(5000, check=positive_int, doc="server-side bound on one request")
+    bucket_bytes_max: int = _field(63, check=positive_int, doc="longest bucket name")
+    key_bytes_max: int = _field(1024, check=positive_int, doc="longest object key (UTF-8 bytes)")
+    volume_name_bytes_max: int = _field(63, check=positive_int, doc="longest volume name")
+    object_bytes_max: int = _field(1 * MIB, check=positive_int, doc="largest object")
+    batch_bytes_max: int = _field(4 * MIB, check=positive_int, doc="largest PutBatch (data bytes)")
+    batch_items_max: int = _field(1000, check=positive_int, doc="most objects in one PutBatch")
+    block_write_bytes_max: int = _field(1 * MIB, check=positive_int, doc="largest WriteBlocks")
+    block_read_bytes_max: int = _field(4 * MIB, check=positive_int, doc="largest ReadBlocks answer")
+    trim_blocks_max: int = _field(4096, check=positive_int, doc="most blocks in one TrimBlocks")
+    volume_size_bytes_max: int = _field(1 << 44, check=positive_int, doc="largest volume (16 TiB)")
+    list_page_size_max: int = _field(1000, check=positive_int, doc="most entries in one List page")
+    request_id_bytes_max: int = _field(64, check=positive_int, doc="longest request id")
+    stream_inflight_max: int = _field(64, check=positive_int, doc="items of one stream processed at once")
+    verify_keys_max: int = _field(1000, check=positive_int, doc="most differing keys listed by Verify")
+    volume_delete_batch_blocks: int = _field(1024, check=positive_int, doc="blocks erased per write on delete")
+    health_refresh_ms: int = _field(500, check=positive_int, doc="how often health status follows state")
+
+    @property
+    def message_bytes_max(self) -> int:
+        """gRPC message limit: the largest request or answer plus room for the envelope."""
+        return max(self.object_bytes_max, self.batch_bytes_max, self.block_write_bytes_max, self.block_read_bytes_max) + 64 * KIB
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosConfig:
+    test_plant: str = _field("", check=string, doc="chaos only: a deliberately planted fault, to test the checkers")
+
+
+@dataclass(frozen=True, slots=True)
+class SiteConfig:
+    site: SiteSection
+    listen: ListenConfig = ListenConfig()
+    witness: WitnessClientConfig = WitnessClientConfig()
+    api: ApiConfig = ApiConfig()
+    tls: TlsConfig = TlsConfig()
+    chaos: ChaosConfig = ChaosConfig()
+
+    def exposed_addresses(self) -> list[str]:
+        """Listen addresses that are not loopback (explicitly configured), for the start-up log."""
+        return [a for a in (self.listen.grpc, self.listen.link, self.listen.metrics) if not _is_loopback(a)]
+
+    def to_toml(self) -> str:
+        return _to_toml(self)
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessSection:
+    data_dir: Path = _field(check=string, doc="RocksDB directory of arbitration state (required)", path=True)
+    name: str = _field("witness", check=name, doc="name in logs and status")
+    preferred_grace_ms: int = _field(2000, check=non_negative_int, doc="hold on a non-preferred site's request")
+    request_timeout_ms: int = _field(5000, check=positive_int, doc="server-side bound on one request")
+    shutdown_stage_timeout_ms: int = _field(5000, check=positive_int, doc="bound on each shutdown stage")
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessListenConfig:
+    grpc: str = _field("127.0.0.1:7600", check=address, doc="witness gRPC API")
+    metrics: str = _field("127.0.0.1:9600", check=address, doc="Prometheus metrics over HTTP")
+
+
+@dataclass(frozen=True, slots=True)
+class PairSpec:
+    id: str = _field(check=name, doc="pair id")
+    sites: tuple[str, ...] = _field(check=lambda v: v, doc="the two site names")
+    preferred_site: str = _field("", check=optional_name, doc="site favoured when both ask")
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessConfig:
+    witness: WitnessSection
+    listen: WitnessListenConfig = WitnessListenConfig()
+    tls: TlsConfig = TlsConfig()
+    pairs: tuple[PairSpec, ...] = ()
+    chaos: ChaosConfig = ChaosConfig()
+
+    def exposed_addresses(self) -> list[str]:
+        return [a for a in (self.listen.grpc, self.listen.metrics) if not _is_loopback(a)]
+
+    def to_toml(self) -> str:
+        return _to_toml(self)
+
+
+def _is_loopback(value: str) -> bool:
+    return is_loopback_host(parse_address(value)[0])
+
+
+# --------------------------------------------------------------------------
+# Building.
+
+
+def _build_section(cls: type, raw: Any, prefix: str, base_dir: Path | None) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}: must be a table, got {_describe(raw)}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            hint = difflib.get_close_matches(key, list(known), n=1)
+            suggestion = f" (did you mean {hint[0]}?)" if hint else f" (known: {', '.join(sorted(known))})"
+            raise ConfigError(f"{prefix}.{key}: unknown key{suggestion}")
+    values: dict[str, Any] = {}
+    for name_, spec in known.items():
+        if name_ not in raw:
+            if spec.default is dataclasses.MISSING:
+                raise ConfigError(f"{prefix}.{name_}: required, missing ({spec.metadata['doc']})")
+            continue
+        try:
+            value = spec.metadata["check"](raw[name_])
+        except _Refused as refused:
+            raise ConfigError(f"{prefix}.{name_}: {refused}") from None
+        if spec.metadata.get("path"):
+            if value == "":
+                raise ConfigError(f"{prefix}.{name_}: must be a path, got ''")
+            path = Path(value).expanduser()
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            value = path
+        values[name_] = value
+    return cls(**values)
+
+
+def _build_tls(raw: Any, base_dir: Path | None, channels: tuple[str, ...]) -> TlsConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"tls: must be a table, got {_describe(raw)}")
+    for key in raw:
+        if key not in channels:
+            raise ConfigError(f"tls.{key}: unknown key (known: {', '.join(channels)})")
+    built: dict[str, TlsFiles] = {}
+    for channel in channels:
+        if channel not in raw:
+            continue
+        files = _build_section(TlsFiles, raw[channel], f"tls.{channel}", base_dir)
+        for field_name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(files, field_name)
+            if not path.is_file():
+                raise ConfigError(f"tls.{channel}.{field_name}: no such file {str(path)!r}")
+        built[channel] = files
+    return TlsConfig(**built)
+
+
+def _build_chaos(raw: Any, environ: Mapping[str, str]) -> ChaosConfig:
+    chaos = _build_section(ChaosConfig, raw, "chaos", None)
+    if chaos.test_plant and environ.get(CHAOS_ENVIRONMENT_VARIABLE) != "1":
+        raise ConfigError(
+            f"chaos.test_plant: refused, this plants a deliberate fault and is allowed only when "
+            f"{CHAOS_ENVIRONMENT_VARIABLE}=1 is set in the environment (chaos tests), got {chaos.test_plant!r}"
+        )
+    return chaos
+
+
+def _check_keys(raw: Mapping[str, Any], known: tuple[str, ...], what: str) -> None:
+    for key in raw:
+        if key not in known:
+            hint = difflib.get_close_matches(key, list(known), n=1)
+            suggestion = f" (did you mean {hint[0]}?)" if hint else f" (known: {', '.join(known)})"
+            raise ConfigError(f"{key}: unknown {what} section{suggestion}")
+
+
+def site_config_from_mapping(
+    raw: Mapping[str, Any], base_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> SiteConfig:
+    """Build and validate a SiteConfig from parsed TOML; raise ConfigError naming the first bad key."""
+    environ = os.environ if environ is None else environ
+    _check_keys(raw, ("site", "listen", "witness", "api", "tls", "chaos"), "site configuration")
+    if "site" not in raw:
+        raise ConfigError("site: required section missing (name, peer_name, pair_id, data_dir)")
+    config = SiteConfig(
+        site=_build_section(SiteSection, raw["site"], "site", base_dir),
+        listen=_build_section(ListenConfig, raw.get("listen", {}), "listen", base_dir),
+        witness=_build_section(WitnessClientConfig, raw.get("witness", {}), "witness", base_dir),
+        api=_build_section(ApiConfig, raw.get("api", {}), "api", base_dir),
+        tls=_build_tls(raw.get("tls", {}), base_dir, ("grpc", "link", "witness")),
+        chaos=_build_chaos(raw.get("chaos", {}), environ),
+    )
+    _check_site_relations(config)
+    return config
+
+
+def _check_site_relations(config: SiteConfig) -> None:
+    site, api = config.site, config.api
+    if site.peer_name == site.name:
+        raise ConfigError(f"site.peer_name: must differ from site.name, both are {site.name!r}")
+    if site.preferred_site and site.preferred_site not in (site.name, site.peer_name):
+        raise ConfigError(
+            f"site.preferred_site: must be {site.name!r}, {site.peer_name!r} or empty, got {site.preferred_site!r}"
+        )
+    if site.static_priority and not site.preferred_site:
+        raise ConfigError("site.static_priority: needs site.preferred_site, which is empty")
+    if site.heartbeat_ms >= site.peer_timeout_ms:
+        raise ConfigError(
+            f"site.heartbeat_ms: must be less than site.peer_timeout_ms ({site.peer_timeout_ms}), "
+            f"got {site.heartbeat_ms}"
+        )
+    if site.frame_size_bytes_max > site.inflight_bytes_max:
+        raise ConfigError(
+            f"site.frame_size_bytes_max: must be at most site.inflight_bytes_max ({site.inflight_bytes_max}), "
+            f"got {site.frame_size_bytes_max}"
+        )
+    # One client write is one record, which must fit in one frame with room for headers.
+    largest_write = max(api.object_bytes_max, api.batch_bytes_max, api.block_write_bytes_max)
+    if largest_write + 64 * KIB > site.frame_size_bytes_max:
+        raise ConfigError(
+            f"site.frame_size_bytes_max: must exceed the largest client write (api.*_bytes_max = {largest_write}) "
+            f"by 64 KiB, got {site.frame_size_bytes_max}"
+        )
+    listens = {"listen.grpc": config.listen.grpc, "listen.link": config.listen.link,
+               "listen.metrics": config.listen.metrics}
+    seen: dict[str, str] = {}
+    for key, value in listens.items():
+        if parse_address(value)[1] != 0 and value in seen:
+            raise ConfigError(f"{key}: same address as {seen[value]}, got {value!r}")
+        seen[value] = key
+
+
+def witness_config_from_mapping(
+    raw: Mapping[str, Any], base_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> WitnessConfig:
+    """Build and validate a WitnessConfig from parsed TOML; raise ConfigError naming the first bad key."""
+    environ = os.environ if environ is None else environ
+    _check_keys(raw, ("witness", "listen", "tls", "pairs", "chaos"), "witness configuration")
+    if "witness" not in raw:
+        raise ConfigError("witness: required section missing (data_dir)")
+    pairs_raw = raw.get("pairs", [])
+    if not isinstance(pairs_raw, list):
+        raise ConfigError(f"pairs: must be an array of tables ([[pairs]]), got {_describe(pairs_raw)}")
+    pairs = []
+    for index, pair_raw in enumerate(pairs_raw):
+        prefix = f"pairs[{index}]"
+        pair = _build_section(PairSpec, pair_raw, prefix, base_dir)
+        sites = pair.sites
+        if not isinstance(sites, list) or len(sites) != 2 or len(set(sites)) != 2:
+            raise ConfigError(f"{prefix}.sites: must be two different site names, got {sites!r}")
+        for site_name in sites:
+            try:
+                name(site_name)
+            except _Refused as refused:
+                raise ConfigError(f"{prefix}.sites: {refused}") from None
+        if pair.preferred_site and pair.preferred_site not in sites:
+            raise ConfigError(f"{prefix}.preferred_site: must be one of {sites!r} or empty, got {pair.preferred_site!r}")
+        if pair.id in (p.id for p in pairs):
+            raise ConfigError(f"{prefix}.id: duplicate pair id {pair.id!r}")
+        pairs.append(dataclasses.replace(pair, sites=tuple(sites)))
+    return WitnessConfig(
+        witness=_build_section(WitnessSection, raw["witness"], "witness", base_dir),
+        listen=_build_section(WitnessListenConfig, raw.get("listen", {}), "listen", base_dir),
+        tls=_build_tls(raw.get("tls", {}), base_dir, ("grpc",)),
+        pairs=tuple(pairs),
+        chaos=_build_chaos(raw.get("chaos", {}), environ),
+    )
+
+
+def _load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
+    file = Path(path)
+    try:
+        with file.open("rb") as handle:
+            return tomllib.load(handle), file.resolve().parent
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{file}: not valid TOML: {error}") from None
+
+
+def load_site_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> SiteConfig:
+    raw, base_dir = _load(path)
+    return site_config_from_mapping(raw, base_dir, environ)
+
+
+def load_witness_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> WitnessConfig:
+    raw, base_dir = _load(path)
+    return witness_config_from_mapping(raw, base_dir, environ)
+
+
+# --------------------------------------------------------------------------
+# Writing TOML (tomllib only reads). Values are str, int, bool, Path and
+# tuples of str; every value is written, so a written file is the whole story.
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        escaped = "".join(
+            {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, c)
+            if c >= " " or c in "\n\t\r"
+            else f"\\u{ord(c):04x}"
+            for c in value
+        )
+        return f'"{escaped}"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise AssertionError(f"cannot write {value!r} as TOML")
+
+
+def _table_lines(header: str, section: Any) -> list[str]:
+    lines = [header]
+    for spec in dataclasses.fields(section):
+        lines.append(f"{spec.name} = {_toml_value(getattr(section, spec.name))}")
+    return lines + [""]
+
+
+def _to_toml(config: SiteConfig | WitnessConfig) -> str:
+    lines: list[str] = []
+    for spec in dataclasses.fields(config):
+        section = getattr(config, spec.name)
+        if isinstance(section, TlsConfig):
+            for channel in dataclasses.fields(section):
+                files = getattr(section, channel.name)
+                if files is not None:
+                    lines += _table_lines(f"[tls.{channel.name}]", files)
+        elif isinstance(section, tuple):
+            for item in section:
+                lines += _table_lines(f"[[{spec.name}]]", item)
+        elif isinstance(section, ChaosConfig) and not section.test_plant:
+            continue
+        else:
+            lines += _table_lines(f"[{spec.name}]", section)
+    return "\n".join(lines)
