@@ -1,0 +1,1 @@
+"""Deterministic simulation of the real protocol cores (see world.py)."""

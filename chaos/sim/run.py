@@ -1,0 +1,322 @@
+"""One simulated run: workload, faults, heal, checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from chaos.checkers import convergence, linearizability, lost_writes, split_brain
+from chaos.sim.world import MS, SITES, SimParams, World, make_operations, other
+from replicator.core import events as ev
+from replicator.core.messages import Role
+
+FAULTS = (
+    "crash",
+    "crash_both",
+    "partition",
+    "witness_partition",
+    "witness_crash",
+    "pause",
+    "clock_jump",
+    "fsync_failure",
+    "disk_full",
+    "wipe",
+    "reset",
+)
+
+
+@dataclass
+class RunResult:
+    seed: int
+    ok: bool
+    violations: list[str] = field(default_factory=list)
+    converged: bool = True
+    operations: int = 0
+    acknowledged_writes: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    liveness_ms: float = 0.0
+    protocol_errors: int = 0
+    trace_tail: list[str] = field(default_factory=list)
+
+
+class Client:
+    def __init__(self, world: World, number: int) -> None:
+        self.world = world
+        self.number = number
+        self.generation = 0
+        self.count = 0
+        self.home = world.rng.choice(SITES)
+        self.stop_us = 0
+
+    @property
+    def process(self) -> int:
+        return self.number * 1000 + self.generation
+
+    def run(self) -> None:
+        if self.world.now_us >= self.stop_us:
+            return
+        world = self.world
+        rng = world.rng
+        self.count += 1
+        key = f"k{rng.randrange(world.params.keys)}"
+        roll = rng.random()
+        f = "read" if roll < 0.5 else "write" if roll < 0.9 else "delete"
+        value = f"v{self.number}-{self.count}" if f == "write" else None
+        handle = world.history.invoke(self.process, f, key, value, time=world.now_us * 1000)
+        world.operations += 1
+        request_id = f"c{self.number}-{self.count}".encode()
+        state = {"unknown": False, "done": False, "attempt": 0}
+        site = self.home if rng.random() < 0.8 else other(self.home)
+
+        def finish(status: str, read_value: Any = None) -> None:
+            state["done"] = True
+            now_ns = world.now_us * 1000
+            if status == "ok":
+                if f == "read":
+                    world.history.ok(handle, read_value, time=now_ns)
+                else:
+                    world.history.ok(handle, time=now_ns)
+                    world.acknowledged_writes += 1
+            elif status == "fail":
+                world.history.fail(handle, time=now_ns)
+            else:
+                world.history.info(handle, time=now_ns)
+                self.generation += 1  # the info op stays open: go on as a new process
+            world.after(rng.randint(1, 30) * MS, self.run)
+
+        def attempt(target: str) -> None:
+            state["attempt"] += 1
+            number = state["attempt"]
+            answered = [False]
+
+            def on_answer(answer: Any) -> None:
+                if answered[0] or state["done"]:
+                    return
+                answered[0] = True
+                if isinstance(answer, tuple):
+                    finish("ok", answer[1].decode() if answer[1] is not None else None)
+                    return
+                if isinstance(answer, ev.AnswerWrite) and answer.ok:
+                    finish("ok")
+                    return
+                error = answer.error
+                if f != "read" and error not in ("unavailable", "overloaded", "connection", "invalid"):
+                    state["unknown"] = True
+                retry(target)
+
+            def on_timeout() -> None:
+                if answered[0] or state["done"]:
+                    return
+                answered[0] = True
+                if f != "read":
+                    state["unknown"] = True
+                retry(target)
+
+            if f == "read":
+                world.submit(target, lambda h: ev.ReadRequested(h, key.encode()), on_answer)
+            else:
+                ops = make_operations(key.encode(), value.encode() if value is not None else None)
+                world.submit(target, lambda h: ev.WriteRequested(h, request_id, ops), on_answer)
+            world.after(world.params.client_timeout_ms * MS, on_timeout)
+            del number
+
+        def retry(last: str) -> None:
+            if state["attempt"] >= 6 or world.now_us >= self.stop_us:
+                finish("info" if state["unknown"] else "fail")
+                return
+            world.after(rng.randint(50, 300) * MS, lambda: attempt(other(last)))
+
+        attempt(site)
+
+
+class FaultInjector:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.until_us = 0
+
+    def count(self, name: str) -> None:
+        self.world.faults_injected[name] = self.world.faults_injected.get(name, 0) + 1
+
+    def loop(self) -> None:
+        world = self.world
+        if world.now_us >= self.until_us:
+            return
+        rng = world.rng
+        fault = rng.choice(FAULTS)
+        self.inject(fault)
+        world.after(rng.randint(*world.params.fault_interval_ms) * MS, self.loop)
+
+    def restart_later(self, name: str, low_ms: int, high_ms: int, wipe: bool = False) -> None:
+        world = self.world
+        site = world.sites[name]
+
+        def restart() -> None:
+            if not site.alive:
+                if wipe:
+                    world.trace(f"{name} data directory wiped")
+                    site.disk.wipe()
+                site.disk.full = False
+                site.start()
+
+        world.after(world.rng.randint(low_ms, high_ms) * MS, restart)
+
+    def inject(self, fault: str) -> None:
+        world = self.world
+        rng = world.rng
+        name = rng.choice(SITES)
+        site = world.sites[name]
+        world.trace(f"FAULT {fault} on {name}")
+        self.count(fault)
+        if fault == "crash" and site.alive:
+            site.crash("kill -9")
+            self.restart_later(name, 50, 2500)
+        elif fault == "crash_both":
+            for each in SITES:
+                world.sites[each].crash("kill -9 (both)")
+                self.restart_later(each, 50, 2500)
+        elif fault == "wipe" and site.alive:
+            site.crash("kill -9 before wipe")
+            self.restart_later(name, 200, 2000, wipe=True)
+        elif fault == "partition":
+            directions = [("a", "b"), ("b", "a")]
+            if rng.random() < 0.3:
+                directions = [rng.choice(directions)]
+            for direction in directions:
+                world.links[direction] = "blackhole"
+            if rng.random() < 0.5:
+                world.reset_connection()
+            duration = rng.randint(100, 4000)
+
+            def heal_link(ds: list[tuple[str, str]] = directions) -> None:
+                for d in ds:
+                    world.links.pop(d, None)
+
+            world.after(duration * MS, heal_link)
+        elif fault == "witness_partition":
+            for direction in ((name, "w"), ("w", name)):
+                world.links[direction] = "blackhole"
+            world.after(rng.randint(100, 4000) * MS, lambda: [world.links.pop(d, None) for d in ((name, "w"), ("w", name))])
+        elif fault == "witness_crash":
+            world.witness.crash()
+
+            def restart_witness() -> None:
+                if not world.witness.alive:
+                    world.witness.start()
+
+            world.after(rng.randint(100, 4000) * MS, restart_witness)
+        elif fault == "pause" and site.alive:
+            duration = rng.randint(50, 2500)
+            site.paused_until_us = world.now_us + duration * MS
+            incarnation = site.incarnation
+
+            def resume() -> None:
+                if site.incarnation == incarnation and site.alive:
+                    site.paused_until_us = 0
+                    site.resume()
+
+            world.after(duration * MS, resume)
+        elif fault == "clock_jump":
+            site.wall_offset_ms += rng.randint(-5000, 5000)
+        elif fault == "fsync_failure" and site.alive:
+            site.disk.fail_next_sync = True
+            self.restart_later(name, 500, 3000)
+        elif fault == "disk_full" and site.alive:
+            site.disk.full = True
+            self.restart_later(name, 500, 3000)
+        elif fault == "reset":
+            world.reset_connection()
+
+
+def settled(world: World) -> bool:
+    cores = [site.core for site in world.sites.values()]
+    if any(core is None for core in cores):
+        return False
+    a, b = cores
+    assert a is not None and b is not None
+    return (
+        a.role is Role.SYNC
+        and b.role is Role.SYNC
+        and a.epoch == b.epoch
+        and a._session_up()
+        and b._session_up()
+        and not a.pending
+        and not b.pending
+        and not a.log
+        and not b.log
+        and not a.dirty
+        and not b.dirty
+        and not world.sites["a"].disk.unsynced
+        and not world.sites["b"].disk.unsynced
+    )
+
+
+def visible_state(world: World, name: str) -> dict[str, str]:
+    data = world.sites[name].disk.current.data
+    return {key.decode(): value.decode() for key, (ts, value) in data.items() if value is not None}
+
+
+def run_seed(seed: int, params: SimParams, verbose: bool = False, check_history: bool = True) -> RunResult:
+    world = World(seed, params, verbose=verbose)
+    result = RunResult(seed=seed, ok=True)
+    world.witness.start()
+    for site in world.sites.values():
+        site.start()
+    world.after(0, world.connect_loop)
+    world.after(0, world.tick_loop)
+    safety_end = params.safety_ms * MS
+    clients = [Client(world, number) for number in range(1, params.clients + 1)]
+    for client in clients:
+        client.stop_us = safety_end + 3000 * MS
+        world.after(world.rng.randint(1, 100) * MS, client.run)
+    injector = FaultInjector(world)
+    injector.until_us = safety_end - 1000 * MS
+    if params.faults:
+        world.after(world.rng.randint(*params.fault_interval_ms) * MS, injector.loop)
+    try:
+        world.run_until(safety_end)
+        # Liveness: heal everything; the pair must settle.
+        world.trace("HEAL")
+        world.heal()
+        world.after(300 * MS, world.heal)  # restarts scheduled by faults may still be pending
+        world.run_until(safety_end + 3500 * MS)
+        liveness_end = safety_end + params.liveness_ms * MS
+        done = world.run_until(liveness_end, stop=lambda: settled(world))
+        if not done:
+            # Let the last writes finish cleanly before judging.
+            done = settled(world)
+        result.liveness_ms = (world.now_us - safety_end) / MS
+        if not done:
+            result.converged = False
+            roles = {
+                name: (s.core.role.name, s.core.epoch, s.core.status()) if s.core else ("DEAD", s.stop_reason)
+                for name, s in world.sites.items()
+            }
+            result.violations.append(f"liveness: not settled {params.liveness_ms} ms after healing: {roles}")
+        else:
+            world.run_until(world.now_us + 200 * MS)
+    except AssertionError as error:
+        result.violations.append(f"assertion in core: {error}")
+        result.converged = False
+    result.protocol_errors = sum(s.core.protocol_errors for s in world.sites.values() if s.core)
+    # Checks.
+    state_a = visible_state(world, "a")
+    state_b = visible_state(world, "b")
+    verdicts = []
+    if result.converged:
+        verdicts.append(convergence.check(state_a, state_b))
+    if check_history:
+        verdicts.append(linearizability.check(world.history))
+        if result.converged:
+            verdicts.append(lost_writes.check(world.history, state_a, site="a"))
+            verdicts.append(lost_writes.check(world.history, state_b, site="b"))
+    verdicts.append(split_brain.check(world.site_events))
+    for verdict in verdicts:
+        if not verdict.ok:
+            result.violations.append(f"{verdict.checker}: {verdict.status}: {verdict.message}")
+    result.operations = world.operations
+    result.acknowledged_writes = world.acknowledged_writes
+    result.faults = dict(world.faults_injected)
+    result.ok = not result.violations
+    if not result.ok:
+        result.trace_tail = world.lines[-60:]
+    return result

@@ -1,0 +1,608 @@
+"""A deterministic world for the real protocol cores.
+
+Two site cores, the witness core and a few client processes run in one thread
+on a simulated clock. Everything random comes from one `random.Random(seed)`,
+so a seed replays exactly. The world simulates:
+
+- the network: per-direction link state (up, black hole), delays, connection
+  resets; messages on one connection arrive in order (as TCP); a message is
+  delivered only while its connection is still open at the receiver;
+- disks: a persist is visible at once and durable after a simulated fsync;
+  durability is in order; a crash loses what was not durable; fsync can fail
+  and the disk can be full (fail-stop);
+- clocks: each site's monotonic clock runs at its own rate (bounded drift),
+  its wall clock can jump; a site can be paused (SIGSTOP) for longer than a
+  lease, in which case everything sent to it waits in its socket buffers;
+- processes: crash and restart of either site, of both, of the witness; a
+  site's data directory wiped before it returns.
+
+A run has a safety phase (random faults) and a liveness phase (everything
+healed: the pair must be back in SYNC, idle and identical within a bound).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chaos.checkers.history import History
+from replicator.core import events as ev
+from replicator.core import messages as msg
+from replicator.core.config import CoreConfig
+from replicator.core.messages import Role
+from replicator.core.records import Operation, Record, RecordId
+from replicator.core.site import SiteCore
+from replicator.core.witness import (
+    PairConfig,
+    PairState,
+    WitnessCore,
+    WitnessPersist,
+    WitnessPersisted,
+    WitnessReply,
+    WitnessRequested,
+    WitnessTick,
+)
+
+MS = 1000  # the world's time unit is the microsecond
+SITES = ("a", "b")
+PAIR = "pair-1"
+
+
+def other(site: str) -> str:
+    return "b" if site == "a" else "a"
+
+
+@dataclass
+class SimParams:
+    safety_ms: int = 12_000
+    liveness_ms: int = 30_000
+    clients: int = 4
+    keys: int = 5
+    faults: bool = True
+    fault_interval_ms: tuple[int, int] = (300, 2500)
+    net_delay_us: tuple[int, int] = (50, 1500)
+    fsync_us: tuple[int, int] = (100, 3000)
+    tick_ms: int = 10
+    client_timeout_ms: int = 3000
+    lease_ms: int = 1000
+    peer_timeout_ms: int = 500
+    heartbeat_interval_ms: int = 100
+    preferred_grace_ms: int = 300
+    clock_drift: float = 0.004
+    plants: frozenset[str] = frozenset()
+
+
+# ===================================================================== disk
+
+
+@dataclass
+class DiskState:
+    meta: dict[str, Any] = field(default_factory=dict)
+    log: dict[RecordId, Record] = field(default_factory=dict)
+    data: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
+    dirty: set[bytes] = field(default_factory=set)
+    dedup: dict[bytes, int] = field(default_factory=dict)
+
+    def copy(self) -> DiskState:
+        return DiskState(dict(self.meta), dict(self.log), dict(self.data), set(self.dirty), dict(self.dedup))
+
+    def apply(self, persist: ev.Persist) -> None:
+        if persist.clear_data:
+            self.data.clear()
+        for record_id in persist.log_delete:
+            self.log.pop(record_id, None)
+        for record in persist.log_put:
+            self.log[record.id] = record
+        for version in persist.apply:
+            current = self.data.get(version.key)
+            if current is None or version.ts > current[0]:
+                self.data[version.key] = (version.ts, version.value)
+        self.dirty.update(persist.dirty_add)
+        self.dirty.difference_update(persist.dirty_remove)
+        for request_id, ts in persist.dedup_put:
+            self.dedup[request_id] = ts
+        for name, value in persist.meta:
+            self.meta[name] = value
+
+
+class SimDisk:
+    """Visible at once, durable in order after a simulated fsync."""
+
+    def __init__(self) -> None:
+        self.durable = DiskState()
+        self.current = DiskState()
+        self.unsynced: list[ev.Persist] = []
+        self.fail_next_sync = False
+        self.full = False
+
+    def write(self, persist: ev.Persist) -> None:
+        self.current.apply(persist)
+        self.unsynced.append(persist)
+
+    def sync(self) -> int | None:
+        """Make everything written durable; returns the highest persist id, None on failure."""
+        if self.fail_next_sync or self.full:
+            self.fail_next_sync = False
+            return None
+        if not self.unsynced:
+            return 0
+        for persist in self.unsynced:
+            self.durable.apply(persist)
+        last = self.unsynced[-1].persist_id
+        self.unsynced.clear()
+        return last
+
+    def crash(self) -> None:
+        self.unsynced.clear()
+        self.current = self.durable.copy()
+
+    def wipe(self) -> None:
+        self.durable = DiskState()
+        self.current = DiskState()
+        self.unsynced.clear()
+
+
+# ===================================================================== the world
+
+
+@dataclass
+class Connection:
+    id: int
+    open_at: dict[str, bool]
+    last_delivery_us: dict[str, int]
+
+
+class SiteProcess:
+    def __init__(self, world: World, name: str) -> None:
+        self.world = world
+        self.name = name
+        self.disk = SimDisk()
+        self.core: SiteCore | None = None
+        self.alive = False
+        self.paused_until_us = 0
+        self.deferred: list[Callable[[], None]] = []
+        self.incarnation = 0  # process incarnation (for stale callbacks)
+        self.rate = 1.0
+        self.wall_offset_ms = 0
+        self.connection: Connection | None = None
+        self.handles: dict[int, Callable[[ev.Action], None]] = {}
+        self.sync_scheduled = False
+        self.stop_reason = ""
+
+    # clocks
+    def mono_ms(self) -> float:
+        return self.world.now_us * self.rate / MS
+
+    def wall_ms(self) -> int:
+        return int(self.world.now_us / MS) + 1_700_000_000_000 + self.wall_offset_ms
+
+    def start(self) -> None:
+        world = self.world
+        self.incarnation += 1
+        self.alive = True
+        self.stop_reason = ""
+        if "generation" not in self.disk.durable.meta:
+            generation = world.rng.randbytes(8)
+            self.disk.durable.meta["generation"] = generation
+            self.disk.current.meta["generation"] = generation
+        durable = self.disk.durable
+        recovered = ev.Recovered(
+            meta=dict(durable.meta),
+            log=sorted(durable.log.values(), key=lambda record: record.id),
+            dirty=set(durable.dirty),
+            dedup=dict(durable.dedup),
+        )
+        config = CoreConfig(
+            site=self.name,
+            peer=other(self.name),
+            pair=PAIR,
+            preferred="a",
+            lease_ms=world.params.lease_ms,
+            peer_timeout_ms=world.params.peer_timeout_ms,
+            heartbeat_interval_ms=world.params.heartbeat_interval_ms,
+            clock_drift_max=0.01,
+            read_wait_ms_max=1000,
+            resync_batch_keys_max=3,
+            plants=world.params.plants,
+        )
+        self.core = SiteCore(config, recovered)
+        world.trace(f"{self.name} start incarnation={self.core.incarnation} epoch={self.core.epoch}")
+        self.execute(self.core.start(self.mono_ms(), self.wall_ms()))
+        world.site_event(self.name, Role.STARTING, self.core.epoch)
+
+    def crash(self, reason: str) -> None:
+        if not self.alive:
+            return
+        self.world.trace(f"{self.name} CRASH ({reason})")
+        self.alive = False
+        self.core = None
+        self.incarnation += 1
+        self.disk.crash()
+        self.deferred.clear()
+        self.paused_until_us = 0
+        self.sync_scheduled = False
+        self.world.close_connection(self, notify_self=False)
+        for handle, callback in list(self.handles.items()):
+            del self.handles[handle]
+            self.world.after(self.world.delay(), lambda cb=callback, h=handle: cb(ev.AnswerWrite(h, False, error="unknown")))
+        self.world.site_event(self.name, Role.STOPPED, -1)
+
+    # delivering events to the core
+    def deliver(self, make_event: Callable[[], ev.Event | None]) -> None:
+        if not self.alive:
+            return
+        if self.world.now_us < self.paused_until_us:
+            self.deferred.append(lambda: self.deliver(make_event))
+            return
+        event = make_event()
+        if event is None or self.core is None:
+            return
+        actions = self.core.step(event, self.mono_ms(), self.wall_ms())
+        self.execute(actions)
+
+    def resume(self) -> None:
+        deferred, self.deferred = self.deferred, []
+        for callback in deferred:
+            callback()
+
+    def execute(self, actions: list[ev.Action]) -> None:
+        world = self.world
+        for action in actions:
+            if not self.alive:
+                return
+            if isinstance(action, ev.Persist):
+                if self.disk.full:
+                    self._storage_failed("disk full")
+                    return
+                self.disk.write(action)
+                self._schedule_sync()
+            elif isinstance(action, ev.SendToPeer):
+                world.send_peer(self, action.message)
+            elif isinstance(action, ev.DropPeerConnection):
+                world.trace(f"{self.name} drops the connection: {action.reason}")
+                world.close_connection(self, notify_self=False)
+            elif isinstance(action, ev.AnswerWrite | ev.RejectRead):
+                callback = self.handles.pop(action.handle, None)
+                if callback is not None:
+                    world.after(world.delay(), lambda cb=callback, a=action: cb(a))
+            elif isinstance(action, ev.ServeRead):
+                callback = self.handles.pop(action.handle, None)
+                stored = self.disk.current.data.get(action.key)
+                value = stored[1] if stored is not None else None
+                if callback is not None:
+                    result = ("read", value)
+                    world.after(world.delay(), lambda cb=callback, r=result: cb(r))  # type: ignore[arg-type]
+            elif isinstance(action, ev.AskWitness):
+                world.ask_witness(self, action.request)
+            elif isinstance(action, ev.LoadResyncBatch):
+                self._load_resync(action)
+            elif isinstance(action, ev.RoleChanged):
+                world.trace(f"{self.name} {action.old.name} -> {action.new.name} epoch={action.epoch}: {action.reason}")
+                world.site_event(self.name, action.new, action.epoch)
+            elif isinstance(action, ev.Committed):
+                world.commit_event(self.name, action)
+            elif isinstance(action, ev.Stop):
+                self.stop_reason = action.reason
+                world.trace(f"{self.name} STOP: {action.reason}")
+                self.crash(action.reason)
+                return
+
+    def _storage_failed(self, reason: str) -> None:
+        self.deliver(lambda: ev.PersistFailed(reason))
+
+    def _schedule_sync(self) -> None:
+        if self.sync_scheduled:
+            return
+        self.sync_scheduled = True
+        incarnation = self.incarnation
+
+        def done() -> None:
+            if self.incarnation != incarnation or not self.alive:
+                return
+            self.sync_scheduled = False
+            result = self.disk.sync()
+            if result is None:
+                self._storage_failed("fsync failed")
+                return
+            if result:
+                self.deliver(lambda: ev.Persisted(result))
+            if self.disk.unsynced:
+                self._schedule_sync()
+
+        self.world.after(self.world.rng.randint(*self.world.params.fsync_us), done)
+
+    def _load_resync(self, action: ev.LoadResyncBatch) -> None:
+        data = self.disk.current.data
+        from replicator.core.records import Versioned
+
+        if action.keys:
+            entries = tuple(
+                Versioned(key, data[key][0], data[key][1]) if key in data else Versioned(key, 0, None)
+                for key in action.keys
+            )
+            next_position = None
+        else:
+            start = action.scan_from or b""
+            keys = sorted(key for key in data if key >= start)[: action.limit]
+            entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
+            next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
+        token = action.token
+        self.world.after(
+            self.world.rng.randint(100, 1000),
+            self._guarded(lambda: self.deliver(lambda: ev.ResyncBatchLoaded(token, entries, next_position))),
+        )
+
+    def _guarded(self, callback: Callable[[], None]) -> Callable[[], None]:
+        incarnation = self.incarnation
+
+        def run() -> None:
+            if self.incarnation == incarnation and self.alive:
+                callback()
+
+        return run
+
+
+class WitnessProcess:
+    def __init__(self, world: World, grace_ms: int) -> None:
+        self.world = world
+        self.durable: dict[str, PairState] = {}
+        self.config = {PAIR: PairConfig(sites=("a", "b"), preferred="a", preferred_grace_ms=grace_ms)}
+        self.core: WitnessCore | None = None
+        self.alive = False
+        self.incarnation = 0
+        self.callbacks: dict[int, Callable[[msg.WitnessAnswer], None]] = {}
+        self.next_handle = 1
+        self.unsynced: list[WitnessPersist] = []
+
+    def start(self) -> None:
+        self.alive = True
+        self.incarnation += 1
+        self.core = WitnessCore(self.config, dict(self.durable))
+        self.world.trace(f"witness start {self.durable.get(PAIR)}")
+
+    def crash(self) -> None:
+        if not self.alive:
+            return
+        self.world.trace("witness CRASH")
+        self.alive = False
+        self.core = None
+        self.unsynced.clear()
+        self.callbacks.clear()
+        self.incarnation += 1
+
+    def request(self, request: msg.WitnessRequest, reply: Callable[[msg.WitnessAnswer], None]) -> None:
+        if not self.alive or self.core is None:
+            return
+        handle = self.next_handle
+        self.next_handle += 1
+        self.callbacks[handle] = reply
+        self.execute(self.core.step(WitnessRequested(handle, request), self.world.now_us / MS))
+
+    def tick(self) -> None:
+        if self.alive and self.core is not None:
+            self.execute(self.core.step(WitnessTick(), self.world.now_us / MS))
+
+    def execute(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, WitnessPersist):
+                self.unsynced.append(action)
+                incarnation = self.incarnation
+                persist = action
+
+                def synced(p: WitnessPersist = persist, inc: int = incarnation) -> None:
+                    if self.incarnation != inc or not self.alive or self.core is None:
+                        return
+                    self.durable[p.pair] = p.state
+                    if p.state.mode is msg.WitnessMode.SOLO:
+                        self.world.grant_event(p.state.holder, p.state.epoch)
+                    self.execute(self.core.step(WitnessPersisted(p.persist_id), self.world.now_us / MS))
+
+                self.world.after(self.world.rng.randint(*self.world.params.fsync_us), synced)
+            elif isinstance(action, WitnessReply):
+                callback = self.callbacks.pop(action.handle, None)
+                if callback is not None:
+                    callback(action.answer)
+
+
+class World:
+    def __init__(self, seed: int, params: SimParams, verbose: bool = False) -> None:
+        self.seed = seed
+        self.params = params
+        self.rng = random.Random(seed)
+        self.verbose = verbose
+        self.now_us = 0
+        self.queue: list[tuple[int, int, Callable[[], None]]] = []
+        self.counter = 0
+        self.lines: list[str] = []
+        self.history = History()
+        self.site_events: list[dict[str, Any]] = []
+        self.sites = {name: SiteProcess(self, name) for name in SITES}
+        self.witness = WitnessProcess(self, params.preferred_grace_ms)
+        # link state per direction: "up" | "blackhole"
+        self.links: dict[tuple[str, str], str] = {}
+        self.next_connection_id = 1
+        self.faults_injected: dict[str, int] = {}
+        self.acknowledged_writes = 0
+        self.operations = 0
+        for site in self.sites.values():
+            site.rate = 1.0 + self.rng.uniform(-params.clock_drift, params.clock_drift)
+
+    # ------------------------------------------------------------- scheduling
+    def after(self, delay_us: int, callback: Callable[[], None]) -> None:
+        self.counter += 1
+        heapq.heappush(self.queue, (self.now_us + max(0, int(delay_us)), self.counter, callback))
+
+    def run_until(self, end_us: int, stop: Callable[[], bool] | None = None) -> bool:
+        while self.queue and self.queue[0][0] <= end_us:
+            when, _, callback = heapq.heappop(self.queue)
+            self.now_us = when
+            callback()
+            if stop is not None and stop():
+                return True
+        self.now_us = max(self.now_us, end_us)
+        return False
+
+    def delay(self) -> int:
+        return self.rng.randint(*self.params.net_delay_us)
+
+    def trace(self, line: str) -> None:
+        text = f"{self.now_us / MS:10.3f} {line}"
+        self.lines.append(text)
+        if len(self.lines) > 4000:
+            del self.lines[:1000]
+        if self.verbose:
+            print(text)
+
+    # ------------------------------------------------------------- checker feeds
+    def site_event(self, site: str, role: Role, epoch: int) -> None:
+        state = "SYNC" if role is Role.RECONCILE else role.name
+        process = self.sites[site]
+        granted = bool(process.core and process.core.holds_grant)
+        self.site_events.append(
+            {"site": site, "time": self.now_us * 1000, "event": "state", "epoch": epoch, "state": state, "granted": granted}
+        )
+
+    def commit_event(self, site: str, committed: ev.Committed) -> None:
+        self.site_events.append({"site": site, "time": self.now_us * 1000, "event": "commit", "epoch": committed.epoch})
+
+    def grant_event(self, site: str, epoch: int) -> None:
+        self.site_events.append({"site": site, "time": self.now_us * 1000, "event": "grant", "epoch": epoch})
+
+    # ------------------------------------------------------------- network
+    def link_up(self, source: str, target: str) -> bool:
+        return self.links.get((source, target), "up") == "up"
+
+    def connect_loop(self) -> None:
+        a, b = self.sites["a"], self.sites["b"]
+        if (
+            a.alive
+            and b.alive
+            and a.connection is None
+            and self.link_up("a", "b")
+            and self.link_up("b", "a")
+            and self.now_us >= a.paused_until_us
+        ):
+            # b accepts: an old connection it still holds is closed first (as a server would).
+            if b.connection is not None:
+                self.close_connection(b, notify_self=True)
+            connection = Connection(self.next_connection_id, {"a": True, "b": True}, {"a": 0, "b": 0})
+            self.next_connection_id += 1
+            a.connection = connection
+            b.connection = connection
+            self.trace(f"connection {connection.id} up")
+            a.deliver(lambda: ev.PeerConnected())
+            delay = self.delay()
+            self.after(delay, lambda: self._accept(connection))
+        self.after(self.rng.randint(50, 150) * MS, self.connect_loop)
+
+    def _accept(self, connection: Connection) -> None:
+        b = self.sites["b"]
+        if b.connection is connection and connection.open_at["b"]:
+            b.deliver(lambda: ev.PeerConnected() if b.connection is connection else None)
+
+    def close_connection(self, site: SiteProcess, notify_self: bool) -> None:
+        connection = site.connection
+        if connection is None:
+            return
+        site.connection = None
+        connection.open_at[site.name] = False
+        if notify_self:
+            site.deliver(lambda: ev.PeerDisconnected())
+        peer = self.sites[other(site.name)]
+        if peer.connection is connection and self.link_up(site.name, peer.name):
+            # The FIN reaches the peer after a delay, behind what was sent before it.
+            when = max(self.now_us + self.delay(), connection.last_delivery_us[peer.name] + 1)
+
+            def fin() -> None:
+                if peer.connection is connection:
+                    peer.connection = None
+                    connection.open_at[peer.name] = False
+                    peer.deliver(lambda: ev.PeerDisconnected())
+
+            self.after(when - self.now_us, fin)
+
+    def reset_connection(self) -> None:
+        for site in self.sites.values():
+            if site.connection is not None:
+                self.close_connection(site, notify_self=True)
+
+    def send_peer(self, sender: SiteProcess, message: msg.PeerMessage) -> None:
+        connection = sender.connection
+        if connection is None:
+            return
+        receiver = self.sites[other(sender.name)]
+        if not self.link_up(sender.name, receiver.name):
+            return  # black hole: lost, as TCP would stall
+        when = max(self.now_us + self.delay(), connection.last_delivery_us[receiver.name] + 1)
+        connection.last_delivery_us[receiver.name] = when
+
+        def arrive() -> None:
+            if receiver.connection is connection and connection.open_at[receiver.name]:
+                receiver.deliver(lambda: ev.PeerSent(message) if receiver.connection is connection else None)
+
+        self.after(when - self.now_us, arrive)
+
+    def ask_witness(self, site: SiteProcess, request: msg.WitnessRequest) -> None:
+        incarnation = site.incarnation
+        answered = [False]
+
+        def reply(answer: msg.WitnessAnswer) -> None:
+            if not self.link_up("w", site.name):
+                return
+            def arrive() -> None:
+                if site.incarnation == incarnation and not answered[0]:
+                    answered[0] = True
+                    site.deliver(lambda: ev.WitnessAnswered(request, answer))
+            self.after(self.delay(), arrive)
+
+        def timeout() -> None:
+            if site.incarnation == incarnation and not answered[0]:
+                answered[0] = True
+                site.deliver(lambda: ev.WitnessFailed(request))
+
+        if self.link_up(site.name, "w"):
+            self.after(self.delay(), lambda: self.witness.request(request, reply))
+        self.after(400 * MS, timeout)
+
+    # ------------------------------------------------------------- ticks
+    def tick_loop(self) -> None:
+        for site in self.sites.values():
+            if site.alive:
+                site.deliver(lambda: ev.TimePassed())
+        self.witness.tick()
+        self.after(self.params.tick_ms * MS + self.rng.randint(0, 500), self.tick_loop)
+
+    def heal(self) -> None:
+        self.links.clear()
+        for site in self.sites.values():
+            site.disk.full = False
+            site.disk.fail_next_sync = False
+            if site.paused_until_us > self.now_us:
+                site.paused_until_us = self.now_us
+                site.resume()
+            if not site.alive:
+                site.start()
+        if not self.witness.alive:
+            self.witness.start()
+
+    # ------------------------------------------------------------- client handles
+    def submit(self, site_name: str, event_factory: Callable[[int], ev.Event], callback: Callable[[Any], None]) -> None:
+        site = self.sites[site_name]
+        self.counter += 1
+        handle = self.counter
+
+        def arrive() -> None:
+            if not site.alive:
+                callback(ev.AnswerWrite(handle, False, error="connection"))
+                return
+            site.handles[handle] = callback
+            site.deliver(lambda: event_factory(handle))
+
+        self.after(self.delay(), arrive)
+
+
+def make_operations(key: bytes, value: bytes | None) -> tuple[Operation, ...]:
+    return (Operation(key, value),)

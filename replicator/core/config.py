@@ -1,0 +1,75 @@
+"""Protocol parameters of a site core, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+PLANTS = {
+    "early_visible": "commit a write at its origin once it is durable locally, before the peer has it",
+    "no_lease_wait": "go on alone right after the witness's grant, without waiting out the leases",
+    "no_witness": "go on alone on a peer timeout without asking the witness",
+    "rejoin_without_resync": "let a returning site rejoin without sending it the dirty keys",
+    "drop_dirty": "forget to mark keys written alone as dirty",
+    "reuse_seq": "do not bump the incarnation at start-up, so sequence numbers are reused",
+    "no_read_gate": "serve reads of keys that have a prepared, unresolved record",
+    "no_read_lease": "serve reads in SYNC without a valid lease",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    site: str
+    peer: str
+    pair: str
+    preferred: str
+    lease_ms: int = 2000
+    clock_drift_max: float = 0.01
+    peer_timeout_ms: int = 1000
+    heartbeat_interval_ms: int = 100
+    witness_retry_ms: int = 250
+    read_wait_ms_max: int = 2000
+    inflight_records_max: int = 10_000
+    resync_batch_keys_max: int = 128
+    resync_batches_inflight_max: int = 4
+    reconcile_records_per_message_max: int = 256
+    dedup_age_ms: int = 600_000
+    static_priority: bool = False
+    witness_timeout_ms: int = 3000
+    plants: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for name in ("site", "peer", "pair", "preferred"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: must not be empty")
+        if self.site == self.peer:
+            raise ValueError("peer: must differ from site")
+        if self.preferred not in (self.site, self.peer):
+            raise ValueError(f"preferred: must be {self.site!r} or {self.peer!r}, got {self.preferred!r}")
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name.endswith(("_ms", "_max")) and not isinstance(value, bool) and isinstance(value, int):
+                if value <= 0:
+                    raise ValueError(f"{spec.name}: must be a positive integer, got {value}")
+        if not 0 <= self.clock_drift_max < 0.25:
+            raise ValueError(f"clock_drift_max: must be in [0, 0.25), got {self.clock_drift_max}")
+        if self.heartbeat_interval_ms * 2 > self.peer_timeout_ms:
+            raise ValueError("heartbeat_interval_ms: must be at most half of peer_timeout_ms")
+        if self.peer_timeout_ms > self.lease_ms * 4:
+            raise ValueError("peer_timeout_ms: must not exceed 4 x lease_ms")
+        unknown = set(self.plants) - set(PLANTS)
+        if unknown:
+            raise ValueError(f"plants: unknown {sorted(unknown)}")
+
+    @property
+    def origin_bit(self) -> int:
+        """Timestamp tie-breaker: the sites are ordered by name."""
+        return 0 if self.site < self.peer else 1
+
+    @property
+    def lease_read_ms(self) -> float:
+        """How long after sending a heartbeat its answer lets us serve reads.
+
+        Both clocks may drift by clock_drift_max, so we stop well before the
+        peer's promise (lease_ms after it answered) can run out.
+        """
+        return self.lease_ms * (1.0 - 2.0 * self.clock_drift_max)

@@ -1,0 +1,205 @@
+"""Messages between the two sites and between a site and the witness.
+
+These are the core's values; the transport encodes them as frames (see
+docs/wire.md). Every peer message carries the sender's epoch (fencing,
+DESIGN.md section 4). Cumulative acknowledgements and watermarks are about
+the *receiver's peer's own* records, identified by `(incarnation, seq)`: a
+site ships its own records in seq order and commits them in that order, so
+one pair of numbers says "everything up to here".
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from replicator.core.records import Record, Versioned
+
+
+class Role(enum.Enum):
+    """The states of a site (DESIGN.md section 4, plus RECONCILE: see docs/protocol.md)."""
+
+    STARTING = "STARTING"
+    SYNC = "SYNC"
+    RECONCILE = "RECONCILE"
+    SUSPENDED = "SUSPENDED"
+    SOLO = "SOLO"
+    FENCED = "FENCED"
+    RESYNC_SOURCE = "RESYNC_SOURCE"
+    RESYNC_TARGET = "RESYNC_TARGET"
+    STOPPED = "STOPPED"
+
+
+# ---------------------------------------------------------------- site <-> site
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    epoch: int
+    site: str
+    pair: str
+    role: Role
+    incarnation: int
+    generation: bytes
+    # Set when this site finished resyncing the peer into `synced_epoch`
+    # (so a target that missed ResyncSynced can be told again).
+    synced_epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShipRecords:
+    epoch: int
+    records: tuple[Record, ...]
+    # True when the records are shipped by a same-epoch reconciliation
+    # (records of either origin, acknowledged by ReconcileAck, not PreparedAck).
+    reconcile: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedAck:
+    epoch: int
+    incarnation: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitWatermark:
+    epoch: int
+    incarnation: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitConfirm:
+    epoch: int
+    incarnation: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    epoch: int
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAck:
+    epoch: int
+    nonce: int
+    lease_granted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileDone:
+    """All of the sender's log records were shipped before this marker."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileAck:
+    """Every record shipped before the peer's ReconcileDone is durable here."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncBegin:
+    epoch: int
+    full: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncBeginAck:
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncData:
+    epoch: int
+    batch: int
+    entries: tuple[Versioned, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncAck:
+    epoch: int
+    batch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncSynced:
+    """The witness moved the pair to SYNC(epoch): the target joins it."""
+
+    epoch: int
+
+
+class GoodbyeReason(enum.Enum):
+    STALE_EPOCH = 1  # the receiver is behind and must be resynchronised
+    NOT_PEER = 2  # wrong pair or site name
+    SHUTDOWN = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    epoch: int
+    reason: GoodbyeReason
+    message: str = ""
+
+
+PeerMessage = (
+    Hello
+    | ShipRecords
+    | PreparedAck
+    | CommitWatermark
+    | CommitConfirm
+    | Heartbeat
+    | HeartbeatAck
+    | ReconcileDone
+    | ReconcileAck
+    | ResyncBegin
+    | ResyncBeginAck
+    | ResyncData
+    | ResyncAck
+    | ResyncSynced
+    | Goodbye
+)
+
+
+# ---------------------------------------------------------------- site <-> witness
+
+
+class WitnessMode(enum.Enum):
+    SYNC = "SYNC"
+    SOLO = "SOLO"
+
+
+@dataclass(frozen=True, slots=True)
+class Arbitrate:
+    pair: str
+    site: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSynced:
+    pair: str
+    site: str
+    epoch: int
+
+
+WitnessRequest = Arbitrate | MarkSynced
+
+
+class Verdict(enum.Enum):
+    GRANTED = "GRANTED"  # Arbitrate: the site goes on alone in `epoch`
+    SYNCED = "SYNCED"  # MarkSynced: the pair is SYNC in `epoch`
+    DENIED = "DENIED"
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessAnswer:
+    verdict: Verdict
+    epoch: int
+    mode: WitnessMode
+    holder: str  # "" when mode is SYNC
