@@ -65,7 +65,7 @@ def _size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 64M, 10GiB)")
     number, unit = int(match.group(1)), match.group(2).lower()
-    return number * 1024 ** " kmgtp".index(unit or " ")
+    return int(number * 1024 ** " kmgtp".index(unit or " "))
 
 
 def _non_negative(text: str) -> int:
@@ -96,18 +96,24 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "--endpoint",
         type=_address,
         default=default(os.environ.get("REPLICATOR_ENDPOINT", DEFAULT_ENDPOINT)),
-        help="site gRPC address HOST:PORT (env REPLICATOR_ENDPOINT, default %s)" % DEFAULT_ENDPOINT,
+        help=f"site gRPC address HOST:PORT (env REPLICATOR_ENDPOINT, default {DEFAULT_ENDPOINT})",
     )
     parser.add_argument(
         "--witness",
         type=_address,
         default=default(os.environ.get("REPLICATOR_WITNESS", DEFAULT_WITNESS)),
-        help="witness gRPC address HOST:PORT for `witness` commands (env REPLICATOR_WITNESS, default %s)"
-        % DEFAULT_WITNESS,
+        help=f"witness gRPC address HOST:PORT for `witness` commands "
+        f"(env REPLICATOR_WITNESS, default {DEFAULT_WITNESS})",
     )
-    parser.add_argument("--ca", type=Path, default=default(None), help="CA certificate (PEM) for mutual TLS")
-    parser.add_argument("--cert", type=Path, default=default(None), help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--key", type=Path, default=default(None), help="client private key (PEM) for mutual TLS")
+    parser.add_argument(
+        "--ca", dest="tls_ca", type=Path, default=default(None), help="CA certificate (PEM) for mutual TLS"
+    )
+    parser.add_argument(
+        "--cert", dest="tls_cert", type=Path, default=default(None), help="client certificate (PEM) for mutual TLS"
+    )
+    parser.add_argument(
+        "--key", dest="tls_key", type=Path, default=default(None), help="client private key (PEM) for mutual TLS"
+    )
     parser.add_argument("--json", action="store_true", default=default(False), help="print JSON for scripts")
     parser.add_argument(
         "--timeout-ms", type=int, default=default(5000), help="deadline of each call in ms (default 5000)"
@@ -132,14 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command(
-        commands, "status",
+        commands,
+        "status",
         "Show the site's pair state, epoch, role, peer and witness reachability, replication lag, "
-        "dirty keys and resync progress.", cmd_status,
+        "dirty keys and resync progress.",
+        cmd_status,
     )
 
     volume = commands.add_parser("volume", help="Create, list and delete block volumes.")
     volume_commands = volume.add_subparsers(dest="volume_command", metavar="ACTION", required=True)
-    create = command(volume_commands, "create", "Create a volume of SIZE bytes (suffixes K, M, G, T).", cmd_volume_create)
+    create = command(
+        volume_commands, "create", "Create a volume of SIZE bytes (suffixes K, M, G, T).", cmd_volume_create
+    )
     create.add_argument("name")
     create.add_argument("size", type=_size, help="size in bytes, a multiple of the block size (e.g. 64M, 10GiB)")
     create.add_argument("--block-size", type=_size, default=4096, help="block size in bytes (default 4096)")
@@ -169,44 +179,56 @@ def build_parser() -> argparse.ArgumentParser:
     block = commands.add_parser("block", help="Write and read ranges of blocks.")
     block_commands = block.add_subparsers(dest="block_command", metavar="ACTION", required=True)
     write = command(
-        block_commands, "write",
+        block_commands,
+        "write",
         "Write whole blocks from LBA, atomically, from --file or standard input "
-        "(the data must be a whole number of blocks).", cmd_block_write,
+        "(the data must be a whole number of blocks).",
+        cmd_block_write,
     )
     write.add_argument("volume")
     write.add_argument("lba", type=_non_negative)
     write.add_argument("--file", type=Path, help="read the data from this file")
-    read = command(block_commands, "read", "Read COUNT blocks from LBA to standard output (or --output).", cmd_block_read)
+    read = command(
+        block_commands, "read", "Read COUNT blocks from LBA to standard output (or --output).", cmd_block_read
+    )
     read.add_argument("volume")
     read.add_argument("lba", type=_non_negative)
     read.add_argument("count", type=_non_negative)
     read.add_argument("--output", type=Path, help="write the blocks to this file")
 
     verify = command(
-        commands, "verify",
+        commands,
+        "verify",
         "Compare the two replicas while they serve; show progress on stderr and report the keys that differ.",
         cmd_verify,
     )
     verify.add_argument("--repair", action="store_true", help="also repair the keys that differ")
 
-    resync = command(commands, "resync", "Resynchronise the peer from this site (dirty keys only by default).", cmd_resync)
+    resync = command(
+        commands, "resync", "Resynchronise the peer from this site (dirty keys only by default).", cmd_resync
+    )
     resync.add_argument("--full", action="store_true", help="ship every key (a replaced or wiped peer)")
 
     command(
-        commands, "switchover",
+        commands,
+        "switchover",
         "Planned switchover: hand the preferred role to the peer, with no data loss (both sites in SYNC).",
         cmd_switchover,
     )
     failover = command(
-        commands, "failover",
+        commands,
+        "failover",
         "Forced failover: make this site go on alone without the witness. Refused without --force; "
-        "risks split brain if the other site is alive.", cmd_failover,
+        "risks split brain if the other site is alive.",
+        cmd_failover,
     )
     failover.add_argument("--force", action="store_true", help="confirm that you know the other site is down")
 
     witness = commands.add_parser("witness", help="Query the witness (--witness HOST:PORT).")
     witness_commands = witness.add_subparsers(dest="witness_command", metavar="ACTION", required=True)
-    wstatus = command(witness_commands, "status", "Show each pair's epoch, mode (SYNC or SOLO) and holder.", cmd_witness_status)
+    wstatus = command(
+        witness_commands, "status", "Show each pair's epoch, mode (SYNC or SOLO) and holder.", cmd_witness_status
+    )
     wstatus.add_argument("--pair", default="", help="only this pair")
     return parser
 
@@ -215,15 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tls(args: argparse.Namespace) -> TlsFiles | None:
-    given = [args.ca, args.cert, args.key]
+    given = [args.tls_ca, args.tls_cert, args.tls_key]
     if not any(given):
         return None
     if not all(given):
         raise UsageError("--ca, --cert and --key go together (mutual TLS needs all three)")
-    for option, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
+    for option, path in (("--ca", args.tls_ca), ("--cert", args.tls_cert), ("--key", args.tls_key)):
         if not path.is_file():
             raise UsageError(f"{option}: no such file {str(path)!r}")
-    return TlsFiles(args.ca, args.cert, args.key)
+    return TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -298,7 +320,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         resync = f"{done}/{total} keys ({100 * done // total}%)" if total else "none"
         rows = [
             ("site", f"{status.site}  role {role or '-'}"),
-            ("pair", f"{status.pair or '-'}  peer {status.peer or '-'}" + (f" at {status.peer_address}" if status.peer_address else "")),
+            (
+                "pair",
+                f"{status.pair or '-'}  peer {status.peer or '-'}"
+                + (f" at {status.peer_address}" if status.peer_address else ""),
+            ),
             ("state", f"{status.state}  epoch {status.epoch}"),
             ("peer", "reachable" if status.peer_reachable else "UNREACHABLE"),
             ("witness", "reachable" if status.witness_reachable else "UNREACHABLE"),
@@ -317,18 +343,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_volume_create(args: argparse.Namespace) -> int:
     with _client(args) as client:
         volume = client.create_volume(args.name, args.size, args.block_size)
-    _emit(args, dataclasses.asdict(volume), lambda: print(
-        f"created volume {volume.name}: {_human_bytes(volume.size_bytes)}, "
-        f"{volume.block_count} blocks of {volume.block_size} bytes"))
+    _emit(
+        args,
+        dataclasses.asdict(volume),
+        lambda: print(
+            f"created volume {volume.name}: {_human_bytes(volume.size_bytes)}, "
+            f"{volume.block_count} blocks of {volume.block_size} bytes"
+        ),
+    )
     return EXIT_OK
 
 
 def cmd_volume_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         volumes = client.list_volumes()
-    _emit(args, [dataclasses.asdict(v) for v in volumes], lambda: _table(
-        [(v.name, v.size_bytes, _human_bytes(v.size_bytes), v.block_size, v.block_count) for v in volumes],
-        ("NAME", "SIZE_BYTES", "SIZE", "BLOCK_SIZE", "BLOCKS")))
+    _emit(
+        args,
+        [dataclasses.asdict(v) for v in volumes],
+        lambda: _table(
+            [(v.name, v.size_bytes, _human_bytes(v.size_bytes), v.block_size, v.block_count) for v in volumes],
+            ("NAME", "SIZE_BYTES", "SIZE", "BLOCK_SIZE", "BLOCKS"),
+        ),
+    )
     return EXIT_OK
 
 
@@ -343,8 +379,11 @@ def cmd_object_put(args: argparse.Namespace) -> int:
     data = _read_input(args.file, args.data)
     with _client(args) as client:
         ts = client.put(args.bucket, args.key, data)
-    _emit(args, {"bucket": args.bucket, "key": args.key, "size_bytes": len(data), "ts": ts},
-          lambda: print(f"stored {args.bucket}/{args.key} ({len(data)} bytes)"))
+    _emit(
+        args,
+        {"bucket": args.bucket, "key": args.key, "size_bytes": len(data), "ts": ts},
+        lambda: print(f"stored {args.bucket}/{args.key} ({len(data)} bytes)"),
+    )
     return EXIT_OK
 
 
@@ -361,8 +400,11 @@ def cmd_object_get(args: argparse.Namespace) -> int:
 def cmd_object_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
         objects = client.list_objects(args.bucket, args.prefix)
-    _emit(args, [dataclasses.asdict(o) for o in objects],
-          lambda: _table([(o.key, o.size_bytes) for o in objects], ("KEY", "SIZE_BYTES")))
+    _emit(
+        args,
+        [dataclasses.asdict(o) for o in objects],
+        lambda: _table([(o.key, o.size_bytes) for o in objects], ("KEY", "SIZE_BYTES")),
+    )
     return EXIT_OK
 
 
@@ -377,8 +419,11 @@ def cmd_block_write(args: argparse.Namespace) -> int:
     data = _read_input(args.file)
     with _client(args) as client:
         ts = client.write_blocks(args.volume, args.lba, data)
-    _emit(args, {"volume": args.volume, "lba": args.lba, "bytes": len(data), "ts": ts},
-          lambda: print(f"wrote {len(data)} bytes to {args.volume} at block {args.lba}"))
+    _emit(
+        args,
+        {"volume": args.volume, "lba": args.lba, "bytes": len(data), "ts": ts},
+        lambda: print(f"wrote {len(data)} bytes to {args.volume} at block {args.lba}"),
+    )
     return EXIT_OK
 
 
@@ -423,20 +468,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
             bar.finish()
 
     def human() -> None:
-        print(f"compared {report.keys_compared} keys: {report.differing_count} differ"
-              + (f", {report.repaired} repaired" if args.repair else ""))
+        print(
+            f"compared {report.keys_compared} keys: {report.differing_count} differ"
+            + (f", {report.repaired} repaired" if args.repair else "")
+        )
         for key in report.differing_keys:
             print(f"  differs: {describe_key(key)}")
         if report.truncated:
             print(f"  ... and {report.differing_count - len(report.differing_keys)} more")
 
-    _emit(args, {
-        "keys_compared": report.keys_compared,
-        "differing_count": report.differing_count,
-        "differing_keys": [describe_key(k) for k in report.differing_keys],
-        "truncated": report.truncated,
-        "repaired": report.repaired,
-    }, human)
+    _emit(
+        args,
+        {
+            "keys_compared": report.keys_compared,
+            "differing_count": report.differing_count,
+            "differing_keys": [describe_key(k) for k in report.differing_keys],
+            "truncated": report.truncated,
+            "repaired": report.repaired,
+        },
+        human,
+    )
     return EXIT_DIFFERENCES if report.differing_count > report.repaired else EXIT_OK
 
 
@@ -475,7 +526,9 @@ def cmd_witness_status(args: argparse.Namespace) -> int:
         if not rows:
             print("the witness knows no pair yet" if not args.pair else f"the witness does not know pair {args.pair!r}")
             return
-        _table([(r["pair"], r["epoch"], r["mode"], r["holder"] or "-") for r in rows], ("PAIR", "EPOCH", "MODE", "HOLDER"))
+        _table(
+            [(r["pair"], r["epoch"], r["mode"], r["holder"] or "-") for r in rows], ("PAIR", "EPOCH", "MODE", "HOLDER")
+        )
 
     _emit(args, rows, human)
     return EXIT_OK
@@ -496,7 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
     except UsageError as error:
         return _fail(args, EXIT_USAGE, "usage", str(error))
     except (Unavailable, OutcomeUnknown) as error:

@@ -90,25 +90,25 @@ def _describe(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def positive_int(value: Any) -> int:
+def _check_positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _Refused(f"must be a positive integer, got {_describe(value)}")
     return value
 
 
-def non_negative_int(value: Any) -> int:
+def _check_non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _Refused(f"must be a non-negative integer, got {_describe(value)}")
     return value
 
 
-def boolean(value: Any) -> bool:
+def _check_boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Refused(f"must be true or false, got {_describe(value)}")
     return value
 
 
-def string(value: Any) -> str:
+def _check_string(value: Any) -> str:
     if not isinstance(value, str):
         raise _Refused(f"must be a string, got {_describe(value)}")
     return value
@@ -117,8 +117,8 @@ def string(value: Any) -> str:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-def name(value: Any) -> str:
-    string(value)
+def _check_name(value: Any) -> str:
+    _check_string(value)
     if not _NAME.match(value):
         raise _Refused(
             f"must be 1 to 63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit, "
@@ -127,8 +127,8 @@ def name(value: Any) -> str:
     return str(value)
 
 
-def optional_name(value: Any) -> str:
-    return "" if value == "" else name(value)
+def _check_optional_name(value: Any) -> str:
+    return "" if value == "" else _check_name(value)
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -145,8 +145,8 @@ def parse_address(value: str) -> tuple[str, int]:
     return host, port
 
 
-def address(value: Any) -> str:
-    string(value)
+def _check_address(value: Any) -> str:
+    _check_string(value)
     try:
         parse_address(value)
     except ValueError as error:
@@ -154,8 +154,8 @@ def address(value: Any) -> str:
     return str(value)
 
 
-def optional_address(value: Any) -> str:
-    return "" if value == "" else address(value)
+def _check_optional_address(value: Any) -> str:
+    return "" if value == "" else _check_address(value)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -182,9 +182,9 @@ def _field(default: Any = dataclasses.MISSING, *, check: Callable[[Any], Any], d
 class TlsFiles:
     """PEM files for mutual TLS: the CA that signs the other side, our certificate and key."""
 
-    ca_file: Path = _field(check=string, doc="CA certificate (PEM) that signs the other side", path=True)
-    cert_file: Path = _field(check=string, doc="this process's certificate (PEM)", path=True)
-    key_file: Path = _field(check=string, doc="this process's private key (PEM)", path=True)
+    ca_file: Path = _field(check=_check_string, doc="CA certificate (PEM) that signs the other side", path=True)
+    cert_file: Path = _field(check=_check_string, doc="this process's certificate (PEM)", path=True)
+    key_file: Path = _field(check=_check_string, doc="this process's private key (PEM)", path=True)
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         """Return (ca, cert, key) bytes."""
@@ -202,75 +202,82 @@ class TlsConfig:
 
 @dataclass(frozen=True, slots=True)
 class SiteSection:
-    name: str = _field(check=name, doc="this site's name (required)")
-    peer_name: str = _field(check=name, doc="the other site's name (required)")
-    pair_id: str = _field(check=name, doc="the pair both sites replicate (required)")
-    data_dir: Path = _field(check=string, doc="RocksDB and log directory (required)", path=True)
-    peer_address: str = _field("127.0.0.1:7501", check=address, doc="the peer's link address")
+    name: str = _field(check=_check_name, doc="this site's name (required)")
+    peer_name: str = _field(check=_check_name, doc="the other site's name (required)")
+    pair_id: str = _field(check=_check_name, doc="the pair both sites replicate (required)")
+    data_dir: Path = _field(check=_check_string, doc="RocksDB and log directory (required)", path=True)
+    peer_address: str = _field("127.0.0.1:7501", check=_check_address, doc="the peer's link address")
     peer_grpc_address: str = _field(
-        "", check=optional_address, doc="the peer's gRPC address, named to clients when this site cannot serve"
+        "", check=_check_optional_address, doc="the peer's gRPC address, named to clients when this site cannot serve"
     )
-    peer_timeout_ms: int = _field(1000, check=positive_int, doc="silence from the peer before SUSPENDED")
-    heartbeat_ms: int = _field(100, check=positive_int, doc="heartbeat interval on an idle link")
-    lease_ms: int = _field(2000, check=positive_int, doc="read lease granted by each frame")
-    lease_drift_ppm: int = _field(1000, check=non_negative_int, doc="clock-rate error allowed for leases")
-    preferred_site: str = _field("", check=optional_name, doc="site that wins when both are alive; empty: none")
-    preferred_grace_ms: int = _field(2000, check=non_negative_int, doc="head start given to the preferred site")
-    static_priority: bool = _field(False, check=boolean, doc="preferred site goes on alone if the witness is down")
-    inflight_bytes_max: int = _field(64 * MIB, check=positive_int, doc="unacknowledged bytes on the link")
-    frame_size_bytes_max: int = _field(4 * MIB, check=positive_int, doc="largest frame on the link")
-    dedup_age_ms: int = _field(600_000, check=positive_int, doc="how long a request id is remembered")
-    dedup_entries_max: int = _field(1_000_000, check=positive_int, doc="request ids remembered at most")
-    read_wait_ms: int = _field(1000, check=positive_int, doc="how long a read waits for a prepared record")
-    reconnect_backoff_ms_max: int = _field(1000, check=positive_int, doc="longest wait between peer reconnects")
-    shutdown_stage_timeout_ms: int = _field(5000, check=positive_int, doc="bound on each shutdown stage")
+    peer_timeout_ms: int = _field(1000, check=_check_positive_int, doc="silence from the peer before SUSPENDED")
+    heartbeat_ms: int = _field(100, check=_check_positive_int, doc="heartbeat interval on an idle link")
+    lease_ms: int = _field(2000, check=_check_positive_int, doc="read lease granted by each frame")
+    lease_drift_ppm: int = _field(1000, check=_check_non_negative_int, doc="clock-rate error allowed for leases")
+    preferred_site: str = _field("", check=_check_optional_name, doc="site that wins when both are alive; empty: none")
+    preferred_grace_ms: int = _field(2000, check=_check_non_negative_int, doc="head start given to the preferred site")
+    static_priority: bool = _field(
+        False, check=_check_boolean, doc="preferred site goes on alone if the witness is down"
+    )
+    inflight_bytes_max: int = _field(64 * MIB, check=_check_positive_int, doc="unacknowledged bytes on the link")
+    frame_size_bytes_max: int = _field(8 * MIB, check=_check_positive_int, doc="largest frame on the link")
+    dedup_age_ms: int = _field(600_000, check=_check_positive_int, doc="how long a request id is remembered")
+    dedup_entries_max: int = _field(1_000_000, check=_check_positive_int, doc="request ids remembered at most")
+    read_wait_ms: int = _field(1000, check=_check_positive_int, doc="how long a read waits for a prepared record")
+    reconnect_backoff_ms_max: int = _field(1000, check=_check_positive_int, doc="longest wait between peer reconnects")
+    shutdown_stage_timeout_ms: int = _field(5000, check=_check_positive_int, doc="bound on each shutdown stage")
 
 
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
-    grpc: str = _field("127.0.0.1:7400", check=address, doc="client gRPC API (objects, blocks, admin, health)")
-    link: str = _field("127.0.0.1:7500", check=address, doc="peer log-shipping link")
-    metrics: str = _field("127.0.0.1:9400", check=address, doc="Prometheus metrics over HTTP")
+    grpc: str = _field("127.0.0.1:7400", check=_check_address, doc="client gRPC API (objects, blocks, admin, health)")
+    link: str = _field("127.0.0.1:7500", check=_check_address, doc="peer log-shipping link")
+    metrics: str = _field("127.0.0.1:9400", check=_check_address, doc="Prometheus metrics over HTTP")
 
 
 @dataclass(frozen=True, slots=True)
 class WitnessClientConfig:
-    address: str = _field("127.0.0.1:7600", check=address, doc="the witness's gRPC address")
-    timeout_ms: int = _field(1000, check=positive_int, doc="deadline of one witness call")
-    retry_interval_ms: int = _field(200, check=positive_int, doc="wait between witness attempts")
+    address: str = _field("127.0.0.1:7600", check=_check_address, doc="the witness's gRPC address")
+    timeout_ms: int = _field(1000, check=_check_positive_int, doc="deadline of one witness call")
+    retry_interval_ms: int = _field(200, check=_check_positive_int, doc="wait between witness attempts")
 
 
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     """Limits and timeouts of the gRPC data API (see docs/api.md)."""
 
-    request_timeout_ms: int = _field(5000, check=positive_int, doc="server-side bound on one request")
-    bucket_bytes_max: int = _field(63, check=positive_int, doc="longest bucket name")
-    key_bytes_max: int = _field(1024, check=positive_int, doc="longest object key (UTF-8 bytes)")
-    volume_name_bytes_max: int = _field(63, check=positive_int, doc="longest volume name")
-    object_bytes_max: int = _field(1 * MIB, check=positive_int, doc="largest object")
-    batch_bytes_max: int = _field(4 * MIB, check=positive_int, doc="largest PutBatch (data bytes)")
-    batch_items_max: int = _field(1000, check=positive_int, doc="most objects in one PutBatch")
-    block_write_bytes_max: int = _field(1 * MIB, check=positive_int, doc="largest WriteBlocks")
-    block_read_bytes_max: int = _field(4 * MIB, check=positive_int, doc="largest ReadBlocks answer")
-    trim_blocks_max: int = _field(4096, check=positive_int, doc="most blocks in one TrimBlocks")
-    volume_size_bytes_max: int = _field(1 << 44, check=positive_int, doc="largest volume (16 TiB)")
-    list_page_size_max: int = _field(1000, check=positive_int, doc="most entries in one List page")
-    request_id_bytes_max: int = _field(64, check=positive_int, doc="longest request id")
-    stream_inflight_max: int = _field(64, check=positive_int, doc="items of one stream processed at once")
-    verify_keys_max: int = _field(1000, check=positive_int, doc="most differing keys listed by Verify")
-    volume_delete_batch_blocks: int = _field(1024, check=positive_int, doc="blocks erased per write on delete")
-    health_refresh_ms: int = _field(500, check=positive_int, doc="how often health status follows state")
+    request_timeout_ms: int = _field(5000, check=_check_positive_int, doc="server-side bound on one request")
+    bucket_bytes_max: int = _field(63, check=_check_positive_int, doc="longest bucket name")
+    key_bytes_max: int = _field(1024, check=_check_positive_int, doc="longest object key (UTF-8 bytes)")
+    volume_name_bytes_max: int = _field(63, check=_check_positive_int, doc="longest volume name")
+    object_bytes_max: int = _field(1 * MIB, check=_check_positive_int, doc="largest object")
+    batch_bytes_max: int = _field(4 * MIB, check=_check_positive_int, doc="largest PutBatch (keys and data)")
+    batch_items_max: int = _field(1000, check=_check_positive_int, doc="most objects in one PutBatch")
+    block_write_bytes_max: int = _field(1 * MIB, check=_check_positive_int, doc="largest WriteBlocks")
+    block_read_bytes_max: int = _field(4 * MIB, check=_check_positive_int, doc="largest ReadBlocks answer")
+    trim_blocks_max: int = _field(4096, check=_check_positive_int, doc="most blocks in one TrimBlocks")
+    volume_size_bytes_max: int = _field(1 << 44, check=_check_positive_int, doc="largest volume (16 TiB)")
+    list_page_size_max: int = _field(1000, check=_check_positive_int, doc="most entries in one List page")
+    request_id_bytes_max: int = _field(64, check=_check_positive_int, doc="longest request id")
+    stream_inflight_max: int = _field(64, check=_check_positive_int, doc="items of one stream processed at once")
+    verify_keys_max: int = _field(1000, check=_check_positive_int, doc="most differing keys listed by Verify")
+    volume_delete_batch_blocks: int = _field(1024, check=_check_positive_int, doc="blocks erased per write on delete")
+    health_refresh_ms: int = _field(500, check=_check_positive_int, doc="how often health status follows state")
 
     @property
     def message_bytes_max(self) -> int:
         """gRPC message limit: the largest request or answer plus room for the envelope."""
-        return max(self.object_bytes_max, self.batch_bytes_max, self.block_write_bytes_max, self.block_read_bytes_max) + 64 * KIB
+        return (
+            max(self.object_bytes_max, self.batch_bytes_max, self.block_write_bytes_max, self.block_read_bytes_max)
+            + 64 * KIB
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class ChaosConfig:
-    test_plant: str = _field("", check=string, doc="chaos only: a deliberately planted fault, to test the checkers")
+    test_plant: str = _field(
+        "", check=_check_string, doc="chaos only: a deliberately planted fault, to test the checkers"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,24 +299,24 @@ class SiteConfig:
 
 @dataclass(frozen=True, slots=True)
 class WitnessSection:
-    data_dir: Path = _field(check=string, doc="RocksDB directory of arbitration state (required)", path=True)
-    name: str = _field("witness", check=name, doc="name in logs and status")
-    preferred_grace_ms: int = _field(2000, check=non_negative_int, doc="hold on a non-preferred site's request")
-    request_timeout_ms: int = _field(5000, check=positive_int, doc="server-side bound on one request")
-    shutdown_stage_timeout_ms: int = _field(5000, check=positive_int, doc="bound on each shutdown stage")
+    data_dir: Path = _field(check=_check_string, doc="RocksDB directory of arbitration state (required)", path=True)
+    name: str = _field("witness", check=_check_name, doc="name in logs and status")
+    preferred_grace_ms: int = _field(2000, check=_check_non_negative_int, doc="hold on a non-preferred site's request")
+    request_timeout_ms: int = _field(5000, check=_check_positive_int, doc="server-side bound on one request")
+    shutdown_stage_timeout_ms: int = _field(5000, check=_check_positive_int, doc="bound on each shutdown stage")
 
 
 @dataclass(frozen=True, slots=True)
 class WitnessListenConfig:
-    grpc: str = _field("127.0.0.1:7600", check=address, doc="witness gRPC API")
-    metrics: str = _field("127.0.0.1:9600", check=address, doc="Prometheus metrics over HTTP")
+    grpc: str = _field("127.0.0.1:7600", check=_check_address, doc="witness gRPC API")
+    metrics: str = _field("127.0.0.1:9600", check=_check_address, doc="Prometheus metrics over HTTP")
 
 
 @dataclass(frozen=True, slots=True)
 class PairSpec:
-    id: str = _field(check=name, doc="pair id")
+    id: str = _field(check=_check_name, doc="pair id")
     sites: tuple[str, ...] = _field(check=lambda v: v, doc="the two site names")
-    preferred_site: str = _field("", check=optional_name, doc="site favoured when both ask")
+    preferred_site: str = _field("", check=_check_optional_name, doc="site favoured when both ask")
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +392,7 @@ def _build_tls(raw: Any, base_dir: Path | None, channels: tuple[str, ...]) -> Tl
 
 
 def _build_chaos(raw: Any, environ: Mapping[str, str]) -> ChaosConfig:
-    chaos = _build_section(ChaosConfig, raw, "chaos", None)
+    chaos: ChaosConfig = _build_section(ChaosConfig, raw, "chaos", None)
     if chaos.test_plant and environ.get(CHAOS_ENVIRONMENT_VARIABLE) != "1":
         raise ConfigError(
             f"chaos.test_plant: refused, this plants a deliberate fault and is allowed only when "
@@ -449,8 +456,11 @@ def _check_site_relations(config: SiteConfig) -> None:
             f"site.frame_size_bytes_max: must exceed the largest client write (api.*_bytes_max = {largest_write}) "
             f"by 64 KiB, got {site.frame_size_bytes_max}"
         )
-    listens = {"listen.grpc": config.listen.grpc, "listen.link": config.listen.link,
-               "listen.metrics": config.listen.metrics}
+    listens = {
+        "listen.grpc": config.listen.grpc,
+        "listen.link": config.listen.link,
+        "listen.metrics": config.listen.metrics,
+    }
     seen: dict[str, str] = {}
     for key, value in listens.items():
         if parse_address(value)[1] != 0 and value in seen:
@@ -469,7 +479,7 @@ def witness_config_from_mapping(
     pairs_raw = raw.get("pairs", [])
     if not isinstance(pairs_raw, list):
         raise ConfigError(f"pairs: must be an array of tables ([[pairs]]), got {_describe(pairs_raw)}")
-    pairs = []
+    pairs: list[PairSpec] = []
     for index, pair_raw in enumerate(pairs_raw):
         prefix = f"pairs[{index}]"
         pair = _build_section(PairSpec, pair_raw, prefix, base_dir)
@@ -478,11 +488,13 @@ def witness_config_from_mapping(
             raise ConfigError(f"{prefix}.sites: must be two different site names, got {sites!r}")
         for site_name in sites:
             try:
-                name(site_name)
+                _check_name(site_name)
             except _Refused as refused:
                 raise ConfigError(f"{prefix}.sites: {refused}") from None
         if pair.preferred_site and pair.preferred_site not in sites:
-            raise ConfigError(f"{prefix}.preferred_site: must be one of {sites!r} or empty, got {pair.preferred_site!r}")
+            raise ConfigError(
+                f"{prefix}.preferred_site: must be one of {sites!r} or empty, got {pair.preferred_site!r}"
+            )
         if pair.id in (p.id for p in pairs):
             raise ConfigError(f"{prefix}.id: duplicate pair id {pair.id!r}")
         pairs.append(dataclasses.replace(pair, sites=tuple(sites)))

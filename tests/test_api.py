@@ -15,8 +15,16 @@ from replicator.api.fake import FakeBackend, FakeStore, FakeWitnessBackend
 from replicator.api.server import start_site_server, start_witness_server
 from replicator.config import ApiConfig
 from replicator.core.records import Operation
-from replicator.v1 import admin_pb2, admin_pb2_grpc, blocks_pb2, blocks_pb2_grpc, objects_pb2, objects_pb2_grpc
-from replicator.v1 import witness_pb2, witness_pb2_grpc
+from replicator.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    blocks_pb2,
+    blocks_pb2_grpc,
+    objects_pb2,
+    objects_pb2_grpc,
+    witness_pb2,
+    witness_pb2_grpc,
+)
 
 
 class Site:
@@ -254,7 +262,9 @@ def test_volume_create_list_delete() -> None:
         assert [(v.name, v.block_size) for v in listed.volumes] == [("v1", 4096), ("v2", 512)]
         page = await site.blocks.ListVolumes(blocks_pb2.ListVolumesRequest(page_size=1))
         assert [v.name for v in page.volumes] == ["v1"] and page.next_page_token
-        page = await site.blocks.ListVolumes(blocks_pb2.ListVolumesRequest(page_size=1, page_token=page.next_page_token))
+        page = await site.blocks.ListVolumes(
+            blocks_pb2.ListVolumesRequest(page_size=1, page_token=page.next_page_token)
+        )
         assert [v.name for v in page.volumes] == ["v2"]
         delete = blocks_pb2.DeleteVolumeRequest(name="v1", request_id=b"d1")
         await site.blocks.DeleteVolume(delete)
@@ -271,12 +281,19 @@ def test_volume_create_list_delete() -> None:
 
 @pytest.mark.parametrize(
     ("size_bytes", "block_size", "fragment"),
-    [(0, 4096, "positive multiple"), (4097, 4096, "positive multiple"), (8192, 1000, "power of two"),
-     (8192, 256, "power of two"), (1 << 50, 4096, "volume_size_bytes_max")],
+    [
+        (0, 4096, "positive multiple"),
+        (4097, 4096, "positive multiple"),
+        (8192, 1000, "power of two"),
+        (8192, 256, "power of two"),
+        (1 << 50, 4096, "volume_size_bytes_max"),
+    ],
 )
 def test_bad_volume_geometry(size_bytes: int, block_size: int, fragment: str) -> None:
     async def test(site: Site) -> None:
-        request = blocks_pb2.CreateVolumeRequest(name="v", size_bytes=size_bytes, block_size=block_size, request_id=rid())
+        request = blocks_pb2.CreateVolumeRequest(
+            name="v", size_bytes=size_bytes, block_size=block_size, request_id=rid()
+        )
         await expect(grpc.StatusCode.INVALID_ARGUMENT, site.blocks.CreateVolume(request), fragment)
 
     with_site(test)
@@ -287,7 +304,11 @@ def test_multi_block_write_is_one_atomic_write_and_unwritten_blocks_read_as_zero
         await create_volume(site)
         writes_before = site.backend.writes_seen
         data = b"".join(bytes([i + 1]) * 4096 for i in range(4))
-        ack = (await site.blocks.WriteBlocks(blocks_pb2.WriteBlocksRequest(volume="vol", lba=10, data=data, request_id=rid()))).ack
+        ack = (
+            await site.blocks.WriteBlocks(
+                blocks_pb2.WriteBlocksRequest(volume="vol", lba=10, data=data, request_id=rid())
+            )
+        ).ack
         assert site.backend.writes_seen == writes_before + 1
         block_versions = [v for k, v in site.backend.store.versions.items() if k.startswith(b"b")]
         assert len(block_versions) == 4 and {v.ts for v in block_versions} == {ack.ts}
@@ -321,7 +342,9 @@ def test_block_read_is_one_scan() -> None:
 def test_trim_writes_tombstones_and_reads_zeros() -> None:
     async def test(site: Site) -> None:
         await create_volume(site)
-        await site.blocks.WriteBlocks(blocks_pb2.WriteBlocksRequest(volume="vol", lba=0, data=b"\x01" * 4 * 4096, request_id=rid()))
+        await site.blocks.WriteBlocks(
+            blocks_pb2.WriteBlocksRequest(volume="vol", lba=0, data=b"\x01" * 4 * 4096, request_id=rid())
+        )
         await site.blocks.TrimBlocks(blocks_pb2.TrimBlocksRequest(volume="vol", lba=1, count=2, request_id=rid()))
         read = await site.blocks.ReadBlocks(blocks_pb2.ReadBlocksRequest(volume="vol", lba=0, count=4))
         assert read.data == b"\x01" * 4096 + bytes(8192) + b"\x01" * 4096
@@ -355,14 +378,25 @@ def test_bad_block_writes_are_refused_whole(volume: str, lba: int, size: int, fr
 def test_bad_block_reads_and_trims() -> None:
     async def test(site: Site) -> None:
         await create_volume(site)
-        await expect(grpc.StatusCode.INVALID_ARGUMENT,
-                     site.blocks.ReadBlocks(blocks_pb2.ReadBlocksRequest(volume="vol", lba=60, count=5)), "outside")
-        await expect(grpc.StatusCode.INVALID_ARGUMENT,
-                     site.blocks.ReadBlocks(blocks_pb2.ReadBlocksRequest(volume="vol", lba=0, count=0)), "positive")
-        await expect(grpc.StatusCode.INVALID_ARGUMENT,
-                     site.blocks.ReadBlocks(blocks_pb2.ReadBlocksRequest(volume="x", lba=0, count=1)), "unknown volume")
-        await expect(grpc.StatusCode.INVALID_ARGUMENT,
-                     site.blocks.TrimBlocks(blocks_pb2.TrimBlocksRequest(volume="vol", lba=0, count=65, request_id=b"t")))
+        await expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            site.blocks.ReadBlocks(blocks_pb2.ReadBlocksRequest(volume="vol", lba=60, count=5)),
+            "outside",
+        )
+        await expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            site.blocks.ReadBlocks(blocks_pb2.ReadBlocksRequest(volume="vol", lba=0, count=0)),
+            "positive",
+        )
+        await expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            site.blocks.ReadBlocks(blocks_pb2.ReadBlocksRequest(volume="x", lba=0, count=1)),
+            "unknown volume",
+        )
+        await expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            site.blocks.TrimBlocks(blocks_pb2.TrimBlocksRequest(volume="vol", lba=0, count=65, request_id=b"t")),
+        )
 
     with_site(test)
 
@@ -370,7 +404,9 @@ def test_bad_block_reads_and_trims() -> None:
 def test_deleted_volume_blocks_never_show_through_a_new_volume() -> None:
     async def test(site: Site) -> None:
         await create_volume(site, "v")
-        await site.blocks.WriteBlocks(blocks_pb2.WriteBlocksRequest(volume="v", lba=3, data=b"\x09" * 4096, request_id=rid()))
+        await site.blocks.WriteBlocks(
+            blocks_pb2.WriteBlocksRequest(volume="v", lba=3, data=b"\x09" * 4096, request_id=rid())
+        )
         await site.blocks.DeleteVolume(blocks_pb2.DeleteVolumeRequest(name="v", request_id=rid()))
         live_blocks = [k for k, v in site.backend.store.versions.items() if k.startswith(b"b") and v.value is not None]
         assert live_blocks == []  # erased (best effort, done here)
@@ -390,7 +426,9 @@ def test_write_blocks_stream() -> None:
 
         async def requests() -> AsyncIterator[blocks_pb2.WriteBlocksRequest]:
             for lba in range(64):
-                yield blocks_pb2.WriteBlocksRequest(volume="vol", lba=lba, data=bytes([lba]) * 4096, request_id=b"w%d" % lba)
+                yield blocks_pb2.WriteBlocksRequest(
+                    volume="vol", lba=lba, data=bytes([lba]) * 4096, request_id=b"w%d" % lba
+                )
             yield blocks_pb2.WriteBlocksRequest(volume="vol", lba=64, data=bytes(4096), request_id=b"out")
 
         answers = {a.request_id: a async for a in site.blocks.WriteBlocksStream(requests())}
@@ -420,7 +458,9 @@ def test_status_and_admin_actions() -> None:
         assert (status.site, status.peer, status.state, status.epoch) == ("a", "b", "SYNC", 3)
         await site.admin.Resync(admin_pb2.ResyncRequest(full=True))
         await site.admin.Switchover(admin_pb2.SwitchoverRequest())
-        await expect(grpc.StatusCode.FAILED_PRECONDITION, site.admin.Failover(admin_pb2.FailoverRequest()), "split brain")
+        await expect(
+            grpc.StatusCode.FAILED_PRECONDITION, site.admin.Failover(admin_pb2.FailoverRequest()), "split brain"
+        )
         await site.admin.Failover(admin_pb2.FailoverRequest(force=True))
         assert site.backend.actions == [("resync", True), ("switchover", True), ("failover", True)]
         site.backend.state = "SOLO"
@@ -481,13 +521,24 @@ def test_witness_servicer() -> None:
                 assert (granted.verdict, granted.epoch) == (witness_pb2.VERDICT_GRANTED, 2)
                 denied = await stub.Arbitrate(witness_pb2.ArbitrateRequest(pair="p", site="b", epoch=1))
                 assert (denied.verdict, denied.epoch, denied.mode, denied.holder) == (
-                    witness_pb2.VERDICT_DENIED, 2, witness_pb2.PAIR_MODE_SOLO, "a")
+                    witness_pb2.VERDICT_DENIED,
+                    2,
+                    witness_pb2.PAIR_MODE_SOLO,
+                    "a",
+                )
                 synced = await stub.MarkSynced(witness_pb2.MarkSyncedRequest(pair="p", site="a", epoch=2))
-                assert (synced.verdict, synced.epoch, synced.mode) == (witness_pb2.VERDICT_GRANTED, 3, witness_pb2.PAIR_MODE_SYNC)
+                assert (synced.verdict, synced.epoch, synced.mode) == (
+                    witness_pb2.VERDICT_GRANTED,
+                    3,
+                    witness_pb2.PAIR_MODE_SYNC,
+                )
                 status = await stub.Status(witness_pb2.WitnessStatusRequest())
                 assert [(p.pair, p.epoch) for p in status.pairs] == [("p", 3)]
-                await expect(grpc.StatusCode.INVALID_ARGUMENT,
-                             stub.Arbitrate(witness_pb2.ArbitrateRequest(pair="", site="a", epoch=1)), "pair is empty")
+                await expect(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    stub.Arbitrate(witness_pb2.ArbitrateRequest(pair="", site="a", epoch=1)),
+                    "pair is empty",
+                )
         finally:
             await server.stop(0)
 

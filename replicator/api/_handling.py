@@ -107,7 +107,7 @@ async def abort(backend: SiteBackend, context: grpc.aio.ServicerContext, error: 
 def timeout_s(context: grpc.aio.ServicerContext | None, config: ApiConfig) -> float:
     """How long the backend may take: the configured bound, cut to the client's deadline."""
     bound = config.request_timeout_ms / 1000
-    remaining = context.time_remaining() if context is not None else None
+    remaining: float | None = context.time_remaining() if context is not None else None
     if remaining is None:
         return bound
     remaining -= DEADLINE_MARGIN_S
@@ -140,9 +140,7 @@ class PipelinedStream:
         self._permits = asyncio.Semaphore(inflight_max)
         self._answers: asyncio.Queue[Any] = asyncio.Queue()
 
-    async def run(
-        self, requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]]
-    ) -> AsyncIterator[Any]:
+    async def run(self, requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]]) -> AsyncIterator[Any]:
         reader = asyncio.create_task(self._read(requests, handle))
         try:
             while True:

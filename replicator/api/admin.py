@@ -49,7 +49,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.config = config
 
     @translate_errors
-    async def Status(self, request: admin_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> admin_pb2.StatusResponse:
+    async def Status(
+        self, request: admin_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.StatusResponse:
         return admin_pb2.StatusResponse(status=status_message(self.backend.status()))
 
     @translate_stream_errors
@@ -72,11 +74,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 await asyncio.wait({verification, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 if latest:
-                    (done, total), = latest
+                    ((done, total),) = latest
                     latest.clear()
                     changed.clear()
                     yield admin_pb2.VerifyEvent(progress=admin_pb2.VerifyProgress(done=done, total=total))
             report: VerifyReport = verification.result()
+            if latest:  # the last progress, posted just before verify returned
+                ((done, total),) = latest
+                yield admin_pb2.VerifyEvent(progress=admin_pb2.VerifyProgress(done=done, total=total))
         finally:
             # The client went away: stop comparing (verify only reads, repairs are single writes).
             verification.cancel()
@@ -92,7 +97,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     @translate_errors
-    async def Resync(self, request: admin_pb2.ResyncRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ResyncResponse:
+    async def Resync(
+        self, request: admin_pb2.ResyncRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ResyncResponse:
         await self.backend.resync(request.full)
         return admin_pb2.ResyncResponse()
 

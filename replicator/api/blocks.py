@@ -89,9 +89,7 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
                         volume=_volume_message(found), ack=ack(WriteResult(existing.ts, duplicate=True))
                     )
                 raise AlreadyExists(f"volume {request.name!r} already exists")
-            result = await self.backend.write(
-                [Operation(keys.volume_key(volume), meta.encode())], request_id, timeout
-            )
+            result = await self.backend.write([Operation(keys.volume_key(volume), meta.encode())], request_id, timeout)
         return blocks_pb2.CreateVolumeResponse(volume=_volume_message(meta), ack=ack(result))
 
     @translate_errors

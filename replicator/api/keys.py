@@ -104,7 +104,7 @@ def object_prefix(bucket: bytes, prefix: bytes = b"") -> bytes:
 def object_key_from_storage(bucket: bytes, storage_key: bytes) -> bytes:
     head = OBJECT_PREFIX + bucket + SEPARATOR
     assert storage_key.startswith(head), (storage_key, bucket)
-    return storage_key[len(head):]
+    return storage_key[len(head) :]
 
 
 def volume_key(volume: bytes) -> bytes:

@@ -31,16 +31,16 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     # so a refused request has no effect at all.
 
     def _put_operation(self, bucket: str, key: str, data: bytes) -> Operation:
-        storage_key = keys.object_key(
-            keys.bucket_bytes(bucket, self.config), keys.object_key_bytes(key, self.config)
-        )
+        storage_key = keys.object_key(keys.bucket_bytes(bucket, self.config), keys.object_key_bytes(key, self.config))
         if len(data) > self.config.object_bytes_max:
             raise InvalidRequest(
                 f"object is {len(data)} bytes, the limit (object_bytes_max) is {self.config.object_bytes_max}"
             )
         return Operation(storage_key, data)
 
-    async def _put(self, request: objects_pb2.PutRequest, context: grpc.aio.ServicerContext | None) -> objects_pb2.PutResponse:
+    async def _put(
+        self, request: objects_pb2.PutRequest, context: grpc.aio.ServicerContext | None
+    ) -> objects_pb2.PutResponse:
         operation = self._put_operation(request.bucket, request.key, request.data)
         request_id = keys.check_request_id(request.request_id, self.config)
         result = await self.backend.write([operation], request_id, timeout_s(context, self.config))
@@ -69,7 +69,7 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
             raise InvalidRequest(
                 f"PutBatch has {len(request.items)} items, the limit (batch_items_max) is {self.config.batch_items_max}"
             )
-        total = sum(len(item.data) for item in request.items)
+        total = sum(len(item.data) + len(item.key.encode()) for item in request.items)
         if total > self.config.batch_bytes_max:
             raise InvalidRequest(
                 f"PutBatch carries {total} bytes, the limit (batch_bytes_max) is {self.config.batch_bytes_max}"
@@ -104,7 +104,9 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
         return objects_pb2.GetResponse(data=version.value, ts=version.ts)
 
     @translate_errors
-    async def Head(self, request: objects_pb2.HeadRequest, context: grpc.aio.ServicerContext) -> objects_pb2.HeadResponse:
+    async def Head(
+        self, request: objects_pb2.HeadRequest, context: grpc.aio.ServicerContext
+    ) -> objects_pb2.HeadResponse:
         version = await self._read_object(request.bucket, request.key, context)
         assert version.value is not None
         return objects_pb2.HeadResponse(size_bytes=len(version.value), ts=version.ts)
@@ -121,11 +123,15 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
         return objects_pb2.DeleteResponse(ack=ack(result))
 
     @translate_errors
-    async def List(self, request: objects_pb2.ListRequest, context: grpc.aio.ServicerContext) -> objects_pb2.ListResponse:
+    async def List(
+        self, request: objects_pb2.ListRequest, context: grpc.aio.ServicerContext
+    ) -> objects_pb2.ListResponse:
         bucket = keys.bucket_bytes(request.bucket, self.config)
         prefix = request.prefix.encode()
         if len(prefix) > self.config.key_bytes_max:
-            raise InvalidRequest(f"prefix is {len(prefix)} bytes, the limit (key_bytes_max) is {self.config.key_bytes_max}")
+            raise InvalidRequest(
+                f"prefix is {len(prefix)} bytes, the limit (key_bytes_max) is {self.config.key_bytes_max}"
+            )
         page_size = min(request.page_size or self.config.list_page_size_max, self.config.list_page_size_max)
         range_start = keys.object_prefix(bucket, prefix)
         range_end = keys.prefix_end(range_start)

@@ -106,7 +106,7 @@ class WitnessServicer(witness_pb2_grpc.WitnessServiceServicer):
             return outcome_message(await self.backend.arbitrate(request.pair, request.site, request.epoch))
         except errors.BackendError as error:
             await self._guard(context, error)
-            raise AssertionError("unreachable: abort raises")
+            raise AssertionError("unreachable: abort raises") from error
 
     async def MarkSynced(
         self, request: witness_pb2.MarkSyncedRequest, context: grpc.aio.ServicerContext
@@ -116,7 +116,7 @@ class WitnessServicer(witness_pb2_grpc.WitnessServiceServicer):
             return outcome_message(await self.backend.mark_synced(request.pair, request.site, request.epoch))
         except errors.BackendError as error:
             await self._guard(context, error)
-            raise AssertionError("unreachable: abort raises")
+            raise AssertionError("unreachable: abort raises") from error
 
     async def Status(
         self, request: witness_pb2.WitnessStatusRequest, context: grpc.aio.ServicerContext

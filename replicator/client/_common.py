@@ -24,9 +24,7 @@ from replicator.client.errors import ClientError, error_for
 from replicator.config import TlsFiles, parse_address
 from replicator.v1 import admin_pb2
 
-RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS}
-)
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS})
 OTHER_SITE_METADATA_KEY = "replicator-other-site"
 MESSAGE_BYTES_MAX = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -93,7 +91,7 @@ class Rotation:
         if rounds <= 0:
             return 0.0
         backoff_ms = min(self.policy.backoff_ms_max, self.policy.backoff_initial_ms * 2 ** (rounds - 1))
-        return backoff_ms * random.uniform(0.5, 1.0) / 1000
+        return float(backoff_ms * random.uniform(0.5, 1.0) / 1000)
 
 
 def failure(error: grpc.RpcError, endpoint: str, tried: list[str]) -> ClientError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -53,7 +54,7 @@ class AsyncClient(_Api):
             else grpc.aio.insecure_channel(e, options=CHANNEL_OPTIONS)
             for e in self.endpoints
         ]
-        self._stubs = [
+        self._stubs: builtins.list[dict[str, Any]] = [
             {
                 OBJECTS: objects_pb2_grpc.ObjectServiceStub(channel),
                 BLOCKS: blocks_pb2_grpc.BlockServiceStub(channel),
@@ -83,7 +84,7 @@ class AsyncClient(_Api):
                 return call.parse(await stub(call.request, timeout=self._timeout_s))
             except grpc.RpcError as error:
                 raise failure(error, self.endpoints[0], [self.endpoints[0]]) from None
-        tried: list[str] = []
+        tried: builtins.list[str] = []
         for attempt in range(self.retry.attempts_max):
             delay = self._rotation.delay_s(attempt)
             if delay:
@@ -98,8 +99,8 @@ class AsyncClient(_Api):
                     raise failure(error, self.endpoints[index], tried) from None
         raise AssertionError("unreachable")
 
-    async def list_objects(self, bucket: str, prefix: str = "") -> list[ObjectInfo]:
-        found: list[ObjectInfo] = []
+    async def list_objects(self, bucket: str, prefix: str = "") -> builtins.list[ObjectInfo]:
+        found: builtins.list[ObjectInfo] = []
         token = b""
         while True:
             request = objects_pb2.ListRequest(bucket=bucket, prefix=prefix, page_size=LIST_PAGE_SIZE, page_token=token)
@@ -109,11 +110,11 @@ class AsyncClient(_Api):
             if not token:
                 return found
 
-    async def list(self, bucket: str, prefix: str = "") -> list[str]:
+    async def list(self, bucket: str, prefix: str = "") -> builtins.list[str]:
         return [info.key for info in await self.list_objects(bucket, prefix)]
 
-    async def list_volumes(self) -> list[VolumeInfo]:
-        found: list[VolumeInfo] = []
+    async def list_volumes(self) -> builtins.list[VolumeInfo]:
+        found: builtins.list[VolumeInfo] = []
         token = b""
         while True:
             request = blocks_pb2.ListVolumesRequest(page_size=LIST_PAGE_SIZE, page_token=token)
@@ -123,16 +124,18 @@ class AsyncClient(_Api):
             if not token:
                 return found
 
-    async def put_many(self, bucket: str, items: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> list[int]:
+    async def put_many(
+        self, bucket: str, items: Mapping[str, bytes] | Iterable[tuple[str, bytes]]
+    ) -> builtins.list[int]:
         """Pipelined puts over one stream; see Client.put_many."""
         requests = [
             objects_pb2.PutRequest(bucket=bucket, key=k, data=bytes(v), request_id=self._ids.next())
             for k, v in _items(items)
         ]
-        results: list[int | None] = [None] * len(requests)
+        results: builtins.list[int | None] = [None] * len(requests)
         pending = {request.request_id: index for index, request in enumerate(requests)}
-        failed: list[ClientError] = []
-        tried: list[str] = []
+        failed: builtins.list[ClientError] = []
+        tried: builtins.list[str] = []
         last: ClientError | None = None
         for attempt in range(self.retry.attempts_max):
             if not pending:
@@ -146,7 +149,9 @@ class AsyncClient(_Api):
             batch = [requests[i] for i in sorted(pending.values())]
             timeout = self._timeout_s * math.ceil(1 + len(batch) / STREAM_ITEMS_PER_TIMEOUT)
 
-            async def send(batch: list[objects_pb2.PutRequest] = batch) -> AsyncIterator[objects_pb2.PutRequest]:
+            async def send(
+                batch: builtins.list[objects_pb2.PutRequest] = batch,
+            ) -> AsyncIterator[objects_pb2.PutRequest]:
                 for request in batch:
                     yield request
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,7 +60,7 @@ class Client(_Api):
             else grpc.insecure_channel(e, options=CHANNEL_OPTIONS)
             for e in self.endpoints
         ]
-        self._stubs = [
+        self._stubs: builtins.list[dict[str, Any]] = [
             {
                 OBJECTS: objects_pb2_grpc.ObjectServiceStub(channel),
                 BLOCKS: blocks_pb2_grpc.BlockServiceStub(channel),
@@ -89,7 +90,7 @@ class Client(_Api):
                 return call.parse(stub(call.request, timeout=self._timeout_s))
             except grpc.RpcError as error:
                 raise failure(error, self.endpoints[0], [self.endpoints[0]]) from None
-        tried: list[str] = []
+        tried: builtins.list[str] = []
         for attempt in range(self.retry.attempts_max):
             delay = self._rotation.delay_s(attempt)
             if delay:
@@ -106,9 +107,9 @@ class Client(_Api):
 
     # ---- paginated and streaming calls
 
-    def list_objects(self, bucket: str, prefix: str = "") -> list[ObjectInfo]:
+    def list_objects(self, bucket: str, prefix: str = "") -> builtins.list[ObjectInfo]:
         """Every object of `bucket` under `prefix`, in key order (follows pagination)."""
-        found: list[ObjectInfo] = []
+        found: builtins.list[ObjectInfo] = []
         token = b""
         while True:
             request = objects_pb2.ListRequest(bucket=bucket, prefix=prefix, page_size=LIST_PAGE_SIZE, page_token=token)
@@ -118,12 +119,12 @@ class Client(_Api):
             if not token:
                 return found
 
-    def list(self, bucket: str, prefix: str = "") -> list[str]:
+    def list(self, bucket: str, prefix: str = "") -> builtins.list[str]:
         """Keys of `bucket` under `prefix`, in order (follows pagination)."""
         return [info.key for info in self.list_objects(bucket, prefix)]
 
-    def list_volumes(self) -> list[VolumeInfo]:
-        found: list[VolumeInfo] = []
+    def list_volumes(self) -> builtins.list[VolumeInfo]:
+        found: builtins.list[VolumeInfo] = []
         token = b""
         while True:
             request = blocks_pb2.ListVolumesRequest(page_size=LIST_PAGE_SIZE, page_token=token)
@@ -133,7 +134,7 @@ class Client(_Api):
             if not token:
                 return found
 
-    def put_many(self, bucket: str, items: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> list[int]:
+    def put_many(self, bucket: str, items: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> builtins.list[int]:
         """Pipelined puts over one stream: returns each item's commit timestamp, in input order.
 
         Items are independent (not atomic together; see put_batch). Items
@@ -145,10 +146,10 @@ class Client(_Api):
             objects_pb2.PutRequest(bucket=bucket, key=k, data=bytes(v), request_id=self._ids.next())
             for k, v in _items(items)
         ]
-        results: list[int | None] = [None] * len(requests)
+        results: builtins.list[int | None] = [None] * len(requests)
         pending = {request.request_id: index for index, request in enumerate(requests)}
-        failed: list[ClientError] = []
-        tried: list[str] = []
+        failed: builtins.list[ClientError] = []
+        tried: builtins.list[str] = []
         last: ClientError | None = None
         for attempt in range(self.retry.attempts_max):
             if not pending:

@@ -52,7 +52,9 @@ class AsyncWitnessClient:
         return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder) for p in response.pairs]
 
 
-def witness_status(address: str, *, tls: TlsFiles | None = None, timeout_ms: int = 5000, pair: str = "") -> list[PairState]:
+def witness_status(
+    address: str, *, tls: TlsFiles | None = None, timeout_ms: int = 5000, pair: str = ""
+) -> list[PairState]:
     """Blocking Status call, for the CLI."""
     credentials = channel_credentials(tls) if tls is not None else None
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)

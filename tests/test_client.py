@@ -1,0 +1,309 @@
+"""The client library against fake sites served by real grpc.aio servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from replicator.api.fake import FakeBackend, FakeStore, FakeWitnessBackend, ServerThread, fake_pair
+from replicator.api.server import start_site_server, start_witness_server
+from replicator.api.witness import PairMode
+from replicator.client import (
+    AsyncClient,
+    AsyncWitnessClient,
+    Client,
+    InvalidArgument,
+    NotFound,
+    OutcomeUnknown,
+    Refused,
+    RetryPolicy,
+    Unavailable,
+)
+from replicator.client._common import RequestIds, Rotation
+from replicator.config import ApiConfig, TlsFiles
+
+FAST_RETRY = RetryPolicy(attempts_max=4, backoff_initial_ms=1, backoff_ms_max=5, call_timeout_ms=5000)
+
+
+@pytest.fixture
+def servers() -> Iterator[ServerThread]:
+    with ServerThread() as thread:
+        yield thread
+
+
+def test_objects_roundtrip_through_both_sites(servers: ServerThread) -> None:
+    a, b, address_a, address_b = fake_pair(servers)
+    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+        ts = client.put("photos", "cat.jpg", b"meow")
+        assert ts > 0
+        assert client.get("photos", "cat.jpg") == b"meow"
+        assert client.head("photos", "cat.jpg").size_bytes == 4
+        client.delete("photos", "cat.jpg")
+        with pytest.raises(NotFound):
+            client.get("photos", "cat.jpg")
+        client.put_batch("photos", {"a": b"1", "b": b"2"})
+        assert a.store.records_applied == 3
+
+
+def test_list_follows_pagination(servers: ServerThread) -> None:
+    backend = FakeBackend("a")
+    address = servers.start_site(backend, ApiConfig(list_page_size_max=7))
+    with Client([address]) as client:
+        client.put_many("bk", [(f"key-{i:03}", b"") for i in range(50)])
+        client.put("other", "key-x", b"")
+        assert client.list("bk") == [f"key-{i:03}" for i in range(50)]
+        assert client.list("bk", prefix="key-01") == [f"key-{i:03}" for i in range(10, 20)]
+        assert client.list("empty") == []
+
+
+def test_fails_over_when_a_site_cannot_serve(servers: ServerThread) -> None:
+    a, b, address_a, address_b = fake_pair(servers)
+    a.available = False
+    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+        client.put("bk", "k", b"v")
+        assert b.store.versions[b"obk\x00k"].value == b"v"
+        assert client.get("bk", "k") == b"v"
+        assert a.writes_seen == 1 and b.writes_seen == 1
+        # The client stays on the site that answered.
+        client.put("bk", "k2", b"v")
+        assert a.writes_seen == 1 and b.writes_seen == 2
+
+
+def test_fails_over_when_a_site_is_down(servers: ServerThread) -> None:
+    a, b, address_a, address_b = fake_pair(servers)
+    servers.stop_site(address_a)
+    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+        client.put("bk", "k", b"v")
+        assert client.get("bk", "k") == b"v"
+        assert client.status().site == "b"
+
+
+def test_retry_after_unknown_outcome_applies_the_write_once(servers: ServerThread) -> None:
+    a, b, address_a, address_b = fake_pair(servers)
+    a.unknown_after_apply = 1  # a applies the write, then answers DEADLINE_EXCEEDED
+    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+        client.put("bk", "k", b"v")
+    assert a.writes_seen == 1 and b.writes_seen == 1  # retried on the other site...
+    assert a.store.records_applied == 1  # ...with the same request id: applied once
+
+
+def test_single_site_client_never_talks_to_another(servers: ServerThread) -> None:
+    a, b, address_a, _ = fake_pair(servers)
+    a.available = False
+    with Client([address_a], retry=FAST_RETRY) as client:
+        with pytest.raises(Unavailable) as caught:
+            client.put("bk", "k", b"v")
+    assert "cannot serve" in caught.value.message and "4 attempts" in caught.value.message
+    assert a.writes_seen == FAST_RETRY.attempts_max and b.writes_seen == 0
+    assert a.store.records_applied == 0
+
+
+def test_unknown_outcome_after_every_retry_is_reported(servers: ServerThread) -> None:
+    backend = FakeBackend("a")
+    backend.unknown_after_apply = 100
+    address = servers.start_site(backend)
+    with Client([address], retry=FAST_RETRY) as client, pytest.raises(OutcomeUnknown):
+        client.put("bk", "k", b"v")
+    assert backend.store.records_applied == 1
+
+
+def test_bad_input_is_not_retried(servers: ServerThread) -> None:
+    a, b, address_a, address_b = fake_pair(servers)
+    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+        with pytest.raises(InvalidArgument, match="object key is empty"):
+            client.put("bk", "", b"v")
+        with pytest.raises(InvalidArgument, match="unknown volume"):
+            client.write_blocks("nope", 0, bytes(4096))
+    assert a.writes_seen == 0 and b.writes_seen == 0
+
+
+def test_unreachable_endpoint(servers: ServerThread) -> None:
+    address = servers.start_site(FakeBackend("a"))
+    servers.stop_site(address)
+    with Client([address], retry=RetryPolicy(attempts_max=2, backoff_initial_ms=1, call_timeout_ms=2000)) as client:
+        with pytest.raises(Unavailable, match=address):
+            client.get("bk", "k")
+
+
+def test_put_many_pipelines_and_fails_over(servers: ServerThread) -> None:
+    a, b, address_a, address_b = fake_pair(servers)
+    a.available = False
+    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+        stamps = client.put_many("bk", [(f"k{i}", b"%d" % i) for i in range(300)])
+        assert len(stamps) == 300 and len(set(stamps)) == 300
+        assert client.list("bk") == sorted(f"k{i}" for i in range(300))
+        with pytest.raises(InvalidArgument, match="object key is empty"):
+            client.put_many("bk", [("ok", b""), ("", b"")])
+    assert a.store.records_applied == 301
+
+
+def test_blocks_and_volumes(servers: ServerThread) -> None:
+    _, _, address_a, address_b = fake_pair(servers)
+    with Client([address_a, address_b]) as client:
+        volume = client.create_volume("disk", 1 << 20)
+        assert (volume.block_size, volume.block_count) == (4096, 256)
+        client.write_blocks("disk", 2, b"\x05" * 8192)
+        assert client.read_blocks("disk", 0, 4) == bytes(8192) + b"\x05" * 8192
+        client.trim_blocks("disk", 3, 1)
+        assert client.read_blocks("disk", 2, 2) == b"\x05" * 4096 + bytes(4096)
+        assert [v.name for v in client.list_volumes()] == ["disk"]
+        client.delete_volume("disk")
+        assert client.list_volumes() == []
+
+
+def test_admin_calls_go_to_the_first_endpoint_only(servers: ServerThread) -> None:
+    a, b, address_a, address_b = fake_pair(servers)
+    with Client([address_a, address_b]) as client:
+        with pytest.raises(Refused, match="split brain"):
+            client.failover()
+        client.failover(force=True)
+        client.resync(full=True)
+        progress: list[tuple[int, int]] = []
+        report = client.verify(progress=lambda done, total: progress.append((done, total)))
+        assert report.differing_count == 0 and progress
+    assert a.actions == [("failover", True), ("resync", True), ("verify", False)] and b.actions == []
+
+
+def test_request_ids_are_unique_and_carry_a_random_prefix() -> None:
+    first, second = RequestIds(), RequestIds()
+    ids = [first.next() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(i) == 24 for i in ids)
+    assert ids[0][:16] == ids[-1][:16] != second.next()[:16]
+
+
+def test_backoff_switches_site_first_then_waits_bounded() -> None:
+    rotation = Rotation(["x:1", "y:2"], RetryPolicy(backoff_initial_ms=10, backoff_ms_max=40))
+    delays = [rotation.delay_s(attempt) for attempt in range(6)]
+    assert delays[:2] == [0.0, 0.0]
+    assert all(0 < d <= 0.040 for d in delays[2:])
+    with pytest.raises(ValueError, match="attempts_max"):
+        RetryPolicy(attempts_max=0)
+    with pytest.raises(ValueError, match="one or two"):
+        Client(["a:1", "b:2", "c:3"])
+
+
+def test_async_client() -> None:
+    async def main() -> None:
+        store = FakeStore()
+        a, b = FakeBackend("a", store), FakeBackend("b", store)
+        server_a = await start_site_server(a, "127.0.0.1:0")
+        server_b = await start_site_server(b, "127.0.0.1:0")
+        try:
+            async with AsyncClient([server_a.address, server_b.address], retry=FAST_RETRY) as client:
+                await client.put("bk", "k", b"v")
+                assert await client.get("bk", "k") == b"v"
+                a.available = False
+                await client.put("bk", "k2", b"w")
+                assert await client.list("bk") == ["k", "k2"]
+                stamps = await client.put_many("bk", {f"m{i}": b"" for i in range(100)})
+                assert len(stamps) == 100
+                await client.create_volume("v", 8192)
+                await client.write_blocks("v", 1, b"\x01" * 4096)
+                assert await client.read_blocks("v", 0, 2) == bytes(4096) + b"\x01" * 4096
+                with pytest.raises(NotFound):
+                    await client.get("bk", "missing")
+                assert (await client.status()).site in ("a", "b")
+            assert b.writes_seen >= 3 and store.records_applied == 104
+        finally:
+            await server_a.stop(0)
+            await server_b.stop(0)
+
+    asyncio.run(main())
+
+
+def test_async_witness_client() -> None:
+    async def main() -> None:
+        server = await start_witness_server(FakeWitnessBackend(), "127.0.0.1:0")
+        client = AsyncWitnessClient(server.address)
+        try:
+            granted = await client.arbitrate("p", "a", 1)
+            assert granted.granted and granted.epoch == 2 and granted.mode is PairMode.SOLO
+            denied = await client.arbitrate("p", "b", 1)
+            assert not denied.granted and denied.holder == "a"
+            assert (await client.mark_synced("p", "a", 2)).mode is PairMode.SYNC
+            assert [s.epoch for s in await client.status()] == [3]
+        finally:
+            await client.close()
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+# ---- mutual TLS
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _certificates(directory: Path) -> tuple[TlsFiles, TlsFiles]:
+    """A CA, a server certificate for IP 127.0.0.1 and a client certificate, all signed by the CA."""
+    curve = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(
+        "req",
+        "-x509",
+        *curve,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=directory,
+    )
+    for name, extension in (
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        (directory / f"{name}.ext").write_text(extension)
+        _openssl("req", *curve, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=directory)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+            cwd=directory,
+        )
+    server = TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    client = TlsFiles(directory / "ca.crt", directory / "client.crt", directory / "client.key")
+    return server, client
+
+
+def test_mutual_tls(servers: ServerThread, tmp_path: Path) -> None:
+    server_tls, client_tls = _certificates(tmp_path)
+    backend = FakeBackend("a")
+    address = servers.start_site(backend, None, server_tls)
+    with Client([address], tls=client_tls) as client:
+        client.put("bk", "k", b"secret")
+        assert client.get("bk", "k") == b"secret"
+    once = RetryPolicy(attempts_max=1, call_timeout_ms=3000)
+    # A client that trusts the server but shows no certificate is refused.
+    no_certificate = grpc.ssl_channel_credentials(root_certificates=client_tls.ca_file.read_bytes())
+    with Client([address], credentials=no_certificate, retry=once) as client, pytest.raises(Unavailable):
+        client.get("bk", "k")
+    # So is a plaintext client.
+    with Client([address], retry=once) as client, pytest.raises(Unavailable):
+        client.get("bk", "k")
+    assert backend.writes_seen == 1
