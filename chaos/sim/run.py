@@ -174,7 +174,10 @@ class FaultInjector:
             for each in SITES:
                 world.sites[each].crash("kill -9 (both)")
                 self.restart_later(each, 50, 2500)
-        elif fault == "wipe" and site.alive:
+        elif fault == "wipe" and site.alive and world.sites[other(name)].core is not None and (
+            world.sites[other(name)].core.role is Role.SYNC  # type: ignore[union-attr]
+        ):
+            # Only a site whose peer holds everything: wiping both loses data, whatever the protocol.
             site.crash("kill -9 before wipe")
             self.restart_later(name, 200, 2000, wipe=True)
         elif fault == "partition":

@@ -493,15 +493,10 @@ class World:
             a.connection = connection
             b.connection = connection
             self.trace(f"connection {connection.id} up")
+            # Both ends learn of the connection before any byte can arrive on it.
             a.deliver(lambda: ev.PeerConnected())
-            delay = self.delay()
-            self.after(delay, lambda: self._accept(connection))
-        self.after(self.rng.randint(50, 150) * MS, self.connect_loop)
-
-    def _accept(self, connection: Connection) -> None:
-        b = self.sites["b"]
-        if b.connection is connection and connection.open_at["b"]:
             b.deliver(lambda: ev.PeerConnected() if b.connection is connection else None)
+        self.after(self.rng.randint(50, 150) * MS, self.connect_loop)
 
     def close_connection(self, site: SiteProcess, notify_self: bool) -> None:
         connection = site.connection

@@ -350,8 +350,6 @@ class SiteCore:
         elif role is Role.RESYNC_SOURCE:
             self.last_heard_ms = self.now_ms
             self._drop_session("peer timeout during resync")
-            if not self.mark_synced_outstanding:
-                self._resync_source_lost_peer()
         elif role is Role.RESYNC_TARGET:
             self.last_heard_ms = self.now_ms
             self._drop_session("source timeout during resync")
@@ -368,6 +366,9 @@ class SiteCore:
     def _on_disconnected(self, event: ev.Event) -> None:
         self.connected = False
         self._end_session()
+
+    def _session_lost(self) -> None:
+        """Whatever ended the session, some roles cannot go on without one."""
         if self.role is Role.RECONCILE:
             fallback = Role.SUSPENDED if self.lease_until_ms > self.now_ms else Role.STARTING
             self._set_role(fallback, "link lost in reconcile")
@@ -397,14 +398,15 @@ class SiteCore:
             self._drop_session(f"hello from {hello.site!r} of pair {hello.pair!r}")
             return
         session.peer = hello
-        self.last_heard_ms = self.now_ms
         if self.grant_epoch is not None:
             self._drop_session("taking over: not now")
             return
         wiped = bool(self.peer_generation) and hello.generation != self.peer_generation
         peer_holds = hello.role in (Role.SOLO, Role.RESYNC_SOURCE)
         # We are the source: we hold a confirmed grant and the peer is behind or our target.
-        if self.role is Role.SOLO and (hello.epoch < self.epoch or (hello.epoch == self.epoch and not peer_holds)):
+        source = self.role in (Role.SOLO, Role.RESYNC_SOURCE) and not self.mark_synced_outstanding
+        if source and (hello.epoch < self.epoch or (hello.epoch == self.epoch and not peer_holds)):
+            self.last_heard_ms = self.now_ms
             self._begin_resync_source(full=wiped or not self.peer_generation or self.resync_full_position is not None)
             return
         if hello.epoch > self.epoch or (hello.epoch == self.epoch and peer_holds and not self.holds_grant):
@@ -436,6 +438,7 @@ class SiteCore:
         if self.role in (Role.FENCED,):
             self._drop_session("fenced: waiting for the witness")
             return
+        self.last_heard_ms = self.now_ms
         self._begin_reconcile()
 
     def _on_goodbye(self, event: ev.Event) -> None:
@@ -451,6 +454,9 @@ class SiteCore:
         """Fencing: a message from another epoch ends the session."""
         if epoch == self.epoch:
             return True
+        session = self.session
+        if epoch < self.epoch and session is not None and session.resync_began and not session.resync_begin_acked:
+            return False  # sent by the target before it took our ResyncBegin: expected, ignored
         if epoch < self.epoch:
             self._send(msg.Goodbye(self.epoch, msg.GoodbyeReason.STALE_EPOCH, "stale epoch"))
             self._drop_session("message from an older epoch")
@@ -558,8 +564,7 @@ class SiteCore:
             del self.peer_records[key]
             self._log_remove(record)
             self.dedup[record.request_id] = record.ts
-            self.out.append(ev.Committed(record.id, self.epoch, self.role, alone=False))
-            self._answer_log_waiters(record)
+            self._answer_log_waiters(record)  # applying the origin's decision is not a commit decision
         self._wake_reads()
         incarnation, seq = ready[-1][0]
         self._after(persist_id, lambda: self._send_if_session(msg.CommitConfirm(self.epoch, incarnation, seq)))
@@ -707,6 +712,10 @@ class SiteCore:
     def _suspend(self, reason: str) -> None:
         self._drop_session(reason)
         self._set_role(Role.SUSPENDED, reason)
+        if not self.peer_generation:
+            # We never met the peer: we may be a wiped site whose peer holds
+            # everything. Going on alone could lose it all, so wait for the peer.
+            return
         if "no_witness" in self.config.plants:
             self.grant_epoch = self.epoch + 1
             return
@@ -721,7 +730,7 @@ class SiteCore:
     def _maybe_ask_witness_again(self) -> None:
         if self.mark_synced_outstanding:
             self._ask_witness(msg.MarkSynced(self.config.pair, self.config.site, self.epoch))
-        elif self.role in (Role.SUSPENDED, Role.FENCED) and self.grant_epoch is None:
+        elif self.role in (Role.SUSPENDED, Role.FENCED) and self.grant_epoch is None and self.peer_generation:
             self._ask_witness(msg.Arbitrate(self.config.pair, self.config.site, self.epoch))
         elif self.role is Role.STARTING and self.holds_grant and self.grant_epoch is None:
             self._ask_witness(msg.Arbitrate(self.config.pair, self.config.site, self.epoch))
@@ -1146,9 +1155,12 @@ class SiteCore:
             self._send(message)
 
     def _end_session(self) -> None:
+        had_session = self.session is not None
         self.session = None
         self.heartbeats_sent.clear()
         self.pending_peer_acks.clear()
+        if had_session:
+            self._session_lost()
 
     def _drop_session(self, reason: str) -> None:
         if self.connected:
