@@ -9,6 +9,8 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given
+from hypothesis import strategies as st
 
 from replicator.api import keys
 from replicator.api.fake import FakeBackend, FakeStore, FakeWitnessBackend
@@ -555,3 +557,28 @@ def test_fake_store_is_shared_between_sites() -> None:
         assert (await b.write([Operation(b"k", b"w")], b"r1", 1.0)).duplicate
 
     asyncio.run(main())
+
+
+# ---- properties of the key layout
+
+_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,10}", fullmatch=True).map(str.encode)
+_object_keys = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=8)
+
+
+@given(bucket=_names, other=_names, key=_object_keys, prefix=st.text(max_size=3))
+def test_a_bucket_prefix_listing_is_exactly_one_key_range(bucket: bytes, other: bytes, key: str, prefix: str) -> None:
+    start = keys.object_prefix(bucket, prefix.encode())
+    end = keys.prefix_end(start)
+    for owner in (bucket, other):
+        storage_key = keys.object_key(owner, key.encode())
+        inside = start <= storage_key and (end is None or storage_key < end)
+        assert inside == (owner == bucket and key.encode().startswith(prefix.encode()))
+
+
+@given(volume=_names, generation=st.integers(0, 2**64 - 1), lbas=st.lists(st.integers(0, 2**64 - 1), min_size=2))
+def test_block_keys_sort_by_lba_and_decode(volume: bytes, generation: int, lbas: list[int]) -> None:
+    block_keys = [keys.block_key(volume, generation, lba) for lba in lbas]
+    assert sorted(block_keys) == [keys.block_key(volume, generation, lba) for lba in sorted(lbas)]
+    assert [keys.lba_from_block_key(k) for k in block_keys] == lbas
+    prefix = keys.block_generation_prefix(volume, generation)
+    assert all(k.startswith(prefix) for k in block_keys)
