@@ -439,9 +439,10 @@ def _check_site_relations(config: SiteConfig) -> None:
         )
     if site.static_priority and not site.preferred_site:
         raise ConfigError("site.static_priority: needs site.preferred_site, which is empty")
-    if site.heartbeat_ms >= site.peer_timeout_ms:
+    # A lost heartbeat or two must not make the peer look dead (the link needs timeout > 2 x interval).
+    if 2 * site.heartbeat_ms >= site.peer_timeout_ms:
         raise ConfigError(
-            f"site.heartbeat_ms: must be less than site.peer_timeout_ms ({site.peer_timeout_ms}), "
+            f"site.heartbeat_ms: must be less than half of site.peer_timeout_ms ({site.peer_timeout_ms}), "
             f"got {site.heartbeat_ms}"
         )
     if site.frame_size_bytes_max > site.inflight_bytes_max:

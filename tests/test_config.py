@@ -79,7 +79,10 @@ def test_relations_between_keys() -> None:
     refused("site.peer_name: must differ from site.name, both are 'a'", site={"peer_name": "a"})
     refused("site.preferred_site: must be 'a', 'b' or empty, got 'c'", site={"preferred_site": "c"})
     refused("site.static_priority: needs site.preferred_site, which is empty", site={"static_priority": True})
-    refused("site.heartbeat_ms: must be less than site.peer_timeout_ms (100), got 100", site={"peer_timeout_ms": 100})
+    refused(
+        "site.heartbeat_ms: must be less than half of site.peer_timeout_ms (200), got 100",
+        site={"peer_timeout_ms": 200},
+    )
     with pytest.raises(ConfigError, match=r"^site\.frame_size_bytes_max: must exceed the largest client write"):
         site(site={"frame_size_bytes_max": 1024 * 1024})
     with pytest.raises(ConfigError, match=r"^listen\.link: same address as listen\.grpc"):
