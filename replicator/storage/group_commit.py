@@ -1,0 +1,246 @@
+"""Group commit for the asyncio daemon: many commits, one fsync, none on the event loop.
+
+Theory of operation. `commit(batch)` writes the batch at once, on the event
+loop, unsynced (a RocksDB write without sync costs microseconds and is
+visible to reads immediately), queues a future with the write's sequence
+number, and wakes the syncing thread if it sleeps. The syncing thread loops:
+it takes the sequence number of the last write, makes everything up to it
+durable with one `store.sync()` (RocksDB `flush_wal(sync=True)`, which
+releases the GIL while the disk works), and hands the durable sequence number
+back to the loop (`call_soon_threadsafe`), which resolves every future up to
+it. While one sync runs, new commits pile up and the next sync covers them
+all, so the number of commits per fsync grows with the load by itself, with
+no timer and no added latency when idle.
+
+Why not a synced write in an executor: rocksdict keeps the GIL through a
+synced `write`, fsync included, which stalls the event loop for the whole
+fsync (docs/storage.md has the numbers). Here the loop only ever does
+unsynced writes; the one thread that waits on the disk does so without the GIL.
+
+Failure: when a sync fails the store is fail-stopped; every pending and future
+commit raises StorageFailed, and nothing that was not durable was reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+
+from replicator.storage.base import BaseStore
+from replicator.storage.batch import Batch
+from replicator.storage.errors import StorageFailed, WriteStalled
+
+COMMITS_IN_FLIGHT_MAX = 65_536
+CLOSE_TIMEOUT_S = 30.0
+WRITE_STALL_TIMEOUT_S = 60.0
+
+
+class GroupCommitter:
+    """`await commit(batch)` returns once the batch is durable. Call `start()` in the running loop,
+    `await close()` to drain and stop (or use `async with`)."""
+
+    def __init__(
+        self,
+        store: BaseStore,
+        *,
+        commits_in_flight_max: int = COMMITS_IN_FLIGHT_MAX,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+        write_stall_timeout_s: float = WRITE_STALL_TIMEOUT_S,
+    ) -> None:
+        if commits_in_flight_max < 1:
+            raise ValueError(f"commits_in_flight_max={commits_in_flight_max!r}: must be at least 1")
+        if close_timeout_s <= 0:
+            raise ValueError(f"close_timeout_s={close_timeout_s!r}: must be positive")
+        if write_stall_timeout_s <= 0:
+            raise ValueError(f"write_stall_timeout_s={write_stall_timeout_s!r}: must be positive")
+        self._store = store
+        self._write_stall_timeout_s = write_stall_timeout_s
+        self._commits_in_flight_max = commits_in_flight_max
+        self._close_timeout_s = close_timeout_s
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._space_waiters: deque[asyncio.Future[None]] = deque()
+        self._stalled: deque[tuple[Batch, asyncio.Future[int]]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failure: StorageFailed | None = None
+        # Counters for metrics (read them from the loop).
+        self.commit_count = 0
+        self.write_stall_count = 0
+        self.sync_count = 0
+        self.sync_seconds_total = 0.0
+        self.sync_seconds_max = 0.0
+
+    @property
+    def store(self) -> BaseStore:
+        return self._store
+
+    @property
+    def in_flight(self) -> int:
+        """Commits written and waiting for their sync."""
+        return len(self._waiters)
+
+    def start(self) -> None:
+        """Start the syncing thread. Call from a coroutine running in the daemon's loop."""
+        assert self._thread is None, "GroupCommitter started twice"
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="storage-sync", daemon=True)
+        self._thread.start()
+
+    async def __aenter__(self) -> GroupCommitter:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def commit(self, batch: Batch) -> None:
+        """Write `batch` now (visible at once) and return once it is durable. Raises StorageFailed, or
+        WriteStalled when RocksDB stalled writes for longer than write_stall_timeout_s."""
+        if self._failure is not None:
+            raise StorageFailed(str(self._failure), self._failure.cause)
+        if self._closed:
+            raise StorageFailed("the group committer is closed")
+        loop = self._loop
+        assert loop is not None, "GroupCommitter.start() was not called"
+        while len(self._waiters) >= self._commits_in_flight_max:
+            space = loop.create_future()
+            self._space_waiters.append(space)
+            await space
+        sequence = await self._write(batch)
+        self.commit_count += 1
+        if sequence <= self._store.durable_sequence:
+            return
+        future = loop.create_future()
+        self._waiters.append((sequence, future))
+        if not self._wake.is_set():
+            self._wake.set()
+        await future
+
+    async def _write(self, batch: Batch) -> int:
+        """Write on the loop, in commit order. While RocksDB stalls writes, the stalled commit and every
+        later one wait in a queue (the loop stays free) and are written in order by `_drain_stalled`."""
+        if not self._stalled:
+            try:
+                return self._store.write(batch, blocking=False)
+            except WriteStalled:
+                pass
+        assert self._loop is not None
+        written: asyncio.Future[int] = self._loop.create_future()
+        self._stalled.append((batch, written))
+        if len(self._stalled) == 1:
+            self._drainer = self._loop.create_task(self._drain_stalled())
+        return await written
+
+    async def _drain_stalled(self) -> None:
+        assert self._loop is not None
+        deadline = self._loop.time() + self._write_stall_timeout_s
+        delay_s = 0.001
+        while self._stalled:
+            batch, written = self._stalled[0]
+            if written.done():  # the commit was cancelled before it was written: skip it
+                self._stalled.popleft()
+                continue
+            try:
+                sequence = self._store.write(batch, blocking=False)
+            except WriteStalled as stalled:
+                if self._loop.time() >= deadline:
+                    for _, waiting in self._stalled:
+                        if not waiting.done():
+                            waiting.set_exception(WriteStalled(str(stalled)))
+                    self._stalled.clear()
+                    return
+                self.write_stall_count += 1
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 0.05)
+                continue
+            except BaseException as error:  # noqa: BLE001 - StorageFailed and the like go to every waiter
+                for _, waiting in self._stalled:
+                    if not waiting.done():
+                        waiting.set_exception(error)
+                self._stalled.clear()
+                return
+            self._stalled.popleft()
+            written.set_result(sequence)
+            deadline = self._loop.time() + self._write_stall_timeout_s
+            delay_s = 0.001
+
+    def _run(self) -> None:
+        """The syncing thread."""
+        store = self._store
+        loop = self._loop
+        assert loop is not None
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping and store.written_sequence <= store.durable_sequence:
+                return
+            started = time.perf_counter()
+            try:
+                durable = store.sync()
+            except BaseException as error:  # noqa: BLE001 - handed to the loop, which fails every commit
+                failure = error if isinstance(error, StorageFailed) else StorageFailed(f"sync failed: {error}", error)
+                self._call_in_loop(self._fail_all, failure)
+                return
+            elapsed = time.perf_counter() - started
+            self.sync_count += 1
+            self.sync_seconds_total += elapsed
+            if elapsed > self.sync_seconds_max:
+                self.sync_seconds_max = elapsed
+            if not self._call_in_loop(self._release, durable):
+                return
+
+    def _call_in_loop(self, callback, argument) -> bool:  # type: ignore[no-untyped-def]
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, argument)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            return False
+        return True
+
+    def _release(self, durable: int) -> None:
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= durable:
+            future = waiters.popleft()[1]
+            if not future.done():
+                future.set_result(None)
+        while self._space_waiters and len(waiters) < self._commits_in_flight_max:
+            space = self._space_waiters.popleft()
+            if not space.done():
+                space.set_result(None)
+
+    def _fail_all(self, failure: StorageFailed) -> None:
+        if self._failure is None:
+            self._failure = failure
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_exception(StorageFailed(str(failure), failure.cause))
+        self._waiters.clear()
+        for space in self._space_waiters:
+            if not space.done():
+                space.set_exception(StorageFailed(str(failure), failure.cause))
+        self._space_waiters.clear()
+
+    async def close(self) -> None:
+        """Stop taking commits, wait (bounded) until every written commit is durable, stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        await asyncio.to_thread(thread.join, self._close_timeout_s)
+        # Let the release callbacks the thread scheduled run before looking at what is left.
+        await asyncio.sleep(0)
+        if self._store.failure is None and self._waiters:
+            self._release(self._store.durable_sequence)
+        if self._waiters:
+            reason = "syncing thread did not finish in time" if thread.is_alive() else "closed before durable"
+            self._fail_all(StorageFailed(f"group committer closed: {reason}"))
