@@ -65,11 +65,16 @@ class Client:
         handle = world.history.invoke(self.process, f, key, value, time=world.now_us * 1000)
         world.operations += 1
         request_id = f"c{self.number}-{self.count}".encode()
-        state = {"unknown": False, "done": False, "attempt": 0}
+        state: dict[str, Any] = {"unknown": False, "done": False, "attempt": 0}
         site = self.home if rng.random() < 0.8 else other(self.home)
 
         def finish(status: str, read_value: Any = None) -> None:
             state["done"] = True
+            if world.verbose:
+                world.trace(
+                    f"client p{self.process} {f} {key} {value or ''} -> {status} {read_value if f == 'read' else ''}"
+                    f" (attempts {state['attempt']}, last at {state.get('site')})"
+                )
             now_ns = world.now_us * 1000
             if status == "ok":
                 if f == "read":
@@ -86,6 +91,7 @@ class Client:
 
         def attempt(target: str) -> None:
             state["attempt"] += 1
+            state["site"] = target
             number = state["attempt"]
             answered = [False]
 
@@ -174,9 +180,7 @@ class FaultInjector:
             for each in SITES:
                 world.sites[each].crash("kill -9 (both)")
                 self.restart_later(each, 50, 2500)
-        elif fault == "wipe" and site.alive and world.sites[other(name)].core is not None and (
-            world.sites[other(name)].core.role is Role.SYNC  # type: ignore[union-attr]
-        ):
+        elif fault == "wipe" and settled_pair(world):
             # Only a site whose peer holds everything: wiping both loses data, whatever the protocol.
             site.crash("kill -9 before wipe")
             self.restart_later(name, 200, 2000, wipe=True)
@@ -251,6 +255,12 @@ def settled(world: World) -> bool:
         and not world.sites["a"].disk.unsynced
         and not world.sites["b"].disk.unsynced
     )
+
+
+def settled_pair(world: World) -> bool:
+    """Both sites SYNC in one epoch with nothing in flight: either can be wiped without loss."""
+    cores = [site.core for site in world.sites.values()]
+    return all(core is not None for core in cores) and settled(world)
 
 
 def visible_state(world: World, name: str) -> dict[str, str]:

@@ -438,7 +438,6 @@ class SiteCore:
         if self.role in (Role.FENCED,):
             self._drop_session("fenced: waiting for the witness")
             return
-        self.last_heard_ms = self.now_ms
         self._begin_reconcile()
 
     def _on_goodbye(self, event: ev.Event) -> None:
@@ -611,10 +610,6 @@ class SiteCore:
     def _begin_reconcile(self) -> None:
         session = self.session
         assert session is not None and session.peer is not None
-        hello = session.peer
-        if not self.peer_generation:
-            self.peer_generation = hello.generation
-            self._persist(meta=(("peer_generation", hello.generation),))
         self._set_role(Role.RECONCILE, "met the peer in the same epoch")
         records = sorted(self.log.values(), key=lambda record: record.id)
         chunk = self.config.reconcile_records_per_message_max
@@ -660,6 +655,12 @@ class SiteCore:
             return
         # Both logs are now durable at both sites: commit everything in ours.
         records = sorted(self.log.values(), key=lambda record: record.id)
+        assert session.peer is not None
+        if not self.peer_generation:
+            # Recorded only now that the two sites hold the same data: a site
+            # that never got this far never goes on alone (see _suspend).
+            self.peer_generation = session.peer.generation
+            self._persist(meta=(("peer_generation", self.peer_generation),))
         persist_id = self._commit_whole_log(records, alone=False)
         session.reconcile_commit_persist = persist_id
 
