@@ -129,7 +129,7 @@ class GroupCommitter:
             try:
                 return self._store.write(batch, blocking=False)
             except WriteStalled:
-                pass
+                self.write_stall_count += 1
         assert self._loop is not None
         written: asyncio.Future[int] = self._loop.create_future()
         self._stalled.append((batch, written))
