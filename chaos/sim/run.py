@@ -106,9 +106,10 @@ class Client:
                     finish("ok")
                     return
                 error = answer.error
-                if f != "read" and error not in ("unavailable", "overloaded", "connection", "invalid"):
+                definite = error in ("unavailable", "overloaded", "connection", "invalid")
+                if f != "read" and not definite:
                     state["unknown"] = True
-                retry(target)
+                retry(target, same_site=not definite and f != "read")
 
             def on_timeout() -> None:
                 if answered[0] or state["done"]:
@@ -116,7 +117,9 @@ class Client:
                 answered[0] = True
                 if f != "read":
                     state["unknown"] = True
-                retry(target)
+                # A write that timed out may still be on its way to the other
+                # site: retry where it was sent (see docs/protocol.md, retries).
+                retry(target, same_site=f != "read")
 
             if f == "read":
                 world.submit(target, lambda h: ev.ReadRequested(h, key.encode()), on_answer)
@@ -126,11 +129,15 @@ class Client:
             world.after(world.params.client_timeout_ms * MS, on_timeout)
             del number
 
-        def retry(last: str) -> None:
+        def retry(last: str, same_site: bool = False) -> None:
+            if state["unknown"] and not world.params.retry_unknown_writes:
+                finish("info")
+                return
             if state["attempt"] >= 6 or world.now_us >= self.stop_us:
                 finish("info" if state["unknown"] else "fail")
                 return
-            world.after(rng.randint(50, 300) * MS, lambda: attempt(other(last)))
+            target = last if same_site else other(last)
+            world.after(rng.randint(50, 300) * MS, lambda: attempt(target))
 
         attempt(site)
 

@@ -73,6 +73,10 @@ class SimParams:
     preferred_grace_ms: int = 300
     clock_drift: float = 0.004
     plants: frozenset[str] = frozenset()
+    # Retry a write whose outcome is unknown (same request id). Off by default:
+    # a retry that overtakes its original on the way to the other site can be
+    # applied twice (docs/protocol.md, "Known gap: retries in flight").
+    retry_unknown_writes: bool = False
 
 
 # ===================================================================== disk
@@ -530,7 +534,22 @@ class World:
             return
         receiver = self.sites[other(sender.name)]
         if not self.link_up(sender.name, receiver.name):
-            return  # black hole: lost, as TCP would stall
+            # Black hole: TCP keeps retransmitting, so the bytes arrive (in
+            # order) once the path heals, if the connection still exists.
+            self.after(20 * MS, lambda: self._retransmit(sender, connection, message))
+            return
+        self._transmit(sender, receiver, connection, message)
+
+    def _retransmit(self, sender: SiteProcess, connection: Connection, message: msg.PeerMessage) -> None:
+        if not connection.open_at[sender.name]:
+            return
+        receiver = self.sites[other(sender.name)]
+        if not self.link_up(sender.name, receiver.name):
+            self.after(20 * MS, lambda: self._retransmit(sender, connection, message))
+            return
+        self._transmit(sender, receiver, connection, message)
+
+    def _transmit(self, sender: SiteProcess, receiver: SiteProcess, connection: Connection, message: msg.PeerMessage) -> None:
         when = max(self.now_us + self.delay(), connection.last_delivery_us[receiver.name] + 1)
         connection.last_delivery_us[receiver.name] = when
 
