@@ -35,6 +35,7 @@ from replicator.storage.errors import StorageFailed, WriteStalled
 COMMITS_IN_FLIGHT_MAX = 65_536
 CLOSE_TIMEOUT_S = 30.0
 WRITE_STALL_TIMEOUT_S = 60.0
+CATCH_UP_WAIT_S = 0.002
 
 
 class GroupCommitter:
@@ -64,6 +65,7 @@ class GroupCommitter:
         self._stalled: deque[tuple[Batch, asyncio.Future[int]]] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._wake = threading.Event()
+        self._caught_up = threading.Event()
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -192,8 +194,13 @@ class GroupCommitter:
             self.sync_seconds_total += elapsed
             if elapsed > self.sync_seconds_max:
                 self.sync_seconds_max = elapsed
+            # Let the loop resolve the commits just made durable and run their writers, which usually
+            # commit again at once, before the next sync starts: otherwise that sync would carry only the
+            # few commits written meanwhile and the next one the rest (half-empty syncs). Bounded wait.
+            self._caught_up.clear()
             if not self._call_in_loop(self._release, durable):
                 return
+            self._caught_up.wait(CATCH_UP_WAIT_S)
 
     def _call_in_loop(self, callback, argument) -> bool:  # type: ignore[no-untyped-def]
         assert self._loop is not None
@@ -209,6 +216,9 @@ class GroupCommitter:
             future = waiters.popleft()[1]
             if not future.done():
                 future.set_result(None)
+        # Runs after the callbacks of the futures just resolved, that is after their writers' next step.
+        assert self._loop is not None
+        self._loop.call_soon(self._caught_up.set)
         while self._space_waiters and len(waiters) < self._commits_in_flight_max:
             space = self._space_waiters.popleft()
             if not space.done():
