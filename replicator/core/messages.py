@@ -111,7 +111,12 @@ class ResyncBegin:
 
 @dataclass(frozen=True, slots=True)
 class ResyncBeginAck:
+    """The target dropped its log; `suspect_keys` are the keys of the records
+    it dropped. It may have committed some of them (as origin) and lost the
+    apply in a crash, so the source sends their current versions too."""
+
     epoch: int
+    suspect_keys: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -859,6 +859,11 @@ class SiteCore:
             return
         assert self.session is not None
         self.session.resync_begin_acked = True
+        suspect = [key for key in event.message.suspect_keys if key not in self.dirty]
+        if suspect and "rejoin_without_resync" not in self.config.plants:
+            self.dirty.update(suspect)
+            self._persist(dirty_add=tuple(suspect))
+            self.session.resync_queue.extend(suspect)
         self._pump_resync()
 
     def _pump_resync(self) -> None:
@@ -977,6 +982,7 @@ class SiteCore:
         # source having it: drop it. Outcome of our own writes: unknown.
         self._fence("resync begins")
         dropped = tuple(self.log)
+        suspect = tuple(sorted({key for record in self.log.values() for key in record.keys()}))
         for pending in list(self.pending.values()):
             for handle in pending.handles:
                 self._reject_write(handle, "unknown", "outcome unknown: resync")
@@ -998,7 +1004,7 @@ class SiteCore:
             clear_data=begin.full,
             meta=(("epoch", self.epoch), ("target", 1), ("grant", 0), ("peer_generation", self.peer_generation)),
         )
-        self._after(persist_id, lambda: self._send_if_session(msg.ResyncBeginAck(self.epoch)))
+        self._after(persist_id, lambda: self._send_if_session(msg.ResyncBeginAck(self.epoch, suspect)))
 
     def _on_resync_data(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncData)
