@@ -1,0 +1,1 @@
+"""Fault injection, simulation and correctness checking for Replicator."""
