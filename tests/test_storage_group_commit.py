@@ -164,3 +164,22 @@ def test_a_write_stall_longer_than_the_timeout_raises() -> None:
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="commits_in_flight_max"):
         GroupCommitter(MemoryStore(), commits_in_flight_max=0)
+
+
+def test_close_makes_commits_written_just_before_it_durable(make_store) -> None:
+    store = make_store()
+
+    async def main() -> list[object]:
+        committer = GroupCommitter(store, close_timeout_s=5)
+        committer.start()
+        await committer.commit(record_batch(store, 0, 0))
+        tasks = [asyncio.create_task(committer.commit(record_batch(store, 1, seq))) for seq in range(5)]
+        await asyncio.sleep(0)  # the commits are written, their sync has not run yet
+        started = asyncio.get_running_loop().time()
+        await committer.close()
+        assert asyncio.get_running_loop().time() - started < 2
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert results == [None] * 5
+    assert store.durable_sequence == store.written_sequence

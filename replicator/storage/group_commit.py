@@ -178,7 +178,8 @@ class GroupCommitter:
         loop = self._loop
         assert loop is not None
         while True:
-            self._wake.wait()
+            if not self._stopping:  # once stopping, loop without waiting until everything is durable
+                self._wake.wait()
             self._wake.clear()
             if self._stopping and store.written_sequence <= store.durable_sequence:
                 return
@@ -244,6 +245,9 @@ class GroupCommitter:
         thread = self._thread
         if thread is None:
             return
+        if self._drainer is not None and not self._drainer.done():
+            # Commits queued behind a write stall are written (or fail) before the thread stops.
+            await asyncio.wait({self._drainer}, timeout=self._close_timeout_s)
         self._stopping = True
         self._wake.set()
         await asyncio.to_thread(thread.join, self._close_timeout_s)
