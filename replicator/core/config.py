@@ -10,7 +10,8 @@ PLANTS = {
     "no_witness": "go on alone on a peer timeout without asking the witness",
     "rejoin_without_resync": "let a returning site rejoin without sending it the dirty keys",
     "drop_dirty": "forget to mark keys written alone as dirty",
-    "reuse_seq": "do not bump the incarnation at start-up, so sequence numbers are reused",
+    "reconcile_early": "in a same-epoch reconcile, commit before the peer holds our records durably",
+    "forget_suspect_keys": "a resync target does not report the keys of the log it drops",
     "no_read_gate": "serve reads of keys that have a prepared, unresolved record",
     "no_read_lease": "serve reads in SYNC without a valid lease",
 }

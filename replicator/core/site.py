@@ -122,10 +122,8 @@ class SiteCore:
             full_position if _int(meta, "resync_full_active", 0) and isinstance(full_position, bytes) else None
         )
         incarnation = _int(meta, "incarnation", 0)
-        self.incarnation = incarnation if "reuse_seq" in config.plants and incarnation else incarnation + 1
+        self.incarnation = incarnation + 1
         self.next_seq = 1
-        if "reuse_seq" in config.plants:
-            self.next_seq = _int(meta, "next_seq_hint", 1)
         self.hlc = HybridLogicalClock(config.origin_bit, _int(meta, "clock_high", 0))
 
         self.role = Role.STARTING
@@ -245,7 +243,7 @@ class SiteCore:
                 apply=_versions(record),
                 dirty_add=dirty,
                 dedup_put=((record.request_id, record.ts),),
-                meta=(("clock_high", self.hlc.high_water), ("next_seq_hint", self.next_seq)),
+                meta=(("clock_high", self.hlc.high_water),),
             )
             self.dirty.update(dirty)
             self._add_pending(record, event.handle, persist_id, alone=True)
@@ -253,7 +251,7 @@ class SiteCore:
             return
         # SYNC or RESYNC_SOURCE: local log and peer in parallel.
         persist_id = self._persist(
-            log_put=(record,), meta=(("clock_high", self.hlc.high_water), ("next_seq_hint", self.next_seq))
+            log_put=(record,), meta=(("clock_high", self.hlc.high_water),)
         )
         self._log_add(record)
         self._add_pending(record, event.handle, persist_id, alone=False)
@@ -646,10 +644,11 @@ class SiteCore:
 
     def _maybe_finish_reconcile(self) -> None:
         session = self.session
+        early = "reconcile_early" in self.config.plants
         if (
             session is None
             or not session.reconcile_ack_sent
-            or not session.reconcile_ack_received
+            or not (session.reconcile_ack_received or early)
             or session.reconcile_commit_persist is not None
         ):
             return
@@ -983,6 +982,8 @@ class SiteCore:
         self._fence("resync begins")
         dropped = tuple(self.log)
         suspect = tuple(sorted({key for record in self.log.values() for key in record.keys()}))
+        if "forget_suspect_keys" in self.config.plants:
+            suspect = ()
         for pending in list(self.pending.values()):
             for handle in pending.handles:
                 self._reject_write(handle, "unknown", "outcome unknown: resync")
