@@ -1,0 +1,214 @@
+"""The protocol core: purity, the transition table, the witness, basic flows."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replicator.core import events as ev
+from replicator.core import messages as msg
+from replicator.core.config import CoreConfig
+from replicator.core.messages import Role
+from replicator.core.records import Operation
+from replicator.core.site import TRANSITIONS, ProtocolError, SiteCore
+from replicator.core.witness import PairConfig, WitnessCore, WitnessPersisted, WitnessReply, WitnessRequested
+
+CORE = pathlib.Path(__file__).resolve().parent.parent / "replicator" / "core"
+FORBIDDEN = {"asyncio", "socket", "time", "os", "random", "threading"}
+
+
+def test_core_does_no_io() -> None:
+    offenders = []
+    for path in sorted(CORE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] in FORBIDDEN]
+    assert offenders == []
+
+
+def config(site: str = "a") -> CoreConfig:
+    return CoreConfig(site=site, peer="b" if site == "a" else "a", pair="p", preferred="a")
+
+
+def fresh(site: str = "a") -> SiteCore:
+    core = SiteCore(config(site), ev.Recovered(meta={"generation": site.encode() * 4}))
+    for action in core.start(0.0, 1_000):
+        if isinstance(action, ev.Persist):
+            core.step(ev.Persisted(action.persist_id), 0.0, 1_000)
+    return core
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="peer_timeout_ms"):
+        CoreConfig(site="a", peer="b", pair="p", preferred="a", peer_timeout_ms=-5)
+    with pytest.raises(ValueError, match="preferred"):
+        CoreConfig(site="a", peer="b", pair="p", preferred="c")
+    with pytest.raises(ValueError, match="plants"):
+        CoreConfig(site="a", peer="b", pair="p", preferred="a", plants=frozenset({"nope"}))
+
+
+def test_recovery_needs_a_generation() -> None:
+    with pytest.raises(ValueError, match="generation"):
+        SiteCore(config(), ev.Recovered())
+
+
+def test_start_bumps_the_incarnation_durably() -> None:
+    core = SiteCore(config(), ev.Recovered(meta={"generation": b"g", "incarnation": 7}))
+    actions = core.start(0.0, 0)
+    persists = [a for a in actions if isinstance(a, ev.Persist)]
+    assert core.incarnation == 8
+    assert ("incarnation", 8) in persists[0].meta
+
+
+def test_starting_site_refuses_writes_and_reads() -> None:
+    core = fresh()
+    out = core.step(ev.WriteRequested(1, b"r1", (Operation(b"k", b"v"),)), 1.0, 1_001)
+    assert out[0] == ev.AnswerWrite(1, False, error="unavailable", message="site a is STARTING")
+    out = core.step(ev.ReadRequested(2, b"k"), 1.0, 1_001)
+    assert isinstance(out[0], ev.RejectRead) and out[0].error == "unavailable"
+
+
+def pump(a: SiteCore, b: SiteCore, first: list[ev.Action], second: list[ev.Action], now: float = 5.0) -> dict[str, list]:
+    """Deliver sends and make persists durable until both cores are quiet."""
+    seen: dict[str, list] = {"a": [], "b": []}
+    queues = {"a": list(first), "b": list(second)}
+    cores = {"a": a, "b": b}
+    for _ in range(200):
+        moved = False
+        for name in ("a", "b"):
+            actions, queues[name] = queues[name], []
+            for action in actions:
+                moved = True
+                seen[name].append(action)
+                core = cores[name]
+                if isinstance(action, ev.SendToPeer):
+                    peer = "b" if name == "a" else "a"
+                    queues[peer] += cores[peer].step(ev.PeerSent(action.message), now, 1_000)
+                elif isinstance(action, ev.Persist):
+                    queues[name] += core.step(ev.Persisted(action.persist_id), now, 1_000)
+        if not moved:
+            return seen
+    raise AssertionError("did not settle")
+
+
+def test_two_fresh_sites_reconcile_and_replicate_a_write() -> None:
+    a, b = fresh("a"), fresh("b")
+    seen = pump(a, b, a.step(ev.PeerConnected(), 1.0, 1_000), b.step(ev.PeerConnected(), 1.0, 1_000))
+    assert a.role is Role.SYNC and b.role is Role.SYNC
+    assert any(isinstance(x, ev.RoleChanged) and x.new is Role.SYNC for x in seen["a"])
+    out = a.step(ev.WriteRequested(9, b"req", (Operation(b"k", b"v"),)), 6.0, 1_000)
+    seen = pump(a, b, out, [])
+    answers = [x for x in seen["a"] if isinstance(x, ev.AnswerWrite)]
+    assert len(answers) == 1 and answers[0].ok and answers[0].handle == 9
+    applied_b = [v for x in seen["b"] if isinstance(x, ev.Persist) for v in x.apply]
+    assert [(v.key, v.value) for v in applied_b] == [(b"k", b"v")]
+    # A retry of the same request id is answered from the dedup table, not applied again.
+    out = b.step(ev.WriteRequested(10, b"req", (Operation(b"k", b"v"),)), 7.0, 1_000)
+    assert out == [ev.AnswerWrite(10, True, ts=answers[0].ts, duplicate=True)]
+
+
+def test_local_events_missing_from_the_table_are_protocol_errors() -> None:
+    core = fresh()
+    core._stop("test")
+    with pytest.raises(ProtocolError):
+        core.step(ev.TimePassed(), 1.0, 0)
+
+
+ALL_EVENTS: list[ev.Event] = [
+    ev.WriteRequested(1, b"r", (Operation(b"k", b"v"),)),
+    ev.ReadRequested(2, b"k"),
+    ev.TimePassed(),
+    ev.PeerConnected(),
+    ev.PeerDisconnected(),
+    ev.WitnessFailed(msg.Arbitrate("p", "a", 1)),
+    ev.WitnessAnswered(msg.Arbitrate("p", "a", 1), msg.WitnessAnswer(msg.Verdict.DENIED, 2, msg.WitnessMode.SOLO, "b")),
+    ev.ResyncBatchLoaded(1, (), None),
+    ev.PeerSent(msg.Heartbeat(1, 1)),
+    ev.PeerSent(msg.HeartbeatAck(1, 1, True)),
+    ev.PeerSent(msg.PreparedAck(1, 1, 1)),
+    ev.PeerSent(msg.CommitWatermark(1, 1, 1)),
+    ev.PeerSent(msg.CommitConfirm(1, 1, 1)),
+    ev.PeerSent(msg.ReconcileDone(1)),
+    ev.PeerSent(msg.ReconcileAck(1)),
+    ev.PeerSent(msg.ResyncBegin(2, False)),
+    ev.PeerSent(msg.ResyncBeginAck(1)),
+    ev.PeerSent(msg.ResyncData(1, 1, ())),
+    ev.PeerSent(msg.ResyncAck(1, 1)),
+    ev.PeerSent(msg.ResyncSynced(2)),
+    ev.PeerSent(msg.Goodbye(1, msg.GoodbyeReason.SHUTDOWN)),
+    ev.PeerSent(msg.Hello(1, "b", "p", Role.SYNC, 1, b"gb", 0)),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(ALL_EVENTS), min_size=1, max_size=30), st.sampled_from(list(Role)))
+def test_every_state_event_pair_moves_to_a_valid_state_or_raises(sequence: list[ev.Event], role: Role) -> None:
+    core = fresh()
+    core.role = role
+    now = 1.0
+    for event in sequence:
+        now += 7.0
+        kind = type(event.message) if isinstance(event, ev.PeerSent) else type(event)
+        before = core.role
+        if before is Role.STOPPED:
+            with pytest.raises(ProtocolError):
+                core.step(event, now, 1_000)
+            return
+        if (before, kind) not in TRANSITIONS and not isinstance(event, ev.PeerSent):
+            with pytest.raises(ProtocolError):
+                core.step(event, now, 1_000)
+            return
+        errors = core.protocol_errors
+        core.step(event, now, 1_000)  # asserts internally that the move is in the table
+        assert core.role in Role
+        if (before, kind) not in TRANSITIONS:
+            assert core.protocol_errors == errors + 1  # remote error: counted, connection dropped
+
+
+def witness() -> WitnessCore:
+    return WitnessCore({"p": PairConfig(sites=("a", "b"), preferred="a", preferred_grace_ms=100)})
+
+
+def answers(actions: list) -> list[msg.WitnessAnswer]:
+    return [a.answer for a in actions if isinstance(a, WitnessReply)]
+
+
+def test_witness_grants_one_site_per_epoch_and_only_after_persisting() -> None:
+    core = witness()
+    out = core.step(WitnessRequested(1, msg.Arbitrate("p", "a", 1)), 0.0)
+    assert answers(out) == []  # waits for the persist
+    out = core.step(WitnessPersisted(1), 1.0)
+    assert answers(out) == [msg.WitnessAnswer(msg.Verdict.GRANTED, 2, msg.WitnessMode.SOLO, "a")]
+    out = core.step(WitnessRequested(2, msg.Arbitrate("p", "b", 1)), 2.0)
+    assert answers(out)[0].verdict is msg.Verdict.DENIED
+    out = core.step(WitnessRequested(3, msg.Arbitrate("p", "a", 1)), 2.0)
+    assert answers(out)[0].verdict is msg.Verdict.GRANTED  # idempotent for the holder
+
+
+def test_witness_holds_the_non_preferred_site_for_the_grace() -> None:
+    core = witness()
+    assert answers(core.step(WitnessRequested(1, msg.Arbitrate("p", "b", 1)), 0.0)) == []
+    out = core.step(WitnessRequested(2, msg.Arbitrate("p", "a", 1)), 50.0)
+    out += core.step(WitnessPersisted(1), 51.0)
+    verdicts = {a.holder: a.verdict for a in answers(out)}
+    assert [a.verdict for a in answers(out)] == [msg.Verdict.GRANTED, msg.Verdict.DENIED]
+    assert verdicts == {"a": msg.Verdict.DENIED} or answers(out)[0].holder == "a"
+
+
+def test_witness_mark_synced_moves_to_a_new_sync_epoch() -> None:
+    core = witness()
+    core.step(WitnessRequested(1, msg.Arbitrate("p", "a", 1)), 0.0)
+    core.step(WitnessPersisted(1), 0.0)
+    assert answers(core.step(WitnessRequested(2, msg.MarkSynced("p", "b", 2)), 0.0))[0].verdict is msg.Verdict.DENIED
+    core.step(WitnessRequested(3, msg.MarkSynced("p", "a", 2)), 0.0)
+    out = core.step(WitnessPersisted(2), 0.0)
+    assert answers(out) == [msg.WitnessAnswer(msg.Verdict.SYNCED, 3, msg.WitnessMode.SYNC, "")]
