@@ -45,6 +45,7 @@ so the window remains self-explanatory.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -63,6 +64,8 @@ STEP_BUDGET_DEFAULT = 2_000_000
 # Budget for each re-check while shrinking a violation window, and the size under which the
 # greedy one-operation-at-a-time shrinking is attempted.
 SHRINK_STEP_BUDGET = 20_000
+# The first, short search of a key (see check_key).
+FIRST_STEP_BUDGET = 100_000
 SHRINK_GREEDY_OPERATIONS_MAX = 80
 WINDOW_OPERATIONS_MAX = 200
 
@@ -163,8 +166,34 @@ def search(
     # be produced, or is still wanted, is then a comparison with h plus a look at the pending set.
     last_write: dict[Any, int] = {}
     last_read: dict[Any, int] = {}
+    read_indices: dict[Any, list[int]] = defaultdict(list)
     for i in range(n):
         (last_read if kind[i] == _READ else last_write)[value[i]] = i
+        if kind[i] == _READ:
+            read_indices[value[i]].append(i)
+
+    def memo_key(h: int, pending: tuple[int, ...], state: Any) -> tuple[Any, ...]:
+        """The node's identity for memoisation, with interchangeable optional writes collapsed.
+
+        Pending optional writes with the same value and return time are interchangeable (all are
+        candidates), and more of them than there are remaining reads of their value is useless
+        (each use that matters is read by a distinct read): so only the capped count matters.
+        """
+        if not any(optional[j] for j in pending):
+            return (h, pending, (), state)
+        groups: dict[tuple[Any, float], int] = defaultdict(int)
+        for j in pending:
+            if optional[j]:
+                groups[(value[j], ret[j])] += 1
+        collapsed = []
+        for (v, r), count in groups.items():
+            indices = read_indices.get(v, ())
+            remaining = len(indices) - bisect_left(indices, h) + sum(
+                1 for j in pending if kind[j] == _READ and value[j] == v
+            )
+            collapsed.append((repr(v), r, min(count, remaining)))
+        collapsed.sort()
+        return (h, tuple(j for j in pending if not optional[j]), tuple(collapsed), state)
 
     def take(h: int, pending: tuple[int, ...], i: int) -> tuple[int, tuple[int, ...]]:
         """Linearize (or skip) operation i: the new (h, pending)."""
@@ -203,7 +232,7 @@ def search(
                 return h, pending, earliest, found
             h, pending = take(h, pending, forced)
 
-    visited: set[tuple[int, tuple[int, ...], Any]] = set()
+    visited: set[tuple[Any, ...]] = set()
     best_depth = -1
     best_found: list[int] = []
 
@@ -217,7 +246,7 @@ def search(
         if depth > best_depth:
             best_depth = depth
             best_found = found
-        key = (h, pending, state)
+        key = memo_key(h, pending, state)
         if key in visited:
             return []
         visited.add(key)
@@ -414,6 +443,13 @@ def _describe(window: Sequence[Operation]) -> str:
     return "; ".join(parts)
 
 
+def _stuck_time(result: KeyResult, prepared: Sequence[Operation], originals: dict[int, Operation]) -> float:
+    """The latest (finite) return among the operations the search could not get past."""
+    stuck = [originals[prepared[i].index] for i in result.stuck]
+    finite = [op.return_time for op in stuck if op.return_time != INFINITY]
+    return max(finite) if finite else max((op.invoke_time for op in stuck), default=INFINITY)
+
+
 def check_key(
     key: Any,
     operations: Sequence[Operation],
@@ -441,14 +477,23 @@ def check_key(
         )
     prepared = prepare(operations)
     operations_by_index = {op.index: op for op in operations}
-    result = search(prepared, step_budget)
-    details = {"operations": len(operations), "searched": len(prepared), "steps": result.steps}
+    # First a short search: a linearizable history almost always completes within it. If it does
+    # not, try to prove a violation on small windows around where it got stuck (cheap), and only
+    # then spend the full budget.
+    result = search(prepared, min(step_budget, FIRST_STEP_BUDGET))
+    found = None
+    steps = result.steps
+    if result.status != STATUS_OK:
+        found = localize(operations, _stuck_time(result, prepared, operations_by_index))
+        if found is None and result.status == STATUS_UNKNOWN and step_budget > FIRST_STEP_BUDGET:
+            result = search(prepared, step_budget)
+            steps += result.steps
+            if result.status != STATUS_OK:
+                found = localize(operations, _stuck_time(result, prepared, operations_by_index))
+    details = {"operations": len(operations), "searched": len(prepared), "steps": steps}
     if result.status == STATUS_OK:
         return Verdict(CHECKER, STATUS_OK, message="linearizable", key=key, details=details)
-    stuck = [operations_by_index[prepared[i].index] for i in result.stuck]
-    finite = [op.return_time for op in stuck if op.return_time != INFINITY]
-    end_time = max(finite) if finite else max((op.invoke_time for op in stuck), default=INFINITY)
-    found = localize(operations, end_time)
+    end_time = _stuck_time(result, prepared, operations_by_index)
     if found is None and result.status == STATUS_UNKNOWN:
         return Verdict(
             CHECKER,
@@ -473,6 +518,10 @@ def check_key(
     window = [operations_by_index[op.index] for op in window]
     if len(window) > WINDOW_OPERATIONS_MAX:
         window = window[-WINDOW_OPERATIONS_MAX:]
+    # Writes of the values the window reads, from before the window: context for the reader.
+    in_window = {op.index for op in window}
+    read_values = {op.value for op in window if op.f == "read"}
+    context = [op for op in operations if op.is_write and op.value in read_values and op.index not in in_window]
     since = "" if start_time == -INFINITY else f", starting from any state the key could have at time {start_time}"
     message = (
         f"not linearizable: no order of these {len(window)} operations on key {key!r} is consistent with "
@@ -489,6 +538,7 @@ def check_key(
             "linearized_max": result.linearized_max,
             "reason": "no-linearization",
             "window_start_time": None if start_time == -INFINITY else start_time,
+            "context": [op.to_dict() for op in context[-5:]],
         },
     )
 
