@@ -30,7 +30,7 @@ build: $(INSTALLED)
 
 lint: build
 	$(PY) -m ruff check replicator chaos tests benchmarks
-	$(PY) -m mypy replicator
+	$(PY) -m mypy replicator/core
 
 test: build lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
