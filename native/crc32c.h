@@ -29,10 +29,12 @@
 
 #define CRC32C_POLY 0x82f63b78u
 #define CRC32C_LONG 8192
+#define CRC32C_MEDIUM 1360 /* three lanes of this cover a 4 KiB buffer in one round */
 #define CRC32C_SHORT 256
 
 static uint32_t crc32c_table[8][256];
 static uint32_t crc32c_long_shift[4][256];
+static uint32_t crc32c_medium_shift[4][256];
 static uint32_t crc32c_short_shift[4][256];
 static int crc32c_use_hw = 0;
 static int crc32c_ready = 0;
@@ -80,6 +82,17 @@ static void crc32c_zeros_tables(uint32_t zeros[4][256], size_t len) {
         zeros[1][n] = crc32c_gf2_times(op, n << 8);
         zeros[2][n] = crc32c_gf2_times(op, n << 16);
         zeros[3][n] = crc32c_gf2_times(op, n << 24);
+    }
+}
+
+/* Tables for any length: run each basis value through `len` zero bytes. */
+static void crc32c_zeros_tables_any(uint32_t zeros[4][256], size_t len) {
+    for (int k = 0; k < 4; k++) {
+        for (uint32_t n = 0; n < 256; n++) {
+            uint32_t v = n << (8 * k);
+            for (size_t i = 0; i < len; i++) v = crc32c_table[0][v & 0xff] ^ (v >> 8);
+            zeros[k][n] = v;
+        }
     }
 }
 
@@ -146,6 +159,21 @@ __attribute__((target("sse4.2"))) static uint32_t crc32c_extend_hardware(uint32_
         next += CRC32C_LONG * 2;
         len -= CRC32C_LONG * 3;
     }
+    while (len >= CRC32C_MEDIUM * 3) {
+        crc1 = 0;
+        crc2 = 0;
+        end = next + CRC32C_MEDIUM;
+        do {
+            crc0 = _mm_crc32_u64(crc0, crc32c_load64(next));
+            crc1 = _mm_crc32_u64(crc1, crc32c_load64(next + CRC32C_MEDIUM));
+            crc2 = _mm_crc32_u64(crc2, crc32c_load64(next + 2 * CRC32C_MEDIUM));
+            next += 8;
+        } while (next < end);
+        crc0 = crc32c_shift(crc32c_medium_shift, (uint32_t)crc0) ^ crc1;
+        crc0 = crc32c_shift(crc32c_medium_shift, (uint32_t)crc0) ^ crc2;
+        next += CRC32C_MEDIUM * 2;
+        len -= CRC32C_MEDIUM * 3;
+    }
     while (len >= CRC32C_SHORT * 3) {
         crc1 = 0;
         crc2 = 0;
@@ -192,6 +220,7 @@ static void crc32c_init(void) {
     }
     crc32c_zeros_tables(crc32c_long_shift, CRC32C_LONG);
     crc32c_zeros_tables(crc32c_short_shift, CRC32C_SHORT);
+    crc32c_zeros_tables_any(crc32c_medium_shift, CRC32C_MEDIUM);
 #ifdef REPLICATOR_CRC32C_X86
     __builtin_cpu_init();
     crc32c_use_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
