@@ -345,7 +345,7 @@ class Link:
                     self.limits.handshake_timeout_ms / 1000,
                 )
                 connection = protocol
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 self.stats.handshake_failures += 1
             if connection is not None:
                 await connection.finished
