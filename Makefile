@@ -38,11 +38,17 @@ test: build lint
 sim: build
 	$(PY) -m chaos.sim --seeds $(SEEDS)
 
+# The long fault runs. The real-daemon chaos suite arrives with issue 7; for now:
+# the storage crash test with 200 SIGKILL cycles and 2000 simulator seeds.
 chaos: build
-	$(PY) -m chaos run --all
+	REPLICATOR_CRASH_CYCLES=200 $(PY) -m pytest -q tests/test_storage_crash.py
+	$(PY) -m chaos.sim --seeds 1-2000
 
 bench: build
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,mean,ops
+	$(PY) -m benchmarks.bench_checksum
+	$(PY) -m benchmarks.bench_storage
+	$(PY) -m benchmarks.bench_framing
+	$(PY) -m benchmarks.bench_link
 
 demo: build
 	$(PY) -m replicator.demo
