@@ -134,6 +134,14 @@ cdef inline uint32_t _crc(const unsigned char *data, size_t length) noexcept:
 # --- argument checks (the same as the twin's) -------------------------------
 
 cdef uint64_t _u64(object value, str name) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t converted
+    if type(value) is int:
+        # The fast path: an exact int converts in C; out of range raises as the twin does.
+        try:
+            converted = value
+        except OverflowError:
+            raise ValueError(f"{name} must be in 0..2**64-1, got {value}") from None
+        return converted
     if not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < 0 or value > U64_MAX:
@@ -245,8 +253,12 @@ cdef class _Writer:
             PyBuffer_Release(&view)
         return 0
 
-    cdef int header(self, uint8_t frame_type, uint16_t flags, uint64_t epoch) except -1:
-        """Fill in the header of the frame that starts at self.start; return its size."""
+    cdef int header(self, uint8_t frame_type, uint16_t flags, uint64_t epoch, bint crc_given=False, uint32_t payload_crc=0) except -1:
+        """Fill in the header of the frame that starts at self.start.
+
+        RECORDS frames pass their payload CRC (the chain of docs/wire.md); the
+        others have it computed here over the whole payload.
+        """
         assert self.position == self.end, "frame length on encode differs from the size computed"
         cdef unsigned char *h = self.data + self.start
         cdef Py_ssize_t payload_bytes = self.end - self.start - C_HEADER_BYTES
@@ -255,7 +267,9 @@ cdef class _Writer:
         h[5] = frame_type
         rf_store16(h + 6, flags)
         rf_store32(h + 8, <uint32_t>payload_bytes)
-        rf_store32(h + 12, _crc(h + C_HEADER_BYTES, payload_bytes))
+        if not crc_given:
+            payload_crc = _crc(h + C_HEADER_BYTES, payload_bytes)
+        rf_store32(h + 12, payload_crc)
         rf_store64(h + 16, epoch)
         rf_store64(h + 24, 0)
         rf_store64(h + 32, 0)
@@ -353,7 +367,8 @@ cdef bytes _cached_origin(object origin, list cache):
     return encoded
 
 
-cdef int _write_record(_Writer writer, object record, list origin_cache) except -1:
+cdef uint32_t _write_record(_Writer writer, object record, list origin_cache, uint32_t payload_crc) except? 0:
+    """Write one record; return the payload CRC extended over its prefix (length and CRC)."""
     cdef object record_id = record.id
     cdef bytes origin = _cached_origin(record_id.origin, origin_cache)
     cdef object request_id = record.request_id
@@ -393,7 +408,7 @@ cdef int _write_record(_Writer writer, object record, list origin_cache) except 
     p = writer.data + prefix_at
     rf_store32(p, <uint32_t>(writer.position - body_at))
     rf_store32(p + 4, _crc(writer.data + body_at, writer.position - body_at))
-    return 0
+    return crc32c_extend(payload_crc, p, 8)
 
 
 def encode_records(bytearray out, epoch, records, watermark=None):
@@ -407,6 +422,7 @@ def encode_records(bytearray out, epoch, records, watermark=None):
     cdef _Writer writer
     cdef unsigned char *p
     cdef bint ok = False
+    cdef uint32_t payload_crc
     if not isinstance(records, (list, tuple)):
         records = list(records)
     if len(records) > 0xFFFFFFFF:
@@ -430,9 +446,11 @@ def encode_records(bytearray out, epoch, records, watermark=None):
             rf_store64(p + 8, watermark_seq)
         p = writer.reserve(4)
         rf_store32(p, <uint32_t>len(records))
+        # Each record body is covered by its own CRC; the payload CRC chains the rest (docs/wire.md).
+        payload_crc = crc32c_extend(0, writer.data + writer.start + C_HEADER_BYTES, writer.position - writer.start - C_HEADER_BYTES)
         for record in records:
-            _write_record(writer, record, origin_cache)
-        writer.header(T_RECORDS, flags, c_epoch)
+            payload_crc = _write_record(writer, record, origin_cache, payload_crc)
+        writer.header(T_RECORDS, flags, c_epoch, True, payload_crc)
         ok = True
     finally:
         writer.close(ok)
@@ -775,7 +793,7 @@ cdef str _utf8(const unsigned char *data, Py_ssize_t length, str what):
         raise MalformedFrame(f"{what} is not valid utf-8") from error
 
 
-cdef object _decode_records(object base_view, const unsigned char *base, Py_ssize_t position, Py_ssize_t end, uint16_t flags):
+cdef object _decode_records(object base_view, const unsigned char *base, Py_ssize_t position, Py_ssize_t end, uint16_t flags, uint32_t payload_crc):
     cdef object watermark = None
     cdef uint32_t count, index, operation_count, operation, key_bytes, value_bytes, body_crc
     cdef Py_ssize_t body_bytes, body_at, body_end, cursor
@@ -787,6 +805,8 @@ cdef object _decode_records(object base_view, const unsigned char *base, Py_ssiz
     cdef str origin = None
     cdef unsigned char cached_origin[256]
     cdef Py_ssize_t cached_origin_bytes = -1
+    cdef Py_ssize_t payload_at = position
+    cdef uint32_t chain
     if flags & C_FLAG_WATERMARK:
         _need(position, 16, end)
         watermark = (rf_load64(base + position), rf_load64(base + position + 8))
@@ -794,10 +814,12 @@ cdef object _decode_records(object base_view, const unsigned char *base, Py_ssiz
     _need(position, 4, end)
     count = rf_load32(base + position)
     position += 4
+    chain = crc32c_extend(0, base + payload_at, position - payload_at)
     for index in range(count):
         _need(position, 8, end)
         body_bytes = rf_load32(base + position)
         body_crc = rf_load32(base + position + 4)
+        chain = crc32c_extend(chain, base + position, 8)
         position += 8
         if body_bytes < C_RECORD_FIXED_BYTES:
             raise MalformedFrame(f"record body of {body_bytes} bytes is shorter than its fixed part")
@@ -849,10 +871,12 @@ cdef object _decode_records(object base_view, const unsigned char *base, Py_ssiz
         record._operation_count = operation_count
         records.append(record)
     _finish(position, end)
+    if chain != payload_crc:
+        raise ChecksumMismatch("payload CRC mismatch")
     return RecordBatch(tuple(records), watermark)
 
 
-cdef object _decode_body(object base_view, const unsigned char *base, Py_ssize_t position, Py_ssize_t end, uint8_t frame_type, uint16_t flags):
+cdef object _decode_body(object base_view, const unsigned char *base, Py_ssize_t position, Py_ssize_t end, uint8_t frame_type, uint16_t flags, uint32_t payload_crc):
     cdef uint8_t name_bytes, site_bytes, count_count
     cdef uint16_t extras_bytes
     cdef uint32_t count, index, key_bytes, value_bytes
@@ -862,7 +886,7 @@ cdef object _decode_body(object base_view, const unsigned char *base, Py_ssize_t
     cdef VersionedView entry
     cdef const unsigned char *p
     if frame_type == T_RECORDS:
-        return _decode_records(base_view, base, position, end, flags)
+        return _decode_records(base_view, base, position, end, flags, payload_crc)
     if frame_type == T_HELLO:
         _need(position, 29, end)
         p = base + position
@@ -961,9 +985,10 @@ cdef object _decode_body(object base_view, const unsigned char *base, Py_ssize_t
 
 
 cdef object _decode_at(object base_view, const unsigned char *base, Py_ssize_t offset, Header *header):
-    if _crc(base + offset + C_HEADER_BYTES, header.total - C_HEADER_BYTES) != header.payload_crc:
+    # RECORDS frames check their CRC chain while they are walked (docs/wire.md); the others here.
+    if header.frame_type != T_RECORDS and _crc(base + offset + C_HEADER_BYTES, header.total - C_HEADER_BYTES) != header.payload_crc:
         raise ChecksumMismatch("payload CRC mismatch")
-    body = _decode_body(base_view, base, offset + C_HEADER_BYTES, offset + header.total, header.frame_type, header.flags)
+    body = _decode_body(base_view, base, offset + C_HEADER_BYTES, offset + header.total, header.frame_type, header.flags, header.payload_crc)
     return Frame(FRAME_TYPES[header.frame_type], header.epoch, header.link_seq, header.link_ack, header.total, body)
 
 

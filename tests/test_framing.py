@@ -128,6 +128,17 @@ def sample_records(count: int = 3, value_bytes: int = 100) -> list[Record]:
     ]
 
 
+def records_payload_crc(payload: bytes, flags: int = 0) -> int:
+    """The CRC chain of a RECORDS payload: everything but the record bodies (docs/wire.md)."""
+    position = (16 if flags & pure.FLAG_WATERMARK else 0) + 4
+    (count,) = struct.unpack_from("<I", payload, position - 4)
+    crc = crc32c(payload[:position])
+    for _ in range(count):
+        crc = crc32c(payload[position : position + 8], crc)
+        position += 8 + struct.unpack_from("<I", payload, position)[0]
+    return crc
+
+
 def raw_frame(
     payload: bytes,
     frame_type: int = FrameType.LINK_ACK,
@@ -136,10 +147,12 @@ def raw_frame(
     reserved: int = 0,
     magic: bytes = pure.MAGIC,
     length: int | None = None,
+    payload_crc: int | None = None,
 ) -> bytes:
     """A frame with arbitrary header fields and correct CRCs."""
     length = len(payload) if length is None else length
-    header = struct.pack("<4sBBHIIQQQI", magic, version, frame_type, flags, length, crc32c(payload), 9, 0, 0, reserved)
+    payload_crc = payload_crc if payload_crc is not None else crc32c(payload)
+    header = struct.pack("<4sBBHIIQQQI", magic, version, frame_type, flags, length, payload_crc, 9, 0, 0, reserved)
     return header + struct.pack("<I", crc32c(header)) + payload
 
 
@@ -375,8 +388,18 @@ def test_record_crc_is_checked(module):
     data = bytearray(encode(module, ("records", (1, sample_records(1), None))))
     data[pure.HEADER_BYTES + 8] ^= 0xFF  # the record CRC field
     payload = bytes(data[pure.HEADER_BYTES :])
-    with pytest.raises(pure.ChecksumMismatch):
-        module.decode_frame(raw_frame(payload, FrameType.RECORDS))
+    frame = raw_frame(payload, FrameType.RECORDS, payload_crc=records_payload_crc(payload))
+    with pytest.raises(pure.ChecksumMismatch, match="record CRC"):
+        module.decode_frame(frame)
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+@settings(max_examples=30, deadline=None)
+@given(items=st.lists(records, max_size=4), watermark=watermarks)
+def test_records_payload_crc_is_a_chain(module, items, watermark):
+    data = encode(module, ("records", (1, items, watermark)))
+    payload = bytes(data[pure.HEADER_BYTES :])
+    assert struct.unpack_from("<I", data, 12)[0] == records_payload_crc(payload, 1 if watermark else 0)
 
 
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)

@@ -333,16 +333,23 @@ def _begin(out: bytearray) -> int:
     return start
 
 
-def _finish(out: bytearray, start: int, frame_type: int, flags: int, epoch: int) -> int:
-    """Fill in the header of the frame that begins at `start` and return its size."""
+def _finish(out: bytearray, start: int, frame_type: int, flags: int, epoch: int, payload_crc: int | None = None) -> int:
+    """Fill in the header of the frame that begins at `start` and return its size.
+
+    RECORDS frames pass their payload CRC (the chain of docs/wire.md); the
+    others have it computed here over the whole payload.
+    """
     size = len(out) - start
     payload_bytes = size - HEADER_BYTES
     if payload_bytes > 0xFFFFFFFF:
         del out[start:]
         raise ValueError(f"frame payload of {payload_bytes} bytes exceeds the u32 length field")
-    with memoryview(out) as view:
-        payload_crc = crc32c(view[start + HEADER_BYTES : start + size])
-    _HEADER.pack_into(out, start, MAGIC, PROTOCOL_VERSION, frame_type, flags, payload_bytes, payload_crc, epoch, 0, 0, 0)
+    if payload_crc is None:
+        with memoryview(out) as view:
+            payload_crc = crc32c(view[start + HEADER_BYTES : start + size])
+    _HEADER.pack_into(
+        out, start, MAGIC, PROTOCOL_VERSION, frame_type, flags, payload_bytes, payload_crc, epoch, 0, 0, 0
+    )
     _stamp_crc(out, start)
     return size
 
@@ -411,14 +418,19 @@ def encode_records(out: bytearray, epoch: int, records: Iterable[Any], watermark
             flags |= FLAG_WATERMARK
         count_at = len(out)
         out += bytes(4)
-        count = 0
+        prefixes = []
         for record in records:
+            prefixes.append(len(out))
             _encode_record(out, record)
-            count += 1
-        if count > 0xFFFFFFFF:
+        if len(prefixes) > 0xFFFFFFFF:
             raise ValueError("too many records in one frame")
-        _U32.pack_into(out, count_at, count)
-        return _finish(out, start, FrameType.RECORDS, flags, epoch)
+        _U32.pack_into(out, count_at, len(prefixes))
+        # Each record body is covered by its own CRC; the payload CRC chains the rest (docs/wire.md).
+        with memoryview(out) as view:
+            payload_crc = crc32c(view[start + HEADER_BYTES : count_at + 4])
+            for prefix_at in prefixes:
+                payload_crc = crc32c(view[prefix_at : prefix_at + _RECORD_PREFIX.size], payload_crc)
+        return _finish(out, start, FrameType.RECORDS, flags, epoch, payload_crc)
     except BaseException:
         del out[start:]
         raise
@@ -626,13 +638,17 @@ class _Reader:
             raise MalformedFrame(f"{self.end - self.position} unexpected bytes at the end")
 
 
-def _decode_records(reader: _Reader, flags: int) -> RecordBatch:
+def _decode_records(reader: _Reader, flags: int, payload_crc: int) -> RecordBatch:
+    payload_at = reader.position
     watermark = reader.unpack(_WATERMARK) if flags & FLAG_WATERMARK else None
     (count,) = reader.unpack(_U32)
+    chain = crc32c(reader.view[payload_at : reader.position])
     records = []
     origin_cache: tuple[bytes, str] = (b"", "")
     for _ in range(count):
+        prefix_at = reader.position
         body_bytes, body_crc = reader.unpack(_RECORD_PREFIX)
+        chain = crc32c(reader.view[prefix_at : reader.position], chain)
         if body_bytes < RECORD_FIXED_BYTES:
             raise MalformedFrame(f"record body of {body_bytes} bytes is shorter than its fixed part")
         body = reader.take(body_bytes)
@@ -662,12 +678,14 @@ def _decode_records(reader: _Reader, flags: int) -> RecordBatch:
             RecordView(origin, incarnation, seq, epoch, ts, request_id, tuple(operations), body_crc, body)
         )
     reader.finish()
+    if chain != payload_crc:
+        raise ChecksumMismatch("payload CRC mismatch")
     return RecordBatch(tuple(records), watermark)
 
 
-def _decode_body(frame_type: int, flags: int, reader: _Reader) -> Body:
+def _decode_body(frame_type: int, flags: int, reader: _Reader, payload_crc: int) -> Body:
     if frame_type == FrameType.RECORDS:
-        return _decode_records(reader, flags)
+        return _decode_records(reader, flags, payload_crc)
     if frame_type == FrameType.HELLO:
         state, incarnation, resume_incarnation, resume_seq, pair_bytes, site_bytes, extras_bytes = reader.unpack(
             _HELLO_FIXED
@@ -720,9 +738,10 @@ def _decode_body(frame_type: int, flags: int, reader: _Reader) -> Body:
 
 def _decode_at(view: memoryview, offset: int, header: tuple[int, int, int, int, int, int, int]) -> Frame:
     total, frame_type, flags, payload_crc, epoch, link_seq, link_ack = header
-    if crc32c(view[offset + HEADER_BYTES : offset + total]) != payload_crc:
+    # RECORDS frames check their CRC chain while they are walked (docs/wire.md); the others here.
+    if frame_type != FrameType.RECORDS and crc32c(view[offset + HEADER_BYTES : offset + total]) != payload_crc:
         raise ChecksumMismatch("payload CRC mismatch")
-    body = _decode_body(frame_type, flags, _Reader(view, offset + HEADER_BYTES, offset + total))
+    body = _decode_body(frame_type, flags, _Reader(view, offset + HEADER_BYTES, offset + total), payload_crc)
     return Frame(FrameType(frame_type), epoch, link_seq, link_ack, total, body)
 
 
