@@ -31,7 +31,9 @@ except ImportError:  # pragma: no cover - not built
 def make_records(count: int, value_bytes: int) -> list[Record]:
     value = os.urandom(value_bytes)
     return [
-        Record(RecordId("a", 1, seq), 5, 1_000_000 + seq, b"request-%08d" % seq, (Operation(b"vol/7/%012d" % seq, value),))
+        Record(
+            RecordId("a", 1, seq), 5, 1_000_000 + seq, b"request-%08d" % seq, (Operation(b"vol/7/%012d" % seq, value),)
+        )
         for seq in range(1, count + 1)
     ]
 

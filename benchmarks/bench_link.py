@@ -29,13 +29,15 @@ from replicator import framing
 from replicator.core.records import Operation, Record, RecordId
 from replicator.transport import Link, LinkLimits, LocalHello, TlsConfig, new_event_loop
 
-LIMITS = LinkLimits(frame_size_bytes_max=4 * 1024 * 1024, inflight_bytes_max=32 * 1024 * 1024)
+LIMITS = LinkLimits(frame_size_bytes_max=1024 * 1024, inflight_bytes_max=2 * 1024 * 1024)
 
 
 def make_records(count: int, value_bytes: int) -> list[Record]:
     value = os.urandom(value_bytes)
     return [
-        Record(RecordId("a", 1, seq), 5, 1_000_000 + seq, b"request-%08d" % seq, (Operation(b"vol/7/%012d" % seq, value),))
+        Record(
+            RecordId("a", 1, seq), 5, 1_000_000 + seq, b"request-%08d" % seq, (Operation(b"vol/7/%012d" % seq, value),)
+        )
         for seq in range(1, count + 1)
     ]
 
@@ -54,7 +56,9 @@ def make_certificates(directory: Path) -> dict[str, TlsConfig]:
             "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext",
         )  # fmt: skip
-        configs[name] = TlsConfig(str(directory / "ca.pem"), str(directory / f"{name}.pem"), str(directory / f"{name}.key"))
+        configs[name] = TlsConfig(
+            str(directory / "ca.pem"), str(directory / f"{name}.pem"), str(directory / f"{name}.key")
+        )
     return configs
 
 
@@ -98,9 +102,7 @@ async def plain_stream(total_bytes: int, chunk_bytes: int, tls: dict[str, TlsCon
     return elapsed
 
 
-async def link_shipping(
-    total_bytes: int, records: list[Record], tls: dict[str, TlsConfig] | None
-) -> tuple[float, int]:
+async def link_shipping(total_bytes: int, records: list[Record], tls: dict[str, TlsConfig] | None) -> tuple[float, int]:
     """Seconds to ship records through a Link until all arrived and were acknowledged, and the bytes."""
     frame = bytearray()
     frame_bytes = framing.encode_records(frame, 5, records)
@@ -187,7 +189,9 @@ async def _serve_in_child(kind: str, total_bytes: int, tls: dict[str, TlsConfig]
         peer_site="a",
         address=("127.0.0.1", 0),
         hello=lambda: LocalHello(5, 1, 0),
-        on_frame=lambda frame: frame.type == framing.FrameType.GOODBYE and not finished.done() and finished.set_result(None),
+        on_frame=lambda frame: (
+            frame.type == framing.FrameType.GOODBYE and not finished.done() and finished.set_result(None)
+        ),
         on_state=lambda event: None,
         limits=LIMITS,
         tls=tls["b"] if tls else None,
@@ -274,7 +278,9 @@ def run(coroutine):  # type: ignore[no-untyped-def]
         return runner.run(coroutine)
 
 
-def compare(megabytes: int, count: int, value_bytes: int, rounds: int, tls: dict[str, TlsConfig] | None) -> tuple[float, float]:
+def compare(
+    megabytes: int, count: int, value_bytes: int, rounds: int, tls: dict[str, TlsConfig] | None
+) -> tuple[float, float]:
     """(plain MB/s, link MB/s), best of `rounds` each, alternating."""
     records = make_records(count, value_bytes)
     frame = bytearray()

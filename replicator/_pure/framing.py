@@ -674,9 +674,7 @@ def _decode_records(reader: _Reader, flags: int, payload_crc: int) -> RecordBatc
             value = None if value_bytes == DELETE_LENGTH else inner.take(value_bytes)
             operations.append(OperationView(key, value))
         inner.finish()
-        records.append(
-            RecordView(origin, incarnation, seq, epoch, ts, request_id, tuple(operations), body_crc, body)
-        )
+        records.append(RecordView(origin, incarnation, seq, epoch, ts, request_id, tuple(operations), body_crc, body))
     reader.finish()
     if chain != payload_crc:
         raise ChecksumMismatch("payload CRC mismatch")
@@ -721,9 +719,9 @@ def _decode_body(frame_type: int, flags: int, reader: _Reader, payload_crc: int)
         if kind < ResyncKind.BEGIN or kind > ResyncKind.FULL_REQUEST:
             raise MalformedFrame(f"unknown resync control kind {kind}")
         counts = tuple(reader.unpack(_U64)[0] for _ in range(count_count))
-        key = bytes(reader.take(key_bytes))
+        position_key = bytes(reader.take(key_bytes))
         reader.finish()
-        return ResyncControl(ResyncKind(kind), counts, key)
+        return ResyncControl(ResyncKind(kind), counts, position_key)
     if frame_type == FrameType.GOODBYE:
         reason, reserved, message_bytes = reader.unpack(_GOODBYE_FIXED)
         if reserved != 0:
@@ -861,7 +859,7 @@ class FrameDecoder:
         return frames
 
     def _drain(self) -> list[Frame]:
-        frames = []
+        frames: list[Frame] = []
         while True:
             available = self._end - self._start
             if self._header is None:

@@ -9,16 +9,16 @@ import ssl
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from replicator.framing import FRAME_SIZE_BYTES_LIMIT, FRAME_SIZE_BYTES_MAX_DEFAULT, HEADER_BYTES
+from replicator.framing import FRAME_SIZE_BYTES_LIMIT, HEADER_BYTES
 
 
 @dataclass(frozen=True, slots=True)
 class LinkLimits:
     """Every bound of the link, with its unit last."""
 
-    frame_size_bytes_max: int = FRAME_SIZE_BYTES_MAX_DEFAULT
+    frame_size_bytes_max: int = 4 * 1024 * 1024
     # Sequenced frames sent and not yet acknowledged by the peer's link: `send` waits above this.
-    inflight_bytes_max: int = 64 * 1024 * 1024
+    inflight_bytes_max: int = 8 * 1024 * 1024
     # A LINK_ACK goes out when nothing else was sent for this long; it keeps the connection alive.
     heartbeat_interval_ms: int = 200
     # Nothing received for this long: the connection is dead (a black hole), drop it.
@@ -38,7 +38,9 @@ class LinkLimits:
         if not HEADER_BYTES < self.frame_size_bytes_max <= FRAME_SIZE_BYTES_LIMIT:
             raise ValueError(f"frame_size_bytes_max: must be in {HEADER_BYTES + 1}..{FRAME_SIZE_BYTES_LIMIT}")
         if self.inflight_bytes_max < self.frame_size_bytes_max:
-            raise ValueError("inflight_bytes_max: must be at least frame_size_bytes_max, or a frame could never be sent")
+            raise ValueError(
+                "inflight_bytes_max: must be at least frame_size_bytes_max, or a frame could never be sent"
+            )
         if self.heartbeat_timeout_ms <= 2 * self.heartbeat_interval_ms:
             raise ValueError("heartbeat_timeout_ms: must exceed twice heartbeat_interval_ms")
         if self.reconnect_backoff_ms_max < self.reconnect_backoff_ms_min:

@@ -87,7 +87,7 @@ class _Pipe:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.close()
 
-    async def _read(self, reader: asyncio.StreamReader, queue: asyncio.Queue, direction: Direction) -> None:
+    async def _read(self, reader: asyncio.StreamReader, queue: asyncio.Queue[tuple[float, bytes] | None], direction: Direction) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -103,7 +103,7 @@ class _Pipe:
             pass
         await queue.put(None)
 
-    async def _write(self, writer: asyncio.StreamWriter, queue: asyncio.Queue, direction: Direction) -> None:
+    async def _write(self, writer: asyncio.StreamWriter, queue: asyncio.Queue[tuple[float, bytes] | None], direction: Direction) -> None:
         loop = asyncio.get_running_loop()
         faults = self.proxy._faults[direction]
         try:

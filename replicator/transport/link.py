@@ -142,7 +142,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.link._connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.decoder.get_buffer(sizehint)
+        buffer: memoryview = self.decoder.get_buffer(sizehint)
+        return buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.dropped:
