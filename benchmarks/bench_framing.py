@@ -120,7 +120,8 @@ RECORDS = make_records(64, 4096)
 def _benchmark(benchmark, operation: Callable[[], int]) -> None:  # type: ignore[no-untyped-def]
     size = operation()
     benchmark(operation)
-    benchmark.extra_info["gigabytes_per_second"] = size / benchmark.stats.stats.mean / 1e9
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["gigabytes_per_second"] = size / benchmark.stats.stats.mean / 1e9
 
 
 def test_encode_native(benchmark):  # type: ignore[no-untyped-def]

@@ -8,7 +8,9 @@ Both ends run in this process, on one uvloop event loop, over loopback:
 - link: records of one `value-bytes` operation each are encoded `records` to a frame and sent
   with `Link.send` (sequence numbers, CRCs, back-pressure); the receiving Link decodes every
   frame and the clock stops when the last record has arrived and every frame is acknowledged.
-Each is run with and without mutual TLS (certificates made with the openssl CLI), the best of
+The link window is 2 MiB (about the bandwidth-delay product here; larger windows only add memory
+traffic). The receiving end also runs in a child process ("two processes": each end on its own
+core, as two sites are). Each is run with and without mutual TLS (openssl CLI certificates), the best of
 `rounds` taken, and the ratio link / plain printed. Goal: ratio >= 0.8.
 
 Under pytest the same measurements run as pytest-benchmark functions (smaller volumes).
