@@ -511,17 +511,24 @@ class World:
         if notify_self:
             site.deliver(lambda: ev.PeerDisconnected())
         peer = self.sites[other(site.name)]
-        if peer.connection is connection and self.link_up(site.name, peer.name):
+
+        def fin() -> None:
+            if peer.connection is connection:
+                peer.connection = None
+                connection.open_at[peer.name] = False
+                peer.deliver(lambda: ev.PeerDisconnected())
+
+        def send_fin() -> None:
+            if peer.connection is not connection:
+                return
+            if not self.link_up(site.name, peer.name):
+                self.after(20 * MS, send_fin)  # retransmitted, as TCP does, until the path heals
+                return
             # The FIN reaches the peer after a delay, behind what was sent before it.
             when = max(self.now_us + self.delay(), connection.last_delivery_us[peer.name] + 1)
-
-            def fin() -> None:
-                if peer.connection is connection:
-                    peer.connection = None
-                    connection.open_at[peer.name] = False
-                    peer.deliver(lambda: ev.PeerDisconnected())
-
             self.after(when - self.now_us, fin)
+
+        send_fin()
 
     def reset_connection(self) -> None:
         for site in self.sites.values():

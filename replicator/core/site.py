@@ -72,6 +72,7 @@ class _Session:
     """What we know about the current connection; gone with it."""
 
     hello_sent: bool = False
+    started_ms: float = 0.0
     peer: msg.Hello | None = None
     # RECONCILE progress
     reconcile_sent: bool = False
@@ -311,6 +312,11 @@ class SiteCore:
                 del self.heartbeats_sent[min(self.heartbeats_sent)]
             self._send(msg.Heartbeat(self.epoch, nonce))
             self.next_heartbeat_ms = now + self.config.heartbeat_interval_ms
+        # A connection whose Hello never comes (half-open, or a peer that hangs).
+        session = self.session
+        if self.connected and session is not None and session.peer is None:
+            if now - session.started_ms > self.config.peer_timeout_ms:
+                self._drop_session("no Hello from the peer")
         # Failure detection.
         if now - self.last_heard_ms > self.config.peer_timeout_ms:
             self._peer_timed_out()
@@ -357,7 +363,7 @@ class SiteCore:
     # ================================================================ connection
     def _on_connected(self, event: ev.Event) -> None:
         self.connected = True
-        self.session = _Session()
+        self.session = _Session(started_ms=self.now_ms)
         self.session.hello_sent = True
         self._send(self._hello())
 
