@@ -25,6 +25,7 @@ from crc32c cimport crc32c_extend, crc32c_init
 
 crc32c_init()
 
+
 cdef extern from *:
     """
     #include <stdint.h>
@@ -91,10 +92,13 @@ from replicator._pure.framing import (
     ResyncControl,
     ResyncData,
     ResyncKind,
+    RESYNC_KIND_MAX,
     UnknownFrameType,
     UnsupportedVersion,
 )
 from replicator.core.records import Operation, Record, RecordId, Versioned
+
+cdef int RESYNC_KIND_MAX_C = int(RESYNC_KIND_MAX)
 
 IMPLEMENTATION = "cython"
 
@@ -952,7 +956,7 @@ cdef object _decode_body(object base_view, const unsigned char *base, Py_ssize_t
         p = base + position
         if rf_load16(p + 2) != 0:
             raise MalformedFrame("reserved resync control field is not zero")
-        if p[0] < 1 or p[0] > 5:
+        if p[0] < 1 or p[0] > RESYNC_KIND_MAX_C:
             raise MalformedFrame(f"unknown resync control kind {p[0]}")
         count_count = p[1]
         key_bytes = rf_load32(p + 4)

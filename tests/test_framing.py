@@ -357,7 +357,7 @@ def test_truncated_frame_returns_nothing(module, spec, keep):
         (raw_frame(b"\x00"), pure.MalformedFrame),  # LINK_ACK has no payload
         (raw_frame(struct.pack("<I", 3), FrameType.RECORDS), pure.MalformedFrame),  # 3 records announced, none there
         (raw_frame(struct.pack("<QI", 1, 1), FrameType.RESYNC_DATA), pure.MalformedFrame),
-        (raw_frame(struct.pack("<BBHI", 9, 0, 0, 0), FrameType.RESYNC_CONTROL), pure.MalformedFrame),
+        (raw_frame(struct.pack("<BBHI", 99, 0, 0, 0), FrameType.RESYNC_CONTROL), pure.MalformedFrame),
         (raw_frame(struct.pack("<QQB", 1, 1, 1) + b"\xff", FrameType.PREPARED_ACK), pure.MalformedFrame),
         (raw_frame(struct.pack("<II", 1, 39) + bytes(8), FrameType.RECORDS), pure.MalformedFrame),
     ],

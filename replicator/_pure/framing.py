@@ -86,6 +86,16 @@ class ResyncKind(IntEnum):
     ACK = 3
     ABORT = 4
     FULL_REQUEST = 5
+    # Carried for the protocol core (docs/wire.md, "Core messages"):
+    CORE_HELLO = 6
+    RECONCILE_DONE = 7
+    RECONCILE_ACK = 8
+    SYNCED = 9
+    BEGIN_ACK = 10
+    DEDUP = 11
+
+
+RESYNC_KIND_MAX = max(ResyncKind)
 
 
 class FramingError(Exception):
@@ -716,7 +726,7 @@ def _decode_body(frame_type: int, flags: int, reader: _Reader, payload_crc: int)
         kind, count_count, reserved, key_bytes = reader.unpack(_RESYNC_CONTROL_FIXED)
         if reserved != 0:
             raise MalformedFrame("reserved resync control field is not zero")
-        if kind < ResyncKind.BEGIN or kind > ResyncKind.FULL_REQUEST:
+        if kind < ResyncKind.BEGIN or kind > RESYNC_KIND_MAX:
             raise MalformedFrame(f"unknown resync control kind {kind}")
         counts = tuple(reader.unpack(_U64)[0] for _ in range(count_count))
         position_key = bytes(reader.take(key_bytes))
