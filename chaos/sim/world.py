@@ -73,10 +73,9 @@ class SimParams:
     preferred_grace_ms: int = 300
     clock_drift: float = 0.004
     plants: frozenset[str] = frozenset()
-    # Retry a write whose outcome is unknown (same request id). Off by default:
-    # a retry that overtakes its original on the way to the other site can be
-    # applied twice (docs/protocol.md, "Known gap: retries in flight").
-    retry_unknown_writes: bool = False
+    # Retry a write whose outcome is unknown with the same request id (at the
+    # same site after a timeout, at the other site when this one is gone).
+    retry_unknown_writes: bool = True
 
 
 # ===================================================================== disk

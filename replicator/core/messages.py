@@ -120,6 +120,15 @@ class ResyncBeginAck:
 
 
 @dataclass(frozen=True, slots=True)
+class ResyncDedup:
+    """The source's dedup entries (request id, ts of the outcome), so that a
+    retry reaching the target after the resync is answered, not applied again."""
+
+    epoch: int
+    entries: tuple[tuple[bytes, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ResyncData:
     epoch: int
     batch: int
@@ -164,6 +173,7 @@ PeerMessage = (
     | ReconcileAck
     | ResyncBegin
     | ResyncBeginAck
+    | ResyncDedup
     | ResyncData
     | ResyncAck
     | ResyncSynced

@@ -677,21 +677,43 @@ class SiteCore:
 
         self._after(persist_id, finish)
 
+    def _winners(self, records: list[Record]) -> tuple[list[Record], dict[bytes, int]]:
+        """Which records of a whole-log commit take effect: one per request id.
+
+        A client retry that reached a site while its original was only in the
+        other site's log (the origin crashed) makes a second record with the
+        same request id. Both sites commit the same union of records here, so
+        a deterministic rule keeps exactly one: an outcome already in the
+        dedup table wins, else the lowest (ts, origin).
+        """
+        outcome: dict[bytes, int] = {}
+        chosen: dict[bytes, Record] = {}
+        for record in sorted(records, key=lambda r: (r.ts, r.id.origin)):
+            request_id = record.request_id
+            if request_id in self.dedup:
+                outcome[request_id] = self.dedup[request_id]
+            elif request_id not in chosen:
+                chosen[request_id] = record
+                outcome[request_id] = record.ts
+        return [r for r in records if chosen.get(r.request_id) is r], outcome
+
     def _commit_whole_log(self, records: list[Record], *, alone: bool, mark_dirty: bool = False) -> int:
         """Commit every record of the log (reconcile and takeover), then forget the log."""
+        winners, outcome = self._winners(records)
         keys = tuple(sorted({key for record in records for key in record.keys()}))
         dirty = keys if mark_dirty and "drop_dirty" not in self.config.plants else ()
         persist_id = self._persist(
-            apply=tuple(v for record in records for v in _versions(record)),
+            apply=tuple(v for record in winners for v in _versions(record)),
             log_delete=tuple(record.id for record in records),
-            dedup_put=tuple((record.request_id, record.ts) for record in records),
+            dedup_put=tuple((record.request_id, record.ts) for record in winners),
             dirty_add=dirty,
         )
         self.dirty.update(dirty)
         answered: list[tuple[int, Record]] = []
-        for record in records:
+        for record in winners:
             self.dedup[record.request_id] = record.ts
             self.out.append(ev.Committed(record.id, self.epoch, self.role, alone=alone))
+        for record in records:
             if record.id.origin == self.config.site and record.id.incarnation == self.incarnation:
                 pending = self.pending.pop(record.id.seq, None)
                 if pending is not None:
@@ -709,7 +731,8 @@ class SiteCore:
 
         def answer() -> None:
             for handle, record in answered + waiters:
-                self.out.append(ev.AnswerWrite(handle, True, ts=record.ts))
+                ts = outcome[record.request_id]
+                self.out.append(ev.AnswerWrite(handle, True, ts=ts, duplicate=ts != record.ts))
 
         self._after(persist_id, answer)
         return persist_id
@@ -864,6 +887,9 @@ class SiteCore:
             return
         assert self.session is not None
         self.session.resync_begin_acked = True
+        entries = sorted(self.dedup.items())
+        for start in range(0, len(entries), 1024):
+            self._send(msg.ResyncDedup(self.epoch, tuple(entries[start : start + 1024])))
         suspect = [key for key in event.message.suspect_keys if key not in self.dirty]
         if suspect and "rejoin_without_resync" not in self.config.plants:
             self.dirty.update(suspect)
@@ -1023,6 +1049,15 @@ class SiteCore:
         persist_id = self._persist(apply=data.entries, meta=(("clock_high", self.hlc.high_water),))
         batch = data.batch
         self._after(persist_id, lambda: self._send_if_session(msg.ResyncAck(self.epoch, batch)))
+
+    def _on_resync_dedup(self, event: ev.Event) -> None:
+        assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncDedup)
+        if not self._session_up() or not self._check_epoch(event.message.epoch):
+            return
+        fresh = tuple((r, ts) for r, ts in event.message.entries if r not in self.dedup)
+        self.dedup.update(fresh)
+        if fresh:
+            self._persist(dedup_put=fresh)
 
     def _on_resync_synced(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncSynced)
@@ -1294,6 +1329,7 @@ _PER_ROLE: dict[Role, dict[type, str]] = {
         **_REPLICATION,
         msg.ResyncBegin: "_on_resync_begin",
         msg.ResyncData: "_on_resync_data",
+        msg.ResyncDedup: "_on_resync_dedup",
         msg.ResyncSynced: "_on_resync_synced",
     },
     Role.STOPPED: {},
@@ -1334,6 +1370,7 @@ _HANDLER_NEXT: dict[str, frozenset[Role]] = {
     "_on_resync_begin_ack": frozenset({Role.FENCED}),
     "_on_resync_ack": frozenset({Role.FENCED}),
     "_on_resync_data": frozenset({Role.FENCED}),
+    "_on_resync_dedup": frozenset({Role.FENCED}),
     "_on_resync_synced": frozenset({Role.SYNC, Role.RECONCILE}),
 }
 NEXT_ROLES: dict[tuple[Role, type], frozenset[Role]] = {
