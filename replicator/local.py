@@ -1,0 +1,625 @@
+"""`replicator-local`: a witness and two sites on loopback, for the demo, the tests and a first try.
+
+    replicator-local up --dir DIR       # configs, start, wait healthy, stay in the foreground; Ctrl-C stops all
+    replicator-local status --dir DIR   # each recorded process: running?, health
+    replicator-local down --dir DIR     # stop the processes recorded in DIR/cluster.json
+
+`up` writes DIR/witness.toml, DIR/a.toml and DIR/b.toml on first use (free
+ports on 127.0.0.1, data under DIR/data/, short timeouts for a loopback demo)
+and reuses them afterwards, so the sites pick up where they were. Each process
+runs as `python -m replicator.daemon.<witness|site> --config DIR/<name>.toml`
+with its log in DIR/<name>.log and can be killed and started again on its
+own with that command. DIR/cluster.json records what runs:
+
+    {"witness": {"pid": N, "grpc": "127.0.0.1:P", "config": "DIR/witness.toml"},
+     "sites": {"a": {"pid": N, "grpc": "...", "peer": "...", "metrics": "...", "config": "DIR/a.toml"},
+               "b": {...}}}
+
+("peer" is the site's log-shipping listen address.) As a library:
+
+    with LocalCluster(tmp_path) as cluster:
+        cluster.start(sites=True)          # raises LocalClusterError naming the process and its log tail
+        cluster.cluster["sites"]["a"]["grpc"]
+        cluster.kill("a"); cluster.restart("a")
+    # every process started is stopped on exit (SIGTERM, then SIGKILL after stop_timeout_s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import replicator
+from replicator.config import (
+    ListenConfig,
+    PairSpec,
+    SiteConfig,
+    SiteSection,
+    WitnessClientConfig,
+    WitnessConfig,
+    WitnessListenConfig,
+    WitnessSection,
+    load_site_config,
+    load_witness_config,
+)
+
+__all__ = [
+    "DEMO_SITE_SETTINGS",
+    "DEMO_WITNESS_SETTINGS",
+    "PAIR_ID",
+    "SITE_MODULE",
+    "SITE_NAMES",
+    "WITNESS_MODULE",
+    "LocalCluster",
+    "LocalClusterError",
+    "free_ports",
+    "grpc_health",
+    "main",
+    "same_process",
+    "site_daemon_available",
+]
+
+SITE_MODULE = "replicator.daemon.site"
+WITNESS_MODULE = "replicator.daemon.witness"
+PAIR_ID = "pair-1"
+SITE_NAMES = ("a", "b")
+WITNESS = "witness"
+
+# Short timeouts for a demo on loopback (the defaults are for a metro network).
+DEMO_SITE_SETTINGS: dict[str, Any] = {
+    "peer_timeout_ms": 500,
+    "heartbeat_ms": 100,
+    "lease_ms": 1000,
+    "preferred_grace_ms": 300,
+    "reconnect_backoff_ms_max": 200,
+    "shutdown_stage_timeout_ms": 2000,
+}
+DEMO_WITNESS_SETTINGS: dict[str, Any] = {
+    "preferred_grace_ms": 300,
+    "request_timeout_ms": 2000,
+    "shutdown_stage_timeout_ms": 2000,
+}
+DEMO_WITNESS_CLIENT = {"timeout_ms": 1000, "retry_interval_ms": 100}
+
+
+class LocalClusterError(Exception):
+    """The cluster could not be configured, started or stopped; the message says which process and why."""
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free on `host` right now (all sockets held until every port is chosen)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def site_daemon_available() -> bool:
+    try:
+        return importlib.util.find_spec(SITE_MODULE) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def same_process(pid: int, config: str | os.PathLike[str]) -> bool:
+    """True if `pid` is alive (not a zombie) and its command line names `config`."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(config) in raw.decode(errors="replace").split("\0")
+
+
+def grpc_health(address: str, timeout_s: float = 1.0, service: str = "") -> str:
+    """The grpc.health.v1 status ("SERVING", "NOT_SERVING", ...) of `address`, or "UNREACHABLE"."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    except grpc.RpcError:
+        return "UNREACHABLE"
+    finally:
+        channel.close()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 16384))
+            text = handle.read().decode(errors="replace")
+    except OSError as error:
+        return f"(cannot read {path}: {error})"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+@dataclass
+class _Process:
+    name: str
+    module: str
+    config: Path
+    log: Path
+    grpc: str
+    extra: dict[str, str]  # sites: peer (link listen address), metrics
+    popen: subprocess.Popen[bytes] | None = None
+    pid: int | None = None
+
+
+class LocalCluster:
+    """A witness and two sites under one directory, as separate processes."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        health_timeout_s: float = 30.0,
+        stop_timeout_s: float = 10.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.directory = Path(directory).resolve()
+        self.health_timeout_s = health_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.python = python
+        self.processes: dict[str, _Process] = {}
+        self.started: list[str] = []  # names started by this object, in order
+
+    # ------------------------------------------------------------ configuration
+    @property
+    def cluster_file(self) -> Path:
+        return self.directory / "cluster.json"
+
+    def config_path(self, name: str) -> Path:
+        return self.directory / f"{name}.toml"
+
+    def configure(self) -> None:
+        """Write the three configuration files, or reuse them if they exist; fill `processes`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        names = (WITNESS, *SITE_NAMES)
+        present = [n for n in names if self.config_path(n).exists()]
+        if present and len(present) != len(names):
+            missing = [str(self.config_path(n)) for n in names if n not in present]
+            raise LocalClusterError(
+                f"{self.directory} holds some configuration files but not {', '.join(missing)}: "
+                f"restore them or use an empty directory"
+            )
+        if not present:
+            self._write_configs()
+        try:
+            witness = load_witness_config(self.config_path(WITNESS))
+            sites = {n: load_site_config(self.config_path(n)) for n in SITE_NAMES}
+        except Exception as error:
+            raise LocalClusterError(f"invalid configuration in {self.directory}: {error}") from None
+        self.processes[WITNESS] = _Process(
+            WITNESS,
+            WITNESS_MODULE,
+            self.config_path(WITNESS),
+            self.directory / f"{WITNESS}.log",
+            witness.listen.grpc,
+            {"metrics": witness.listen.metrics},
+        )
+        for name, site in sites.items():
+            self.processes[name] = _Process(
+                name,
+                SITE_MODULE,
+                self.config_path(name),
+                self.directory / f"{name}.log",
+                site.listen.grpc,
+                {"peer": site.listen.link, "metrics": site.listen.metrics},
+            )
+
+    def _write_configs(self) -> None:
+        ports = iter(free_ports(2 + 3 * len(SITE_NAMES)))
+        host = "127.0.0.1"
+        witness_grpc, witness_metrics = f"{host}:{next(ports)}", f"{host}:{next(ports)}"
+        listens = {
+            name: ListenConfig(
+                grpc=f"{host}:{next(ports)}", link=f"{host}:{next(ports)}", metrics=f"{host}:{next(ports)}"
+            )
+            for name in SITE_NAMES
+        }
+        witness = WitnessConfig(
+            witness=WitnessSection(data_dir=Path("data") / WITNESS, **DEMO_WITNESS_SETTINGS),
+            listen=WitnessListenConfig(grpc=witness_grpc, metrics=witness_metrics),
+            pairs=(PairSpec(id=PAIR_ID, sites=SITE_NAMES, preferred_site=SITE_NAMES[0]),),
+        )
+        configs: dict[str, WitnessConfig | SiteConfig] = {WITNESS: witness}
+        for name in SITE_NAMES:
+            peer = next(n for n in SITE_NAMES if n != name)
+            configs[name] = SiteConfig(
+                site=SiteSection(
+                    name=name,
+                    peer_name=peer,
+                    pair_id=PAIR_ID,
+                    data_dir=Path("data") / name,
+                    peer_address=listens[peer].link,
+                    peer_grpc_address=listens[peer].grpc,
+                    preferred_site=SITE_NAMES[0],
+                    **DEMO_SITE_SETTINGS,
+                ),
+                listen=listens[name],
+                witness=WitnessClientConfig(address=witness_grpc, **DEMO_WITNESS_CLIENT),
+            )
+        for name, config in configs.items():
+            _write_atomically(self.config_path(name), config.to_toml())
+        # Prove the files load back (the daemons would refuse them otherwise).
+        load_witness_config(self.config_path(WITNESS))
+        for name in SITE_NAMES:
+            load_site_config(self.config_path(name))
+
+    # ------------------------------------------------------------ cluster.json
+    @property
+    def cluster(self) -> dict[str, Any]:
+        """The parsed DIR/cluster.json."""
+        return json.loads(self.cluster_file.read_text())  # type: ignore[no-any-return]
+
+    def _entry(self, process: _Process) -> dict[str, Any]:
+        entry: dict[str, Any] = {"pid": process.pid, "grpc": process.grpc}
+        if process.name != WITNESS:
+            entry["peer"] = process.extra["peer"]
+            entry["metrics"] = process.extra["metrics"]
+        entry["config"] = str(process.config)
+        return entry
+
+    def _write_cluster(self) -> None:
+        document: dict[str, Any] = {"witness": None, "sites": {}}
+        witness = self.processes.get(WITNESS)
+        if witness is not None and witness.pid is not None:
+            document["witness"] = self._entry(witness)
+        for name in SITE_NAMES:
+            process = self.processes.get(name)
+            if process is not None and process.pid is not None:
+                document["sites"][name] = self._entry(process)
+        _write_atomically(self.cluster_file, json.dumps(document, indent=2) + "\n")
+
+    def recorded_running(self) -> list[tuple[str, int]]:
+        """(name, pid) of processes recorded in cluster.json that still run with this directory's config."""
+        try:
+            document = self.cluster
+        except (OSError, ValueError):
+            return []
+        entries = [(WITNESS, document.get("witness"))] + list((document.get("sites") or {}).items())
+        return [
+            (name, entry["pid"])
+            for name, entry in entries
+            if entry and entry.get("pid") and same_process(entry["pid"], entry["config"])
+        ]
+
+    # ------------------------------------------------------------ processes
+    def _environment(self) -> dict[str, str]:
+        environment = dict(os.environ)
+        root = str(Path(replicator.__file__).resolve().parent.parent)
+        paths = [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in paths:
+            environment["PYTHONPATH"] = os.pathsep.join([root, *paths])
+        environment.setdefault("PYTHONUNBUFFERED", "1")
+        return environment
+
+    def command(self, name: str) -> list[str]:
+        process = self.processes[name]
+        return [self.python, "-m", process.module, "--config", str(process.config)]
+
+    def is_running(self, name: str) -> bool:
+        process = self.processes.get(name)
+        if process is None or process.pid is None:
+            return False
+        if process.popen is not None and process.popen.poll() is not None:
+            return False
+        return same_process(process.pid, process.config)
+
+    def start_process(self, name: str, wait: bool = True) -> int:
+        """Start one process (witness, a or b), record it, and wait until it is healthy."""
+        if not self.processes:
+            self.configure()
+        process = self.processes[name]
+        if self.is_running(name):
+            raise LocalClusterError(f"{name} already runs (pid {process.pid})")
+        with process.log.open("ab") as log:
+            process.popen = subprocess.Popen(
+                self.command(name),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                env=self._environment(),
+                start_new_session=True,  # Ctrl-C in the terminal reaches the launcher only; it stops the rest
+            )
+        process.pid = process.popen.pid
+        if name not in self.started:
+            self.started.append(name)
+        self._write_cluster()
+        if wait:
+            self.wait_healthy(name)
+        return process.pid
+
+    def wait_healthy(self, name: str, timeout_s: float | None = None) -> None:
+        """Wait for gRPC health "" SERVING; raise LocalClusterError with the log tail otherwise."""
+        process = self.processes[name]
+        timeout_s = self.health_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.popen is not None and process.popen.poll() is not None:
+                raise LocalClusterError(
+                    f"{name} (pid {process.pid}) exited with code {process.popen.returncode} during start-up; "
+                    f"last lines of {process.log}:\n{_tail(process.log)}"
+                )
+            if grpc_health(process.grpc, timeout_s=0.5) == "SERVING":
+                return
+            if time.monotonic() > deadline:
+                raise LocalClusterError(
+                    f"{name} (pid {process.pid}) did not report healthy on {process.grpc} within {timeout_s:.0f} s; "
+                    f"last lines of {process.log}:\n{_tail(process.log)}"
+                )
+            time.sleep(0.05)
+
+    def start(self, sites: bool = True) -> LocalCluster:
+        """Configure (or reuse), start the witness then the sites, wait until each is healthy.
+
+        On any failure every process started here is stopped before the error propagates.
+        """
+        try:
+            self.configure()
+            running = self.recorded_running()
+            if running:
+                listed = ", ".join(f"{n} (pid {p})" for n, p in running)
+                raise LocalClusterError(
+                    f"{self.directory} already has running processes: {listed}; "
+                    f"run `replicator-local down --dir {self.directory}` first"
+                )
+            if sites and not site_daemon_available():
+                raise LocalClusterError(
+                    f"the site daemon module {SITE_MODULE} is not available in this installation; "
+                    f"start with sites=False (--no-sites) for the witness alone"
+                )
+            self._write_cluster()
+            self.start_process(WITNESS, wait=True)
+            if sites:
+                for name in SITE_NAMES:
+                    self.start_process(name, wait=False)
+                for name in SITE_NAMES:
+                    self.wait_healthy(name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def send_signal(self, name: str, signum: int) -> bool:
+        """Send `signum` to `name` if it is still the process we recorded. True if sent."""
+        process = self.processes.get(name)
+        if process is None or process.pid is None or not self.is_running(name):
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
+            return True
+        return False
+
+    def _wait_exit(self, name: str, timeout_s: float) -> bool:
+        process = self.processes[name]
+        if process.popen is not None:
+            try:
+                process.popen.wait(timeout_s)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout_s
+        while self.is_running(name):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop_process(self, name: str, timeout_s: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s` (default stop_timeout_s)."""
+        timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
+        if self.send_signal(name, signal.SIGTERM) and not self._wait_exit(name, timeout_s):
+            self.send_signal(name, signal.SIGKILL)
+            self._wait_exit(name, 5.0)
+        process = self.processes.get(name)
+        if process is not None and process.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.popen.wait(0.1)  # reap
+
+    def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
+        """Send `signum` (SIGKILL by default) and wait for the process to exit."""
+        if self.send_signal(name, signum):
+            self._wait_exit(name, self.stop_timeout_s)
+
+    def restart(self, name: str) -> int:
+        """Stop `name` if it runs, start it again with the same configuration, wait until healthy."""
+        if not self.processes:
+            self.configure()
+        self.stop_process(name)
+        return self.start_process(name, wait=True)
+
+    def stop(self) -> None:
+        """Stop every process this object started: the sites first, then the witness."""
+        order = [n for n in SITE_NAMES if n in self.started] + [n for n in self.started if n not in SITE_NAMES]
+        for name in order:
+            self.send_signal(name, signal.SIGTERM)
+        for name in order:
+            if not self._wait_exit(name, self.stop_timeout_s):
+                self.send_signal(name, signal.SIGKILL)
+                self._wait_exit(name, 5.0)
+        for name in order:
+            process = self.processes[name]
+            if process.popen is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.popen.wait(0.1)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------ command line
+
+
+def _summary(cluster: LocalCluster) -> str:
+    lines = [f"replicator-local: cluster up in {cluster.directory}"]
+    for name, process in cluster.processes.items():
+        if process.pid is None:
+            continue
+        extra = "  ".join(f"{k} {v}" for k, v in process.extra.items())
+        lines.append(f"  {name:<8} pid {process.pid:<7}  grpc {process.grpc}  {extra}  log {process.log}")
+    if any(n in cluster.started for n in SITE_NAMES):
+        a = cluster.processes[SITE_NAMES[0]].grpc
+        lines.append(f"try:  replicatorctl --endpoint {a} status")
+    lines.append(f"      replicatorctl --witness {cluster.processes[WITNESS].grpc} witness status")
+    lines.append("Ctrl-C (or SIGTERM) stops everything started here.")
+    return "\n".join(lines)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _up(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(args.dir, health_timeout_s=args.health_timeout, stop_timeout_s=args.stop_timeout)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        cluster.start(sites=not args.no_sites)
+        print(_summary(cluster), flush=True)
+        reported: set[str] = set()
+        while True:
+            time.sleep(0.5)
+            for name in cluster.started:
+                process = cluster.processes[name]
+                if name not in reported and process.popen is not None and process.popen.poll() is not None:
+                    reported.add(name)
+                    print(
+                        f"replicator-local: {name} (pid {process.pid}) exited with code {process.popen.returncode}; "
+                        f"start it again with: {' '.join(cluster.command(name))}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    except (KeyboardInterrupt, _Stop):
+        print("replicator-local: stopping", file=sys.stderr, flush=True)
+        return 0
+    except LocalClusterError as error:
+        print(f"replicator-local: {error}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+        cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _recorded(directory: Path) -> list[tuple[str, dict[str, Any]]]:
+    path = directory / "cluster.json"
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LocalClusterError(f"{path}: no such file (nothing was started in {directory})") from None
+    except (OSError, ValueError) as error:
+        raise LocalClusterError(f"{path}: cannot read: {error}") from None
+    entries = []
+    if document.get("witness"):
+        entries.append((WITNESS, document["witness"]))
+    entries += list((document.get("sites") or {}).items())
+    return entries
+
+
+def _down(args: argparse.Namespace) -> int:
+    entries = _recorded(Path(args.dir).resolve())
+    running = [(n, e) for n, e in entries if e.get("pid") and same_process(e["pid"], e["config"])]
+    for name, entry in entries:
+        if (name, entry) not in running:
+            print(f"{name}: not running (pid {entry.get('pid')} is gone or is another process)")
+    # sites first, then the witness
+    running.sort(key=lambda item: item[0] == WITNESS)
+    for _, entry in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(entry["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + args.stop_timeout
+    for name, entry in running:
+        while same_process(entry["pid"], entry["config"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if same_process(entry["pid"], entry["config"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(entry["pid"], signal.SIGKILL)
+            print(f"{name}: pid {entry['pid']} killed (SIGKILL after {args.stop_timeout:.0f} s)")
+        else:
+            print(f"{name}: pid {entry['pid']} stopped")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    entries = _recorded(Path(args.dir).resolve())
+    rows = []
+    for name, entry in entries:
+        running = bool(entry.get("pid")) and same_process(entry["pid"], entry["config"])
+        health = grpc_health(entry["grpc"], timeout_s=1.0) if running else "-"
+        rows.append({"name": name, "pid": entry.get("pid"), "running": running, "health": health, **entry})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            state = "running" if row["running"] else "stopped"
+            print(f"{row['name']:<8} pid {row['pid']!s:<7} {state:<8} {row['health']:<12} grpc {row['grpc']}")
+    return 0 if rows and all(r["running"] and r["health"] == "SERVING" for r in rows) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="replicator-local", description="Run a witness and two sites on 127.0.0.1 (demo, tests)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="configure (or reuse) DIR, start everything, stay in the foreground")
+    up.add_argument("--dir", required=True, help="directory for configs, data, logs and cluster.json")
+    up.add_argument("--no-sites", action="store_true", help="start the witness only")
+    up.add_argument("--health-timeout", type=float, default=30.0, help="seconds to wait for each process")
+    up.add_argument("--stop-timeout", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    down = commands.add_parser("down", help="stop the processes recorded in DIR/cluster.json")
+    down.add_argument("--dir", required=True)
+    down.add_argument("--stop-timeout", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    status = commands.add_parser("status", help="show the processes recorded in DIR/cluster.json")
+    status.add_argument("--dir", required=True)
+    status.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            return _up(args)
+        if args.command == "down":
+            return _down(args)
+        return _status(args)
+    except LocalClusterError as error:
+        print(f"replicator-local: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
