@@ -93,6 +93,7 @@ class ResyncKind(IntEnum):
     SYNCED = 9
     BEGIN_ACK = 10
     DEDUP = 11
+    RECONCILE_START = 12
 
 
 RESYNC_KIND_MAX = max(ResyncKind)

@@ -54,6 +54,11 @@ class Batch:
         stored = fmt.encode_value(key, ts, None if value is None else bytes(value))
         self.operations.append((APPLY, key, ts, stored))
 
+    def erase(self, key: bytes) -> None:
+        """Remove `key` from the visible state outright (no tombstone): a full resync's target
+        clears its data this way. Do not mix with `apply` of the same key in one batch."""
+        self.operations.append((MUTATION, fmt.DATA, bytes(key), None))
+
     # Site metadata, dirty set, resync position.
 
     def put_meta(self, name: str, value: bytes) -> None:

@@ -124,6 +124,33 @@ class GroupCommitter:
             self._wake.set()
         await future
 
+    def write_now(self, batch: Batch) -> int:
+        """Write `batch` at once, on the caller's stack (visible to reads before this returns), and
+        return its sequence; pair with `wait_durable`. For a caller that must order a write with
+        its own next steps (the site daemon's core driver). Blocks the loop through a RocksDB
+        write stall, which `commit` would queue instead."""
+        if self._failure is not None:
+            raise StorageFailed(str(self._failure), self._failure.cause)
+        if self._closed:
+            raise StorageFailed("the group committer is closed")
+        assert not self._stalled, "write_now cannot overtake commits queued behind a stall"
+        sequence = self._store.write(batch, blocking=True)
+        self.commit_count += 1
+        return sequence
+
+    async def wait_durable(self, sequence: int) -> None:
+        """Return once everything written up to `sequence` is durable (raises StorageFailed)."""
+        if self._failure is not None:
+            raise StorageFailed(str(self._failure), self._failure.cause)
+        if sequence <= self._store.durable_sequence:
+            return
+        assert self._loop is not None, "GroupCommitter.start() was not called"
+        future = self._loop.create_future()
+        self._waiters.append((sequence, future))
+        if not self._wake.is_set():
+            self._wake.set()
+        await future
+
     async def _write(self, batch: Batch) -> int:
         """Write on the loop, in commit order. While RocksDB stalls writes, the stalled commit and every
         later one wait in a queue (the loop stays free) and are written in order by `_drain_stalled`."""

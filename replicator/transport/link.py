@@ -395,6 +395,11 @@ class Link:
             self.stats.handshake_failures += 1
             self._drop(connection, "no HELLO from the peer in time")
 
+    def reset(self, reason: str) -> None:
+        """Drop the current connection (the core asked for it); the dialing side reconnects."""
+        if self._active is not None:
+            self._drop(self._active, reason)
+
     def _drop(self, connection: _Connection, reason: str, graceful: bool = False) -> None:
         """Close a connection (idempotent); report LinkDown if it was the active one."""
         if connection.dropped:

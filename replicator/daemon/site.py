@@ -1,0 +1,511 @@
+"""replicatord: one site of a pair, the asyncio shell around `SiteCore`.
+
+    replicatord --config site.toml
+
+The shell is thin: it turns I/O into core events and core actions into I/O
+(the rules are in replicator/core/events.py). Each core step runs to the
+end on the event loop; persists are written at once (visible to reads) and
+made durable by the group committer's syncing thread, which reports
+`Persisted` in order. Frames to the peer go through one sender task, in
+order, with the link's back-pressure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from replicator import framing
+from replicator.api import errors
+from replicator.api.backend import SiteStatus, VerifyReport, WriteResult
+from replicator.api.server import start_site_server
+from replicator.client.witness import AsyncWitnessClient
+from replicator.config import ConfigError, SiteConfig, load_site_config
+from replicator.core import events as ev
+from replicator.core import messages as msg
+from replicator.core.config import CoreConfig
+from replicator.core.messages import Role
+from replicator.core.records import Operation, Record, Versioned
+from replicator.core.site import SiteCore
+from replicator.daemon.logs import configure, log
+from replicator.daemon.metrics import Registry, start_metrics_server
+from replicator.daemon.runner import Shutdown, run
+from replicator.daemon.wire import Decoder, Encoder
+from replicator.storage import GroupCommitter, Store, StoreOptions
+from replicator.storage.errors import CorruptValue, StorageFailed
+from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
+from replicator.transport.link import Link, LocalHello
+
+TICK_S = 0.01
+
+
+def encode_meta(value: int | bytes | str) -> bytes:
+    if isinstance(value, bool) or isinstance(value, int):
+        return b"i" + str(int(value)).encode()
+    if isinstance(value, bytes):
+        return b"b" + value
+    return b"s" + value.encode()
+
+
+def decode_meta(raw: bytes) -> int | bytes | str:
+    tag, body = raw[:1], raw[1:]
+    if tag == b"i":
+        return int(body)
+    if tag == b"b":
+        return bytes(body)
+    if tag == b"s":
+        return body.decode()
+    raise ValueError(f"bad meta value {raw[:16]!r}")
+
+
+def encode_record(record: Record) -> bytes:
+    out = bytearray()
+    framing.encode_records(out, record.epoch, [record])
+    return bytes(out)
+
+
+def decode_record(raw: bytes) -> Record:
+    frame = framing.decode_frame(raw)
+    (view,) = frame.body.records
+    record: Record = view.materialise()
+    return record
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class SiteDaemon:
+    """Owns the core, the store, the link and the servers of one site."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        section = config.site
+        self.name = section.name
+        self.peer = section.peer_name
+        self.site_name = section.name  # SiteBackend
+        self.handles: dict[int, asyncio.Future[Any]] = {}
+        self.next_handle = 1
+        self.metrics = Registry()
+        self.m_role = self.metrics.gauge("replicator_role", "1 for the site's current role", ["role"])
+        self.m_epoch = self.metrics.gauge("replicator_epoch", "the site's epoch")
+        self.m_writes = self.metrics.counter("replicator_writes_total", "client writes by outcome", ["outcome"])
+        self.m_reads = self.metrics.counter("replicator_reads_total", "client reads by outcome", ["outcome"])
+        self.m_write_latency = self.metrics.histogram("replicator_write_seconds", "write latency")
+        self.m_read_latency = self.metrics.histogram("replicator_read_seconds", "read latency")
+        self.m_dirty = self.metrics.gauge("replicator_dirty_keys", "keys the peer may lack")
+        self.m_log = self.metrics.gauge("replicator_log_records", "records in the replication log")
+        self.m_inflight = self.metrics.gauge("replicator_link_inflight_bytes", "unacknowledged link bytes")
+        self.m_checksum = self.metrics.counter("replicator_checksum_errors_total", "corrupt values found on read")
+        self.m_witness = self.metrics.gauge("replicator_witness_reachable", "1 if the last witness call answered")
+        self.m_peer = self.metrics.gauge("replicator_peer_connected", "1 while a session with the peer is up")
+        self.metrics.add_collector(self._collect)
+        self.witness_reachable = False
+        self.stopped = asyncio.Event()
+        self.send_queue: asyncio.Queue[bytearray | None] = asyncio.Queue()
+        self.encoder = Encoder(self.name)
+        self.decoder = Decoder(section.pair_id, self.peer)
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.link: Link | None = None
+
+    # ------------------------------------------------------------ start-up
+    async def start(self) -> None:
+        section = self.config.site
+        data_dir = Path(section.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # REPLICATOR_STORAGE_FAULTS (a test hook of the chaos suite) is read by the store itself.
+        self.store = Store.open(data_dir / "store", StoreOptions(dedup_entries_max=section.dedup_entries_max))
+        recovered = self.store.load()
+        meta = {name: decode_meta(raw) for name, raw in recovered.meta.items()}
+        if "generation" not in meta:
+            generation = os.urandom(16)
+            batch = self.store.batch()
+            batch.put_meta("generation", encode_meta(generation))
+            self.store.write(batch)
+            self.store.sync()
+            meta["generation"] = generation
+            log("generation", generation=generation)
+        core_recovered = ev.Recovered(
+            meta=meta,
+            log=[decode_record(raw) for raw in recovered.log.values()],
+            dirty=set(recovered.dirty),
+            dedup={request_id: int(entry.outcome) for request_id, entry in recovered.dedup.items()},
+        )
+        plants = frozenset({self.config.chaos.test_plant}) if self.config.chaos.test_plant else frozenset()
+        core_config = CoreConfig(
+            site=self.name,
+            peer=self.peer,
+            pair=section.pair_id,
+            preferred=section.preferred_site or min(self.name, self.peer),
+            lease_ms=section.lease_ms,
+            clock_drift_max=section.lease_drift_ppm / 1e6,
+            peer_timeout_ms=section.peer_timeout_ms,
+            heartbeat_interval_ms=section.heartbeat_ms,
+            witness_retry_ms=self.config.witness.retry_interval_ms,
+            read_wait_ms_max=section.read_wait_ms,
+            dedup_age_ms=section.dedup_age_ms,
+            static_priority=section.static_priority,
+            plants=plants,
+        )
+        self.core = SiteCore(core_config, core_recovered)
+        self.committer = GroupCommitter(self.store)
+        self.committer.start()
+        self.witness = AsyncWitnessClient(
+            self.config.witness.address, tls=self.config.tls.witness, timeout_ms=self.config.witness.timeout_ms
+        )
+        link_tls = None
+        if self.config.tls.link is not None:
+            files = self.config.tls.link
+            link_tls = TlsConfig(str(files.ca_file), str(files.cert_file), str(files.key_file))
+        dialer = self.name < self.peer
+        self.link = Link(
+            role="connect" if dialer else "accept",
+            pair_id=section.pair_id,
+            local_site=self.name,
+            peer_site=self.peer,
+            address=_address(section.peer_address if dialer else self.config.listen.link),
+            hello=lambda: LocalHello(self.core.epoch, self.core.incarnation, 0),
+            on_frame=self._on_frame,
+            on_state=self._on_link_state,
+            limits=LinkLimits(
+                frame_size_bytes_max=section.frame_size_bytes_max,
+                inflight_bytes_max=section.inflight_bytes_max,
+                heartbeat_interval_ms=section.heartbeat_ms,
+                heartbeat_timeout_ms=max(section.peer_timeout_ms, 2 * section.heartbeat_ms + 1),
+                reconnect_backoff_ms_max=section.reconnect_backoff_ms_max,
+            ),
+            tls=link_tls,
+        )
+        self._execute(self.core.start(self._mono_ms(), self._wall_ms()))
+        await self.link.start()
+        self.tasks.append(asyncio.create_task(self._sender(), name="link-sender"))
+        self.tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
+        self.server = await start_site_server(self, self.config.listen.grpc, self.config.api, self.config.tls.grpc)
+        self.metrics_server = await start_metrics_server(self.metrics, self.config.listen.metrics)
+        log(
+            "started",
+            site=self.name,
+            epoch=self.core.epoch,
+            incarnation=self.core.incarnation,
+            grpc=self.server.address,
+            metrics=self.metrics_server.address,
+            exposed=self.config.exposed_addresses() if hasattr(self.config, "exposed_addresses") else [],
+        )
+
+    async def stop(self) -> None:
+        shutdown = Shutdown()
+        timeout = self.config.site.shutdown_stage_timeout_ms / 1000
+        shutdown.add("stop accepting requests", lambda: self.server.stop(timeout / 2), timeout)
+        shutdown.add("drain in-flight writes", self._drain, timeout)
+        shutdown.add("close the link", self._close_link, timeout)
+        shutdown.add("flush storage", self.committer.close, timeout)
+        shutdown.add("close servers", self._close_rest, timeout)
+        await shutdown.run()
+        self.store.close()
+
+    async def _drain(self) -> None:
+        while any(not future.done() for future in self.handles.values()):
+            await asyncio.sleep(0.01)
+
+    async def _close_link(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.link is not None:
+            await self.link.close()
+
+    async def _close_rest(self) -> None:
+        await self.metrics_server.stop()
+        await self.witness.close()
+
+    # ------------------------------------------------------------ the core driver
+    def _mono_ms(self) -> float:
+        return time.monotonic() * 1000.0
+
+    def _wall_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def step(self, event: ev.Event) -> None:
+        if self.core.role is Role.STOPPED:
+            return
+        self._execute(self.core.step(event, self._mono_ms(), self._wall_ms()))
+
+    def _execute(self, actions: list[ev.Action]) -> None:
+        for action in actions:
+            if isinstance(action, ev.Persist):
+                self._persist(action)
+            elif isinstance(action, ev.SendToPeer):
+                for frame in self.encoder.encode(action.message):
+                    self.send_queue.put_nowait(frame)
+            elif isinstance(action, ev.DropPeerConnection):
+                log("peer_drop", reason=action.reason)
+                if self.link is not None:
+                    self.link.reset(action.reason)
+            elif isinstance(action, ev.AnswerWrite | ev.RejectRead):
+                future = self.handles.pop(action.handle, None)
+                if future is not None and not future.done():
+                    future.set_result(action)
+            elif isinstance(action, ev.ServeRead):
+                future = self.handles.pop(action.handle, None)
+                if future is not None and not future.done():
+                    try:
+                        future.set_result(self.store.get(action.key))
+                    except CorruptValue as error:
+                        self.m_checksum.inc()
+                        log("corrupt_value", level="error", key=action.key)
+                        future.set_exception(errors.Corrupt(str(error)))
+            elif isinstance(action, ev.AskWitness):
+                asyncio.get_running_loop().create_task(self._ask_witness(action.request))
+            elif isinstance(action, ev.LoadResyncBatch):
+                self._load_resync(action)
+            elif isinstance(action, ev.RoleChanged):
+                log("role", old=action.old.name, new=action.new.name, epoch=action.epoch, reason=action.reason)
+            elif isinstance(action, ev.Committed):
+                pass
+            elif isinstance(action, ev.Stop):
+                log("stopping", level="error", reason=action.reason)
+                self.stopped.set()
+
+    def _persist(self, persist: ev.Persist) -> None:
+        batch = self.store.batch()
+        if persist.clear_data:
+            for version in self.store.scan(b"", None, 1 << 62):
+                batch.erase(version.key)
+        for record_id in persist.log_delete:
+            batch.delete_record(record_id)
+        for record in persist.log_put:
+            batch.put_record(record.id, encode_record(record))
+        for version in persist.apply:
+            batch.apply(version.key, version.ts, version.value)
+        for key in persist.dirty_add:
+            batch.add_dirty(key)
+        for key in persist.dirty_remove:
+            batch.discard_dirty(key)
+        now_ms = self._wall_ms()
+        for request_id, ts in persist.dedup_put:
+            batch.put_dedup(request_id, str(ts).encode(), now_ms)
+        for name, value in persist.meta:
+            batch.put_meta(name, encode_meta(value))
+        try:
+            sequence = self.committer.write_now(batch)
+        except StorageFailed as error:
+            self.step(ev.PersistFailed(str(error)))
+            return
+        persist_id = persist.persist_id
+        asyncio.get_running_loop().create_task(self._durable(sequence, persist_id))
+
+    async def _durable(self, sequence: int, persist_id: int) -> None:
+        try:
+            await self.committer.wait_durable(sequence)
+        except StorageFailed as error:
+            self.step(ev.PersistFailed(str(error)))
+            return
+        self.step(ev.Persisted(persist_id))
+
+    def _load_resync(self, action: ev.LoadResyncBatch) -> None:
+        if action.keys:
+            entries = []
+            for key in action.keys:
+                version = self.store.get(key)
+                entries.append(version if version is not None else Versioned(key, 0, None))
+            loaded = ev.ResyncBatchLoaded(action.token, tuple(entries), None)
+        else:
+            versions = self.store.scan(action.scan_from or b"", None, action.limit)
+            next_position = versions[-1].key + b"\x00" if len(versions) == action.limit else None
+            loaded = ev.ResyncBatchLoaded(action.token, tuple(versions), next_position)
+        asyncio.get_running_loop().call_soon(self.step, loaded)
+
+    async def _ask_witness(self, request: msg.WitnessRequest) -> None:
+        try:
+            if isinstance(request, msg.Arbitrate):
+                outcome = await self.witness.arbitrate(request.pair, request.site, request.epoch)
+                verdict = msg.Verdict.GRANTED if outcome.granted else msg.Verdict.DENIED
+            else:
+                outcome = await self.witness.mark_synced(request.pair, request.site, request.epoch)
+                verdict = msg.Verdict.SYNCED if outcome.granted else msg.Verdict.DENIED
+        except Exception as error:  # the witness unreachable, a deadline, a refused call
+            self.witness_reachable = False
+            log("witness_failed", level="warning", request=type(request).__name__, error=str(error)[:200])
+            self.step(ev.WitnessFailed(request))
+            return
+        self.witness_reachable = True
+        mode = msg.WitnessMode.SOLO if outcome.mode.name == "SOLO" else msg.WitnessMode.SYNC
+        answer = msg.WitnessAnswer(verdict, outcome.epoch, mode, outcome.holder)
+        log("witness_answer", request=type(request).__name__, verdict=verdict.name, epoch=outcome.epoch)
+        self.step(ev.WitnessAnswered(request, answer))
+
+    # ------------------------------------------------------------ link
+    def _on_link_state(self, event: Any) -> None:
+        if isinstance(event, LinkUp):
+            self.decoder.reset()
+            log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
+            self.step(ev.PeerConnected())
+        elif isinstance(event, LinkDown):
+            log("link_down", reason=event.reason)
+            self.step(ev.PeerDisconnected())
+
+    def _on_frame(self, frame: framing.Frame) -> None:
+        try:
+            message = self.decoder.decode(frame)
+        except framing.FramingError as error:
+            log("bad_frame", level="warning", error=str(error))
+            if self.link is not None:
+                self.link.reset("bad frame")
+            return
+        if message is not None:
+            self.step(ev.PeerSent(message))
+
+    async def _sender(self) -> None:
+        assert self.link is not None
+        while True:
+            frame = await self.send_queue.get()
+            if frame is None:
+                return
+            await self.link.send(frame)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.step(ev.TimePassed())
+
+    def _collect(self) -> None:
+        core = self.core
+        for role in Role:
+            self.m_role.labels(role.name).set(1 if core.role is role else 0)
+        self.m_epoch.set(core.epoch)
+        self.m_dirty.set(len(core.dirty))
+        self.m_log.set(len(core.log))
+        self.m_witness.set(1 if self.witness_reachable else 0)
+        self.m_peer.set(1 if core._session_up() else 0)
+        if self.link is not None:
+            self.m_inflight.set(self.link.unacknowledged_bytes)
+
+    # ------------------------------------------------------------ SiteBackend
+    def _handle(self) -> tuple[int, asyncio.Future[Any]]:
+        handle = self.next_handle
+        self.next_handle += 1
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.handles[handle] = future
+        return handle, future
+
+    def _unavailable(self, what: str) -> errors.Unavailable:
+        return errors.Unavailable(
+            f"site {self.name} cannot {what}: it is {self.core.role.name}; try site {self.peer}",
+            self.config.site.peer_grpc_address,
+        )
+
+    async def write(self, operations: Sequence[Operation], request_id: bytes, timeout_s: float) -> WriteResult:
+        started = time.perf_counter()
+        handle, future = self._handle()
+        self.step(ev.WriteRequested(handle, request_id, tuple(operations)))
+        try:
+            answer: ev.AnswerWrite = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            self.m_writes.labels("unknown").inc()
+            raise errors.OutcomeUnknown() from None
+        finally:
+            self.handles.pop(handle, None)
+        if answer.ok:
+            self.m_writes.labels("ok").inc()
+            self.m_write_latency.observe(time.perf_counter() - started)
+            return WriteResult(answer.ts, answer.duplicate)
+        self.m_writes.labels(answer.error or "error").inc()
+        if answer.error in ("unavailable", "overloaded"):
+            raise self._unavailable("write")
+        if answer.error == "invalid":
+            raise errors.InvalidRequest(answer.message)
+        raise errors.OutcomeUnknown(f"outcome unknown: {answer.message}")
+
+    async def read(self, key: bytes, timeout_s: float) -> Versioned | None:
+        started = time.perf_counter()
+        handle, future = self._handle()
+        self.step(ev.ReadRequested(handle, key))
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            self.m_reads.labels("timeout").inc()
+            raise self._unavailable("read in time") from None
+        finally:
+            self.handles.pop(handle, None)
+        if isinstance(result, ev.RejectRead):
+            self.m_reads.labels(result.error).inc()
+            raise self._unavailable("read")
+        self.m_reads.labels("ok").inc()
+        self.m_read_latency.observe(time.perf_counter() - started)
+        version: Versioned | None = result
+        if version is not None and version.value is None:
+            return version
+        return version
+
+    async def scan(self, start: bytes, end: bytes | None, limit: int, timeout_s: float) -> list[Versioned]:
+        # Linearizable per key: every key of the range is read through the core.
+        found = self.store.scan(start, end, limit)
+        results = []
+        for version in found:
+            current = await self.read(version.key, timeout_s)
+            if current is not None:
+                results.append(current)
+        return results
+
+    def status(self) -> SiteStatus:
+        core = self.core
+        return SiteStatus(
+            site=self.name,
+            peer=self.peer,
+            state=core.role.name,
+            epoch=core.epoch,
+            pair=self.config.site.pair_id,
+            role="source" if core.role in (Role.SOLO, Role.RESYNC_SOURCE) else "",
+            peer_reachable=core._session_up(),
+            witness_reachable=self.witness_reachable,
+            lag_records=len(core.log),
+            dirty_keys=len(core.dirty),
+            preferred=core.config.preferred,
+            peer_address=self.config.site.peer_grpc_address,
+            details={"incarnation": str(core.incarnation), "pending_writes": str(len(core.pending))},
+        )
+
+    async def verify(self, repair: bool, progress: Callable[[int, int], None]) -> VerifyReport:
+        raise errors.Unavailable("verify is not implemented by this daemon yet", "")
+
+    async def resync(self, full: bool) -> None:
+        raise errors.Unavailable("resync control is automatic in this version", "")
+
+    async def switchover(self) -> None:
+        raise errors.Unavailable("planned switchover is not implemented yet", "")
+
+    async def failover(self, force: bool) -> None:
+        raise errors.Unavailable("forced failover is not implemented yet", "")
+
+
+async def _main(config: SiteConfig, stop: asyncio.Event) -> int:
+    daemon = SiteDaemon(config)
+    await daemon.start()
+    stopped = asyncio.create_task(daemon.stopped.wait())
+    signalled = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    await daemon.stop()
+    return 1 if daemon.stopped.is_set() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="replicatord", description="Run one site of a Replicator pair.")
+    parser.add_argument("--config", required=True, help="the site's TOML configuration")
+    args = parser.parse_args(argv)
+    try:
+        config = load_site_config(args.config)
+    except (ConfigError, OSError) as error:
+        print(f"replicatord: {args.config}: {error}", file=sys.stderr)
+        return 2
+    configure("replicatord", config.site.name)
+    return run(lambda stop: _main(config, stop))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
