@@ -78,7 +78,7 @@ def _timestamp(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
-def render(event: str, level: str = "info", **fields: Any) -> str:
+def render(event: str, /, level: str = "info", **fields: Any) -> str:
     """The JSON line `log` would write (without the newline)."""
     record: dict[str, Any] = {"ts": _timestamp(time.time()), "level": level}
     if _state["component"]:
@@ -93,7 +93,7 @@ def render(event: str, level: str = "info", **fields: Any) -> str:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
 
 
-def log(event: str, level: str = "info", **fields: Any) -> None:
+def log(event: str, /, level: str = "info", **fields: Any) -> None:
     """Write one event as a JSON line on stderr; never raises on a closed stream."""
     if LEVELS.get(level, 20) < _state["level"]:
         return
