@@ -31,6 +31,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -327,6 +328,12 @@ class LocalCluster:
         process = self.processes[name]
         return [self.python, "-m", process.module, "--config", str(process.config)]
 
+    def shell_command(self, name: str) -> str:
+        """A shell line that starts `name` again by hand (not recorded in cluster.json)."""
+        command = " ".join(shlex.quote(part) for part in self.command(name))
+        root = str(Path(replicator.__file__).resolve().parent.parent)
+        return f"cd {shlex.quote(str(self.directory))} && PYTHONPATH={shlex.quote(root)} {command}"
+
     def is_running(self, name: str) -> bool:
         process = self.processes.get(name)
         if process is None or process.pid is None:
@@ -522,7 +529,7 @@ def _up(args: argparse.Namespace) -> int:
                     reported.add(name)
                     print(
                         f"replicator-local: {name} (pid {process.pid}) exited with code {process.popen.returncode}; "
-                        f"start it again with: {' '.join(cluster.command(name))}",
+                        f"start it again with: {cluster.shell_command(name)}",
                         file=sys.stderr,
                         flush=True,
                     )
