@@ -167,6 +167,7 @@ def test_command_line_up_status_down(tmp_path: Path) -> None:
         assert not same_process(pid, entry["config"])
         assert _local("status", "--dir", str(directory)).returncode == 1
 
+        time.sleep(1.0)  # `up` polls its children every 0.5 s
         up.send_signal(signal.SIGTERM)
         _, stderr = up.communicate(timeout=20)
         assert up.returncode == 0
