@@ -203,13 +203,22 @@ class MarkSynced:
     epoch: int
 
 
-WitnessRequest = Arbitrate | MarkSynced
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What is the pair's state? Changes nothing (answered with Verdict.STATE)."""
+
+    pair: str
+    site: str
+
+
+WitnessRequest = Arbitrate | MarkSynced | Query
 
 
 class Verdict(enum.Enum):
     GRANTED = "GRANTED"  # Arbitrate: the site goes on alone in `epoch`
     SYNCED = "SYNCED"  # MarkSynced: the pair is SYNC in `epoch`
     DENIED = "DENIED"
+    STATE = "STATE"  # Query: the current state, nothing changed
 
 
 @dataclass(frozen=True, slots=True)

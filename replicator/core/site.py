@@ -116,6 +116,9 @@ class SiteCore:
         self.holds_grant = bool(_int(meta, "grant", 0))  # we hold the witness's grant for self.epoch
         self.is_target = bool(_int(meta, "target", 0))  # we are being resynchronised in self.epoch
         self.synced_epoch = _int(meta, "synced_epoch", 0)
+        # We asked the witness to go on alone in this epoch and do not know the
+        # answer: it may have granted us the next epoch (see _confirm_grant).
+        self.asked_epoch = _int(meta, "asked_epoch", 0)
         peer_generation = meta.get("peer_generation", b"")
         self.peer_generation: bytes = peer_generation if isinstance(peer_generation, bytes) else b""
         full_position = meta.get("resync_full_position", b"")
@@ -517,6 +520,9 @@ class SiteCore:
 
     def _advance_commits(self) -> None:
         """Commit own records, in seq order, that are durable here and acked by the peer."""
+        if self.role not in (Role.SYNC, Role.RESYNC_SOURCE):
+            # SUSPENDED (or worse) commits nothing: reconcile or takeover resolves these records.
+            return
         committed: list[Record] = []
         for seq in sorted(self.pending):
             pending = self.pending[seq]
@@ -748,7 +754,30 @@ class SiteCore:
         if "no_witness" in self.config.plants:
             self.grant_epoch = self.epoch + 1
             return
-        self._ask_witness(msg.Arbitrate(self.config.pair, self.config.site, self.epoch))
+        self._arbitrate()
+
+    def _arbitrate(self) -> None:
+        """Ask to go on alone, after recording durably that we asked: a grant
+        whose answer we do not live to see must still be found again."""
+        request = msg.Arbitrate(self.config.pair, self.config.site, self.epoch)
+        if self.asked_epoch == self.epoch:
+            self._ask_witness(request)
+            return
+        self.asked_epoch = self.epoch
+        persist_id = self._persist(meta=(("asked_epoch", self.epoch),))
+        self.witness_outstanding = request  # nothing else goes to the witness meanwhile
+
+        def ask() -> None:
+            if self.witness_outstanding == request:
+                self.witness_outstanding = None
+                self._ask_witness(request)
+
+        self._after(persist_id, ask)
+
+    def _clear_asked(self) -> None:
+        if self.asked_epoch:
+            self.asked_epoch = 0
+            self._persist(meta=(("asked_epoch", 0),))
 
     def _ask_witness(self, request: msg.WitnessRequest) -> None:
         if self.witness_outstanding == request:
@@ -760,7 +789,11 @@ class SiteCore:
         if self.mark_synced_outstanding:
             self._ask_witness(msg.MarkSynced(self.config.pair, self.config.site, self.epoch))
         elif self.role in (Role.SUSPENDED, Role.FENCED) and self.grant_epoch is None and self.peer_generation:
-            self._ask_witness(msg.Arbitrate(self.config.pair, self.config.site, self.epoch))
+            self._arbitrate()
+        elif self.asked_epoch == self.epoch and self.grant_epoch is None and self.role in (Role.SYNC, Role.RECONCILE):
+            # Back in SYNC without the answer to our Arbitrate: find out
+            # whether the witness granted us the next epoch (without asking again).
+            self._ask_witness(msg.Query(self.config.pair, self.config.site))
         elif self.role is Role.STARTING and self.holds_grant and self.grant_epoch is None:
             self._ask_witness(msg.Arbitrate(self.config.pair, self.config.site, self.epoch))
 
@@ -784,6 +817,18 @@ class SiteCore:
         if isinstance(event.request, msg.MarkSynced):
             self._on_mark_synced_answer(answer)
             return
+        if isinstance(event.request, msg.Query):
+            granted_to_us = (
+                answer.mode is msg.WitnessMode.SOLO and answer.holder == self.config.site and answer.epoch > self.epoch
+            )
+            if granted_to_us and self.role in (Role.SYNC, Role.RECONCILE):
+                self._drop_session("the witness granted us an epoch we had not heard of")
+                self._set_role(Role.SUSPENDED, "late grant found by query")
+                self.grant_epoch = answer.epoch
+            elif not granted_to_us:
+                self._clear_asked()
+            return
+
         if answer.verdict is msg.Verdict.GRANTED:
             if self.role in (Role.SOLO, Role.RESYNC_SOURCE) and answer.epoch == self.epoch:
                 return
@@ -801,7 +846,8 @@ class SiteCore:
                     self._set_role(Role.SUSPENDED, "late grant")
                 self.grant_epoch = answer.epoch
             return
-        # DENIED
+        # DENIED: whatever we asked before, we were not granted.
+        self._clear_asked()
         adoptable = (
             answer.mode is msg.WitnessMode.SYNC
             and answer.epoch == self.epoch + 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from replicator.core.messages import Arbitrate, MarkSynced, Verdict, WitnessAnswer, WitnessMode, WitnessRequest
+from replicator.core.messages import Arbitrate, MarkSynced, Query, Verdict, WitnessAnswer, WitnessMode, WitnessRequest
 
 
 class WitnessProtocolError(Exception):
@@ -130,6 +130,8 @@ class WitnessCore:
             self._arbitrate(event.handle, request, config, state, now_ms, actions)
         elif isinstance(request, MarkSynced):
             self._mark_synced(event.handle, request, state, actions)
+        elif isinstance(request, Query):
+            self._reply(event.handle, Verdict.STATE, state, actions)
         else:  # pragma: no cover
             raise WitnessProtocolError(f"unknown request {request!r}")
 

@@ -25,6 +25,7 @@ from replicator import framing
 from replicator.api import errors
 from replicator.api.backend import SiteStatus, VerifyReport, WriteResult
 from replicator.api.server import start_site_server
+from replicator.api.witness import PairMode, PairState
 from replicator.client.witness import AsyncWitnessClient
 from replicator.config import ConfigError, SiteConfig, load_site_config
 from replicator.core import events as ev
@@ -326,6 +327,11 @@ class SiteDaemon:
             if isinstance(request, msg.Arbitrate):
                 outcome = await self.witness.arbitrate(request.pair, request.site, request.epoch)
                 verdict = msg.Verdict.GRANTED if outcome.granted else msg.Verdict.DENIED
+            elif isinstance(request, msg.Query):
+                states = [s for s in await self.witness.status(request.pair) if s.pair == request.pair]
+                # A pair the witness never changed is SYNC in its first epoch.
+                outcome = states[0] if states else PairState(request.pair, 1, PairMode.SYNC, "")
+                verdict = msg.Verdict.STATE
             else:
                 outcome = await self.witness.mark_synced(request.pair, request.site, request.epoch)
                 verdict = msg.Verdict.SYNCED if outcome.granted else msg.Verdict.DENIED
