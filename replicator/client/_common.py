@@ -7,6 +7,12 @@ switch to the other site is immediate; once every site has been tried, each
 further attempt waits a backoff that doubles from `backoff_initial_ms` up to
 `backoff_ms_max`, with jitter. Writes are retried with the SAME request id,
 so whichever site a retry reaches, the write is applied at most once.
+
+Exception: after DEADLINE_EXCEEDED (the outcome is unknown, the site is
+alive) the next attempt goes to the SAME site, which finds the original
+record and waits for it; only a second deadline there moves on. A retry at
+the other site could overtake the original on its way there (docs/design.md,
+"Retries").
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from replicator.config import TlsFiles, parse_address
 from replicator.v1 import admin_pb2
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS})
+SAME_SITE_DEADLINES_MAX = 2  # deadlines in a row at one site before moving to the other
 OTHER_SITE_METADATA_KEY = "replicator-other-site"
 MESSAGE_BYTES_MAX = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -82,11 +89,14 @@ class Rotation:
         self.policy = policy
         self.current = 0  # sticky: the site that answered last
 
-    def delay_s(self, attempt: int) -> float:
-        """Wait before attempt number `attempt` (0-based); moves to the other site."""
+    def delay_s(self, attempt: int, switch: bool = True) -> float:
+        """Wait before attempt number `attempt` (0-based); moves to the other site unless `switch` is False."""
         if attempt == 0:
             return 0.0
-        self.current = (self.current + 1) % len(self.endpoints)
+        if switch:
+            self.current = (self.current + 1) % len(self.endpoints)
+        else:
+            return float(self.policy.backoff_initial_ms * random.uniform(0.5, 1.0) / 1000)
         rounds = attempt - len(self.endpoints) + 1
         if rounds <= 0:
             return 0.0

@@ -14,6 +14,7 @@ from replicator.client._api import ADMIN, BLOCKS, LIST_PAGE_SIZE, OBJECTS, _Api,
 from replicator.client._common import (
     CHANNEL_OPTIONS,
     RETRYABLE,
+    SAME_SITE_DEADLINES_MAX,
     ObjectInfo,
     RequestIds,
     RetryPolicy,
@@ -85,8 +86,9 @@ class AsyncClient(_Api):
             except grpc.RpcError as error:
                 raise failure(error, self.endpoints[0], [self.endpoints[0]]) from None
         tried: builtins.list[str] = []
+        deadlines = 0  # consecutive DEADLINE_EXCEEDED at the current site
         for attempt in range(self.retry.attempts_max):
-            delay = self._rotation.delay_s(attempt)
+            delay = self._rotation.delay_s(attempt, switch=not 0 < deadlines < SAME_SITE_DEADLINES_MAX)
             if delay:
                 await asyncio.sleep(delay)
             index = self._rotation.current
@@ -97,6 +99,7 @@ class AsyncClient(_Api):
             except grpc.RpcError as error:
                 if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
                     raise failure(error, self.endpoints[index], tried) from None
+                deadlines = deadlines + 1 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
         raise AssertionError("unreachable")
 
     async def list_objects(self, bucket: str, prefix: str = "") -> builtins.list[ObjectInfo]:
