@@ -1,6 +1,7 @@
 """`replicator-local`: a witness and two sites on loopback, for the demo, the tests and a first try.
 
     replicator-local up --dir DIR       # configs, start, wait healthy, stay in the foreground; Ctrl-C stops all
+    replicator-local up --dir DIR --tls # the same with mutual TLS on every link (certificates in DIR/tls/)
     replicator-local status --dir DIR   # each recorded process: running?, health
     replicator-local down --dir DIR     # stop the processes recorded in DIR/cluster.json
 
@@ -15,12 +16,18 @@ own with that command. DIR/cluster.json records what runs:
      "sites": {"a": {"pid": N, "grpc": "...", "peer": "...", "metrics": "...", "config": "DIR/a.toml"},
                "b": {...}}}
 
-("peer" is the site's log-shipping listen address.) As a library:
+("peer" is the site's log-shipping listen address.) With TLS, DIR/tls/ holds
+a private CA and certificates for a, b, the witness and a client (the
+operator), every configuration has its [tls.*] sections, health checks use
+the client certificate and cluster.json also records
+"tls": {"ca": ..., "cert": ..., "key": ...} (the client's files, for
+replicatorctl --ca --cert --key). As a library:
 
     with LocalCluster(tmp_path) as cluster:
         cluster.start(sites=True)          # raises LocalClusterError naming the process and its log tail
         cluster.cluster["sites"]["a"]["grpc"]
         cluster.kill("a"); cluster.restart("a")
+    with LocalCluster(tmp_path, tls=True) as cluster: ...   # mutual TLS; cluster.client_tls is a TlsFiles
     # every process started is stopped on exit (SIGTERM, then SIGKILL after stop_timeout_s)
 """
 
@@ -48,6 +55,8 @@ from replicator.config import (
     PairSpec,
     SiteConfig,
     SiteSection,
+    TlsConfig,
+    TlsFiles,
     WitnessClientConfig,
     WitnessConfig,
     WitnessListenConfig,
@@ -62,6 +71,8 @@ __all__ = [
     "PAIR_ID",
     "SITE_MODULE",
     "SITE_NAMES",
+    "TLS_CLIENT",
+    "TLS_DIR",
     "WITNESS_MODULE",
     "LocalCluster",
     "LocalClusterError",
@@ -77,6 +88,9 @@ WITNESS_MODULE = "replicator.daemon.witness"
 PAIR_ID = "pair-1"
 SITE_NAMES = ("a", "b")
 WITNESS = "witness"
+TLS_DIR = "tls"  # under the cluster directory: the CA, one certificate per process, one for the client
+TLS_CA = "ca"
+TLS_CLIENT = "client"
 
 # Short timeouts for a demo on loopback (the defaults are for a metro network).
 DEMO_SITE_SETTINGS: dict[str, Any] = {
@@ -129,12 +143,20 @@ def same_process(pid: int, config: str | os.PathLike[str]) -> bool:
     return str(config) in raw.decode(errors="replace").split("\0")
 
 
-def grpc_health(address: str, timeout_s: float = 1.0, service: str = "") -> str:
-    """The grpc.health.v1 status ("SERVING", "NOT_SERVING", ...) of `address`, or "UNREACHABLE"."""
+def grpc_health(address: str, timeout_s: float = 1.0, service: str = "", tls: TlsFiles | None = None) -> str:
+    """The grpc.health.v1 status ("SERVING", "NOT_SERVING", ...) of `address`, or "UNREACHABLE".
+
+    With `tls` (CA, client certificate and key) the check runs over mutual TLS.
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = grpc.insecure_channel(address)
+    if tls is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        ca, cert, key = tls.read()
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        channel = grpc.secure_channel(address, credentials)
     try:
         response = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -173,6 +195,7 @@ class _Process:
     extra: dict[str, str]  # sites: peer (link listen address), metrics
     popen: subprocess.Popen[bytes] | None = None
     pid: int | None = None
+    health_tls: TlsFiles | None = None  # client credentials for the health check when its gRPC is TLS
 
 
 class LocalCluster:
@@ -185,11 +208,15 @@ class LocalCluster:
         health_timeout_s: float = 30.0,
         stop_timeout_s: float = 10.0,
         python: str = sys.executable,
+        tls: bool = False,
     ) -> None:
         self.directory = Path(directory).resolve()
         self.health_timeout_s = health_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.python = python
+        # Mutual TLS on every link. A directory configured with TLS earlier keeps it even if tls=False.
+        self.tls = tls
+        self.client_tls: TlsFiles | None = None  # the client (operator) certificate, once configured with TLS
         self.processes: dict[str, _Process] = {}
         self.started: list[str] = []  # names started by this object, in order
 
@@ -200,6 +227,15 @@ class LocalCluster:
 
     def config_path(self, name: str) -> Path:
         return self.directory / f"{name}.toml"
+
+    @property
+    def tls_directory(self) -> Path:
+        return self.directory / TLS_DIR
+
+    def tls_files(self, name: str) -> TlsFiles:
+        """The CA, certificate and key of `name` (a, b, witness or client) under DIR/tls/ (absolute paths)."""
+        directory = self.tls_directory
+        return TlsFiles(directory / f"{TLS_CA}.pem", directory / f"{name}.pem", directory / f"{name}.key")
 
     def configure(self) -> None:
         """Write the three configuration files, or reuse them if they exist; fill `processes`."""
@@ -213,12 +249,31 @@ class LocalCluster:
                 f"restore them or use an empty directory"
             )
         if not present:
+            if self.tls:
+                self._make_certificates()
             self._write_configs()
         try:
             witness = load_witness_config(self.config_path(WITNESS))
             sites = {n: load_site_config(self.config_path(n)) for n in SITE_NAMES}
         except Exception as error:
             raise LocalClusterError(f"invalid configuration in {self.directory}: {error}") from None
+        configured_tls = witness.tls.grpc is not None or any(s.tls.grpc is not None for s in sites.values())
+        if self.tls and not configured_tls:
+            raise LocalClusterError(
+                f"{self.directory} was configured without TLS: start it without --tls (tls=False), "
+                f"or use an empty directory for a TLS deployment"
+            )
+        self.tls = configured_tls
+        self.client_tls = None
+        if configured_tls:
+            client = self.tls_files(TLS_CLIENT)
+            missing = [str(p) for p in (client.ca_file, client.cert_file, client.key_file) if not p.is_file()]
+            if missing:
+                raise LocalClusterError(
+                    f"{self.directory} is configured with TLS but the client certificate files are missing: "
+                    f"{', '.join(missing)}"
+                )
+            self.client_tls = client
         self.processes[WITNESS] = _Process(
             WITNESS,
             WITNESS_MODULE,
@@ -226,6 +281,7 @@ class LocalCluster:
             self.directory / f"{WITNESS}.log",
             witness.listen.grpc,
             {"metrics": witness.listen.metrics},
+            health_tls=self.client_tls if witness.tls.grpc is not None else None,
         )
         for name, site in sites.items():
             self.processes[name] = _Process(
@@ -235,7 +291,33 @@ class LocalCluster:
                 self.directory / f"{name}.log",
                 site.listen.grpc,
                 {"peer": site.listen.link, "metrics": site.listen.metrics},
+                health_tls=self.client_tls if site.tls.grpc is not None else None,
             )
+
+    def _make_certificates(self) -> None:
+        """DIR/tls/: a CA and certificates for a, b, the witness and the client; kept if all are there."""
+        from replicator.tlsutil import TlsError, make_ca, make_certificate
+
+        directory = self.tls_directory
+        names = (*SITE_NAMES, WITNESS, TLS_CLIENT)
+        wanted = [directory / f"{n}.{s}" for n in (TLS_CA, *names) for s in ("pem", "key")]
+        if all(p.is_file() for p in wanted):
+            return
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            ca = make_ca(directory, TLS_CA, common_name=f"Replicator local CA ({self.directory.name})")
+            for name in names:
+                # Sites: the link checks the peer's certificate against the peer's site name (DNS:<name>);
+                # gRPC clients check 127.0.0.1. The client certificate is for clients only.
+                make_certificate(directory, name, ca, server=name != TLS_CLIENT)
+        except (TlsError, OSError, ValueError) as error:
+            raise LocalClusterError(f"cannot make TLS certificates in {directory}: {error}") from None
+
+    def _relative_tls(self, name: str) -> TlsFiles:
+        """`name`'s TLS files relative to the directory (configs resolve them against their own directory)."""
+        return TlsFiles(
+            *(Path(TLS_DIR) / f"{stem}.{suffix}" for stem, suffix in ((TLS_CA, "pem"), (name, "pem"), (name, "key")))
+        )
 
     def _write_configs(self) -> None:
         ports = iter(free_ports(2 + 3 * len(SITE_NAMES)))
@@ -251,6 +333,7 @@ class LocalCluster:
             witness=WitnessSection(data_dir=Path("data") / WITNESS, **DEMO_WITNESS_SETTINGS),
             listen=WitnessListenConfig(grpc=witness_grpc, metrics=witness_metrics),
             pairs=(PairSpec(id=PAIR_ID, sites=SITE_NAMES, preferred_site=SITE_NAMES[0]),),
+            tls=TlsConfig(grpc=self._relative_tls(WITNESS)) if self.tls else TlsConfig(),
         )
         configs: dict[str, WitnessConfig | SiteConfig] = {WITNESS: witness}
         for name in SITE_NAMES:
@@ -268,6 +351,7 @@ class LocalCluster:
                 ),
                 listen=listens[name],
                 witness=WitnessClientConfig(address=witness_grpc, **DEMO_WITNESS_CLIENT),
+                tls=TlsConfig(*(self._relative_tls(name),) * 3) if self.tls else TlsConfig(),
             )
         for name, config in configs.items():
             _write_atomically(self.config_path(name), config.to_toml())
@@ -292,6 +376,9 @@ class LocalCluster:
 
     def _write_cluster(self) -> None:
         document: dict[str, Any] = {"witness": None, "sites": {}}
+        if self.client_tls is not None:
+            client = self.client_tls
+            document["tls"] = {"ca": str(client.ca_file), "cert": str(client.cert_file), "key": str(client.key_file)}
         witness = self.processes.get(WITNESS)
         if witness is not None and witness.pid is not None:
             document["witness"] = self._entry(witness)
@@ -378,7 +465,7 @@ class LocalCluster:
                     f"{name} (pid {process.pid}) exited with code {process.popen.returncode} during start-up; "
                     f"last lines of {process.log}:\n{_tail(process.log)}"
                 )
-            if grpc_health(process.grpc, timeout_s=0.5) == "SERVING":
+            if grpc_health(process.grpc, timeout_s=0.5, tls=process.health_tls) == "SERVING":
                 return
             if time.monotonic() > deadline:
                 raise LocalClusterError(
@@ -498,10 +585,19 @@ def _summary(cluster: LocalCluster) -> str:
             continue
         extra = "  ".join(f"{k} {v}" for k, v in process.extra.items())
         lines.append(f"  {name:<8} pid {process.pid:<7}  grpc {process.grpc}  {extra}  log {process.log}")
+    flags = ""
+    if cluster.client_tls is not None:
+        tls = cluster.client_tls
+        flags = " ".join(
+            f"{option} {shlex.quote(str(path))}"
+            for option, path in (("--ca", tls.ca_file), ("--cert", tls.cert_file), ("--key", tls.key_file))
+        )
+        lines.append(f"mutual TLS on every link; client certificate: {flags}")
+        flags = " " + flags
     if any(n in cluster.started for n in SITE_NAMES):
         a = cluster.processes[SITE_NAMES[0]].grpc
-        lines.append(f"try:  replicatorctl --endpoint {a} status")
-    lines.append(f"      replicatorctl --witness {cluster.processes[WITNESS].grpc} witness status")
+        lines.append(f"try:  replicatorctl --endpoint {a}{flags} status")
+    lines.append(f"      replicatorctl --witness {cluster.processes[WITNESS].grpc}{flags} witness status")
     lines.append("Ctrl-C (or SIGTERM) stops everything started here.")
     return "\n".join(lines)
 
@@ -511,7 +607,9 @@ class _Stop(Exception):
 
 
 def _up(args: argparse.Namespace) -> int:
-    cluster = LocalCluster(args.dir, health_timeout_s=args.health_timeout, stop_timeout_s=args.stop_timeout)
+    cluster = LocalCluster(
+        args.dir, health_timeout_s=args.health_timeout, stop_timeout_s=args.stop_timeout, tls=args.tls
+    )
 
     def on_term(signum: int, frame: object) -> None:
         raise _Stop()
@@ -545,7 +643,7 @@ def _up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _recorded(directory: Path) -> list[tuple[str, dict[str, Any]]]:
+def _read_cluster(directory: Path) -> dict[str, Any]:
     path = directory / "cluster.json"
     try:
         document = json.loads(path.read_text())
@@ -553,6 +651,25 @@ def _recorded(directory: Path) -> list[tuple[str, dict[str, Any]]]:
         raise LocalClusterError(f"{path}: no such file (nothing was started in {directory})") from None
     except (OSError, ValueError) as error:
         raise LocalClusterError(f"{path}: cannot read: {error}") from None
+    if not isinstance(document, dict):
+        raise LocalClusterError(f"{path}: not a JSON object")
+    return document
+
+
+def _recorded_tls(document: dict[str, Any]) -> TlsFiles | None:
+    """The client certificate cluster.json records for a TLS deployment, or None."""
+    tls = document.get("tls")
+    if not tls:
+        return None
+    try:
+        return TlsFiles(Path(tls["ca"]), Path(tls["cert"]), Path(tls["key"]))
+    except (KeyError, TypeError):
+        raise LocalClusterError(f'cluster.json: bad "tls" entry {tls!r} (wants ca, cert, key)') from None
+
+
+def _recorded(directory: Path, document: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    if document is None:
+        document = _read_cluster(directory)
     entries = []
     if document.get("witness"):
         entries.append((WITNESS, document["witness"]))
@@ -585,11 +702,14 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    entries = _recorded(Path(args.dir).resolve())
+    directory = Path(args.dir).resolve()
+    document = _read_cluster(directory)
+    entries = _recorded(directory, document)
+    tls = _recorded_tls(document)
     rows = []
     for name, entry in entries:
         running = bool(entry.get("pid")) and same_process(entry["pid"], entry["config"])
-        health = grpc_health(entry["grpc"], timeout_s=1.0) if running else "-"
+        health = grpc_health(entry["grpc"], timeout_s=1.0, tls=tls) if running else "-"
         rows.append({"name": name, "pid": entry.get("pid"), "running": running, "health": health, **entry})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -608,6 +728,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = commands.add_parser("up", help="configure (or reuse) DIR, start everything, stay in the foreground")
     up.add_argument("--dir", required=True, help="directory for configs, data, logs and cluster.json")
     up.add_argument("--no-sites", action="store_true", help="start the witness only")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS on every link (gRPC, site link, witness): a CA and certificates in DIR/tls/",
+    )
     up.add_argument("--health-timeout", type=float, default=30.0, help="seconds to wait for each process")
     up.add_argument("--stop-timeout", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     down = commands.add_parser("down", help="stop the processes recorded in DIR/cluster.json")
