@@ -171,3 +171,38 @@ def test_seed_115_target_lost_the_apply_of_its_own_committed_record(plant: froze
         assert b.value(b"k") is None  # the bug: the acknowledged write is gone at b
     else:
         assert b.value(b"k") == b"v1"
+
+
+@pytest.mark.parametrize("plant", [frozenset(), frozenset({"reconcile_early"})])
+def test_reconcile_commits_only_what_the_peer_holds_durably(plant: frozenset[str]) -> None:
+    """b's write never reached a; they reconcile; a crashes before it made b's record
+    durable. b must not have committed it on its own (plant reconcile_early)."""
+    a, b = Site("a", plant), Site("b", plant)
+    a.start()
+    b.start()
+    connect(a, b)
+    b.step(ev.WriteRequested(7, b"req-7", (Operation(b"k2", b"v"),)))
+    b.sync()
+    b.outbox.clear()  # the record never reaches a
+    a.step(ev.PeerDisconnected())
+    b.step(ev.PeerDisconnected())
+    a.step(ev.PeerConnected())
+    b.step(ev.PeerConnected())
+    deliver(a, b)  # a's Hello (then its empty reconcile and ReconcileDone)
+    deliver(b, a)  # b's Hello, b's record (reconcile) and ReconcileDone: a writes it, not durable yet
+    b.sync()
+    deliver(a, b)  # a's messages so far; a's ReconcileAck waits for a's disk
+    b.sync()
+    a.crash()  # a loses b's record before it was durable
+    b.step(ev.PeerDisconnected())
+    answered = [x for x in b.answers if x.handle == 7 and x.ok]
+    a.start()
+    connect(a, b)
+    settle(a, b)
+    assert a.core is not None and b.core is not None
+    if plant:
+        assert answered  # acknowledged...
+        assert a.value(b"k2") is None and b.value(b"k2") == b"v"  # ...and missing at a: replicas differ
+    else:
+        assert not answered or a.value(b"k2") == b"v"
+        assert a.value(b"k2") == b.value(b"k2")

@@ -22,6 +22,8 @@ FAULTS = (
     "disk_full",
     "wipe",
     "reset",
+    "crash_in_reconcile",
+    "crash_in_resync",
 )
 
 
@@ -58,7 +60,10 @@ class Client:
         world = self.world
         rng = world.rng
         self.count += 1
-        key = f"k{rng.randrange(world.params.keys)}"
+        # Hot keys conflict; cold keys are rarely overwritten, so a lost or
+        # stale value stays visible long enough for the checkers to see it.
+        hot = max(1, world.params.keys // 3)
+        key = f"k{rng.randrange(hot) if rng.random() < 0.7 else rng.randrange(hot, world.params.keys)}"
         roll = rng.random()
         f = "read" if roll < 0.5 else "write" if roll < 0.9 else "delete"
         value = f"v{self.number}-{self.count}" if f == "write" else None
@@ -238,6 +243,23 @@ class FaultInjector:
             site.disk.full = True
             self.restart_later(name, 500, 3000)
         elif fault == "reset":
+            world.reset_connection()
+        elif fault in ("crash_in_reconcile", "crash_in_resync"):
+            # The next time a site enters the role, one of the two crashes a moment later.
+            role = Role.RECONCILE if fault == "crash_in_reconcile" else Role.RESYNC_TARGET
+
+            def arm(entered: str) -> None:
+                victim = world.sites[rng.choice(SITES)]
+                incarnation = victim.incarnation
+
+                def crash() -> None:
+                    if victim.alive and victim.incarnation == incarnation:
+                        victim.crash(f"kill -9 during {role.name}")
+                        self.restart_later(victim.name, 50, 1500)
+
+                world.after(rng.randint(0, 4000), crash)
+
+            world.role_triggers[role] = arm
             world.reset_connection()
 
 

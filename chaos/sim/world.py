@@ -60,7 +60,7 @@ class SimParams:
     safety_ms: int = 12_000
     liveness_ms: int = 30_000
     clients: int = 4
-    keys: int = 5
+    keys: int = 12
     faults: bool = True
     fault_interval_ms: tuple[int, int] = (300, 2500)
     net_delay_us: tuple[int, int] = (50, 1500)
@@ -428,6 +428,8 @@ class World:
         self.links: dict[tuple[str, str], str] = {}
         self.next_connection_id = 1
         self.faults_injected: dict[str, int] = {}
+        # Armed by a fault: runs once when some site next enters the role (a crash mid-reconcile...).
+        self.role_triggers: dict[Role, Callable[[str], None]] = {}
         self.acknowledged_writes = 0
         self.operations = 0
         for site in self.sites.values():
@@ -461,6 +463,9 @@ class World:
 
     # ------------------------------------------------------------- checker feeds
     def site_event(self, site: str, role: Role, epoch: int) -> None:
+        trigger = self.role_triggers.pop(role, None)
+        if trigger is not None:
+            trigger(site)
         state = "SYNC" if role is Role.RECONCILE else role.name
         process = self.sites[site]
         granted = bool(process.core and process.core.holds_grant)
