@@ -264,10 +264,10 @@ class SiteCore:
 
     def _on_read(self, event: ev.Event) -> None:
         assert isinstance(event, ev.ReadRequested)
-        if not self._can_serve_reads():
+        if not self._can_serve_reads() and not self._lease_coming():
             self.out.append(ev.RejectRead(event.handle, "unavailable", f"site {self.config.site} is {self.role.name}"))
             return
-        if self._key_blocked(event.key):
+        if self._key_blocked(event.key) or not self._can_serve_reads():
             self.parked_reads.append(_ParkedRead(event.handle, event.key, self.now_ms + self.config.read_wait_ms_max))
             return
         self.out.append(ev.ServeRead(event.handle, event.key))
@@ -1135,6 +1135,10 @@ class SiteCore:
             return self.now_ms < self.lease_until_ms or "no_read_lease" in self.config.plants
         return False
 
+    def _lease_coming(self) -> bool:
+        """SYNC with a live session but no lease yet (just joined): a read waits for it."""
+        return self.role is Role.SYNC and self._session_up() and self.grant_epoch is None
+
     def _key_blocked(self, key: bytes) -> bool:
         if "no_read_gate" in self.config.plants:
             return False
@@ -1145,7 +1149,9 @@ class SiteCore:
             return
         keep = []
         for parked in self.parked_reads:
-            if not self._can_serve_reads():
+            if not self._can_serve_reads() and self._lease_coming():
+                keep.append(parked)  # SYNC with the peer, the next heartbeat answer brings the lease
+            elif not self._can_serve_reads():
                 self.out.append(ev.RejectRead(parked.handle, "unavailable", f"site is {self.role.name}"))
             elif self._key_blocked(parked.key):
                 keep.append(parked)

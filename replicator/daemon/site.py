@@ -188,6 +188,7 @@ class SiteDaemon:
         await self.link.start()
         self.tasks.append(asyncio.create_task(self._sender(), name="link-sender"))
         self.tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
+        self.tasks.append(asyncio.create_task(self._probe_witness(), name="witness-probe"))
         self.server = await start_site_server(self, self.config.listen.grpc, self.config.api, self.config.tls.grpc)
         self.metrics_server = await start_metrics_server(self.metrics, self.config.listen.metrics)
         log(
@@ -374,6 +375,16 @@ class SiteDaemon:
             if frame is None:
                 return
             await self.link.send(frame)
+
+    async def _probe_witness(self) -> None:
+        """Keep `witness_reachable` true to life for status and metrics (the core asks only on failures)."""
+        while True:
+            try:
+                await self.witness.status(self.config.site.pair_id)
+                self.witness_reachable = True
+            except Exception:
+                self.witness_reachable = False
+            await asyncio.sleep(2.0)
 
     async def _ticker(self) -> None:
         while True:
