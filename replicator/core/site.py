@@ -1059,7 +1059,13 @@ class SiteCore:
         # source having it: drop it. Outcome of our own writes: unknown.
         self._fence("resync begins")
         dropped = tuple(self.log)
-        suspect = tuple(sorted({key for record in self.log.values() for key in record.keys()}))
+        # The keys of what we drop stay suspect until the resync is over: kept
+        # in our own dirty set (durably, with the drop), reported at every
+        # ResyncBegin, since a source that crashes may forget them.
+        dropped_keys = {key for record in self.log.values() for key in record.keys()}
+        new_suspect = tuple(sorted(dropped_keys - self.dirty))
+        self.dirty.update(dropped_keys)
+        suspect = tuple(sorted(self.dirty))
         if "forget_suspect_keys" in self.config.plants:
             suspect = ()
         for pending in list(self.pending.values()):
@@ -1080,6 +1086,7 @@ class SiteCore:
         self.peer_generation = self.session.peer.generation if self.session and self.session.peer else b""
         persist_id = self._persist(
             log_delete=dropped,
+            dirty_add=new_suspect,
             clear_data=begin.full,
             meta=(("epoch", self.epoch), ("target", 1), ("grant", 0), ("peer_generation", self.peer_generation)),
         )
@@ -1114,7 +1121,12 @@ class SiteCore:
         self.epoch = synced.epoch
         self.is_target = False
         self.synced_epoch = synced.epoch
-        self._persist(meta=(("epoch", self.epoch), ("target", 0), ("grant", 0), ("synced_epoch", synced.epoch)))
+        resolved = tuple(sorted(self.dirty))  # our suspect keys: the source has sent them all
+        self.dirty.clear()
+        self._persist(
+            dirty_remove=resolved,
+            meta=(("epoch", self.epoch), ("target", 0), ("grant", 0), ("synced_epoch", synced.epoch)),
+        )
         self.last_heard_ms = self.now_ms
         if self.role is Role.RESYNC_TARGET:
             self._set_role(Role.SYNC, f"resynchronised, SYNC {self.epoch}")
