@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from replicator.api._handling import translate_errors, translate_stream_errors
-from replicator.api.backend import SiteBackend, SiteStatus, VerifyReport
+from replicator.api.backend import RangeEntry, SiteBackend, SiteStatus, VerifyReport
 from replicator.api.errors import InvalidRequest
 from replicator.config import ApiConfig
 from replicator.v1 import admin_pb2, admin_pb2_grpc
@@ -19,6 +19,30 @@ FAILOVER_REFUSAL = (
     "writes acknowledged by the other site since the split are lost. Use it only when the witness "
     "cannot decide and you know the other site is down."
 )
+
+
+# Bounds of the internal verify RPCs (one request, one answer).
+DIGEST_RANGES_MAX = 4096
+ENTRIES_LIMIT_MAX = 10_000
+ENTRIES_LIMIT_DEFAULT = 1000
+
+
+def key_range(message: admin_pb2.KeyRange) -> tuple[bytes, bytes | None]:
+    return message.start, None if message.to_end else message.end
+
+
+def key_range_message(start: bytes, end: bytes | None) -> admin_pb2.KeyRange:
+    return admin_pb2.KeyRange(start=start, end=end or b"", to_end=end is None)
+
+
+def entry_message(entry: RangeEntry) -> admin_pb2.RangeEntry:
+    return admin_pb2.RangeEntry(
+        key=entry.key, ts=entry.ts, tombstone=entry.tombstone, crc=entry.crc, corrupt=entry.corrupt
+    )
+
+
+def entry_from_message(message: admin_pb2.RangeEntry) -> RangeEntry:
+    return RangeEntry(message.key, message.ts, message.tombstone, message.crc, message.corrupt)
 
 
 def status_message(status: SiteStatus) -> admin_pb2.SiteStatus:
@@ -118,6 +142,34 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, FAILOVER_REFUSAL)
         await self.backend.failover(force=True)
         return admin_pb2.FailoverResponse()
+
+    # Internal: the peer's online verify reads this site's state through these two.
+    @translate_errors
+    async def RangeDigest(
+        self, request: admin_pb2.RangeDigestRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RangeDigestResponse:
+        if not 1 <= len(request.ranges) <= DIGEST_RANGES_MAX:
+            raise InvalidRequest(f"RangeDigest: give 1..{DIGEST_RANGES_MAX} ranges, got {len(request.ranges)}")
+        digests = await self.backend.range_digests([key_range(r) for r in request.ranges])
+        return admin_pb2.RangeDigestResponse(
+            digests=[admin_pb2.RangeDigestResult(count=count, digest=digest) for count, digest in digests]
+        )
+
+    @translate_errors
+    async def RangeEntries(
+        self, request: admin_pb2.RangeEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RangeEntriesResponse:
+        if request.keys:
+            if len(request.keys) > ENTRIES_LIMIT_MAX:
+                raise InvalidRequest(f"RangeEntries: at most {ENTRIES_LIMIT_MAX} keys, got {len(request.keys)}")
+            entries = await self.backend.key_entries(list(request.keys))
+        else:
+            limit = request.limit or ENTRIES_LIMIT_DEFAULT
+            if limit > ENTRIES_LIMIT_MAX:
+                raise InvalidRequest(f"RangeEntries: limit at most {ENTRIES_LIMIT_MAX}, got {limit}")
+            start, end = key_range(request.range)
+            entries = await self.backend.range_entries(start, end, limit)
+        return admin_pb2.RangeEntriesResponse(entries=[entry_message(e) for e in entries])
 
 
 __all__ = ["AdminServicer", "FAILOVER_REFUSAL", "InvalidRequest", "status_message"]

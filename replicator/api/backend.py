@@ -45,6 +45,14 @@ Contract (what every implementation must guarantee):
   with a message the operator will read when refused in the current state.
   `failover(force=True)` is called only after the operator confirmed; the
   servicer refuses force=False itself.
+* `range_digests(ranges)` and `range_entries(start, end, limit)` /
+  `key_entries(keys)` serve the PEER's online verify (the internal admin
+  RPCs RangeDigest and RangeEntries): this site's stored state, read-only,
+  never blocking the event loop for long. `range_digests` returns one
+  `(count, 16-byte digest)` per `(start, end)` range (end None: unbounded),
+  as `Store.range_digest` defines them; `range_entries` at most `limit`
+  `RangeEntry`s with start <= key < end in key order; `key_entries` the
+  entries of those of `keys` that are stored (tombstones included).
 
 Timestamps: the servicers put `ts` in uint64 fields; a backend's ts must be
 below 2**64.
@@ -58,7 +66,7 @@ from typing import Protocol, runtime_checkable
 
 from replicator.core.records import Operation, Versioned
 
-__all__ = ["SiteBackend", "SiteStatus", "VerifyReport", "WriteResult"]
+__all__ = ["RangeEntry", "SiteBackend", "SiteStatus", "VerifyReport", "WriteResult"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +108,21 @@ class VerifyReport:
     repaired: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RangeEntry:
+    """One stored entry as verify compares it: no value, only what identifies it."""
+
+    key: bytes
+    ts: int
+    tombstone: bool = False
+    crc: int = 0  # the stored CRC32C: covers key, ts, flags and value
+    corrupt: bool = False  # the stored bytes fail their check
+
+    @property
+    def identity(self) -> tuple[int, bool, int, bool]:
+        return (self.ts, self.tombstone, self.crc, self.corrupt)
+
+
 @runtime_checkable
 class SiteBackend(Protocol):
     site_name: str
@@ -119,3 +142,9 @@ class SiteBackend(Protocol):
     async def switchover(self) -> None: ...
 
     async def failover(self, force: bool) -> None: ...
+
+    async def range_digests(self, ranges: Sequence[tuple[bytes, bytes | None]]) -> list[tuple[int, bytes]]: ...
+
+    async def range_entries(self, start: bytes, end: bytes | None, limit: int) -> list[RangeEntry]: ...
+
+    async def key_entries(self, keys: Sequence[bytes]) -> list[RangeEntry]: ...

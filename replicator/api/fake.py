@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from replicator.api import errors
-from replicator.api.backend import SiteStatus, VerifyReport, WriteResult
+from replicator.api.backend import RangeEntry, SiteStatus, VerifyReport, WriteResult
 from replicator.api.witness import ArbitrationOutcome, PairMode, PairState
 from replicator.core.records import Operation, Versioned
 
@@ -143,6 +144,34 @@ class FakeBackend:
 
     async def failover(self, force: bool) -> None:
         self.actions.append(("failover", force))
+
+    # The peer side of verify (not the storage's digest: a stand-in with the same shape).
+    @staticmethod
+    def _entry(version: Versioned) -> RangeEntry:
+        value = b"" if version.value is None else version.value
+        crc = int.from_bytes(hashlib.blake2b(version.key + b"\x00" + value, digest_size=4).digest(), "big")
+        return RangeEntry(version.key, version.ts, version.value is None, crc)
+
+    async def range_digests(self, ranges: Sequence[tuple[bytes, bytes | None]]) -> list[tuple[int, bytes]]:
+        self._serve()
+        results = []
+        for start, end in ranges:
+            versions = self.store.scan(start, end, 1 << 62)
+            total = 0
+            for version in versions:
+                entry = self._entry(version)
+                material = entry.key + entry.ts.to_bytes(8, "big") + entry.crc.to_bytes(4, "big")
+                total += int.from_bytes(hashlib.blake2b(material, digest_size=16).digest(), "big")
+            results.append((len(versions), (total % (1 << 128)).to_bytes(16, "big")))
+        return results
+
+    async def range_entries(self, start: bytes, end: bytes | None, limit: int) -> list[RangeEntry]:
+        self._serve()
+        return [self._entry(version) for version in self.store.scan(start, end, limit)]
+
+    async def key_entries(self, keys: Sequence[bytes]) -> list[RangeEntry]:
+        self._serve()
+        return [self._entry(self.store.versions[key]) for key in keys if key in self.store.versions]
 
 
 class FakeWitnessBackend:

@@ -23,7 +23,7 @@ from typing import Any
 
 from replicator import framing
 from replicator.api import errors
-from replicator.api.backend import SiteStatus, VerifyReport, WriteResult
+from replicator.api.backend import RangeEntry, SiteStatus, VerifyReport, WriteResult
 from replicator.api.server import start_site_server
 from replicator.api.witness import PairMode, PairState
 from replicator.client.witness import AsyncWitnessClient
@@ -489,16 +489,119 @@ class SiteDaemon:
         )
 
     async def verify(self, repair: bool, progress: Callable[[int, int], None]) -> VerifyReport:
-        raise errors.Unavailable("verify is not implemented by this daemon yet", "")
+        """Online verify against the peer (replicator/daemon/verify.py); repair: this site's version wins."""
+        from replicator.daemon.verify import LocalSide, PeerSide, Verifier
+
+        started = time.perf_counter()
+        peer = PeerSide(self.peer, self.config.site.peer_grpc_address, self.config.tls.grpc)
+        try:
+            outcome = await Verifier(LocalSide(self.store), peer, progress).run()
+        finally:
+            await peer.close()
+        repaired = 0
+        if repair and outcome.differing_keys:
+            repaired = await self._verify_repair(outcome.differing_keys)
+        log(
+            "verify",
+            keys_compared=outcome.keys_compared,
+            entries_compared=outcome.entries_compared,
+            ranges_narrowed=outcome.ranges_narrowed,
+            candidates=outcome.candidates,
+            differing=len(outcome.differing_keys),
+            repaired=repaired,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return VerifyReport(outcome.keys_compared, tuple(outcome.differing_keys), repaired)
 
     async def resync(self, full: bool) -> None:
-        raise errors.Unavailable("resync control is automatic in this version", "")
+        role = self.core.role
+        if full:
+            raise errors.Unavailable(
+                "a full resync on demand is not supported: the core starts one by itself when the peer's "
+                "generation changed (its data directory was wiped or replaced); to force one, stop the "
+                "site to be rebuilt, empty its data_dir and start it again",
+                "",
+            )
+        if role in (Role.RESYNC_SOURCE, Role.RESYNC_TARGET):
+            return  # already running; `status` shows it
+        raise errors.Unavailable(
+            f"no resync to start: resync is automatic (it starts when a granted site meets its peer again) "
+            f"and site {self.name} is {role.name}"
+            + (
+                ", the pair is in sync"
+                if role is Role.SYNC
+                else f"; it starts when site {self.peer} connects"
+                if role is Role.SOLO
+                else ""
+            ),
+            "",
+        )
 
     async def switchover(self) -> None:
-        raise errors.Unavailable("planned switchover is not implemented yet", "")
+        raise errors.Unavailable(
+            "planned switchover is not implemented: which site is preferred is the witness's configuration "
+            "(pairs[].preferred_site in the witness's file, used when both sites ask for the grant), not "
+            "state a site can hand over; while both sites are SYNC either one serves reads and writes, so "
+            "there is nothing to switch. To change the preferred site, edit the witness's configuration "
+            "and restart the witness",
+            "",
+        )
 
     async def failover(self, force: bool) -> None:
-        raise errors.Unavailable("forced failover is not implemented yet", "")
+        role = self.core.role
+        if role not in (Role.FENCED, Role.SUSPENDED):
+            raise errors.Unavailable(
+                f"forced failover is only for a site that is FENCED or SUSPENDED with the peer unreachable; "
+                f"site {self.name} is {role.name}",
+                "",
+            )
+        if self.core._session_up():
+            raise errors.Unavailable(f"forced failover refused: the peer site {self.peer} is reachable", "")
+        raise errors.Unavailable(
+            "forced failover is not implemented: going on alone without the witness's grant needs a "
+            "transition the protocol core does not have (SOLO is entered only from a witness GRANTED, "
+            "which also fixes the epoch both sites and the witness agree on). Faking it in the daemon "
+            "would break fencing. Bring the witness back (or restore it from its data directory); the "
+            "site then asks it again by itself",
+            "",
+        )
+
+    # ------------------------------------------------------------ verify (helpers, and the peer's side)
+    async def _verify_repair(self, keys: Sequence[bytes]) -> int:
+        """Rewrite each key's current version from this site through the replicated write path.
+
+        Only while SYNC (the write then reaches both sites); a fresh ts beats both copies, so this
+        site's version wins. A key this site holds corrupt is left alone (repair from the peer)."""
+        timeout_s = self.config.api.request_timeout_ms / 1000
+        repaired = 0
+        for key in keys:
+            if self.core.role is not Role.SYNC:
+                log("verify_repair_skipped", level="warning", key=key, state=self.core.role.name)
+                continue
+            try:
+                current = await self.read(key, timeout_s)
+                value = None if current is None else current.value
+                await self.write([Operation(key, value)], b"verify-repair:" + os.urandom(16), timeout_s)
+            except (errors.Unavailable, errors.OutcomeUnknown, errors.Corrupt, errors.InvalidRequest) as error:
+                log("verify_repair_failed", level="warning", key=key, error=str(error)[:200])
+                continue
+            repaired += 1
+        return repaired
+
+    async def range_digests(self, ranges: Sequence[tuple[bytes, bytes | None]]) -> list[tuple[int, bytes]]:
+        from replicator.daemon.verify import store_digests
+
+        return await asyncio.to_thread(store_digests, self.store, list(ranges))
+
+    async def range_entries(self, start: bytes, end: bytes | None, limit: int) -> list[RangeEntry]:
+        from replicator.daemon.verify import store_entries
+
+        return await asyncio.to_thread(store_entries, self.store, start, end, limit)
+
+    async def key_entries(self, keys: Sequence[bytes]) -> list[RangeEntry]:
+        from replicator.daemon.verify import store_key_entries
+
+        return await asyncio.to_thread(store_key_entries, self.store, list(keys))
 
 
 async def _main(config: SiteConfig, stop: asyncio.Event) -> int:
