@@ -287,9 +287,19 @@ def settled(world: World) -> bool:
 
 
 def settled_pair(world: World) -> bool:
-    """Both sites SYNC in one epoch with nothing in flight: either can be wiped without loss."""
+    """Both sites SYNC in one epoch with nothing in flight, and the witness agrees (SYNC in that
+    epoch): either site can be wiped without loss. This is the operator's precondition for
+    replacing a site (docs/operations.md): a witness that still names a holder the pair has
+    forgotten (a lost grant not yet found again) would wait for the wiped site forever."""
     cores = [site.core for site in world.sites.values()]
-    return all(core is not None for core in cores) and settled(world)
+    if not all(core is not None for core in cores) or not settled(world):
+        return False
+    core = world.sites["a"].core
+    assert core is not None
+    state = world.witness.durable.get("pair-1")
+    witness_epoch = state.epoch if state is not None else 1
+    witness_sync = state is None or state.mode.name == "SYNC"
+    return witness_sync and witness_epoch == core.epoch and not any(c.asked_epoch for c in cores if c)
 
 
 def visible_state(world: World, name: str) -> dict[str, str]:
