@@ -1,0 +1,250 @@
+"""Concurrent clients at both sites recording a history (chaos.checkers JSONL format).
+
+Each client thread is one history process with its own `Client`: half start at
+site a, half at b (each client knows both sites and fails over as the library
+does). Keys come from a small key space so that clients conflict; every write
+writes a unique value. Outcomes:
+
+- ok: the call returned;
+- fail: a read that failed (reads change nothing), or a write/delete every
+  attempt of which was refused by a site that answered (UNAVAILABLE with the
+  server's `replicator-other-site` trailer, INVALID_ARGUMENT, ...): nothing
+  was applied;
+- info: anything else (a deadline, a broken connection, a mix): the write may
+  take effect at any time, or never.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from chaos.checkers.history import History
+from replicator.client import Client, NotFound, RetryPolicy
+from replicator.client._common import RETRYABLE, SAME_SITE_DEADLINES_MAX, failure
+
+BUCKET = "chaos"
+OTHER_SITE_TRAILER = "replicator-other-site"
+DEFINITE_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+
+
+def _definite(error: grpc.RpcError) -> bool:
+    """True if this attempt certainly applied nothing: a site answered with a refusal."""
+    code = error.code()
+    if code in DEFINITE_CODES:
+        return True
+    if code == grpc.StatusCode.UNAVAILABLE:
+        try:
+            trailers = error.trailing_metadata() or ()
+        except Exception:  # noqa: BLE001
+            return False
+        return any(key == OTHER_SITE_TRAILER for key, _ in trailers)
+    return False
+
+
+class RecordingClient(Client):
+    """The library's client with the same retry loop, remembering whether every failed attempt was definite."""
+
+    all_definite: bool = True
+    served_by: str = ""
+
+    def _run(self, call: Any) -> Any:
+        self.all_definite = True
+        self.served_by = ""
+        if call.pinned:
+            return super()._run(call)
+        tried: list[str] = []
+        deadlines = 0
+        for attempt in range(self.retry.attempts_max):
+            delay = self._rotation.delay_s(attempt, switch=not 0 < deadlines < SAME_SITE_DEADLINES_MAX)
+            if delay:
+                time.sleep(delay)
+            index = self._rotation.current
+            tried.append(self.endpoints[index])
+            stub = getattr(self._stubs[index][call.service], call.method)
+            try:
+                result = call.parse(stub(call.request, timeout=self._timeout_s))
+                self.served_by = self.endpoints[index]
+                return result
+            except grpc.RpcError as error:
+                if not _definite(error):
+                    self.all_definite = False
+                if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
+                    raise failure(error, self.endpoints[index], tried) from None
+                deadlines = deadlines + 1 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class Sample:
+    """One completed operation, for throughput and latency over time."""
+
+    process: int
+    f: str
+    status: str
+    invoke: int
+    complete: int
+
+
+@dataclass
+class WorkloadConfig:
+    clients_per_site: int = 3
+    keys: int = 8
+    read_fraction: float = 0.4
+    delete_fraction: float = 0.05
+    think_ms: float = 5.0
+    call_timeout_ms: int = 2000
+    attempts_max: int = 6
+    seed: int = 0
+
+
+@dataclass
+class Workload:
+    endpoints: dict[str, str]  # site -> gRPC address (through the client proxies)
+    config: WorkloadConfig
+    clock: Callable[[], int] = time.monotonic_ns
+    history: History = field(init=False)
+    samples: list[Sample] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.history = History(clock=self.clock)
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def keys(self) -> list[str]:
+        return [f"k{i}" for i in range(self.config.keys)]
+
+    def start(self) -> None:
+        sites = sorted(self.endpoints)
+        process = 0
+        for site in sites:
+            others = [s for s in sites if s != site]
+            for _ in range(self.config.clients_per_site):
+                endpoints = [self.endpoints[site]] + [self.endpoints[o] for o in others]
+                thread = threading.Thread(
+                    target=self._client, args=(process, endpoints), name=f"chaos-client-{process}", daemon=True
+                )
+                self._threads.append(thread)
+                process += 1
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._halt.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+
+    def _invoke(self, process: int, f: str, key: str, value: Any) -> Any:
+        with self._lock:
+            return self.history.invoke(process, f, key, value)
+
+    def _complete(self, handle: Any, process: int, status: str, value: Any = None) -> None:
+        with self._lock:
+            now = self.clock()
+            if status == "ok":
+                self.history.ok(handle, value, time=now)
+            elif status == "fail":
+                self.history.fail(handle, time=now)
+            else:
+                self.history.info(handle, time=now)
+            invoked = self.history_invoke_time(handle)
+            self.samples.append(Sample(process, handle.f, status, invoked, now))
+
+    def history_invoke_time(self, handle: Any) -> int:
+        return int(self.history._invoke_times[handle.index])  # noqa: SLF001 - the builder keeps it
+
+    def _count_error(self, error: Exception) -> None:
+        name = type(error).__name__
+        with self._lock:
+            self.errors[name] = self.errors.get(name, 0) + 1
+
+    def _client(self, process: int, endpoints: list[str]) -> None:
+        rng = random.Random(self.config.seed * 1000 + process)
+        policy = RetryPolicy(
+            attempts_max=self.config.attempts_max,
+            backoff_initial_ms=20,
+            backoff_ms_max=500,
+            call_timeout_ms=self.config.call_timeout_ms,
+        )
+        client = RecordingClient(endpoints, retry=policy)
+        keys = self.keys()
+        count = 0
+        try:
+            while not self._halt.is_set():
+                key = rng.choice(keys)
+                draw = rng.random()
+                if draw < self.config.read_fraction:
+                    self._read(client, process, key)
+                elif draw < self.config.read_fraction + self.config.delete_fraction:
+                    self._write(client, process, key, None)
+                else:
+                    count += 1
+                    self._write(client, process, key, f"p{process}-{count}")
+                if self.config.think_ms:
+                    time.sleep(rng.uniform(0, 2 * self.config.think_ms) / 1000)
+        finally:
+            client.close()
+
+    def _read(self, client: RecordingClient, process: int, key: str) -> None:
+        handle = self._invoke(process, "read", key, None)
+        try:
+            data = client.get(BUCKET, key)
+        except NotFound:
+            self._complete(handle, process, "ok", None)
+        except Exception as error:  # noqa: BLE001 - a failed read changed nothing
+            self._count_error(error)
+            self._complete(handle, process, "fail")
+        else:
+            self._complete(handle, process, "ok", bytes(data).decode("utf-8", errors="replace"))
+
+    def _write(self, client: RecordingClient, process: int, key: str, value: str | None) -> None:
+        f = "write" if value is not None else "delete"
+        handle = self._invoke(process, f, key, value)
+        try:
+            if value is None:
+                client.delete(BUCKET, key)
+            else:
+                client.put(BUCKET, key, value.encode())
+        except Exception as error:  # noqa: BLE001
+            self._count_error(error)
+            self._complete(handle, process, "fail" if client.all_definite else "info")
+        else:
+            self._complete(handle, process, "ok")
+
+    def snapshot_samples(self) -> list[Sample]:
+        with self._lock:
+            return list(self.samples)
+
+
+def read_state(endpoint: str, keys: list[str], timeout_ms: int = 3000) -> dict[str, Any]:
+    """Every object of the workload's bucket at one site (full listing, then each value), plus `keys`.
+
+    Raises if the site cannot answer: a final state must be complete.
+    """
+    policy = RetryPolicy(attempts_max=3, call_timeout_ms=timeout_ms)
+    state: dict[str, Any] = {}
+    with Client([endpoint], retry=policy) as client:
+        listed = client.list(BUCKET)
+        for key in sorted(set(listed) | set(keys)):
+            try:
+                state[key] = bytes(client.get(BUCKET, key)).decode("utf-8", errors="replace")
+            except NotFound:
+                state[key] = None
+    return state
