@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -168,6 +169,31 @@ def test_verify_finds_and_repairs_a_key_changed_behind_the_sites_back(
         assert main(["--endpoint", endpoints[0], "verify"]) == EXIT_OK
         capsys.readouterr()
 
+        # Writes going on during verify: what is in flight is re-checked away, nothing reported.
+        halt = threading.Event()
+        done: list[int] = []
+
+        def writer() -> None:
+            with Client(endpoints) as client:
+                i = 0
+                while not halt.is_set():
+                    client.put(BUCKET, f"key-{(i * 7) % 2000:05d}", b"rewritten %d" % i)
+                    i += 1
+                    done.append(i)
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: len(done) > 10, 10, "writes to start")
+            before = len(done)
+            for endpoint in (endpoints[1], endpoints[0], endpoints[1]):
+                report, _ = verify(endpoint)
+                assert report.differing_count == 0  # type: ignore[attr-defined]
+            assert len(done) > before  # writes went on meanwhile
+        finally:
+            halt.set()
+            thread.join(10)
+
         # The operator commands this daemon refuses, with the reason.
         with Client([endpoints[0]]) as client:
             for action, phrase in (
@@ -183,6 +209,9 @@ def test_verify_finds_and_repairs_a_key_changed_behind_the_sites_back(
         # Change one stored value at b behind the pair's back: newer ts, other bytes.
         victim = object_key(BUCKET.encode(), b"key-01234")
         cluster.stop_process("b")
+        with pytest.raises(ClientError) as unreachable:
+            verify(endpoints[0])
+        assert "peer site b" in str(unreachable.value), str(unreachable.value)
         with Store.open(cluster.directory / "data" / "b" / "store") as store:
             current = store.get(victim)
             assert current is not None and current.value == b"value 1234"
