@@ -237,3 +237,18 @@ def test_verify_finds_and_repairs_a_key_changed_behind_the_sites_back(
         assert main(["--endpoint", endpoints[0], "verify"]) == EXIT_OK
         with Client([endpoints[1]]) as client:
             assert client.get(BUCKET, "key-01234") == b"value 1234"  # a's version won
+
+
+def test_verify_over_mutual_tls(tmp_path: Path) -> None:
+    """The site calls its peer's RangeDigest/RangeEntries with its own certificate."""
+    with LocalCluster(tmp_path / "deploy", tls=True) as cluster:
+        cluster.start(sites=True)
+        sites = cluster.cluster["sites"]
+        endpoints = [sites["a"]["grpc"], sites["b"]["grpc"]]
+        tls = cluster.client_tls
+        wait_for(lambda: all(Client([e], tls=tls).status().state == "SYNC" for e in endpoints), 30, "SYNC")
+        with Client(endpoints, tls=tls) as client:
+            client.put_many(BUCKET, [(f"t-{i}", b"tls %d" % i) for i in range(200)])
+        with Client([endpoints[1]], tls=tls) as client:
+            report = client.verify()
+        assert report.differing_count == 0 and report.keys_compared >= 200
