@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--clients", type=int, default=None, help="clients per site (3)")
     one.add_argument("--keys", type=int, default=None, help="key space size (8)")
     one.add_argument("--liveness-bound", type=float, default=None, help="seconds to be SYNC again after a heal (60)")
+    one.add_argument("--no-client-proxies", action="store_true",
+                     help="clients talk to the sites directly (the client-link proxies carry no traffic)")
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     config.workload = WorkloadConfig(
         clients_per_site=args.clients or 3, keys=args.keys or 8, seed=seed
     )
+    config.client_proxies = not args.no_client_proxies
     if args.liveness_bound is not None:
         config.liveness_bound_s = args.liveness_bound
     config.command = _rerun(args, seed)

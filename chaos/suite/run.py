@@ -38,6 +38,7 @@ class RunConfig:
     plant: str = ""
     plant_sites: tuple[str, ...] = SITES
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    client_proxies: bool = True  # False: clients talk to the sites directly (no client-link faults)
     command: str = ""  # how to run it again (printed on failure)
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,7 +149,8 @@ class Runner:
         try:
             d.bring_up(config.liveness_bound_s)
             self.log(f"deployment up in {out / 'deploy'} (plant: {config.plant or 'none'})")
-            self.workload = Workload(d.client_endpoints, config.workload, clock=self.clock)
+            endpoints = d.client_endpoints if config.client_proxies else d.direct
+            self.workload = Workload(endpoints, config.workload, clock=self.clock)
             run_start = self.clock()
             self.workload.start()
             time.sleep(config.warmup_s)
