@@ -857,10 +857,13 @@ class SiteCore:
         if adoptable:
             # The pair went SYNC(e+1) after a completed resync that we took
             # part in but did not live to record: adopt the epoch.
+            # As a target, our suspect keys were resynced before MarkSynced went through.
+            resolved = tuple(sorted(self.dirty)) if self.is_target else ()
+            self.dirty.difference_update(resolved)
             self.epoch = answer.epoch
             self.holds_grant = False
             self.is_target = False
-            self._persist(meta=(("epoch", self.epoch), ("grant", 0), ("target", 0)))
+            self._persist(dirty_remove=resolved, meta=(("epoch", self.epoch), ("grant", 0), ("target", 0)))
             self._drop_session("adopted the witness's epoch")
             self._set_role(Role.SUSPENDED, "adopted the witness's SYNC epoch")
             self.witness_next_try_ms = self.now_ms  # ask again at once, in the new epoch
