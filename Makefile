@@ -38,11 +38,12 @@ test: build lint
 sim: build
 	$(PY) -m chaos.sim --seeds $(SEEDS)
 
-# The long fault runs. The real-daemon chaos suite arrives with issue 7; for now:
-# the storage crash test with 200 SIGKILL cycles and 2000 simulator seeds.
+# The long fault runs: the storage crash test with 200 SIGKILL cycles, 2000 simulator
+# seeds, and the real-daemon chaos suite (every nemesis >= 30 s, then a 10-minute mix).
 chaos: build
 	REPLICATOR_CRASH_CYCLES=200 $(PY) -m pytest -q tests/test_storage_crash.py
 	$(PY) -m chaos.sim --seeds 1-2000
+	$(PY) -m chaos run --full $(if $(SEED),--seed $(SEED),)
 
 bench: build
 	$(PY) -m benchmarks.bench_checksum

@@ -44,6 +44,7 @@ from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
 from replicator.transport.link import Link, LocalHello
 
 TICK_S = 0.01
+CLEAR_PAGE_KEYS = 10_000
 
 
 def encode_meta(value: int | bytes | str) -> bytes:
@@ -172,7 +173,7 @@ class SiteDaemon:
             local_site=self.name,
             peer_site=self.peer,
             address=_address(section.peer_address if dialer else self.config.listen.link),
-            hello=lambda: LocalHello(self.core.epoch, self.core.incarnation, 0),
+            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), 0),
             on_frame=self._on_frame,
             on_state=self._on_link_state,
             limits=LinkLimits(
@@ -200,6 +201,12 @@ class SiteDaemon:
             metrics=self.metrics_server.address,
             exposed=self.config.exposed_addresses() if hasattr(self.config, "exposed_addresses") else [],
         )
+
+    def _link_incarnation(self) -> int:
+        """The link resumes a session when the peer's incarnation is unchanged, so a wiped site
+        (whose incarnations start again at 1) must not look like the process it replaced: the
+        generation's first bytes make the number unique per data directory."""
+        return (int.from_bytes(self.core.generation[:3], "big") << 40) | self.core.incarnation
 
     async def stop(self) -> None:
         shutdown = Shutdown()
@@ -277,8 +284,15 @@ class SiteDaemon:
     def _persist(self, persist: ev.Persist) -> None:
         batch = self.store.batch()
         if persist.clear_data:
-            for version in self.store.scan(b"", None, 1 << 62):
-                batch.erase(version.key)
+            # A full resync's target starts empty: erase every key, page by page, in this one batch.
+            start = b""
+            while True:
+                page = self.store.scan(start, None, CLEAR_PAGE_KEYS)
+                for version in page:
+                    batch.erase(version.key)
+                if len(page) < CLEAR_PAGE_KEYS:
+                    break
+                start = page[-1].key + b"\x00"
         for record_id in persist.log_delete:
             batch.delete_record(record_id)
         for record in persist.log_put:
