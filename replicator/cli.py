@@ -205,21 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--repair", action="store_true", help="also repair the keys that differ")
 
     resync = command(
-        commands, "resync", "Resynchronise the peer from this site (dirty keys only by default).", cmd_resync
+        commands, "resync", "Resync control. Resyncs start on their own when a site returns; this only confirms one is "
+        "running (--full is refused: a wiped site gets a full resync by itself).", cmd_resync
     )
     resync.add_argument("--full", action="store_true", help="ship every key (a replaced or wiped peer)")
 
     command(
         commands,
         "switchover",
-        "Planned switchover: hand the preferred role to the peer, with no data loss (both sites in SYNC).",
+        "Planned switchover: NOT AVAILABLE in this version (the preferred site is the witness's "
+        "configuration: edit it there and restart the witness). The command says so and exits 1.",
         cmd_switchover,
     )
     failover = command(
         commands,
         "failover",
-        "Forced failover: make this site go on alone without the witness. Refused without --force; "
-        "risks split brain if the other site is alive.",
+        "Forced failover: refused without --force; with --force the site checks that it is fenced "
+        "and the peer unreachable, then still refuses in this version: the core goes on alone only "
+        "with the witness's grant (see docs/operations.md).",
         cmd_failover,
     )
     failover.add_argument("--force", action="store_true", help="confirm that you know the other site is down")
@@ -495,7 +498,7 @@ def cmd_resync(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.resync(full=args.full)
     kind = "full" if args.full else "incremental"
-    _emit(args, {"resync": kind}, lambda: print(f"{kind} resync started; follow it with `replicatorctl status`"))
+    _emit(args, {"resync": kind}, lambda: print(f"{kind} resync is running; follow it with `replicatorctl status`"))
     return EXIT_OK
 
 
