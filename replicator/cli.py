@@ -220,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     failover = command(
         commands,
         "failover",
-        "Forced failover: refused without --force; with --force the site checks that it is fenced "
-        "and the peer unreachable, then still refuses in this version: the core goes on alone only "
-        "with the witness's grant (see docs/operations.md).",
+        "Forced failover: refused without --force. With --force a site that is fenced or suspended, "
+        "with the peer unreachable, takes the next epoch from the witness whatever its state; the "
+        "other site gets a full resync when it returns (what it wrote alone is lost).",
         cmd_failover,
     )
     failover.add_argument("--force", action="store_true", help="confirm that you know the other site is down")

@@ -201,3 +201,29 @@ def test_witness_down_with_both_sites_up_service_continues(cluster: LocalCluster
         written[key] = value
     assert all(state(e) == "SYNC" for e in endpoints)
     assert_everything_at_both(endpoints, written)
+
+
+def test_forced_failover_through_the_witness(cluster: LocalCluster) -> None:
+    """a is killed, b goes on alone, b is killed: a comes back FENCED (the witness names b).
+    The operator forces a failover at a: the witness grants a, a serves, and b, when it
+    returns, is fully resynchronised from a (what b wrote alone is discarded, as documented)."""
+    endpoints = start(cluster)
+    a, b = endpoints
+    cluster.kill("a", signal.SIGKILL)
+    wait_for(lambda: state(b) == "SOLO", failover_bound_s(cluster), "b alone")
+    Client([b]).put(BUCKET, "written-at-b-alone", b"lost")
+    cluster.kill("b", signal.SIGKILL)
+    cluster.restart("a")
+    wait_for(lambda: state(a) == "FENCED", 30, "a fenced (the witness names b)")
+    with pytest.raises(Exception):  # noqa: B017 - refused without --force
+        Client([a]).failover(force=False)
+    Client([a]).failover(force=True)
+    assert state(a) == "SOLO"
+    Client([a]).put(BUCKET, "after-forced", b"kept")
+    cluster.restart("b")
+    wait_for(lambda: all(state(e) == "SYNC" for e in endpoints), 60, "the pair back in SYNC")
+    time.sleep(0.3)
+    assert_everything_at_both(endpoints, {"after-forced": b"kept"})
+    for endpoint in endpoints:
+        with pytest.raises(NotFound):
+            Client([endpoint]).get(BUCKET, "written-at-b-alone")

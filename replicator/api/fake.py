@@ -183,8 +183,11 @@ class FakeWitnessBackend:
     def _pair(self, pair: str) -> PairState:
         return self.pairs.setdefault(pair, PairState(pair, 1, PairMode.SYNC, ""))
 
-    async def arbitrate(self, pair: str, site: str, epoch: int) -> ArbitrationOutcome:
+    async def arbitrate(self, pair: str, site: str, epoch: int, force: bool = False) -> ArbitrationOutcome:
         state = self._pair(pair)
+        if force and not (state.mode is PairMode.SOLO and state.holder == site):
+            self.pairs[pair] = PairState(pair, state.epoch + 1, PairMode.SOLO, site)
+            return ArbitrationOutcome(True, state.epoch + 1, PairMode.SOLO, site)
         if state.mode is PairMode.SOLO and state.holder == site:
             return ArbitrationOutcome(True, state.epoch, state.mode, state.holder)
         if state.mode is PairMode.SYNC and epoch == state.epoch:

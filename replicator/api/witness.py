@@ -45,8 +45,9 @@ class PairState:
 
 @runtime_checkable
 class WitnessBackend(Protocol):
-    async def arbitrate(self, pair: str, site: str, epoch: int) -> ArbitrationOutcome:
-        """Grant `site` SOLO in epoch+1 or deny; persist a grant before returning it. May wait (grace)."""
+    async def arbitrate(self, pair: str, site: str, epoch: int, force: bool = False) -> ArbitrationOutcome:
+        """Grant `site` SOLO in epoch+1 or deny; persist a grant before returning it. May wait (grace).
+        `force`: an operator's forced failover, granted whatever the state."""
         ...
 
     async def mark_synced(self, pair: str, site: str, epoch: int) -> ArbitrationOutcome:
@@ -103,7 +104,8 @@ class WitnessServicer(witness_pb2_grpc.WitnessServiceServicer):
     ) -> witness_pb2.ArbitrationResponse:
         try:
             _check(request.pair, request.site)
-            return outcome_message(await self.backend.arbitrate(request.pair, request.site, request.epoch))
+            outcome = await self.backend.arbitrate(request.pair, request.site, request.epoch, request.force)
+            return outcome_message(outcome)
         except errors.BackendError as error:
             await self._guard(context, error)
             raise AssertionError("unreachable: abort raises") from error

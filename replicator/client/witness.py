@@ -25,11 +25,11 @@ class AsyncWitnessClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def arbitrate(self, pair: str, site: str, epoch: int) -> ArbitrationOutcome:
+    async def arbitrate(self, pair: str, site: str, epoch: int, force: bool = False) -> ArbitrationOutcome:
         """Raises replicator.client.errors.ClientError (Unavailable, OutcomeUnknown, ...) on failure."""
         try:
             response = await self._stub.Arbitrate(
-                witness_pb2.ArbitrateRequest(pair=pair, site=site, epoch=epoch), timeout=self.timeout_s
+                witness_pb2.ArbitrateRequest(pair=pair, site=site, epoch=epoch, force=force), timeout=self.timeout_s
             )
         except grpc.RpcError as error:
             raise failure(error, self.address, [self.address]) from None

@@ -42,6 +42,13 @@ class ReadRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class FailoverForced:
+    """The operator forces this site to go on alone (through the witness). The
+    shell checks first that the site is not serving (SUSPENDED, FENCED or
+    STARTING), holds complete data (not a resync target) and has no peer."""
+
+
+@dataclass(frozen=True, slots=True)
 class TimePassed:
     """A tick: lets the core run its timers (heartbeats, timeouts, retries)."""
 
@@ -96,6 +103,7 @@ Event = (
     WriteRequested
     | ReadRequested
     | TimePassed
+    | FailoverForced
     | Persisted
     | PersistFailed
     | PeerConnected

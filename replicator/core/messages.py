@@ -194,6 +194,9 @@ class Arbitrate:
     pair: str
     site: str
     epoch: int
+    # An operator's forced failover: the witness grants the next epoch whatever
+    # its state (the operator vouches that the other site is down).
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -774,6 +774,28 @@ class SiteCore:
 
         self._after(persist_id, ask)
 
+    def _on_failover_forced(self, event: ev.Event) -> None:
+        assert isinstance(event, ev.FailoverForced)
+        if self.is_target or self.grant_epoch is not None or self._session_up():
+            raise ProtocolError("a forced failover needs a site that is not a resync target, without a peer")
+        self.witness_outstanding = None
+        request = msg.Arbitrate(self.config.pair, self.config.site, self.epoch, force=True)
+        self.asked_epoch = self.epoch
+        # The other site may have served writes we never saw: when it returns it
+        # gets a full resync (its data cleared), not just our dirty keys.
+        self.resync_full_position = b""
+        persist_id = self._persist(
+            meta=(("asked_epoch", self.epoch), ("resync_full_active", 1), ("resync_full_position", b""))
+        )
+        self.witness_outstanding = request
+
+        def ask() -> None:
+            if self.witness_outstanding == request:
+                self.witness_outstanding = None
+                self._ask_witness(request)
+
+        self._after(persist_id, ask)
+
     def _clear_asked(self) -> None:
         if self.asked_epoch:
             self.asked_epoch = 0
@@ -1377,16 +1399,24 @@ _REPLICATION: dict[type, str] = {
 }
 
 _PER_ROLE: dict[Role, dict[type, str]] = {
-    Role.STARTING: {msg.ResyncBegin: "_on_resync_begin", msg.ResyncSynced: "_on_resync_synced"},
+    Role.STARTING: {
+        msg.ResyncBegin: "_on_resync_begin",
+        msg.ResyncSynced: "_on_resync_synced",
+        ev.FailoverForced: "_on_failover_forced",
+    },
     Role.SYNC: {**_REPLICATION},
     Role.RECONCILE: {
         **_REPLICATION,
         msg.ReconcileDone: "_on_reconcile_done",
         msg.ReconcileAck: "_on_reconcile_ack",
     },
-    Role.SUSPENDED: {msg.ResyncBegin: "_on_resync_begin"},
+    Role.SUSPENDED: {msg.ResyncBegin: "_on_resync_begin", ev.FailoverForced: "_on_failover_forced"},
     Role.SOLO: {},
-    Role.FENCED: {msg.ResyncBegin: "_on_resync_begin", msg.ResyncSynced: "_on_resync_synced"},
+    Role.FENCED: {
+        msg.ResyncBegin: "_on_resync_begin",
+        msg.ResyncSynced: "_on_resync_synced",
+        ev.FailoverForced: "_on_failover_forced",
+    },
     Role.RESYNC_SOURCE: {
         **_REPLICATION,
         msg.ResyncBeginAck: "_on_resync_begin_ack",
@@ -1422,6 +1452,7 @@ _HANDLER_NEXT: dict[str, frozenset[Role]] = {
     "_on_disconnected": frozenset({Role.SUSPENDED, Role.STARTING, Role.SOLO}),
     "_on_witness_answered": frozenset({Role.FENCED, Role.SUSPENDED, Role.SYNC}),
     "_on_witness_failed": frozenset(),
+    "_on_failover_forced": frozenset(),
     "_on_resync_batch_loaded": frozenset(),
     "_on_hello": frozenset({Role.RECONCILE, Role.RESYNC_SOURCE, Role.FENCED}),
     "_on_goodbye": frozenset({Role.FENCED, Role.SOLO}),

@@ -11,6 +11,8 @@ Theory of operation. For every pair the witness keeps, durably, `epoch`,
 - a stale epoch: DENIED, with the current state (the site may learn from it).
 - MarkSynced from the holder of the current SOLO epoch (its resync is done):
   mode SYNC, epoch + 1, persisted before answering SYNCED.
+- a forced Arbitrate (an operator's failover, who vouches that the other site
+  is down): SOLO(epoch + 1) for the asking site, whatever the state.
 
 Every reply waits until every state change made so far is durable: a reply
 never reveals a state the witness could forget in a crash.
@@ -144,6 +146,12 @@ class WitnessCore:
         now_ms: float,
         actions: list[WitnessAction],
     ) -> None:
+        if request.force:
+            if state.mode is WitnessMode.SOLO and state.holder == request.site:
+                self._reply(handle, Verdict.GRANTED, state, actions)
+            else:
+                self._grant(request.pair, request.site, handle, actions)
+            return
         if state.mode is WitnessMode.SOLO:
             verdict = Verdict.GRANTED if state.holder == request.site else Verdict.DENIED
             self._reply(handle, verdict, state, actions)

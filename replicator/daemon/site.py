@@ -340,7 +340,7 @@ class SiteDaemon:
     async def _ask_witness(self, request: msg.WitnessRequest) -> None:
         try:
             if isinstance(request, msg.Arbitrate):
-                outcome = await self.witness.arbitrate(request.pair, request.site, request.epoch)
+                outcome = await self.witness.arbitrate(request.pair, request.site, request.epoch, request.force)
                 verdict = msg.Verdict.GRANTED if outcome.granted else msg.Verdict.DENIED
             elif isinstance(request, msg.Query):
                 states = [s for s in await self.witness.status(request.pair) if s.pair == request.pair]
@@ -562,21 +562,36 @@ class SiteDaemon:
         )
 
     async def failover(self, force: bool) -> None:
-        role = self.core.role
-        if role not in (Role.FENCED, Role.SUSPENDED):
+        """Forced failover: the operator vouches that the other site is down. This site asks the
+        witness for the next epoch with `force` (granted whatever the witness's state), then goes
+        on alone as after any grant (after the leases it granted ran out). It still needs the
+        witness: a failover without it could not be fenced against the other site later."""
+        if not force:
+            raise errors.InvalidRequest("a forced failover needs force=True (replicatorctl failover --force)")
+        core = self.core
+        if core.role not in (Role.FENCED, Role.SUSPENDED, Role.STARTING):
             raise errors.Unavailable(
-                f"forced failover is only for a site that is FENCED or SUSPENDED with the peer unreachable; "
-                f"site {self.name} is {role.name}",
+                f"forced failover is only for a site that is FENCED, SUSPENDED or STARTING with the peer "
+                f"unreachable; site {self.name} is {core.role.name}",
                 "",
             )
-        if self.core._session_up():
+        if core._session_up():
             raise errors.Unavailable(f"forced failover refused: the peer site {self.peer} is reachable", "")
+        if core.is_target:
+            raise errors.Unavailable(
+                f"forced failover refused: site {self.name} was being resynchronised and lacks data; "
+                f"bring site {self.peer} back instead",
+                "",
+            )
+        log("failover_forced", level="warning", site=self.name, epoch=core.epoch)
+        self.step(ev.FailoverForced())
+        deadline = time.monotonic() + (self.config.site.lease_ms + 3 * self.config.witness.timeout_ms) / 1000 + 2
+        while time.monotonic() < deadline:
+            if core.role is Role.SOLO and core.grant_epoch is None:
+                return
+            await asyncio.sleep(0.05)
         raise errors.Unavailable(
-            "forced failover is not implemented: going on alone without the witness's grant needs a "
-            "transition the protocol core does not have (SOLO is entered only from a witness GRANTED, "
-            "which also fixes the epoch both sites and the witness agree on). Faking it in the daemon "
-            "would break fencing. Bring the witness back (or restore it from its data directory); the "
-            "site then asks it again by itself",
+            f"forced failover did not complete: site {self.name} is {core.role.name} (is the witness reachable?)",
             "",
         )
 

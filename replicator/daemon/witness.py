@@ -311,8 +311,10 @@ class WitnessDaemon:
         return self.metrics_server.address
 
     # ------------------------------------------------------------ WitnessBackend
-    async def arbitrate(self, pair: str, site: str, epoch: int) -> ArbitrationOutcome:
-        return await self._request(Arbitrate(pair, site, epoch))
+    async def arbitrate(self, pair: str, site: str, epoch: int, force: bool = False) -> ArbitrationOutcome:
+        if force:
+            log("forced_arbitrate", level="warning", pair=pair, site=site, request_epoch=epoch)
+        return await self._request(Arbitrate(pair, site, epoch, force))
 
     async def mark_synced(self, pair: str, site: str, epoch: int) -> ArbitrationOutcome:
         return await self._request(MarkSynced(pair, site, epoch))
