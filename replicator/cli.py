@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         commands,
         "switchover",
-        "Planned switchover: NOT AVAILABLE in this version (the preferred site is the witness's "
-        "configuration: edit it there and restart the witness). The command says so and exits 1.",
+        "Planned switchover: make the peer the preferred site at the witness (both sites in SYNC); "
+        "it then wins when the link between the sites fails.",
         cmd_switchover,
     )
     failover = command(
@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         "failover",
         "Forced failover: refused without --force. With --force a site that is fenced or suspended, "
         "with the peer unreachable, takes the next epoch from the witness whatever its state; the "
-        "other site gets a full resync when it returns (what it wrote alone is lost).",
+        "other site gets a full resync when it returns (what it wrote alone is lost). Risks split "
+        "brain if the other site is in fact alive and serving.",
         cmd_failover,
     )
     failover.add_argument("--force", action="store_true", help="confirm that you know the other site is down")

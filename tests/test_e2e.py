@@ -227,3 +227,27 @@ def test_forced_failover_through_the_witness(cluster: LocalCluster) -> None:
     for endpoint in endpoints:
         with pytest.raises(NotFound):
             Client([endpoint]).get(BUCKET, "written-at-b-alone")
+
+
+def test_switchover_moves_the_preferred_site(cluster: LocalCluster) -> None:
+    """After `switchover` at a, b is preferred: when the site link fails and both ask the
+    witness, b goes on alone and a is fenced (a is the configured preferred site)."""
+    cluster.configure()
+    b_link = load_site_config(cluster.config_path("b")).listen.link
+    host, port = b_link.rsplit(":", 1)
+    proxy, loop, thread = _run_proxy((host, int(port)))
+    try:
+        config = cluster.config_path("a")
+        proxy_host, proxy_port = proxy.address
+        config.write_text(
+            re.sub(r'peer_address = "[^"]*"', f'peer_address = "{proxy_host}:{proxy_port}"', config.read_text())
+        )
+        endpoints = start(cluster)
+        Client([endpoints[0]]).switchover()
+        loop.call_soon_threadsafe(proxy.set_blackhole, True)
+        wait_for(lambda: (state(endpoints[0]), state(endpoints[1])) == ("FENCED", "SOLO"),
+                 failover_bound_s(cluster) + 5, "b alone and a fenced")
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -197,7 +197,6 @@ def test_verify_finds_and_repairs_a_key_changed_behind_the_sites_back(
         # The operator commands this daemon refuses, with the reason.
         with Client([endpoints[0]]) as client:
             for action, phrase in (
-                (client.switchover, "not implemented"),
                 (lambda: client.failover(force=True), "FENCED, SUSPENDED or STARTING"),
                 (lambda: client.resync(full=True), "not supported"),
                 (lambda: client.resync(full=False), "in sync"),

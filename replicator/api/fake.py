@@ -183,6 +183,11 @@ class FakeWitnessBackend:
     def _pair(self, pair: str) -> PairState:
         return self.pairs.setdefault(pair, PairState(pair, 1, PairMode.SYNC, ""))
 
+    async def set_preferred(self, pair: str, site: str, preferred: str) -> ArbitrationOutcome:
+        state = self._pair(pair)
+        self.preferred = preferred
+        return ArbitrationOutcome(True, state.epoch, state.mode, state.holder)
+
     async def arbitrate(self, pair: str, site: str, epoch: int, force: bool = False) -> ArbitrationOutcome:
         state = self._pair(pair)
         if force and not (state.mode is PairMode.SOLO and state.holder == site):

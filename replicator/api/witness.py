@@ -54,6 +54,10 @@ class WitnessBackend(Protocol):
         """Move the pair from SOLO(epoch) held by `site` to SYNC(epoch+1), or deny."""
         ...
 
+    async def set_preferred(self, pair: str, site: str, preferred: str) -> ArbitrationOutcome:
+        """Planned switchover: `preferred` wins ties from now on (granted=False if it is not a site of the pair)."""
+        ...
+
     def status(self, pair: str | None) -> Sequence[PairState]:
         """State of one pair (empty if unknown) or of every pair (pair None)."""
         ...
@@ -98,6 +102,17 @@ class WitnessServicer(witness_pb2_grpc.WitnessServiceServicer):
             errors.NotFound: grpc.StatusCode.NOT_FOUND,
         }.get(type(error), grpc.StatusCode.INTERNAL)
         await context.abort(code, error.message)
+
+    async def SetPreferred(
+        self, request: witness_pb2.SetPreferredRequest, context: grpc.aio.ServicerContext
+    ) -> witness_pb2.ArbitrationResponse:
+        try:
+            _check(request.pair, request.site)
+            _check(request.pair, request.preferred)
+            return outcome_message(await self.backend.set_preferred(request.pair, request.site, request.preferred))
+        except errors.BackendError as error:
+            await self._guard(context, error)
+            raise AssertionError("unreachable: abort raises") from error
 
     async def Arbitrate(
         self, request: witness_pb2.ArbitrateRequest, context: grpc.aio.ServicerContext

@@ -25,6 +25,15 @@ class AsyncWitnessClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def set_preferred(self, pair: str, site: str, preferred: str) -> ArbitrationOutcome:
+        try:
+            response = await self._stub.SetPreferred(
+                witness_pb2.SetPreferredRequest(pair=pair, site=site, preferred=preferred), timeout=self.timeout_s
+            )
+        except grpc.RpcError as error:
+            raise failure(error, self.address, [self.address]) from None
+        return outcome_from_message(response)
+
     async def arbitrate(self, pair: str, site: str, epoch: int, force: bool = False) -> ArbitrationOutcome:
         """Raises replicator.client.errors.ClientError (Unavailable, OutcomeUnknown, ...) on failure."""
         try:

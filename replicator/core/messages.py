@@ -214,7 +214,18 @@ class Query:
     site: str
 
 
-WitnessRequest = Arbitrate | MarkSynced | Query
+@dataclass(frozen=True, slots=True)
+class SetPreferred:
+    """Planned switchover: `preferred` wins when both sites ask at once from now on.
+    Answered with Verdict.STATE (done) or DENIED (not a site of the pair)."""
+
+    pair: str
+    site: str
+    preferred: str
+    epoch: int = 0  # unused; keeps every request's shape alike for logs
+
+
+WitnessRequest = Arbitrate | MarkSynced | Query | SetPreferred
 
 
 class Verdict(enum.Enum):

@@ -20,9 +20,18 @@ never reveals a state the witness could forget in a crash.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from replicator.core.messages import Arbitrate, MarkSynced, Query, Verdict, WitnessAnswer, WitnessMode, WitnessRequest
+from replicator.core.messages import (
+    Arbitrate,
+    MarkSynced,
+    Query,
+    SetPreferred,
+    Verdict,
+    WitnessAnswer,
+    WitnessMode,
+    WitnessRequest,
+)
 
 
 class WitnessProtocolError(Exception):
@@ -34,6 +43,7 @@ class PairState:
     epoch: int = 1
     mode: WitnessMode = WitnessMode.SYNC
     holder: str = ""
+    preferred: str = ""  # set by a planned switchover; overrides the configured preferred site
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +144,14 @@ class WitnessCore:
             self._mark_synced(event.handle, request, state, actions)
         elif isinstance(request, Query):
             self._reply(event.handle, Verdict.STATE, state, actions)
+        elif isinstance(request, SetPreferred):
+            if request.preferred not in config.sites:
+                self._reply(event.handle, Verdict.DENIED, state, actions)
+                return
+            if state.preferred != request.preferred:
+                state = replace(state, preferred=request.preferred)
+                self._set_state(request.pair, state, actions)
+            self._reply(event.handle, Verdict.STATE, state, actions)
         else:  # pragma: no cover
             raise WitnessProtocolError(f"unknown request {request!r}")
 
@@ -159,7 +177,8 @@ class WitnessCore:
         if request.epoch != state.epoch:
             self._reply(handle, Verdict.DENIED, state, actions)
             return
-        if request.site != config.preferred and config.preferred_grace_ms > 0:
+        preferred = state.preferred or config.preferred
+        if request.site != preferred and config.preferred_grace_ms > 0:
             held = self._held.get(request.pair)
             if held is None or held.epoch != state.epoch:
                 held = _Held(request.site, state.epoch, now_ms)
@@ -171,7 +190,7 @@ class WitnessCore:
 
     def _grant(self, pair: str, site: str, handle: int, actions: list[WitnessAction]) -> None:
         state = self.states[pair]
-        new_state = PairState(epoch=state.epoch + 1, mode=WitnessMode.SOLO, holder=site)
+        new_state = replace(state, epoch=state.epoch + 1, mode=WitnessMode.SOLO, holder=site)
         self._set_state(pair, new_state, actions)
         self._reply(handle, Verdict.GRANTED, new_state, actions)
         held = self._held.pop(pair, None)
@@ -198,7 +217,7 @@ class WitnessCore:
 
     def _mark_synced(self, handle: int, request: MarkSynced, state: PairState, actions: list[WitnessAction]) -> None:
         if state.mode is WitnessMode.SOLO and state.holder == request.site and state.epoch == request.epoch:
-            new_state = PairState(epoch=state.epoch + 1, mode=WitnessMode.SYNC, holder="")
+            new_state = replace(state, epoch=state.epoch + 1, mode=WitnessMode.SYNC, holder="")
             self._set_state(request.pair, new_state, actions)
             self._reply(handle, Verdict.SYNCED, new_state, actions)
         elif state.mode is WitnessMode.SYNC and state.epoch == request.epoch + 1:

@@ -552,14 +552,20 @@ class SiteDaemon:
         )
 
     async def switchover(self) -> None:
-        raise errors.Unavailable(
-            "planned switchover is not implemented: which site is preferred is the witness's configuration "
-            "(pairs[].preferred_site in the witness's file, used when both sites ask for the grant), not "
-            "state a site can hand over; while both sites are SYNC either one serves reads and writes, so "
-            "there is nothing to switch. To change the preferred site, edit the witness's configuration "
-            "and restart the witness",
-            "",
-        )
+        """Planned switchover: make the peer the preferred site at the witness (durably). While
+        both sites are SYNC either one serves reads and writes; what changes is who wins when the
+        link between them fails and both ask the witness at once."""
+        if self.core.role is not Role.SYNC:
+            raise errors.Unavailable(
+                f"switchover needs the pair in SYNC; site {self.name} is {self.core.role.name}", ""
+            )
+        try:
+            outcome = await self.witness.set_preferred(self.config.site.pair_id, self.name, self.peer)
+        except Exception as error:
+            raise errors.Unavailable(f"switchover: the witness did not answer: {error}", "") from None
+        if not outcome.granted:
+            raise errors.Unavailable(f"switchover: the witness refused to prefer site {self.peer}", "")
+        log("switchover", preferred=self.peer)
 
     async def failover(self, force: bool) -> None:
         """Forced failover: the operator vouches that the other site is down. This site asks the

@@ -58,7 +58,7 @@ from replicator.api.witness import ArbitrationOutcome, PairMode
 from replicator.api.witness import PairState as ApiPairState
 from replicator.checksum import crc32c
 from replicator.config import ConfigError, WitnessConfig, load_witness_config
-from replicator.core.messages import Arbitrate, MarkSynced, Verdict, WitnessAnswer, WitnessMode
+from replicator.core.messages import Arbitrate, MarkSynced, SetPreferred, Verdict, WitnessAnswer, WitnessMode
 from replicator.core.witness import (
     PairConfig,
     PairState,
@@ -96,7 +96,13 @@ class StoredPair:
 
 def _pairs_body(pairs: dict[str, StoredPair]) -> dict[str, dict[str, object]]:
     return {
-        name: {"epoch": p.state.epoch, "mode": p.state.mode.name, "holder": p.state.holder, "sites": list(p.sites)}
+        name: {
+            "epoch": p.state.epoch,
+            "mode": p.state.mode.name,
+            "holder": p.state.holder,
+            "sites": list(p.sites),
+            **({"preferred": p.state.preferred} if p.state.preferred else {}),
+        }
         for name, p in sorted(pairs.items())
     }
 
@@ -150,7 +156,9 @@ class StateStore:
                 raise ValueError("checksum mismatch")
             pairs = {}
             for name, entry in body.items():
-                state = PairState(int(entry["epoch"]), WitnessMode[entry["mode"]], str(entry["holder"]))
+                state = PairState(
+                    int(entry["epoch"]), WitnessMode[entry["mode"]], str(entry["holder"]), str(entry.get("preferred", ""))
+                )
                 pairs[name] = StoredPair(state, tuple(str(s) for s in entry["sites"]))
             return pairs
         except (ValueError, KeyError, TypeError, AttributeError) as error:
@@ -311,6 +319,10 @@ class WitnessDaemon:
         return self.metrics_server.address
 
     # ------------------------------------------------------------ WitnessBackend
+    async def set_preferred(self, pair: str, site: str, preferred: str) -> ArbitrationOutcome:
+        log("set_preferred", pair=pair, site=site, preferred=preferred)
+        return await self._request(SetPreferred(pair, site, preferred))
+
     async def arbitrate(self, pair: str, site: str, epoch: int, force: bool = False) -> ArbitrationOutcome:
         if force:
             log("forced_arbitrate", level="warning", pair=pair, site=site, request_epoch=epoch)
@@ -331,7 +343,7 @@ class WitnessDaemon:
             for name in names
         ]
 
-    async def _request(self, request: Arbitrate | MarkSynced) -> ArbitrationOutcome:
+    async def _request(self, request: Arbitrate | MarkSynced | SetPreferred) -> ArbitrationOutcome:
         if self.failed.is_set():
             raise errors.Unavailable("witness: its state storage failed; it answers nothing until restarted")
         if self._closing or self.core is None:
@@ -361,7 +373,7 @@ class WitnessDaemon:
         finally:
             self._waiters.pop(handle, None)
         return ArbitrationOutcome(
-            granted=answer.verdict in (Verdict.GRANTED, Verdict.SYNCED),
+            granted=answer.verdict in (Verdict.GRANTED, Verdict.SYNCED, Verdict.STATE),
             epoch=answer.epoch,
             mode=PairMode[answer.mode.name],
             holder=answer.holder,
