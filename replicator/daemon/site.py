@@ -108,6 +108,10 @@ class SiteDaemon:
         self.m_checksum = self.metrics.counter("replicator_checksum_errors_total", "corrupt values found on read")
         self.m_witness = self.metrics.gauge("replicator_witness_reachable", "1 if the last witness call answered")
         self.m_peer = self.metrics.gauge("replicator_peer_connected", "1 while a session with the peer is up")
+        self.m_resync = self.metrics.gauge(
+            "replicator_resync_keys_remaining", "dirty keys still to send while this site is a resync source"
+        )
+        self.m_resync_full = self.metrics.gauge("replicator_resync_full_active", "1 while a full resync scan is running")
         self.metrics.add_collector(self._collect)
         self.witness_reachable = False
         self.stopped = asyncio.Event()
@@ -414,6 +418,8 @@ class SiteDaemon:
         self.m_log.set(len(core.log))
         self.m_witness.set(1 if self.witness_reachable else 0)
         self.m_peer.set(1 if core._session_up() else 0)
+        self.m_resync.set(len(core.dirty) if core.role is Role.RESYNC_SOURCE else 0)
+        self.m_resync_full.set(1 if core.resync_full_position is not None else 0)
         if self.link is not None:
             self.m_inflight.set(self.link.unacknowledged_bytes)
 
