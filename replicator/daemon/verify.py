@@ -110,10 +110,13 @@ class PeerSide:
         self.peer = peer
         self.address = address
         self.call_timeout_s = call_timeout_s
+        # A channel of its own (not gRPC's global subchannel pool): a connection that failed while
+        # the peer was down would otherwise fail this verify fast until its reconnect backoff ends.
+        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         if tls is None:
-            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(address, options=options)
         else:
-            self.channel = grpc.aio.secure_channel(address, channel_credentials(tls), options=CHANNEL_OPTIONS)
+            self.channel = grpc.aio.secure_channel(address, channel_credentials(tls), options=options)
         self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
 
     async def close(self) -> None:
