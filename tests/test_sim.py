@@ -36,13 +36,9 @@ def test_many_seeds_have_no_violation() -> None:
     assert summary["acknowledged_writes"] > 0
 
 
-# reconcile_early needs a crash inside a ~1 ms window of a reconcile that carries an
-# unacknowledged record; random seeds rarely hit it, so a directed scenario in
-# tests/test_scenarios.py catches it instead (as it does seed 115's forget_suspect_keys).
-CAUGHT_BY_SCENARIO = {"reconcile_early"}
-
-
-@pytest.mark.parametrize("plant", sorted(set(PLANTS) - CAUGHT_BY_SCENARIO))
+# Directed scenarios in tests/test_scenarios.py also replay reconcile_early and
+# forget_suspect_keys step by step.
+@pytest.mark.parametrize("plant", sorted(PLANTS))
 def test_every_plant_is_caught(plant: str) -> None:
     result = sim("--plant", plant, "--seeds", "1-200", "--stop-after", "1", "--json")
     assert result.returncode == 1, f"plant {plant} was not caught in 200 seeds: {result.stdout[-2000:]}"

@@ -20,7 +20,7 @@ from replicator.storage import StorageFailed, Store, StoreOptions, journal
 def crash_image(store: Store, target) -> str:  # type: ignore[no-untyped-def]
     """Copy the live directory. RocksDB may retire files while we copy (background compaction
     or a checkpoint): then copy again, as a crash at a calmer instant would have seen."""
-    for attempt in range(20):
+    for _attempt in range(20):
         try:
             shutil.copytree(store.path, target)
             return str(target)

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chaos.checkers import convergence, linearizability, lost_writes, split_brain
-from chaos.sim.world import MS, SITES, SimParams, World, make_operations, other
+from chaos.sim.world import MS, SITES, SimParams, SiteProcess, World, make_operations, other
 from replicator.core import events as ev
+from replicator.core import messages as msg
 from replicator.core.messages import Role
 
 FAULTS = (
@@ -24,6 +25,7 @@ FAULTS = (
     "reset",
     "crash_in_reconcile",
     "crash_in_resync",
+    "crash_after_peer_records",
 )
 
 
@@ -244,6 +246,15 @@ class FaultInjector:
             self.restart_later(name, 500, 3000)
         elif fault == "reset":
             world.reset_connection()
+        elif fault == "crash_after_peer_records":
+            # Crash a site right after it took the peer's reconcile shipment, before its disk made
+            # it durable: the peer must not have counted on it (plant reconcile_early).
+            def crash_now(victim: SiteProcess) -> None:
+                victim.crash("kill -9 right after the peer's reconcile records")
+                self.restart_later(victim.name, 50, 1500)
+
+            world.message_triggers[msg.ReconcileDone] = crash_now
+            world.reset_connection()
         elif fault in ("crash_in_reconcile", "crash_in_resync"):
             # The next time a site enters the role, one of the two crashes a moment later.
             role = Role.RECONCILE if fault == "crash_in_reconcile" else Role.RESYNC_TARGET
@@ -362,6 +373,7 @@ def run_seed(seed: int, params: SimParams, verbose: bool = False, check_history:
             verdicts.append(lost_writes.check(world.history, state_a, site="a"))
             verdicts.append(lost_writes.check(world.history, state_b, site="b"))
     verdicts.append(split_brain.check(world.site_events))
+    result.violations.extend(f"convergence at a sync point: {v}" for v in world.sync_violations[:3])
     for verdict in verdicts:
         if not verdict.ok:
             result.violations.append(f"{verdict.checker}: {verdict.status}: {verdict.message}")

@@ -430,6 +430,9 @@ class World:
         self.faults_injected: dict[str, int] = {}
         # Armed by a fault: runs once when some site next enters the role (a crash mid-reconcile...).
         self.role_triggers: dict[Role, Callable[[str], None]] = {}
+        # Armed by a fault: runs once right after a site takes a message of this type.
+        self.message_triggers: dict[type, Callable[[SiteProcess], None]] = {}
+        self.sync_violations: list[str] = []
         self.acknowledged_writes = 0
         self.operations = 0
         for site in self.sites.values():
@@ -466,6 +469,8 @@ class World:
         trigger = self.role_triggers.pop(role, None)
         if trigger is not None:
             trigger(site)
+        if role is Role.SYNC:
+            self.after(0, self.check_sync_point)
         state = "SYNC" if role is Role.RECONCILE else role.name
         process = self.sites[site]
         granted = bool(process.core and process.core.holds_grant)
@@ -478,6 +483,36 @@ class World:
 
     def grant_event(self, site: str, epoch: int) -> None:
         self.site_events.append({"site": site, "time": self.now_us * 1000, "event": "grant", "epoch": epoch})
+
+    def check_sync_point(self) -> None:
+        """Convergence at every sync point, not only at the end: when both sites are SYNC in one
+        epoch, every key that no record at either site still holds (pending, prepared or
+        committed-unconfirmed) has the same visible value at both. Later writes would otherwise
+        hide a key that a resync or a reconcile failed to carry."""
+        a, b = self.sites["a"], self.sites["b"]
+        if a.core is None or b.core is None:
+            return
+        if not (a.core.role is b.core.role is Role.SYNC and a.core.epoch == b.core.epoch):
+            return
+        if a.core.grant_epoch is not None or b.core.grant_epoch is not None:
+            return
+        busy = set(a.core.key_pending) | set(b.core.key_pending)
+        for core in (a.core, b.core):
+            for record in core.log.values():
+                busy.update(record.keys())
+        data_a, data_b = a.disk.current.data, b.disk.current.data
+        for key in set(data_a) | set(data_b):
+            if key in busy:
+                continue
+            value_a = data_a[key][1] if key in data_a else None
+            value_b = data_b[key][1] if key in data_b else None
+            if value_a != value_b:
+                self.sync_violations.append(
+                    f"sync point at {self.now_us / MS:.3f} ms, epoch {a.core.epoch}: key {key!r} is {value_a!r} "
+                    f"at a and {value_b!r} at b"
+                )
+                self.trace(f"SYNC POINT DIVERGENCE {key!r}: a={value_a!r} b={value_b!r}")
+                return
 
     # ------------------------------------------------------------- network
     def link_up(self, source: str, target: str) -> bool:
@@ -567,6 +602,9 @@ class World:
         def arrive() -> None:
             if receiver.connection is connection and connection.open_at[receiver.name]:
                 receiver.deliver(lambda: ev.PeerSent(message) if receiver.connection is connection else None)
+                trigger = self.message_triggers.pop(type(message), None)
+                if trigger is not None:
+                    trigger(receiver)
 
         self.after(when - self.now_us, arrive)
 
