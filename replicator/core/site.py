@@ -756,15 +756,15 @@ class SiteCore:
             return
         self._arbitrate()
 
-    def _arbitrate(self) -> None:
+    def _arbitrate(self, *, force: bool = False, meta: tuple[tuple[str, int | bytes | str], ...] = ()) -> None:
         """Ask to go on alone, after recording durably that we asked: a grant
         whose answer we do not live to see must still be found again."""
-        request = msg.Arbitrate(self.config.pair, self.config.site, self.epoch)
-        if self.asked_epoch == self.epoch:
+        request = msg.Arbitrate(self.config.pair, self.config.site, self.epoch, force=force)
+        if self.asked_epoch == self.epoch and not force and not meta:
             self._ask_witness(request)
             return
         self.asked_epoch = self.epoch
-        persist_id = self._persist(meta=(("asked_epoch", self.epoch),))
+        persist_id = self._persist(meta=(("asked_epoch", self.epoch), *meta))
         self.witness_outstanding = request  # nothing else goes to the witness meanwhile
 
         def ask() -> None:
@@ -778,23 +778,10 @@ class SiteCore:
         assert isinstance(event, ev.FailoverForced)
         if self.is_target or self.grant_epoch is not None or self._session_up():
             raise ProtocolError("a forced failover needs a site that is not a resync target, without a peer")
-        self.witness_outstanding = None
-        request = msg.Arbitrate(self.config.pair, self.config.site, self.epoch, force=True)
-        self.asked_epoch = self.epoch
         # The other site may have served writes we never saw: when it returns it
         # gets a full resync (its data cleared), not just our dirty keys.
         self.resync_full_position = b""
-        persist_id = self._persist(
-            meta=(("asked_epoch", self.epoch), ("resync_full_active", 1), ("resync_full_position", b""))
-        )
-        self.witness_outstanding = request
-
-        def ask() -> None:
-            if self.witness_outstanding == request:
-                self.witness_outstanding = None
-                self._ask_witness(request)
-
-        self._after(persist_id, ask)
+        self._arbitrate(force=True, meta=(("resync_full_active", 1), ("resync_full_position", b"")))
 
     def _clear_asked(self) -> None:
         if self.asked_epoch:
