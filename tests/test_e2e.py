@@ -11,10 +11,11 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import wait_for
 
 from replicator.client import Client, NotFound
 from replicator.config import load_site_config
@@ -24,17 +25,6 @@ from replicator.transport.faultproxy import FaultProxy
 BUCKET = "e2e"
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    last_error: Exception | None = None
-    while time.monotonic() - started < timeout_s:
-        try:
-            if predicate():
-                return time.monotonic() - started
-        except Exception as error:  # a process that is starting answers nothing yet
-            last_error = error
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_error})")
 
 
 def state(endpoint: str) -> str:

@@ -19,12 +19,12 @@ import ssl
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from support import wait_for
 
 from replicator.client import Client, ClientError, NotFound, RetryPolicy
 from replicator.client.witness import witness_status
@@ -40,17 +40,6 @@ BUCKET = "tls"
 REFUSED = {grpc.StatusCode.UNAVAILABLE}
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    last_error: Exception | None = None
-    while time.monotonic() - started < timeout_s:
-        try:
-            if predicate():
-                return time.monotonic() - started
-        except Exception as error:  # a process that is starting answers nothing yet
-            last_error = error
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_error})")
 
 
 def san(certificate: Path) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import wait_for
 
 from replicator.api.backend import RangeEntry
 from replicator.api.keys import object_key
@@ -125,17 +126,6 @@ def test_a_difference_that_goes_away_before_the_rechecks_is_not_reported() -> No
 # ------------------------------------------------------------ for real: processes, RocksDB, gRPC
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception as error:  # a starting process answers nothing yet
-            last = error
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last})")
 
 
 def both_sync(endpoints: list[str]) -> bool:

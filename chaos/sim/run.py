@@ -99,7 +99,6 @@ class Client:
         def attempt(target: str) -> None:
             state["attempt"] += 1
             state["site"] = target
-            number = state["attempt"]
             answered = [False]
 
             def on_answer(answer: Any) -> None:
@@ -134,7 +133,6 @@ class Client:
                 ops = make_operations(key.encode(), value.encode() if value is not None else None)
                 world.submit(target, lambda h: ev.WriteRequested(h, request_id, ops), on_answer)
             world.after(world.params.client_timeout_ms * MS, on_timeout)
-            del number
 
         def retry(last: str, same_site: bool = False) -> None:
             if state["unknown"] and not world.params.retry_unknown_writes:

@@ -38,7 +38,7 @@ the core waits for `Persisted` before anything that depends on durability
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from replicator.core import events as ev
@@ -46,7 +46,7 @@ from replicator.core import messages as msg
 from replicator.core.config import CoreConfig
 from replicator.core.hlc import HybridLogicalClock, wall_ms_of
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, RecordId, Versioned
+from replicator.core.records import Record, RecordId, Versioned
 
 
 class ProtocolError(Exception):
@@ -71,11 +71,9 @@ class _Pending:
 class _Session:
     """What we know about the current connection; gone with it."""
 
-    hello_sent: bool = False
     started_ms: float = 0.0
     peer: msg.Hello | None = None
     # RECONCILE progress
-    reconcile_sent: bool = False
     reconcile_peer_done_persist: int | None = None  # persist id covering the peer's records
     reconcile_ack_sent: bool = False
     reconcile_ack_received: bool = False
@@ -83,7 +81,6 @@ class _Session:
     # RESYNC (source side)
     resync_began: bool = False
     resync_begin_acked: bool = False
-    resync_full: bool = False
     resync_queue: list[bytes] = field(default_factory=list)  # dirty keys still to send
     resync_scan_cursor: bytes | None = None  # full scan: next load position
     resync_scan_done: bool = False
@@ -155,7 +152,6 @@ class SiteCore:
         self.session: _Session | None = None
         self.now_ms = 0.0
         self.wall_ms = 0
-        self.started_ms = 0.0
         self.last_heard_ms = 0.0
         self.next_heartbeat_ms = 0.0
         self.heartbeats_sent: dict[int, float] = {}
@@ -175,7 +171,6 @@ class SiteCore:
     def start(self, now_ms: float, wall_ms: int) -> list[ev.Action]:
         """Begin after recovery: bump the incarnation durably, act as if a lease was granted now."""
         self.now_ms, self.wall_ms = now_ms, wall_ms
-        self.started_ms = now_ms
         self.last_heard_ms = now_ms
         self.lease_granted_until_ms = now_ms + self.config.lease_ms
         self._persist(meta=(("incarnation", self.incarnation), ("clock_high", self.hlc.high_water)))
@@ -218,7 +213,7 @@ class SiteCore:
         if seq is not None and seq in self.pending:
             self.pending[seq].handles.append(event.handle)
             return
-        if event.request_id in self._logged_requests():
+        if self._request_logged(event.request_id):
             self.log_waiters.setdefault(event.request_id, []).append(event.handle)
             return
         if self.role not in SERVING_WRITES or self.grant_epoch is not None or self.mark_synced_outstanding:
@@ -367,7 +362,6 @@ class SiteCore:
     def _on_connected(self, event: ev.Event) -> None:
         self.connected = True
         self.session = _Session(started_ms=self.now_ms)
-        self.session.hello_sent = True
         self._send(self._hello())
 
     def _on_disconnected(self, event: ev.Event) -> None:
@@ -626,7 +620,6 @@ class SiteCore:
         for start in range(0, len(records), chunk):
             self._send(msg.ShipRecords(self.epoch, tuple(records[start : start + chunk]), reconcile=True))
         self._send(msg.ReconcileDone(self.epoch))
-        session.reconcile_sent = True
 
     def _on_reconcile_done(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ReconcileDone)
@@ -921,7 +914,6 @@ class SiteCore:
         self._set_role(Role.RESYNC_SOURCE, "peer returned behind us")
         self.peer_generation = session.peer.generation
         session.resync_began = True
-        session.resync_full = full
         meta: list[tuple[str, int | bytes | str]] = [("peer_generation", self.peer_generation)]
         if full and self.resync_full_position is None:
             self.resync_full_position = b""
@@ -1201,9 +1193,13 @@ class SiteCore:
         if self.log.pop(record.id, None) is not None:
             self._log_resolve(record)
 
-    def _logged_requests(self) -> set[bytes]:
-        return {record.request_id for record in self.log.values() if record.id.seq not in self.committed_unconfirmed
-                or record.id.origin != self.config.site}
+    def _request_logged(self, request_id: bytes) -> bool:
+        """A record with this request id waits in the log (own committed ones are in the dedup table)."""
+        return any(
+            record.request_id == request_id
+            and (record.id.seq not in self.committed_unconfirmed or record.id.origin != self.config.site)
+            for record in self.log.values()
+        )
 
     def _answer_log_waiters(self, record: Record) -> None:
         for handle in self.log_waiters.pop(record.request_id, []):
@@ -1351,10 +1347,6 @@ def _int(meta: dict[str, int | bytes | str], name: str, default: int) -> int:
 
 def _versions(record: Record) -> tuple[Versioned, ...]:
     return tuple(Versioned(operation.key, record.ts, operation.value) for operation in record.operations)
-
-
-def operations(pairs: Iterable[tuple[bytes, bytes | None]]) -> tuple[Operation, ...]:
-    return tuple(Operation(key, value) for key, value in pairs)
 
 
 # ==================================================================== the transition table

@@ -476,8 +476,6 @@ class SiteDaemon:
         self.m_reads.labels("ok").inc()
         self.m_read_latency.observe(time.perf_counter() - started)
         version: Versioned | None = result
-        if version is not None and version.value is None:
-            return version
         return version
 
     async def scan(self, start: bytes, end: bytes | None, limit: int, timeout_s: float) -> list[Versioned]:
