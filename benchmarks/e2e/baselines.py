@@ -51,6 +51,7 @@ BINARIES: dict[str, tuple[str, str]] = {
 }
 
 STOP_TIMEOUT_S = 10.0
+TERM_REPEAT_S = 2.0
 APT_TIMEOUT_S = 900.0
 
 # ---------------------------------------------------------------------------------------------
@@ -249,23 +250,30 @@ class _Processes:
                 )
 
     def stop(self) -> None:
-        processes = list(self.running.values())
-        for process in processes:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for process in processes:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait()
+        """One at a time, the last started first: a member stopping while its peers still run hands
+        over quickly (an etcd leader transfers leadership; a Redis replica goes before its primary,
+        which then has nobody to wait for), where stopping all at once costs seconds of timeouts."""
+        for process in reversed(list(self.running.values())):
+            _stop_process(process)
         self.running.clear()
         for handle in self._log_files:
             handle.close()
         self._log_files.clear()
+
+
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (again every TERM_REPEAT_S: Redis refuses one that comes while it writes its first AOF),
+    SIGKILL after STOP_TIMEOUT_S; reaped either way."""
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.0, min(TERM_REPEAT_S, deadline - time.monotonic())))
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    process.wait()
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -553,6 +561,8 @@ class RedisPair:
                 "--appendfsync", "always",
                 "--save", "",
                 "--logfile", "",
+                # the replica's first sync starts at once (the default waits 5 s for more replicas)
+                "--repl-diskless-sync-delay", "0",
             ]  # fmt: skip
             if name == "redis-replica":
                 command += ["--replicaof", HOST, str(primary_port)]
@@ -572,9 +582,15 @@ class RedisPair:
                 try:
                     link = replica.info("replication").get("master_link_status")
                     replicas = primary.info("replication").get("connected_slaves", 0)
-                    if link == "up" and int(replicas) >= 1:
+                    # after its first sync the replica rewrites its AOF: let that finish before any load
+                    rewriting = any(
+                        int(state.get(field, 0))
+                        for state in (primary.info("persistence"), replica.info("persistence"))
+                        for field in ("loading", "aof_rewrite_in_progress", "aof_rewrite_scheduled")
+                    )
+                    if link == "up" and int(replicas) >= 1 and not rewriting:
                         return
-                    last_error = f"replica link {link!r}, primary sees {replicas} replica(s)"
+                    last_error = f"replica link {link!r}, primary sees {replicas} replica(s), AOF rewrite {rewriting}"
                 except redis.RedisError as exc:
                     last_error = str(exc)
                 time.sleep(0.1)
