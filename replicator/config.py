@@ -278,6 +278,9 @@ class ChaosConfig:
     test_plant: str = _field(
         "", check=_check_string, doc="chaos only: a deliberately planted fault, to test the checkers"
     )
+    log_commits: bool = _field(
+        False, check=_check_boolean, doc="log every commit decision (for the split-brain checker; verbose)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 REQUIRED_CHECKS = {"linearizability", "corruption", "lost_writes", "convergence", "split_brain", "liveness",
-                   "process_exits"}
+                   "process_exits", "convergence_at_sync_points"}
 
 
 def _config(out: Path, **changes: object) -> RunConfig:
@@ -60,6 +60,9 @@ def test_smoke_run_passes_every_checker(tmp_path: Path) -> None:
         row = summary["per_nemesis"][name]
         assert row["episodes"] == 1 and row["write_rto_ms"]["worst"] is not None
     assert episodes["kill"]["metrics"]["resync_ms"], "the killed site came back through a resync"
+    # Every heal was followed by a sync-point comparison, and the sites logged their commits (rule 3).
+    assert all(e["sync_point"].startswith("sites identical") for e in summary["episodes"]), summary["episodes"]
+    assert summary["commits_logged"] >= summary["operations"]["acknowledged_writes"]
     out = tmp_path / "smoke"
     for name in ("summary.json", "summary.md", "history.jsonl", "final-a.json", "final-b.json",
                  "site-events.jsonl", "timeline.png", "logs/a.log", "logs/b.log", "logs/witness.log"):
@@ -85,6 +88,18 @@ def test_planted_no_witness_is_caught_as_split_brain(tmp_path: Path) -> None:
     assert verdicts["split_brain"]["status"] == "violation", verdicts["split_brain"]
     assert "without the witness's grant" in verdicts["split_brain"]["message"]
     assert "--plant no_witness" in summary["rerun"] and "--seed 11" in summary["rerun"]
+
+
+def test_planted_drop_dirty_is_caught_at_the_sync_point(tmp_path: Path) -> None:
+    """Keys written alone but not marked dirty are not resynced: the sites differ right after the heal
+    (later writes would hide it from the final comparison)."""
+    summary = run(
+        _config(tmp_path / "plant", nemeses=["kill"], plant="drop_dirty", liveness_bound_s=20.0),
+        log=lambda line: None,
+    )
+    verdicts = {c["checker"]: c for c in summary["checks"]}
+    assert verdicts["convergence_at_sync_points"]["status"] == "violation", verdicts
+    assert summary["status"] == "violation"
 
 
 def test_cli_lists_nemeses_and_plants_and_refuses_unknown_names() -> None:

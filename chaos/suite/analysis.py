@@ -13,34 +13,43 @@ from chaos.suite.workload import Sample
 SITE_STATES_ALONE = frozenset({"SOLO", "RESYNC_SOURCE"})
 
 
+def _time(event: dict[str, Any]) -> int:
+    """The host's monotonic clock (ns) when the process logged it, else the log's millisecond timestamp."""
+    return int(event["mono_ns"]) if "mono_ns" in event else int(event["mono"])
+
+
 def site_events(logs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Split-brain checker events from the logs: the witness's grants, the sites' role changes.
+    """Split-brain checker events from the logs: the witness's grants, the sites' role changes and commits.
 
     A role change to SOLO/RESYNC_SOURCE counts as granted when the witness's log shows a grant of
-    that epoch to that site (the sites do not log commits: rule 3 is not checked here).
+    that epoch to that site. Commits are logged by sites started with `[chaos] log_commits`.
     """
     grants: list[dict[str, Any]] = []
     for event in logs.get("witness", []):
         if event.get("event") == "granted" and event.get("request") == "arbitrate":
-            grants.append({"site": event["site"], "time": event["mono"], "event": "grant", "epoch": event["epoch"]})
+            grants.append({"site": event["site"], "time": _time(event), "event": "grant", "epoch": event["epoch"]})
     granted = {(g["site"], g["epoch"]) for g in grants}
-    states = []
+    site_side = []
     for site, events in logs.items():
         if site == "witness":
             continue
         for event in events:
-            if event.get("event") == "role" and "epoch" in event:
-                states.append(
+            kind = event.get("event")
+            if kind == "role" and "epoch" in event:
+                site_side.append(
                     {
                         "site": site,
-                        "time": event["mono"],
+                        "time": _time(event),
                         "event": "state",
                         "epoch": int(event["epoch"]),
-                        "state": event["new"],
+                        # RECONCILE is the SYNC epoch's catch-up after a reconnect (as in the simulator)
+                        "state": "SYNC" if event["new"] == "RECONCILE" else event["new"],
                         "granted": (site, event["epoch"]) in granted,
                     }
                 )
-    return grants + states  # stable sort by time in the checker: a grant first on a tie
+            elif kind == "commit" and "epoch" in event:
+                site_side.append({"site": site, "time": _time(event), "event": "commit", "epoch": int(event["epoch"])})
+    return grants + site_side  # stable sort by time in the checker: a grant first on a tie
 
 
 def run_checkers(
@@ -92,8 +101,16 @@ def episode_metrics(
     episode: dict[str, Any], samples: Sequence[Sample], logs: dict[str, list[dict[str, Any]]]
 ) -> dict[str, Any]:
     start, end = episode["start_ns"], episode["end_ns"]
-    writes = sorted(s.complete for s in samples if s.status == "ok" and s.f != "read")
-    reads = sorted(s.complete for s in samples if s.status == "ok" and s.f == "read")
+    pause = episode.get("paused_ns")  # the sync-point check's pause is not downtime: cut it out
+
+    def collapsed(t: int) -> int:
+        if pause is None or t < pause[0]:
+            return t
+        return pause[0] if t <= pause[1] else t - (pause[1] - pause[0])
+
+    writes = sorted(collapsed(s.complete) for s in samples if s.status == "ok" and s.f != "read")
+    reads = sorted(collapsed(s.complete) for s in samples if s.status == "ok" and s.f == "read")
+    end = collapsed(end)
     write_rto, write_never = longest_gap_ms(writes, start, end)
     read_rto, read_never = longest_gap_ms(reads, start, end)
     resyncs = [

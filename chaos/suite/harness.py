@@ -134,8 +134,9 @@ class Deployment:
                 text = re.sub(r'(?m)^peer_address = "[^"]*"', f'peer_address = "{self.hub.address("site")}"', text)
             text = re.sub(r'(?m)^address = "[^"]*"', f'address = "{self.hub.address(f"witness-{site}")}"', text)
             text = re.sub(r"(?ms)^\[chaos\].*?(?=^\[|\Z)", "", text)
+            text = text.rstrip("\n") + "\n\n[chaos]\nlog_commits = true\n"  # split-brain rule 3
             if site in self.plant_sites:
-                text = text.rstrip("\n") + f'\n\n[chaos]\ntest_plant = "{self.plant}"\n'
+                text += f'test_plant = "{self.plant}"\n'
             path.write_text(text)
             # Prove it loads as the daemon will load it.
             load_site_config(path, environ=self._environment_for(site))

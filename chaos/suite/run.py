@@ -19,6 +19,8 @@ from chaos.suite.harness import SITES, WITNESS, Deployment, HarnessError
 from chaos.suite.workload import Workload, WorkloadConfig, read_state
 
 SMOKE_NEMESES = ("kill", "partition-blackhole", "fsync-fail")
+SYNC_POINT_IDLE_S = 30.0  # how long the clients may take to finish what they do when paused
+SYNC_POINT_SETTLE_S = 5.0  # how long the sites may differ after SYNC before it counts (the peer's apply lags)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Runner:
         self.rng = random.Random(config.seed)
         self.episodes: list[dict[str, Any]] = []
         self.liveness: list[dict[str, Any]] = []
+        self.divergences: list[dict[str, Any]] = []  # sync points where the sites differed
         self.harness_errors: list[str] = []
         self.deployment: Deployment | None = None
         self.workload: Workload | None = None
@@ -107,10 +110,57 @@ class Runner:
             self.episodes.append(episode)
             episode["end_ns"] = self.clock()
             raise _Stop() from None
+        self._sync_point(episode)
         time.sleep(self.config.settle_s)
         episode["end_ns"] = self.clock()
         self.episodes.append(episode)
-        self.log(f"      healed, SYNC {episode['sync_after_heal_ms']:.0f} ms after healing")
+        self.log(f"      healed, SYNC {episode['sync_after_heal_ms']:.0f} ms after healing; {episode['sync_point']}")
+
+    def _sync_point(self, episode: dict[str, Any]) -> None:
+        """Right after the pair is back in SYNC: pause the clients, then both sites must hold the same data.
+
+        The final comparison alone misses a divergence that later writes overwrite (a small key space
+        is rewritten within a second); this catches it where it appears, as the simulator's sync-point
+        check does. The pause is left out of the episode's RTO.
+        """
+        d, workload = self.deployment, self.workload
+        if d is None or workload is None:
+            return
+        paused = self.clock()
+        try:
+            if not workload.pause(SYNC_POINT_IDLE_S):
+                episode["sync_point"] = "not checked: clients still busy"
+                return
+            episode["sync_point"] = self._compare_sites(d, workload.keys(), episode["index"])
+        finally:
+            workload.resume()
+            episode["paused_ns"] = [paused, self.clock()]
+
+    def _compare_sites(self, d: Deployment, keys: list[str], index: int) -> str:
+        deadline = time.monotonic() + SYNC_POINT_SETTLE_S
+        states: dict[str, dict[str, Any]] = {}
+        while True:
+            try:
+                d.wait_sync(SYNC_POINT_SETTLE_S)
+                states = {site: read_state(d.direct[site], keys) for site in SITES}
+                if states["a"] == states["b"]:
+                    return f"sites identical ({len(states['a'])} keys)"
+            except Exception as error:  # noqa: BLE001 - left SYNC or unreadable: not a verdict
+                if time.monotonic() >= deadline:
+                    return f"not checked: {type(error).__name__}: {error}"
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        differing = sorted(k for k in set(states["a"]) | set(states["b"]) if states["a"].get(k) != states["b"].get(k))
+        self.divergences.append(
+            {
+                "episode": index,
+                "keys": {k: {site: states[site].get(k) for site in SITES} for k in differing[:20]},
+                "differing": len(differing),
+            }
+        )
+        self.log(f"      DIVERGED at the sync point: {len(differing)} key(s) differ, e.g. {differing[:3]}")
+        return f"DIVERGED: {len(differing)} key(s) differ"
 
     def _phases(self) -> None:
         config = self.config
@@ -257,7 +307,19 @@ class Runner:
             ),
             details={"exits": d.unexpected_exits},
         )
-        verdicts += [liveness, exits]
+        sync_points = Verdict(
+            checker="convergence_at_sync_points",
+            status="violation" if self.divergences else "ok",
+            message=(
+                f"the sites differed at {len(self.divergences)} sync point(s) after a heal"
+                if self.divergences
+                else f"the sites were identical at every sync point checked "
+                f"({sum(1 for e in self.episodes if str(e.get('sync_point', '')).startswith('sites identical'))}"
+                f" of {len(self.episodes)})"
+            ),
+            details={"divergences": self.divergences},
+        )
+        verdicts += [sync_points, liveness, exits]
         for episode in self.episodes:
             episode["metrics"] = analysis.episode_metrics(episode, samples, logs)
         verdict = combine("chaos", verdicts)
@@ -293,6 +355,7 @@ class Runner:
             "episodes": self.episodes,
             "role_changes": sum(1 for e in events if e["event"] == "state"),
             "grants": sum(1 for e in events if e["event"] == "grant"),
+            "commits_logged": sum(1 for e in events if e["event"] == "commit"),
             "proxies": d.hub.stats() if d.hub is not None else {},
             "config": self.config.to_dict(),
             "time_origin_ns": run_start,

@@ -126,6 +126,9 @@ class Workload:
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._gate = threading.Condition()  # pause(): clients finish what they do and wait
+        self._paused = False
+        self._active = 0
 
     def keys(self) -> list[str]:
         return [f"k{i}" for i in range(self.config.keys)]
@@ -150,6 +153,35 @@ class Workload:
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.1, deadline - time.monotonic()))
+
+    def pause(self, timeout_s: float = 30.0) -> bool:
+        """Stop starting operations and wait until none is running; False if some still run at the timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._gate:
+            self._paused = True
+            while self._active and time.monotonic() < deadline:
+                self._gate.wait(0.05)
+            return self._active == 0
+
+    def resume(self) -> None:
+        with self._gate:
+            self._paused = False
+            self._gate.notify_all()
+
+    def _enter(self) -> bool:
+        """Wait while paused; False when halted."""
+        with self._gate:
+            while self._paused and not self._halt.is_set():
+                self._gate.wait(0.1)
+            if self._halt.is_set():
+                return False
+            self._active += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._gate:
+            self._active -= 1
+            self._gate.notify_all()
 
     def _invoke(self, process: int, f: str, key: str, value: Any) -> Any:
         with self._lock:
@@ -187,16 +219,19 @@ class Workload:
         keys = self.keys()
         count = 0
         try:
-            while not self._halt.is_set():
-                key = rng.choice(keys)
-                draw = rng.random()
-                if draw < self.config.read_fraction:
-                    self._read(client, process, key)
-                elif draw < self.config.read_fraction + self.config.delete_fraction:
-                    self._write(client, process, key, None)
-                else:
-                    count += 1
-                    self._write(client, process, key, f"p{process}-{count}")
+            while self._enter():
+                try:
+                    key = rng.choice(keys)
+                    draw = rng.random()
+                    if draw < self.config.read_fraction:
+                        self._read(client, process, key)
+                    elif draw < self.config.read_fraction + self.config.delete_fraction:
+                        self._write(client, process, key, None)
+                    else:
+                        count += 1
+                        self._write(client, process, key, f"p{process}-{count}")
+                finally:
+                    self._leave()
                 if self.config.think_ms:
                     time.sleep(rng.uniform(0, 2 * self.config.think_ms) / 1000)
         finally:

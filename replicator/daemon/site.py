@@ -278,9 +278,24 @@ class SiteDaemon:
             elif isinstance(action, ev.LoadResyncBatch):
                 self._load_resync(action)
             elif isinstance(action, ev.RoleChanged):
-                log("role", old=action.old.name, new=action.new.name, epoch=action.epoch, reason=action.reason)
+                log(
+                    "role",
+                    old=action.old.name,
+                    new=action.new.name,
+                    epoch=action.epoch,
+                    reason=action.reason,
+                    mono_ns=time.monotonic_ns(),
+                )
             elif isinstance(action, ev.Committed):
-                pass
+                if self.config.chaos.log_commits:
+                    log(
+                        "commit",
+                        record=str(action.record_id),
+                        epoch=action.epoch,
+                        role=action.role.name,
+                        alone=action.alone,
+                        mono_ns=time.monotonic_ns(),
+                    )
             elif isinstance(action, ev.Stop):
                 log("stopping", level="error", reason=action.reason)
                 self.stopped.set()

@@ -425,6 +425,7 @@ class WitnessDaemon:
             mode=answer.mode,
             holder=answer.holder,
             latency_ms=round(latency * 1000, 2),
+            mono_ns=time.monotonic_ns(),  # the host's monotonic clock: the chaos suite orders events by it
         )
         waiter.future.set_result(answer)
 
