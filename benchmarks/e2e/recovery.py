@@ -104,6 +104,49 @@ def _both_sync(endpoints: dict[str, str]) -> bool:
     return all(s is not None and s.state == "SYNC" for s in states.values())
 
 
+def _sync_epoch(endpoints: dict[str, str]) -> int | None:
+    """The epoch if both sites report SYNC in the same epoch, else None."""
+    states = list(_states(endpoints).values())
+    if all(s is not None and s.state == "SYNC" for s in states) and len({s.epoch for s in states}) == 1:
+        return int(states[0].epoch)
+    return None
+
+
+def _wait_stable_sync(endpoints: dict[str, str], since: float, hold_s: float, timeout_s: float, what: str) -> dict[str, Any]:
+    """Wait until both sites stay SYNC in one epoch for `hold_s`.
+
+    Returns seconds after `since` of the first moment both were SYNC
+    (`first_sync_seconds`) and of the start of the window that held
+    (`stable_sync_seconds`), and how often SYNC was lost again in between.
+    """
+    first: float | None = None
+    window: tuple[float, int] | None = None  # (start, epoch)
+    lost = 0
+    deadline = time.monotonic() + timeout_s
+    while True:
+        epoch = _sync_epoch(endpoints)
+        now = time.monotonic()
+        if epoch is not None:
+            first = now if first is None else first
+            if window is None or window[1] != epoch:
+                if window is not None:
+                    lost += 1
+                window = (now, epoch)
+            if now - window[0] >= hold_s:
+                return {
+                    "first_sync_seconds": round(first - since, 3),
+                    "stable_sync_seconds": round(window[0] - since, 3),
+                    "sync_lost_again": lost,
+                    "epoch": epoch,
+                }
+        elif window is not None:
+            lost += 1
+            window = None
+        if now > deadline:
+            raise BenchmarkError(f"timed out after {timeout_s:.0f} s waiting for {what} (SYNC held {hold_s:.1f} s)")
+        time.sleep(0.05)
+
+
 def _fresh_directory(directory: str | os.PathLike[str]) -> Path:
     path = Path(directory).resolve()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -414,6 +457,15 @@ def measure_resync(
             result["error"] = outcome
             result["logs"] = {name: _summarise(_log_events(cluster, name, offsets[name])) for name in SITES}
             return result
+        # SYNC must also last: the pair staying SYNC in one epoch for 2 s (a pair that falls out again is a bug).
+        try:
+            held = _wait_stable_sync(endpoints, mono0, 2.0, 60, "the pair to stay SYNC")
+            result["stable_sync_seconds"] = held["stable_sync_seconds"]
+            result["sync_lost_again"] = held["sync_lost_again"]
+        except BenchmarkError as error:
+            result["error"] = str(error)
+            result["logs"] = {name: _summarise(_log_events(cluster, name, offsets[name])) for name in SITES}
+            return result
         result["completed"] = True
         result["b_disk_growth_bytes"] = _tree_bytes(path / "data" / "b") - b_bytes_before
         for name in SITES:
@@ -640,7 +692,7 @@ def measure_failover(
     value_size: int = 4 * KIB,
     keys_per_writer: int = 64,
     warmup_s: float = 1.0,
-    settle_s: float = 1.0,
+    settle_s: float = 2.0,
     first_victim: str = "a",
 ) -> dict[str, Any]:
     """Failover time as clients see it when a site is SIGKILLed under load, `kills` times.
@@ -650,8 +702,9 @@ def measure_failover(
     b). Each round SIGKILLs one site (alternating, `first_victim` first),
     measures per writer the time from the kill until its first acknowledged
     write begun after the kill (rto), and the longest stretch without any
-    acknowledgement; then restarts the victim, waits for SYNC, lets the load
-    run `settle_s` and goes on. At the end every writer's last acknowledged
+    acknowledgement; then restarts the victim and waits until the pair has
+    been SYNC in one epoch for `settle_s` with the load running (a pair that
+    falls out of SYNC again meanwhile is counted in `unplanned_failovers`). At the end every writer's last acknowledged
     value of every key is read at a alone and at b alone (lost_writes) and
     the online verify compares the replicas.
     """
@@ -695,8 +748,7 @@ def measure_failover(
             _say(progress, f"{writers} writers running ({sum(len(t.writes) for t in threads)} writes acknowledged)")
             for number in range(kills):
                 victim = SITES[(SITES.index(first_victim) + number) % 2]
-                rounds.append(_failover_round(cluster, endpoints, threads, victim, number, progress))
-                time.sleep(settle_s)
+                rounds.append(_failover_round(cluster, endpoints, threads, victim, number, progress, settle_s))
         except BenchmarkError as error:
             result["error"] = str(error)
         finally:
@@ -723,6 +775,8 @@ def measure_failover(
         result["worst_rto_ms"] = max((max(r["rto_ms_per_writer"]) for r in measured), default=None)
         result["gap_ms"] = [r["gap_ms"] for r in measured]
         result["resync_seconds"] = [r.get("resync_seconds") for r in rounds]
+        result["stable_sync_seconds"] = [r.get("stable_sync_seconds") for r in rounds]
+        result["unplanned_failovers"] = sum(r.get("unplanned_failovers", 0) for r in rounds)
         result["solo_after_kill_ms"] = [r.get("solo_after_kill_ms") for r in rounds]
 
         _say(progress, "checking every acknowledged write at a alone and at b alone")
@@ -749,6 +803,7 @@ def _failover_round(
     victim: str,
     number: int,
     progress: Progress | None,
+    hold_s: float,
 ) -> dict[str, Any]:
     survivor = "b" if victim == "a" else "a"
     offsets = _log_offsets(cluster)
@@ -790,9 +845,27 @@ def _failover_round(
     restarted_at = time.monotonic()
     cluster.restart(victim)
     record["restart_healthy_seconds"] = round(time.monotonic() - restarted_at, 3)
-    _wait(lambda: _both_sync(endpoints), 120, f"the pair back in SYNC after {victim}'s restart")
-    record["resync_seconds"] = round(time.monotonic() - restarted_at, 3)
-    _say(progress, f"  {victim} restarted, healthy after {record['restart_healthy_seconds']:.2f} s, pair SYNC after {record['resync_seconds']:.2f} s")
+    sync = _wait_stable_sync(endpoints, restarted_at, hold_s, 120, f"the pair back in SYNC after {victim}'s restart")
+    record["resync_seconds"] = sync["first_sync_seconds"]
+    record["stable_sync_seconds"] = sync["stable_sync_seconds"]
+    record["sync_lost_again"] = sync["sync_lost_again"]
+    acks = [ack for t in threads for _, ack in t.writes]
+    record["recovery_gap_ms"] = round(1000 * _longest_gap(acks, restarted_at, restarted_at + sync["stable_sync_seconds"]), 1)
+    # The witness's view of the round: one SOLO grant for the kill and one SYNC after the resync is the
+    # plan; every further SOLO grant is a failover no kill caused.
+    changes = [e for e in _log_events(cluster, "witness", offsets["witness"]) if e.get("event") == "state_changed"]
+    record["witness_changes"] = [
+        (round(1000 * (_event_seconds(e, wall0, killed_at) or 0.0), 1), e.get("epoch"), e.get("mode"), e.get("holder"))
+        for e in changes
+    ]
+    record["unplanned_failovers"] = max(0, sum(1 for e in changes if e.get("mode") == "SOLO") - 1)
+    _say(
+        progress,
+        f"  {victim} restarted, healthy after {record['restart_healthy_seconds']:.2f} s, pair SYNC after "
+        f"{record['resync_seconds']:.2f} s, stable SYNC (epoch {sync['epoch']}, held {hold_s:.1f} s) from "
+        f"{record['stable_sync_seconds']:.2f} s; witness epochs this round: {len(changes)}, unplanned failovers: "
+        f"{record['unplanned_failovers']}, longest gap without any ack meanwhile {record['recovery_gap_ms']:.0f} ms",
+    )
     return record
 
 
