@@ -396,9 +396,11 @@ def measure_resync(
         # in one RESYNC_DATA frame; say so when that frame cannot fit.
         batch_keys = _resync_batch_keys()
         if batch_keys and min(keys, batch_keys) * (value_size + 64) > frame_max:
+            fits = (frame_max - 64 * KIB) // batch_keys - 64
             result["warning"] = (
                 f"one resync batch ({min(keys, batch_keys)} keys of {value_size} bytes) is larger than "
-                f"site.frame_size_bytes_max ({frame_max} bytes)"
+                f"site.frame_size_bytes_max ({frame_max} bytes): replicatord cannot send it and the resync is "
+                f"expected to stall (values up to about {fits} bytes fit, e.g. --value-size 32KiB)"
             )
             _say(progress, f"warning: {result['warning']}")
 
