@@ -4,6 +4,7 @@
     python -m chaos run --full                        # every nemesis >= 30 s, then a 10-minute random mix
     python -m chaos run --seed 7 --nemeses kill,pause --per-nemesis 20 --mix 60 --out /tmp/chaos-7
     python -m chaos run --plant no_witness --nemeses kill   # a planted bug must be caught (exit 1)
+    python -m chaos plants                            # every planted bug must be caught (exit 1 if one is not)
     python -m chaos list                              # the nemeses and the plants
 
 (`python -m chaos.sim` and `python -m chaos.check` are the simulator and the offline checker.)
@@ -77,8 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--liveness-bound", type=float, default=None, help="seconds to be SYNC again after a heal (60)")
     one.add_argument("--no-client-proxies", action="store_true",
                      help="clients talk to the sites directly (the client-link proxies carry no traffic)")
+    plants = commands.add_parser(
+        "plants", help="run every planted bug with the nemeses aimed at it; exit 1 unless each is caught"
+    )
+    plants.add_argument("--only", default=None, help="comma-separated plants (default all)")
+    plants.add_argument("--attempts", type=int, default=4, help="runs per plant, fresh seed each (4)")
+    plants.add_argument("--per-nemesis", type=float, default=30.0, help="seconds of each aimed nemesis per run (30)")
+    plants.add_argument("--seed", type=int, default=1, help="base seed (attempt k of seed s runs seed 100*s+k)")
+    plants.add_argument("--out", default="/tmp/chaos-plants", help="report folders go under here")
     args = parser.parse_args(argv)
 
+    if args.command == "plants":
+        return _plants(args)
     if args.command == "list":
         print("nemeses:")
         for name, cls in nemeses.NEMESES.items():
@@ -135,6 +146,32 @@ def main(argv: list[str] | None = None) -> int:
     if not summary["passed"]:
         print(f"chaos: run it again with: {summary['rerun']}", file=sys.stderr)
         return 1 if summary["status"] == "violation" else 2
+    return 0
+
+
+def _plants(args: argparse.Namespace) -> int:
+    import json
+
+    from chaos.suite import plants
+    from replicator.core.config import PLANTS
+
+    names = _names(args.only, list(PLANTS), "plant") if args.only else list(PLANTS)
+    missing = [n for n in names if n not in plants.AIMED]
+    if missing:
+        raise SystemExit(f"chaos: no aimed nemeses for {', '.join(missing)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = plants.run_plants(names, out, seed=args.seed, attempts=args.attempts, per_nemesis_s=args.per_nemesis,
+                                log=lambda line: print(line, flush=True))
+    (out / "plants.json").write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    print(f"{'plant':<24} {'caught':<7} {'attempts':<9} {'seconds':<8} by")
+    for r in results:
+        print(f"{r.plant:<24} {'yes' if r.caught else 'NO':<7} {r.attempts:<9} {r.seconds:<8} {', '.join(r.checkers)}")
+    missed = [r.plant for r in results if not r.caught]
+    if missed:
+        print(f"chaos: NOT CAUGHT: {', '.join(missed)} (results in {out}/plants.json)", file=sys.stderr)
+        return 1
+    print(f"chaos: every plant caught ({len(results)}); results in {out}/plants.json")
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from chaos.suite.proxies import ProxyHub
 from replicator.client import Client, RetryPolicy
 from replicator.config import CHAOS_ENVIRONMENT_VARIABLE, load_site_config
+from replicator.daemon.clock import CLOCK_ENVIRONMENT_VARIABLE
 from replicator.local import LocalCluster
 from replicator.storage.faults import CONTROL_ENVIRONMENT_VARIABLE
 
@@ -103,10 +104,16 @@ class Deployment:
     def fault_file(self, site: str) -> Path:
         return self.directory / f"faults-{site}"
 
+    def clock_file(self, site: str) -> Path:
+        return self.directory / f"clock-{site}"
+
     def _environment_for(self, name: str) -> dict[str, str]:
         if name not in SITES:
             return {}
-        environment = {CONTROL_ENVIRONMENT_VARIABLE: str(self.fault_file(name))}
+        environment = {
+            CONTROL_ENVIRONMENT_VARIABLE: str(self.fault_file(name)),
+            CLOCK_ENVIRONMENT_VARIABLE: str(self.clock_file(name)),
+        }
         if name in self.plant_sites:
             environment[CHAOS_ENVIRONMENT_VARIABLE] = "1"
         return environment
@@ -141,6 +148,7 @@ class Deployment:
             # Prove it loads as the daemon will load it.
             load_site_config(path, environ=self._environment_for(site))
             self.fault_file(site).write_text("")
+            self.clock_file(site).write_text("")
         cluster._write_cluster()
         cluster.start_process(WITNESS, wait=True)
         for site in SITES:
@@ -226,6 +234,13 @@ class Deployment:
         path = self.fault_file(site)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(words + "\n" if words else "")
+        os.replace(temporary, path)
+
+    def clock_offset(self, site: str, offset_ms: int) -> None:
+        """Step the site's wall clock to `offset_ms` from the real time (0: back to true time)."""
+        path = self.clock_file(site)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(f"{int(offset_ms)}\n")
         os.replace(temporary, path)
 
     def proxy(self, name: str, control: Callable[[Any], Any]) -> Any:

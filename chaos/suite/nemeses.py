@@ -301,6 +301,23 @@ class Wipe(Kill):
         d.wipe(self.victim)
 
 
+class ClockJump(Nemesis):
+    name = "clock-jump"
+    description = "one site's wall clock steps forward or back (as a bad NTP step), then steps back to true time"
+
+    def __init__(self, rng: random.Random, hold_s: float) -> None:
+        super().__init__(rng, hold_s)
+        self.victim = _site(rng)
+        self.offset_ms = rng.choice((-120_000, -30_000, -5_000, 5_000, 30_000, 120_000))
+        self.detail["offset_ms"] = self.offset_ms
+
+    def inject(self, d: Deployment) -> None:
+        d.clock_offset(self.victim, self.offset_ms)
+
+    def heal(self, d: Deployment) -> None:
+        d.clock_offset(self.victim, 0)
+
+
 NEMESES: dict[str, type[Nemesis]] = {
     cls.name: cls
     for cls in (
@@ -319,6 +336,7 @@ NEMESES: dict[str, type[Nemesis]] = {
         StorageFault,
         DiskFull,
         Wipe,
+        ClockJump,
     )
 }
 

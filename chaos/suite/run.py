@@ -216,6 +216,7 @@ class Runner:
             d.hub.heal_all(cut=False)
             for site in SITES:
                 d.storage_fault(site, "")
+                d.clock_offset(site, 0)
                 d.resume(site)
             d.expected_down.clear()
             for name in (WITNESS, *SITES):

@@ -34,6 +34,7 @@ from replicator.core.config import CoreConfig
 from replicator.core.messages import Role
 from replicator.core.records import Operation, Record, Versioned
 from replicator.core.site import SiteCore
+from replicator.daemon.clock import WallClock
 from replicator.daemon.logs import configure, log
 from replicator.daemon.metrics import Registry, start_metrics_server
 from replicator.daemon.runner import Shutdown, run
@@ -120,6 +121,7 @@ class SiteDaemon:
         self.decoder = Decoder(section.pair_id, self.peer)
         self.tasks: list[asyncio.Task[Any]] = []
         self.link: Link | None = None
+        self.wall_clock = WallClock.from_environment()  # REPLICATOR_CLOCK_FAULTS: the chaos suite's clock jumps
 
     # ------------------------------------------------------------ start-up
     async def start(self) -> None:
@@ -242,7 +244,7 @@ class SiteDaemon:
         return time.monotonic() * 1000.0
 
     def _wall_ms(self) -> int:
-        return time.time_ns() // 1_000_000
+        return self.wall_clock.now_ms()
 
     def step(self, event: ev.Event) -> None:
         if self.core.role is Role.STOPPED:
