@@ -45,11 +45,17 @@ chaos: build
 	$(PY) -m chaos.sim --seeds 1-2000
 	$(PY) -m chaos run --full $(if $(SEED),--seed $(SEED),)
 
+# The micro-benchmarks, then the end-to-end suite (python -m benchmarks.e2e --help): Replicator
+# against etcd, Redis and raw RocksDB on loopback, results in benchmarks/results/<date>/.
+# BENCH_ARGS=--quick for a 2-minute subset.
+BENCH_ARGS ?=
 bench: build
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m benchmarks.bench_checksum
 	$(PY) -m benchmarks.bench_storage
 	$(PY) -m benchmarks.bench_framing
 	$(PY) -m benchmarks.bench_link
+	$(PY) -m benchmarks.e2e $(BENCH_ARGS)
 
 demo: build
 	$(PY) -m replicator.demo

@@ -22,8 +22,8 @@ How a run goes:
    latency. After the window the coroutines stop issuing and the calls in flight finish.
 4. Every latency of the window is kept (int nanoseconds in an array, 8 bytes each: a few MB for
    the longest runs), so percentiles are exact (nearest rank, see `percentile`).
-5. Errors are counted over the whole run (warm-up and drain too) and the first distinct messages
-   kept with their counts; an error is never a latency sample. A get that returns nothing for a
+5. Errors are counted over the whole run (prefill, warm-up and drain too) and the first distinct
+   messages kept with their counts (prefill writes are retried, but each failure is counted); an error is never a latency sample. A get that returns nothing for a
    key written in the prefill, or a short read, is an error too.
 6. CPU: each worker samples its own `time.process_time()` (all its threads) at the window's edges,
    and the parent samples every server process's /proc/<pid>/stat at the same edges
@@ -60,9 +60,11 @@ from benchmarks.e2e.cpu import CpuSampler, cpu_delta, cpu_per_op_us
 OPS = ("put", "get", "block_write", "block_read")
 BLOCK_OPS = ("block_write", "block_read")
 READ_OPS = ("get", "block_read")
-PREFILL_BYTES_MAX = 32 * 1024 * 1024  # reads spread over at most this much prefilled data
+PREFILL_BYTES_MAX = 16 * 1024 * 1024  # reads spread over at most this much prefilled data ...
+PREFILL_KEYS_MAX = 2048  # ... and at most this many keys or slots
 PREFILL_KEYS_MIN = 16
 PREFILL_CONCURRENCY = 16  # per worker
+PREFILL_ATTEMPTS = 20  # set-up writes are retried (every failure is still counted and reported)
 ERROR_MESSAGES_MAX = 5  # distinct messages kept per run
 START_DELAY_S = 0.2  # between "go" and the common start time
 DRAIN_TIMEOUT_S = 30.0  # calls still in flight after the window get this long, then count as errors
@@ -87,7 +89,8 @@ def percentile(sorted_samples: Sequence[int] | Sequence[float], p: float) -> flo
         return math.nan
     if not 0 <= p <= 100:
         raise ValueError(f"percentile: p must be in [0, 100], got {p}")
-    rank = max(1, math.ceil(p / 100 * len(sorted_samples)))
+    # round() first: 99.9 / 100 * 1000 is 999.0000000000001 in floating point, and its rank is 999
+    rank = max(1, math.ceil(round(p * len(sorted_samples) / 100, 9)))
     return float(sorted_samples[rank - 1])
 
 
@@ -113,7 +116,7 @@ def latency_summary_ms(samples_ns: Sequence[int]) -> dict[str, float | None]:
 
 def prefill_count(op: str, value_size: int, keys: int, slots: int | None = None) -> int:
     """How many keys (or block slots) a read run reads from, all written by the prefill."""
-    count = min(keys, max(PREFILL_KEYS_MIN, PREFILL_BYTES_MAX // max(1, value_size)))
+    count = min(keys, PREFILL_KEYS_MAX, max(PREFILL_KEYS_MIN, PREFILL_BYTES_MAX // max(1, value_size)))
     return min(count, slots) if slots is not None else count
 
 
@@ -223,13 +226,23 @@ class _Ops:
         return None
 
 
-async def _prefill(plan: _WorkerPlan, ops: _Ops) -> int:
+async def _prefill(plan: _WorkerPlan, ops: _Ops, errors: _Errors) -> int:
+    """Write this worker's share of the keys (slots) the run reads. A failed write is retried after a
+    pause (the set-up is not measured), counted in `errors`, and fails the run after PREFILL_ATTEMPTS."""
     mine = list(range(plan.worker, plan.read_keys, plan.workers))
     queue = iter(mine)
 
     async def writer() -> None:
         for index in queue:
-            await ops.write(index)
+            for attempt in range(1, PREFILL_ATTEMPTS + 1):
+                try:
+                    await ops.write(index)
+                    break
+                except Exception as error:
+                    errors.add(f"prefill: {_describe(error)}")
+                    if attempt == PREFILL_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(0.25)
 
     await asyncio.gather(*(writer() for _ in range(min(PREFILL_CONCURRENCY, max(1, len(mine))))))
     return len(mine)
@@ -244,8 +257,9 @@ async def _worker_async(plan: _WorkerPlan, connection: Any) -> None:
         value = os.urandom(plan.value_size)
         ops = _Ops(plan, driver, value)
         prefilled = 0
+        setup_errors = _Errors()
         if plan.prefill and plan.op in READ_OPS:
-            prefilled = await _prefill(plan, ops)
+            prefilled = await _prefill(plan, ops, setup_errors)
         connection.send(("ready", {"setup_s": time.monotonic() - setup_started, "prefilled": prefilled}))
         # Waiting for "go" blocks this loop, which has nothing else to do meanwhile (gRPC keeps its
         # channels alive in its own threads).
@@ -253,16 +267,19 @@ async def _worker_async(plan: _WorkerPlan, connection: Any) -> None:
         if message[0] != "go":
             return
         _, start_ns, warmup_ns, window_ns = message
-        result = await _measure(plan, ops, start_ns, start_ns + warmup_ns, start_ns + warmup_ns + window_ns)
+        result = await _measure(
+            plan, ops, start_ns, start_ns + warmup_ns, start_ns + warmup_ns + window_ns, setup_errors
+        )
         result["prefilled"] = prefilled
         connection.send(("done", result))
     finally:
         await driver.close()
 
 
-async def _measure(plan: _WorkerPlan, ops: _Ops, start_ns: int, window_start_ns: int, end_ns: int) -> dict[str, Any]:
+async def _measure(
+    plan: _WorkerPlan, ops: _Ops, start_ns: int, window_start_ns: int, end_ns: int, errors: _Errors
+) -> dict[str, Any]:
     samples = array.array("q")
-    errors = _Errors()
     cpu_edges: dict[str, float] = {}
     reading = plan.op in READ_OPS
     space = plan.read_keys if reading else plan.keys

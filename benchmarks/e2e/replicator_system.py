@@ -106,6 +106,22 @@ class ReplicatorSystem:
             self.stop()
             raise
 
+    def wait_ready(self, timeout_s: float = STATE_TIMEOUT_S) -> str:
+        """Before each run: wait until the system is in its measured state again (both sites SYNC, or a
+        SOLO for the single site) and say what was seen. Raises SystemUnavailable after `timeout_s`.
+
+        A pair that dropped out of SYNC under the previous run's load (see the sites' logs) would
+        otherwise make every later run measure a resync instead of the steady state."""
+        wanted = "SOLO" if self.single else "SYNC"
+        endpoints = {"a": self.endpoints["a"]} if self.single else dict(self.endpoints)
+        before = {name: _site_state(endpoint) for name, endpoint in endpoints.items()}
+        if all(state == wanted for state in before.values()):
+            return "ready"
+        began = time.monotonic()
+        _wait_state(endpoints, wanted, timeout_s)
+        seen = ", ".join(f"{name} {state}" for name, state in before.items())
+        return f"was not ready ({seen}); {wanted} again after {time.monotonic() - began:.1f} s"
+
     def _create_volume(self) -> None:
         from replicator.client import AlreadyExists, Client
 
