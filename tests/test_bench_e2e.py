@@ -69,7 +69,7 @@ def test_cpu_accounting_reads_proc() -> None:
 def test_worker_processes_and_prefill_sizes() -> None:
     assert default_processes(1) == 1
     assert 1 <= default_processes(32) <= 2
-    assert prefill_count("get", 4096, 10_000) == 2048
+    assert prefill_count("get", 4096, 10_000) == 1024
     assert prefill_count("get", 1 << 20, 10_000) == 16
     assert prefill_count("block_read", 65536, 10_000, slots=100) == 100
 

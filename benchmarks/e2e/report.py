@@ -392,7 +392,7 @@ def _cpu_cell(run: Mapping[str, Any]) -> str:
 def runs_table(results: Mapping[str, Any]) -> str:
     header = [
         "series", "op", "size", "c", "procs", "ops/s", "MB/s", "p50 ms", "p99 ms", "p99.9 ms",
-        "server CPU µs/op", "load generator CPU (share of a core per worker)", "errors", "load avg",
+        "server CPU µs/op", "load generator CPU (share of a core per worker)", "errors", "load avg", "at s",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in results.get("runs", []):
@@ -413,7 +413,7 @@ def runs_table(results: Mapping[str, Any]) -> str:
                 run["series"], run["op"], _size(run["value_size"]), str(run["concurrency"]), str(run["processes"]),
                 _fmt(run["ops_per_s"]), _fmt(run["mb_per_s"]), _fmt(_p(run, "p50"), 3), _fmt(_p(run, "p99"), 3),
                 _fmt(_p(run, "p999"), 3), _cpu_cell(run), shares + saturated, errors,
-                "–" if load is None else f"{load:.2f}",
+                "–" if load is None else f"{load:.2f}", _fmt(run.get("at_s")),
             ]) + " |"
         )
     return "\n".join(lines)
@@ -446,12 +446,14 @@ def _recovery_lines(results: Mapping[str, Any]) -> list[str]:
     for name, data in (results.get("recovery") or {}).items():
         if not isinstance(data, Mapping):
             continue
-        if data.get("status") in ("not measured", "failed"):
-            lines.append(f"- {name}: {data['status']} ({data.get('message', '')})")
+        if data.get("status") == "not measured":
+            lines.append(f"- {name}: not measured ({data.get('message', '')})")
             continue
-        keys = [k for k, v in data.items() if isinstance(v, int | float | str) and not isinstance(v, bool)]
-        shown = ", ".join(f"{k} {data[k]}" for k in keys[:14])
-        lines.append(f"- {name}: {shown}")
+        numbers = [k for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+        shown = ", ".join(f"{k} {data[k]}" for k in numbers[:16])
+        failed = f"**failed**: {data.get('message') or data.get('error')}; " if data.get("status") == "failed" else ""
+        warning = f"; warning: {data['warning']}" if data.get("warning") else ""
+        lines.append(f"- {name}: {failed}{shown}{warning}")
     return lines or ["- not measured"]
 
 
@@ -496,7 +498,16 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
             out += [f"![{op} {_size(value_size)}](plots/{image})", ""]
     out += ["## Raw RocksDB (synced one-value batches, one thread, no network)", "", _raw_table(results), ""]
     out += ["## Recovery", "", *_recovery_lines(results), ""]
-    out += ["## Every run", "", runs_table(results), ""]
+    out += [
+        "## Every run",
+        "",
+        "In the order they ran (`at s`: seconds after the suite started; each system is started once and "
+        "serves all its runs, so a system that slows down as it ages shows it here). Server CPU is each "
+        "server process's utime + stime over the measured window divided by the operations in it.",
+        "",
+        runs_table(results),
+        "",
+    ]
     return "\n".join(out)
 
 
