@@ -197,3 +197,16 @@ def test_placement_is_checked(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         baselines.EtcdCluster(tmp_path).driver_spec("both")
 
+
+
+def test_services_are_held_back_during_an_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = tmp_path / "policy-rc.d"
+    monkeypatch.setattr(baselines, "POLICY_RC_D", policy)
+    with baselines._services_held_back():  # none there: one refusing every start, removed afterwards
+        assert subprocess.run([str(policy), "redis-server", "start"]).returncode == 101
+    assert not policy.exists()
+    policy.write_text("#!/bin/sh\nexit 0\n")
+    policy.chmod(0o750)
+    with baselines._services_held_back():  # one that allows starts: replaced for the install, then restored
+        assert subprocess.run([str(policy), "etcd", "start"]).returncode == 101
+    assert policy.read_text() == "#!/bin/sh\nexit 0\n" and policy.stat().st_mode & 0o777 == 0o750

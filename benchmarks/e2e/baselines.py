@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -301,15 +301,27 @@ def _endpoint_address(endpoint: str) -> tuple[str, int]:
 
 
 class EtcdCluster:
-    """A 3-member etcd cluster on 127.0.0.1: real processes, data and logs under `directory`."""
+    """A 3-member etcd cluster on 127.0.0.1: real processes, data and logs under `directory`.
+
+    etcd's defaults otherwise, among them: fsync on every commit, requests up to 1.5 MiB
+    (--max-request-bytes) and a 2 GiB backend quota (--quota-backend-bytes; past it etcd refuses
+    writes with "database space exceeded", so long runs of large values need extra_args).
+    """
 
     name = "etcd"
     MEMBERS = 3
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, install: bool = True, binary: str | None = None, start_timeout_s: float = 60.0
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        install: bool = True,
+        binary: str | None = None,
+        start_timeout_s: float = 60.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.directory = Path(directory)
+        self._extra_args = list(extra_args)  # appended to every server's command line
         self._install = install
         self._binary = binary
         self._start_timeout_s = start_timeout_s
@@ -361,6 +373,7 @@ class EtcdCluster:
                 "--initial-cluster-token", token,
                 "--logger", "zap",
                 "--log-outputs", "stderr",
+                *self._extra_args,
             ]  # fmt: skip
             self._processes.launch(name, command, self.directory / f"{name}.log", env)
         self._client_ports = client_ports
@@ -515,9 +528,16 @@ class RedisPair:
     name = "redis"
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, install: bool = True, binary: str | None = None, start_timeout_s: float = 30.0
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        install: bool = True,
+        binary: str | None = None,
+        start_timeout_s: float = 30.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.directory = Path(directory)
+        self._extra_args = list(extra_args)  # appended to every server's command line
         self._install = install
         self._binary = binary
         self._start_timeout_s = start_timeout_s
@@ -566,6 +586,7 @@ class RedisPair:
             ]  # fmt: skip
             if name == "redis-replica":
                 command += ["--replicaof", HOST, str(primary_port)]
+            command += self._extra_args
             self._processes.launch(name, command, self.directory / f"{name}.log")
         self._ports = [primary_port, replica_port]
         self._wait_healthy()
@@ -791,12 +812,12 @@ def raw_rocksdict(
     ops = len(every)
     return {
         "ops": ops,
-        "seconds": round(elapsed, 6),
+        "seconds": elapsed,
         "ops_per_s": ops / elapsed,
         "mb_per_s": ops * value_size / elapsed / 1e6,
         "p50_ms": _percentile(every, 0.50) * 1e3,
         "p99_ms": _percentile(every, 0.99) * 1e3,
-        "cpu_s": round(cpu_s, 6),
+        "cpu_s": cpu_s,
         "value_size": value_size,
         "threads": threads,
     }
