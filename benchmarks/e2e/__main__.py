@@ -341,7 +341,7 @@ class Suite:
                     self.say(f"recovery: {name}: FAILED: {recovery[name]['error']}")
                     self.failed = True
                 else:
-                    self.say(f"recovery: {name}: {_recovery_summary(name, recovery[name])}")
+                    self.say(f"recovery: {name}: {report.recovery_summary(name, recovery[name])}")
             except Exception as error:
                 recovery[name] = {"status": "failed", "message": f"{type(error).__name__}: {error}",
                                   "traceback": traceback.format_exc()[-2000:]}
@@ -354,14 +354,6 @@ class Suite:
     def _recovery_progress(self, text: str) -> None:
         if self.args.verbose:
             self.say(f"    {text}")
-
-
-def _recovery_summary(name: str, data: dict[str, Any]) -> str:
-    if name == "failover":
-        rto = report._median_rto_s(data)
-        return f"median RTO {rto:.3f} s" if rto is not None else json.dumps(data)[:300]
-    keys = [k for k in data if any(w in k for w in ("mb_per_s", "seconds", "_s", "bytes"))]
-    return ", ".join(f"{k} {data[k]}" for k in keys[:8]) or json.dumps(data)[:300]
 
 
 def _last_json(text: str) -> dict[str, Any] | None:

@@ -441,19 +441,35 @@ def _raw_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+RECOVERY_KEYS = {
+    "failover": ("kills", "median_rto_ms", "worst_rto_ms", "acked_writes", "lost_writes", "uncertain_writes",
+                 "client_errors", "unplanned_failovers", "replicas_identical", "duration_s"),
+    "resync": ("size_bytes", "value_size", "resync_seconds", "mb_per_s", "mb_per_s_from_healthy",
+               "keys_resynced", "sync_lost_again", "verified", "duration_s"),
+}
+
+
+def recovery_summary(name: str, data: Mapping[str, Any]) -> str:
+    """The numbers that matter of one recovery measurement, on one line."""
+    if data.get("status") == "not measured":
+        return f"not measured ({data.get('message', '')})"
+    keys = RECOVERY_KEYS.get(name) or tuple(
+        k for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    )
+    shown = ", ".join(f"{k} {data[k]}" for k in keys if k in data and data[k] is not None)
+    failed = f"**failed**: {data.get('message') or data.get('error')}; " if data.get("status") == "failed" else ""
+    warning = f"; warning: {data['warning']}" if data.get("warning") else ""
+    return f"{failed}{shown}{warning}"
+
+
 def _recovery_lines(results: Mapping[str, Any]) -> list[str]:
-    lines = []
-    for name, data in (results.get("recovery") or {}).items():
-        if not isinstance(data, Mapping):
-            continue
-        if data.get("status") == "not measured":
-            lines.append(f"- {name}: not measured ({data.get('message', '')})")
-            continue
-        numbers = [k for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-        shown = ", ".join(f"{k} {data[k]}" for k in numbers[:16])
-        failed = f"**failed**: {data.get('message') or data.get('error')}; " if data.get("status") == "failed" else ""
-        warning = f"; warning: {data['warning']}" if data.get("warning") else ""
-        lines.append(f"- {name}: {failed}{shown}{warning}")
+    lines = [
+        f"- {name}: {recovery_summary(name, data)}"
+        for name, data in (results.get("recovery") or {}).items()
+        if isinstance(data, Mapping)
+    ]
+    if lines:
+        lines.append("- (everything measured is in results.json under `recovery`)")
     return lines or ["- not measured"]
 
 
@@ -524,6 +540,7 @@ def write_plots(results: Mapping[str, Any], directory: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
@@ -540,8 +557,11 @@ def write_plots(results: Mapping[str, Any], directory: Path) -> list[Path]:
             left.plot(xs, [_throughput(r, op) for r in mine], marker="o", color=color, label=series)
             right.plot(xs, [_p(r, "p50") for r in mine], marker="o", color=color, label=f"{series} p50")
             right.plot(xs, [_p(r, "p99") for r in mine], marker="x", linestyle="--", color=color, label=f"{series} p99")
+        ticks = sorted({r["concurrency"] for r in runs})
         for axis in (left, right):
             axis.set_xscale("log", base=2)
+            axis.set_xticks(ticks, [str(t) for t in ticks])
+            axis.xaxis.set_minor_locator(NullLocator())
             axis.set_xlabel("concurrency (requests in flight)")
             axis.grid(True, which="both", alpha=0.3)
         left.set_ylabel(unit)
