@@ -207,6 +207,8 @@ def test_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
     assert "not available" in markdown and "failed" in markdown
     assert "![put 4 KiB](plots/put-4096.png)" in markdown
     assert written["plot_error"] is None
+    summary = written["summary"].read_text()
+    assert "## " not in summary and "| goal |" in summary and "plots/put-4096.png" in summary
     names = sorted(p.name for p in written["plots"])
     assert names == ["block_write-1048576.png", "put-4096.png"]
     for path in written["plots"]:

@@ -52,7 +52,8 @@ worker processes (1 at c=1, else 2) with asyncio coroutines; its CPU use and eac
 CPU per operation are reported.
 
 Output: benchmarks/results/<YYYY-MM-DD>/results.json (everything), report.md (tables with ratios,
-the goals), plots/*.png (throughput and p50/p99 against concurrency, a line per system).
+the goals), summary.md (the goals and the 4 KiB put table, for the README), plots/*.png (throughput
+and p50/p99 latency against concurrency, a line per system).
 etcd and redis are installed from Debian packages when missing; a baseline that cannot be
 installed or started is reported as "not available" and the rest goes on.
 
@@ -170,7 +171,7 @@ class Suite:
         self.say("")
         self.say(report.goals_table(self.results["goals"]))
         self.say("")
-        self.say(f"wrote {written['json']}, {written['markdown']} and {len(written['plots'])} plots "
+        self.say(f"wrote {written['json']}, {written['markdown']}, {written['summary']} and {len(written['plots'])} plots "
                  f"in {self.results['wall_s']:.0f} s")
         if written["plot_error"]:
             self.say(f"no plots: {written['plot_error']}")

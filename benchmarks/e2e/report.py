@@ -2,7 +2,8 @@
 
     results = new_results(argv, settings)       # machine info, settings, empty lists
     results["runs"].append(run_record(...))     # __main__ fills runs, systems, raw, recovery
-    paths = write_report(results, out_dir)      # evaluates the goals, writes everything
+    paths = write_report(results, out_dir)      # evaluates the goals, writes results.json, report.md,
+                                                # summary.md (goals + 4 KiB puts, for the README), plots/
 
 The results document (results.json, schema 1):
 
@@ -615,4 +616,27 @@ def write_report(results: dict[str, Any], directory: str | os.PathLike[str]) -> 
         markdown += f"\n(no plots: {plot_error})\n"
     md_path = out / "report.md"
     md_path.write_text(markdown)
-    return {"json": json_path, "markdown": md_path, "plots": plots, "plot_error": plot_error}
+    summary_path = out / "summary.md"
+    summary_path.write_text(render_summary(results, [str(p) for p in plots], out.name))
+    return {"json": json_path, "markdown": md_path, "summary": summary_path, "plots": plots, "plot_error": plot_error}
+
+
+def render_summary(results: Mapping[str, Any], plots: Sequence[str] = (), directory_name: str = "") -> str:
+    """A short block for the README: the goals and the 4 KiB put table, with the plot (paths relative to
+    the repository root when the results are in benchmarks/results/<directory_name>/)."""
+    base = f"benchmarks/results/{directory_name}" if directory_name else "."
+    machine = results.get("machine", {})
+    out = [
+        f"Latest end-to-end run ({str(results.get('started', ''))[:10]}, {machine.get('cpu_count')} CPUs, "
+        f"load average at the start {(machine.get('load_avg_start') or ['?'])[0]}; full report: "
+        f"[{base}/report.md]({base}/report.md)):",
+        "",
+        goals_table(results.get("goals") or evaluate_goals(results)),
+        "",
+    ]
+    if any(r["op"] == "put" and r["value_size"] == 4096 for r in results.get("runs", [])):
+        out += ["4 KiB object puts:", "", comparison_table(results, "put", 4096), ""]
+    image = plot_filename("put", 4096)
+    if image in {Path(p).name for p in plots}:
+        out += [f"![4 KiB puts]({base}/plots/{image})", ""]
+    return "\n".join(out)
