@@ -55,6 +55,9 @@ SITES = ("a", "b")
 # at most 200 ms between rounds, and keep trying for a few seconds.
 METRO_RETRY = RetryPolicy(attempts_max=10, backoff_initial_ms=20, backoff_ms_max=200, call_timeout_ms=1000)
 STATUS_RETRY = RetryPolicy(attempts_max=1, call_timeout_ms=1000)
+# Bulk writing before a measurement and checking after it: patient (a page of List reads 1000 keys one by one).
+BULK_RETRY = RetryPolicy(attempts_max=6, backoff_initial_ms=50, backoff_ms_max=1000, call_timeout_ms=60_000)
+VERIFY_RETRY = RetryPolicy(attempts_max=1, call_timeout_ms=600_000)
 
 Progress = Callable[[str], Any]
 
@@ -302,7 +305,7 @@ class _ResyncWriters:
             return range(start, self.next_index)
 
     def _run(self) -> None:
-        with Client([self.endpoint], retry=METRO_RETRY) as client:
+        with Client([self.endpoint], retry=BULK_RETRY) as client:
             while (indexes := self._take()) is not None:
                 items = [(_resync_key(i), _resync_value(i, self.value_size, self.pool)) for i in indexes]
                 for attempt in range(20):
@@ -479,7 +482,11 @@ def measure_resync(
             result.setdefault("roles_after_restart", {})[name] = roles
 
         _say(progress, "verifying: a sample of keys read at b alone, then the online verify from a")
-        result["verify"] = _verify_resync(endpoints, keys, value_size, pool, sample_keys)
+        try:
+            result["verify"] = _verify_resync(endpoints, keys, value_size, pool, sample_keys)
+        except ClientError as error:
+            result["error"] = f"verification could not run: {type(error).__name__}: {error}"
+            result["verify"] = {"ok": False, "sample_keys": 0, "sample_mismatches": None, "keys_compared": None, "differing_count": None}
         result["verified"] = result["verify"]["ok"]
         _say(
             progress,
@@ -583,7 +590,7 @@ def _verify_resync(endpoints: dict[str, str], keys: int, value_size: int, pool: 
     count = min(keys, sample)
     indexes = sorted({round(i * (keys - 1) / max(1, count - 1)) for i in range(count)})
     mismatches: list[str] = []
-    with Client([endpoints["b"]], retry=METRO_RETRY) as at_b:
+    with Client([endpoints["b"]], retry=BULK_RETRY) as at_b:
         for index in indexes:
             try:
                 got = at_b.get(BUCKET, _resync_key(index))
@@ -600,7 +607,7 @@ def _verify_resync(endpoints: dict[str, str], keys: int, value_size: int, pool: 
         "keys_listed_at_b": len(listed),
         "wrong_size_at_b": wrong_size,
     }
-    with Client([endpoints["a"]], retry=RetryPolicy(attempts_max=1, call_timeout_ms=600_000)) as at_a:
+    with Client([endpoints["a"]], retry=VERIFY_RETRY) as at_a:
         started = time.monotonic()
         outcome = at_a.verify()
     report.update(
@@ -875,7 +882,7 @@ def _check_writes(endpoints: dict[str, str], threads: list[_Writer]) -> dict[str
     lost: list[str] = []
     uncertain = 0
     checked = 0
-    clients = {name: Client([endpoints[name]], retry=METRO_RETRY) for name in SITES}
+    clients = {name: Client([endpoints[name]], retry=BULK_RETRY) for name in SITES}
     try:
         for thread in threads:
             pending_key, pending_value = thread.unconfirmed or (None, None)
@@ -892,7 +899,7 @@ def _check_writes(endpoints: dict[str, str], threads: list[_Writer]) -> dict[str
                         uncertain += 1  # the write given up on may have been applied after all
                         continue
                     lost.append(f"{key} at {name}: {'missing' if got is None else 'an older or other value'}")
-        with Client([endpoints["a"]], retry=RetryPolicy(attempts_max=1, call_timeout_ms=600_000)) as at_a:
+        with Client([endpoints["a"]], retry=VERIFY_RETRY) as at_a:
             outcome = at_a.verify()
     finally:
         for client in clients.values():
