@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -377,6 +378,22 @@ def test_the_fault_control_file_can_fill_the_disk(tmp_path) -> None:
     write(store, lambda b: b.apply(b"k", 1, b"v"))
     with pytest.raises(StorageFailed, match="space"):
         store.sync()
+
+
+def test_the_fault_control_file_can_slow_the_syncs(tmp_path) -> None:
+    control = tmp_path / "faults"
+    injector = FaultInjector(control)
+    store = MemoryStore(StoreOptions(fault_injector=injector))
+    control.write_text("slow_sync_ms=150")
+    write(store, lambda b: b.apply(b"k", 1, b"v"))
+    began = time.monotonic()
+    store.sync()
+    assert time.monotonic() - began >= 0.15
+    assert injector.slow_sync_ms == 150
+    for bad in ("slow_sync_ms=0", "slow_sync_ms=-5", "slow_sync_ms=99999999", "slow_sync_ms=x", ""):
+        control.write_text(bad + " " * len(bad))  # a new size, so the poll re-reads it
+        injector.poll()
+        assert injector.slow_sync_ms == 0, bad
 
 
 def test_options_are_validated() -> None:

@@ -185,6 +185,28 @@ class WitnessCut(_LinkNemesis):
             d.proxy(self.link, lambda p: p.set_blackhole(True, BOTH))
 
 
+class Isolate(Nemesis):
+    name = "isolate"
+    description = "one site cut off from its peer and from the witness (black holes), its own clients still reach it"
+
+    def __init__(self, rng: random.Random, hold_s: float) -> None:
+        super().__init__(rng, hold_s)
+        self.victim = _site(rng)
+        self.links = ("site", f"witness-{self.victim}")
+
+    @property
+    def resources(self) -> frozenset[str]:
+        return frozenset({f"link:{link}" for link in self.links})
+
+    def inject(self, d: Deployment) -> None:
+        for link in self.links:
+            d.proxy(link, lambda p: p.set_blackhole(True, BOTH))
+
+    def heal(self, d: Deployment) -> None:
+        for link in self.links:
+            d.proxy(link, lambda p: (p.heal(), p.cut()))
+
+
 class WitnessKill(Nemesis):
     name = "witness-kill"
     description = "SIGKILL the witness, restart it after the hold"
@@ -301,6 +323,96 @@ class Wipe(Kill):
         d.wipe(self.victim)
 
 
+class ReconcileCrash(Nemesis):
+    name = "reconcile-crash"
+    description = (
+        "one site's disk turns slow, the site link is cut for a moment (the pair reconciles in the same epoch), "
+        "the slow site is SIGKILLed before its reconcile records are durable and restarted"
+    )
+
+    def __init__(self, rng: random.Random, hold_s: float) -> None:
+        super().__init__(rng, min(hold_s, 1.0))
+        self.victim = _site(rng)
+        self.slow_ms = rng.choice((300, 600))
+        self.kill_after_ms = round(rng.uniform(20, self.slow_ms / 2))
+        self.detail.update(slow_sync_ms=self.slow_ms, kill_after_ms=self.kill_after_ms)
+
+    @property
+    def resources(self) -> frozenset[str]:
+        return frozenset({f"site:{self.victim}", "link:site"})
+
+    def inject(self, d: Deployment) -> None:
+        log = d.log_path(self.victim)
+        offset = log.stat().st_size if log.exists() else 0
+        d.storage_fault(self.victim, f"slow_sync_ms={self.slow_ms}")
+        time.sleep(0.2)  # the storage polls its control file at each sync
+        d.proxy("site", lambda p: p.cut())
+        reconciled = _wait_for_log(log, offset, '"new":"RECONCILE"', timeout_s=3.0)
+        self.detail["reconcile_seen"] = reconciled
+        time.sleep(self.kill_after_ms / 1000)
+        d.kill(self.victim)
+        d.storage_fault(self.victim, "")
+
+    def heal(self, d: Deployment) -> None:
+        d.storage_fault(self.victim, "")
+        d.start(self.victim)
+
+
+class ResyncCrash(Nemesis):
+    name = "resync-crash"
+    description = (
+        "a site with a slow disk is SIGKILLed (its last commits not yet applied durably), restarted once the "
+        "other went on alone, and the resync source is SIGKILLed mid-resync, then restarted"
+    )
+
+    def __init__(self, rng: random.Random, hold_s: float) -> None:
+        super().__init__(rng, hold_s)
+        self.victim = _site(rng)
+        self.source = next(s for s in SITES if s != self.victim)
+        self.kill_after_ms = round(rng.uniform(0, 200))
+        self.detail.update(source=self.source, kill_source_after_ms=self.kill_after_ms)
+
+    @property
+    def resources(self) -> frozenset[str]:
+        return frozenset({"site:a", "site:b"})
+
+    def inject(self, d: Deployment) -> None:
+        d.storage_fault(self.victim, "slow_sync_ms=300")
+        time.sleep(0.5)
+        d.kill(self.victim)
+        time.sleep(2.0 * LEASE_S + 0.5)  # the source is granted and goes on alone
+        log = d.log_path(self.source)
+        offset = log.stat().st_size if log.exists() else 0
+        d.start(self.victim, wait=False)
+        self.detail["resync_seen"] = _wait_for_log(log, offset, '"new":"RESYNC_SOURCE"', timeout_s=15.0)
+        time.sleep(self.kill_after_ms / 1000)
+        d.kill(self.source)
+
+    def heal(self, d: Deployment) -> None:
+        d.storage_fault(self.victim, "")
+        d.start(self.source)
+        d.start(self.victim)
+
+
+def _wait_for_log(path: Any, offset: int, needle: str, timeout_s: float) -> bool:
+    """Poll a process's log from `offset` until a line contains `needle`."""
+    deadline = time.monotonic() + timeout_s
+    tail = ""
+    while time.monotonic() < deadline:
+        try:
+            with open(path, "rb") as stream:
+                stream.seek(offset)
+                chunk = stream.read()
+        except OSError:
+            chunk = b""
+        offset += len(chunk)
+        tail = (tail + chunk.decode("utf-8", errors="replace"))[-4096:]
+        if needle in tail:
+            return True
+        time.sleep(0.002)
+    return False
+
+
 class ClockJump(Nemesis):
     name = "clock-jump"
     description = "one site's wall clock steps forward or back (as a bad NTP step), then steps back to true time"
@@ -327,6 +439,7 @@ NEMESES: dict[str, type[Nemesis]] = {
         PartitionClose,
         PartitionBlackhole,
         PartitionOneWay,
+        Isolate,
         WitnessCut,
         WitnessKill,
         KillBoth,
@@ -337,6 +450,8 @@ NEMESES: dict[str, type[Nemesis]] = {
         DiskFull,
         Wipe,
         ClockJump,
+        ReconcileCrash,
+        ResyncCrash,
     )
 }
 

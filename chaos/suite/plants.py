@@ -11,29 +11,47 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chaos.suite.run import RunConfig, run
 from chaos.suite.workload import WorkloadConfig
 
-# plant -> nemeses that open its window (run each alone, in order), and why.
-AIMED: dict[str, tuple[tuple[str, ...], str]] = {
-    "early_visible": (("kill",), "a write visible at its origin before the peer has it is lost when the origin dies"),
-    "no_witness": (("kill",), "the survivor goes on alone without a grant"),
-    "no_lease_wait": (
-        ("partition-blackhole",),
+READERS = {"readers_per_site": 2}  # pinned readers: a stale read at a cut-off or paused site shows
+COLD = {"cold_keys": 256, "cold_fraction": 0.5}  # rarely rewritten keys: a divergence survives to the sync point
+
+
+@dataclass(frozen=True)
+class Aim:
+    nemeses: tuple[str, ...]  # run each alone, in order
+    why: str
+    workload: dict[str, Any] = field(default_factory=dict)  # WorkloadConfig changes
+
+
+AIMED: dict[str, Aim] = {
+    "early_visible": Aim(("kill",), "a write visible at its origin before the peer has it is lost when the origin dies"),
+    "no_witness": Aim(("kill",), "the survivor goes on alone without a grant"),
+    "no_lease_wait": Aim(
+        ("isolate",),
         "the granted site commits while the cut-off site still serves reads under its lease",
+        READERS,
     ),
-    "no_read_lease": (("pause",), "a site resumed after a pause serves reads before it notices its lease ran out"),
-    "no_read_gate": (("link-delay",), "a delayed commit notice leaves a prepared key readable at the peer"),
-    "rejoin_without_resync": (("kill",), "the returning site keeps the values it missed"),
-    "drop_dirty": (("kill",), "keys written alone are not resynced"),
-    "reconcile_early": (("partition-close", "restart-loop"), "a reconnect commits records the peer may not hold"),
-    "forget_suspect_keys": (
-        ("partition-blackhole", "restart-loop"),
-        "a resync target drops its log without reporting the keys",
+    "no_read_lease": Aim(
+        ("pause", "partition-oneway"),
+        "a site serves reads in SYNC after its lease ran out (resumed from a pause, or deaf one way)",
+        READERS,
+    ),
+    "no_read_gate": Aim(("link-delay",), "a delayed commit notice leaves a prepared key readable at the peer", READERS),
+    "rejoin_without_resync": Aim(("kill",), "the returning site keeps the values it missed", COLD),
+    "drop_dirty": Aim(("kill",), "keys written alone are not resynced", COLD),
+    "reconcile_early": Aim(
+        ("reconcile-crash",), "a same-epoch reconcile commits records the slow peer then loses in a crash", COLD
+    ),
+    "forget_suspect_keys": Aim(
+        ("resync-crash",),
+        "a resync target drops log records the source committed without reporting their keys",
+        COLD,
     ),
 }
 
@@ -63,7 +81,7 @@ def run_plant(
     log: Callable[[str], None] = print,
     quiet: Callable[[str], None] = lambda line: None,
 ) -> PlantResult:
-    nemeses, _ = AIMED[plant]
+    aim = AIMED[plant]
     began = time.monotonic()
     summary: dict[str, Any] = {}
     for attempt in range(1, attempts + 1):
@@ -71,11 +89,11 @@ def run_plant(
         config = RunConfig(
             out=out / f"{plant}-{attempt_seed}",
             seed=attempt_seed,
-            nemeses=list(nemeses),
+            nemeses=list(aim.nemeses),
             per_nemesis_s=per_nemesis_s,
             plant=plant,
             liveness_bound_s=30.0,  # a plant may break liveness too: don't wait a minute for it
-            workload=WorkloadConfig(clients_per_site=3, keys=8, seed=attempt_seed),
+            workload=WorkloadConfig(clients_per_site=3, keys=8, seed=attempt_seed, **aim.workload),
         )
         summary = run(config, log=quiet)
         if summary["status"] == "violation":
@@ -99,7 +117,7 @@ def run_plants(
 ) -> list[PlantResult]:
     results = []
     for plant in plants:
-        nemeses, why = AIMED[plant]
-        log(f"{plant}: {', '.join(nemeses)} ({why})")
+        aim = AIMED[plant]
+        log(f"{plant}: {', '.join(aim.nemeses)} ({aim.why})")
         results.append(run_plant(plant, out, seed=seed, attempts=attempts, per_nemesis_s=per_nemesis_s, log=log))
     return results

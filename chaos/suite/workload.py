@@ -110,6 +110,13 @@ class WorkloadConfig:
     call_timeout_ms: int = 2000
     attempts_max: int = 6
     seed: int = 0
+    # Readers pinned to one site (a single-endpoint client) that only read the hot keys: they keep
+    # asking a cut-off or paused site, where a stale read would show.
+    readers_per_site: int = 0
+    # Cold keys c0..c{cold_keys-1}, picked by `cold_fraction` of the writers' operations: rarely
+    # rewritten, so a divergence on one survives until the sync-point comparison.
+    cold_keys: int = 0
+    cold_fraction: float = 0.0
 
 
 @dataclass
@@ -130,8 +137,14 @@ class Workload:
         self._paused = False
         self._active = 0
 
-    def keys(self) -> list[str]:
+    def hot_keys(self) -> list[str]:
         return [f"k{i}" for i in range(self.config.keys)]
+
+    def cold_keys(self) -> list[str]:
+        return [f"c{i}" for i in range(self.config.cold_keys)]
+
+    def keys(self) -> list[str]:
+        return self.hot_keys() + self.cold_keys()
 
     def start(self) -> None:
         sites = sorted(self.endpoints)
@@ -142,6 +155,13 @@ class Workload:
                 endpoints = [self.endpoints[site]] + [self.endpoints[o] for o in others]
                 thread = threading.Thread(
                     target=self._client, args=(process, endpoints), name=f"chaos-client-{process}", daemon=True
+                )
+                self._threads.append(thread)
+                process += 1
+            for _ in range(self.config.readers_per_site):
+                thread = threading.Thread(
+                    target=self._reader, args=(process, self.endpoints[site]), name=f"chaos-reader-{process}",
+                    daemon=True,
                 )
                 self._threads.append(thread)
                 process += 1
@@ -209,19 +229,13 @@ class Workload:
 
     def _client(self, process: int, endpoints: list[str]) -> None:
         rng = random.Random(self.config.seed * 1000 + process)
-        policy = RetryPolicy(
-            attempts_max=self.config.attempts_max,
-            backoff_initial_ms=20,
-            backoff_ms_max=500,
-            call_timeout_ms=self.config.call_timeout_ms,
-        )
-        client = RecordingClient(endpoints, retry=policy)
-        keys = self.keys()
+        client = RecordingClient(endpoints, retry=self._policy())
+        hot, cold = self.hot_keys(), self.cold_keys()
         count = 0
         try:
             while self._enter():
                 try:
-                    key = rng.choice(keys)
+                    key = rng.choice(cold if cold and rng.random() < self.config.cold_fraction else hot)
                     draw = rng.random()
                     if draw < self.config.read_fraction:
                         self._read(client, process, key)
@@ -230,6 +244,30 @@ class Workload:
                     else:
                         count += 1
                         self._write(client, process, key, f"p{process}-{count}")
+                finally:
+                    self._leave()
+                if self.config.think_ms:
+                    time.sleep(rng.uniform(0, 2 * self.config.think_ms) / 1000)
+        finally:
+            client.close()
+
+    def _policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            attempts_max=self.config.attempts_max,
+            backoff_initial_ms=20,
+            backoff_ms_max=500,
+            call_timeout_ms=self.config.call_timeout_ms,
+        )
+
+    def _reader(self, process: int, endpoint: str) -> None:
+        """Reads the hot keys at one site only, whatever it answers."""
+        rng = random.Random(self.config.seed * 1000 + process)
+        client = RecordingClient([endpoint], retry=self._policy())
+        keys = self.hot_keys()
+        try:
+            while self._enter():
+                try:
+                    self._read(client, process, rng.choice(keys))
                 finally:
                     self._leave()
                 if self.config.think_ms:

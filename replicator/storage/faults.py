@@ -8,7 +8,9 @@ The file holds whitespace-separated words:
 
 - `fail_next_sync`: the next sync fails, once per modification of the file
   (rewrite the file, or touch it, to arm it again);
-- `disk_full`: every write and sync fails with ENOSPC while the word is there.
+- `disk_full`: every write and sync fails with ENOSPC while the word is there;
+- `slow_sync_ms=N`: every sync first waits N milliseconds (a slow or overloaded
+  disk; 0 < N <= 10000), so writes stay unsynced that long.
 
 Both faults make the store fail-stop (`StorageFailed`), as a real EIO from
 fsync or ENOSPC from the WAL would.
@@ -19,8 +21,10 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 
 CONTROL_ENVIRONMENT_VARIABLE = "REPLICATOR_STORAGE_FAULTS"
+SLOW_SYNC_MS_MAX = 10_000
 
 
 class FaultInjector:
@@ -31,6 +35,7 @@ class FaultInjector:
         self._disk_full_from_file = False
         self._control_path = os.fspath(control_path) if control_path is not None else None
         self._control_stamp: tuple[int, int] | None = None
+        self.slow_sync_ms = 0
 
     @classmethod
     def from_environment(cls) -> FaultInjector | None:
@@ -59,8 +64,10 @@ class FaultInjector:
             raise OSError(errno.ENOSPC, "injected fault: no space left on device")
 
     def check_sync(self) -> None:
-        """Poll the control file, then raise the OSError a sync would meet now, if any."""
+        """Poll the control file, wait if syncs are slow, then raise the OSError a sync would meet now, if any."""
         self.poll()
+        if self.slow_sync_ms:
+            time.sleep(self.slow_sync_ms / 1000)
         with self._lock:
             if self._sync_failures_armed > 0:
                 self._sync_failures_armed -= 1
@@ -76,6 +83,7 @@ class FaultInjector:
             status = os.stat(self._control_path)
         except FileNotFoundError:
             self._disk_full_from_file = False
+            self.slow_sync_ms = 0
             self._control_stamp = None
             return
         stamp = (status.st_mtime_ns, status.st_size)
@@ -88,6 +96,15 @@ class FaultInjector:
         except FileNotFoundError:
             words = set()
         self._disk_full_from_file = "disk_full" in words
+        self.slow_sync_ms = _slow_sync_ms(words)
         if "fail_next_sync" in words:
             with self._lock:
                 self._sync_failures_armed += 1
+
+
+def _slow_sync_ms(words: set[str]) -> int:
+    for word in words:
+        name, _, value = word.partition("=")
+        if name == "slow_sync_ms" and value.isdigit() and 0 < int(value) <= SLOW_SYNC_MS_MAX:
+            return int(value)
+    return 0
