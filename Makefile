@@ -39,11 +39,13 @@ sim: build
 	$(PY) -m chaos.sim --seeds $(SEEDS)
 
 # The long fault runs: the storage crash test with 200 SIGKILL cycles, 2000 simulator
-# seeds, and the real-daemon chaos suite (every nemesis >= 30 s, then a 10-minute mix).
+# seeds, the real-daemon chaos suite (every nemesis >= 30 s, then a 10-minute mix) and
+# every planted bug against the real daemons (each must be caught).
 chaos: build
 	REPLICATOR_CRASH_CYCLES=200 $(PY) -m pytest -q tests/test_storage_crash.py
 	$(PY) -m chaos.sim --seeds 1-2000
-	$(PY) -m chaos run --full $(if $(SEED),--seed $(SEED),)
+	$(PY) -m chaos run --full $(if $(SEED),--seed $(SEED),) --out chaos-report
+	$(PY) -m chaos plants --out chaos-report/plants
 
 # The micro-benchmarks, then the end-to-end suite (python -m benchmarks.e2e --help): Replicator
 # against etcd, Redis and raw RocksDB on loopback, results in benchmarks/results/<date>/.
