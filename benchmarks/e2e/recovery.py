@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from replicator.client import Client, ClientError, NotFound, RetryPolicy
+from replicator.client import Client, ClientError, NotFound, OutcomeUnknown, RetryPolicy, Unavailable
 from replicator.config import load_site_config, load_witness_config
 from replicator.local import LocalCluster, grpc_health
 
@@ -479,7 +479,25 @@ def measure_resync(
                 for e in _log_events(cluster, name, offsets[name])
                 if e.get("event") == "role"
             ]
-            result.setdefault("roles_after_restart", {})[name] = roles
+            result.setdefault("roles_after_restart", {})[name] = roles[:40]
+            result.setdefault("role_changes_after_restart", {})[name] = len(roles)
+        # A resync that had to start over (the link dropped while a was the source) is slower than one pass.
+        result["resync_interruptions"] = sum(
+            1
+            for e in _log_events(cluster, "a", offsets["a"])
+            if e.get("event") == "role" and e.get("reason") == "resync target lost"
+        )
+        result["witness_changes"] = [
+            (round(_event_seconds(e, wall0, mono0) or 0.0, 3), e.get("epoch"), e.get("mode"), e.get("holder"))
+            for e in _log_events(cluster, "witness", offsets["witness"])
+            if e.get("event") == "state_changed"
+        ]
+        if result["resync_interruptions"]:
+            _say(
+                progress,
+                f"note: the resync was interrupted {result['resync_interruptions']} times (link dropped; see "
+                f"a.log / b.log peer_drop events) and the witness changed state {len(result['witness_changes'])} times",
+            )
 
         _say(progress, "verifying: a sample of keys read at b alone, then the online verify from a")
         try:
@@ -586,37 +604,69 @@ def _watch_resync(
         time.sleep(0.05)
 
 
+class _Patient:
+    """Runs checking calls again while the site cannot serve (UNAVAILABLE, deadline), for up to `timeout_s` each."""
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self.timeout_s = timeout_s
+        self.retries = 0
+
+    def __call__(self, call: Callable[[], Any]) -> Any:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return call()
+            except (Unavailable, OutcomeUnknown):
+                if time.monotonic() > deadline:
+                    raise
+                self.retries += 1
+                time.sleep(0.2)
+
+
+LIST_KEYS_MAX = 2000  # above this the check lists nothing at b: a List page reads 1000 keys one by one
+
+
 def _verify_resync(endpoints: dict[str, str], keys: int, value_size: int, pool: bytes, sample: int) -> dict[str, Any]:
+    """Sample keys read at b alone, b's listing (small runs), and the online verify from a."""
     count = min(keys, sample)
     indexes = sorted({round(i * (keys - 1) / max(1, count - 1)) for i in range(count)})
     mismatches: list[str] = []
+    patient = _Patient()
+    listed: list[Any] | None = None
     with Client([endpoints["b"]], retry=BULK_RETRY) as at_b:
         for index in indexes:
             try:
-                got = at_b.get(BUCKET, _resync_key(index))
+                got = patient(lambda index=index: at_b.get(BUCKET, _resync_key(index)))
             except NotFound:
                 got = None
             if got != _resync_value(index, value_size, pool):
                 mismatches.append(f"{_resync_key(index)}: {'missing' if got is None else f'{len(got)} wrong bytes'}")
-        listed = at_b.list_objects(BUCKET, prefix="resync/")
-    wrong_size = sum(1 for info in listed if info.size_bytes != value_size)
+        if keys <= LIST_KEYS_MAX:
+            listed = patient(lambda: at_b.list_objects(BUCKET, prefix="resync/"))
+    wrong_size = None if listed is None else sum(1 for info in listed if info.size_bytes != value_size)
     report: dict[str, Any] = {
         "sample_keys": len(indexes),
         "sample_mismatches": len(mismatches),
         "mismatched": mismatches[:10],
-        "keys_listed_at_b": len(listed),
+        "keys_listed_at_b": None if listed is None else len(listed),
         "wrong_size_at_b": wrong_size,
     }
     with Client([endpoints["a"]], retry=VERIFY_RETRY) as at_a:
         started = time.monotonic()
-        outcome = at_a.verify()
+        outcome = patient(at_a.verify)
     report.update(
         keys_compared=outcome.keys_compared,
         differing_count=outcome.differing_count,
         differing_keys=[key.decode(errors="replace") for key in outcome.differing_keys[:10]],
         verify_seconds=round(time.monotonic() - started, 3),
+        retries=patient.retries,
     )
-    report["ok"] = not mismatches and len(listed) == keys and not wrong_size and outcome.differing_count == 0
+    report["ok"] = (
+        not mismatches
+        and (listed is None or (len(listed) == keys and not wrong_size))
+        and outcome.keys_compared == keys
+        and outcome.differing_count == 0
+    )
     return report
 
 
@@ -883,13 +933,14 @@ def _check_writes(endpoints: dict[str, str], threads: list[_Writer]) -> dict[str
     uncertain = 0
     checked = 0
     clients = {name: Client([endpoints[name]], retry=BULK_RETRY) for name in SITES}
+    patient = _Patient()
     try:
         for thread in threads:
             pending_key, pending_value = thread.unconfirmed or (None, None)
             for key, value in thread.acknowledged.items():
                 for name, client in clients.items():
                     try:
-                        got = client.get(BUCKET, key)
+                        got = patient(lambda client=client, key=key: client.get(BUCKET, key))
                     except NotFound:
                         got = None
                     checked += 1
@@ -900,7 +951,7 @@ def _check_writes(endpoints: dict[str, str], threads: list[_Writer]) -> dict[str
                         continue
                     lost.append(f"{key} at {name}: {'missing' if got is None else 'an older or other value'}")
         with Client([endpoints["a"]], retry=VERIFY_RETRY) as at_a:
-            outcome = at_a.verify()
+            outcome = patient(at_a.verify)
     finally:
         for client in clients.values():
             client.close()
