@@ -1015,7 +1015,15 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     resync.add_argument("--size", type=parse_size, default=GIB, help="data changed while b is away (default 1GiB)")
-    resync.add_argument("--value-size", type=parse_size, default=MIB, help="bytes per key (default 1MiB)")
+    resync.add_argument(
+        "--value-size",
+        type=parse_size,
+        default=MIB,
+        help=(
+            "bytes per key (default 1MiB; today's replicatord stalls resyncing values above about 64 KB: a "
+            "128-key batch must fit one 8 MiB link frame, so 63KiB is the largest that works)"
+        ),
+    )
     resync.add_argument("--writers", type=int, default=4, help="writer threads at a (default 4)")
     resync.add_argument("--kill", action="store_true", help="stop b with SIGKILL (a crash) instead of SIGTERM")
     resync.add_argument("--sample", type=int, default=64, help="keys read back at b alone (default 64)")
