@@ -370,7 +370,12 @@ class ResyncCrash(Nemesis):
         self.victim = _site(rng)
         self.source = next(s for s in SITES if s != self.victim)
         self.kill_after_ms = round(rng.uniform(0, 200))
-        self.detail.update(source=self.source, kill_source_after_ms=self.kill_after_ms)
+        # Kill the source as it starts the resync, or just as the witness moved the pair back to SYNC
+        # (the target, on its slow disk, has not made the end of the resync durable yet).
+        self.trigger = rng.choice(("RESYNC_SOURCE", "SYNC"))
+        if self.trigger == "SYNC":
+            self.kill_after_ms = 0
+        self.detail.update(source=self.source, trigger=self.trigger, kill_source_after_ms=self.kill_after_ms)
 
     @property
     def resources(self) -> frozenset[str]:
@@ -384,7 +389,7 @@ class ResyncCrash(Nemesis):
         log = d.log_path(self.source)
         offset = log.stat().st_size if log.exists() else 0
         d.start(self.victim, wait=False)
-        self.detail["resync_seen"] = _wait_for_log(log, offset, '"new":"RESYNC_SOURCE"', timeout_s=15.0)
+        self.detail["trigger_seen"] = _wait_for_log(log, offset, f'"new":"{self.trigger}"', timeout_s=15.0)
         time.sleep(self.kill_after_ms / 1000)
         d.kill(self.source)
 

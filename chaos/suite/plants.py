@@ -35,7 +35,7 @@ AIMED: dict[str, Aim] = {
     "no_lease_wait": Aim(
         ("isolate",),
         "the granted site commits while the cut-off site still serves reads under its lease",
-        READERS,
+        {**READERS, "home_keys": True},
     ),
     "no_read_lease": Aim(
         ("pause", "partition-oneway"),

@@ -117,6 +117,10 @@ class WorkloadConfig:
     # rewritten, so a divergence on one survives until the sync-point comparison.
     cold_keys: int = 0
     cold_fraction: float = 0.0
+    # Each writer writes only its home site's half of the hot keys, and the pinned readers read the
+    # other site's half: keys a site's own pending writes do not block, so it answers reads of them
+    # from its lease while the other site may already commit alone.
+    home_keys: bool = False
 
 
 @dataclass
@@ -140,6 +144,13 @@ class Workload:
     def hot_keys(self) -> list[str]:
         return [f"k{i}" for i in range(self.config.keys)]
 
+    def home_half(self, site: str) -> list[str]:
+        """The hot keys the writers whose home is `site` write when `home_keys` is set."""
+        hot = self.hot_keys()
+        index = sorted(self.endpoints).index(site)
+        half = hot[index::2]
+        return half or hot
+
     def cold_keys(self) -> list[str]:
         return [f"c{i}" for i in range(self.config.cold_keys)]
 
@@ -154,13 +165,15 @@ class Workload:
             for _ in range(self.config.clients_per_site):
                 endpoints = [self.endpoints[site]] + [self.endpoints[o] for o in others]
                 thread = threading.Thread(
-                    target=self._client, args=(process, endpoints), name=f"chaos-client-{process}", daemon=True
+                    target=self._client, args=(process, endpoints, site), name=f"chaos-client-{process}",
+                    daemon=True,
                 )
                 self._threads.append(thread)
                 process += 1
             for _ in range(self.config.readers_per_site):
+                other = others[0] if others and self.config.home_keys else site
                 thread = threading.Thread(
-                    target=self._reader, args=(process, self.endpoints[site]), name=f"chaos-reader-{process}",
+                    target=self._reader, args=(process, self.endpoints[site], other), name=f"chaos-reader-{process}",
                     daemon=True,
                 )
                 self._threads.append(thread)
@@ -227,10 +240,11 @@ class Workload:
         with self._lock:
             self.errors[name] = self.errors.get(name, 0) + 1
 
-    def _client(self, process: int, endpoints: list[str]) -> None:
+    def _client(self, process: int, endpoints: list[str], home: str) -> None:
         rng = random.Random(self.config.seed * 1000 + process)
         client = RecordingClient(endpoints, retry=self._policy())
-        hot, cold = self.hot_keys(), self.cold_keys()
+        hot = self.home_half(home) if self.config.home_keys else self.hot_keys()
+        cold = self.cold_keys()
         count = 0
         try:
             while self._enter():
@@ -259,11 +273,11 @@ class Workload:
             call_timeout_ms=self.config.call_timeout_ms,
         )
 
-    def _reader(self, process: int, endpoint: str) -> None:
-        """Reads the hot keys at one site only, whatever it answers."""
+    def _reader(self, process: int, endpoint: str, keys_of: str) -> None:
+        """Reads hot keys (with `home_keys`, those `keys_of`'s writers write) at one site only."""
         rng = random.Random(self.config.seed * 1000 + process)
         client = RecordingClient([endpoint], retry=self._policy())
-        keys = self.hot_keys()
+        keys = self.home_half(keys_of) if self.config.home_keys else self.hot_keys()
         try:
             while self._enter():
                 try:
