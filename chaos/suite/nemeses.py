@@ -323,6 +323,30 @@ class Wipe(Kill):
         d.wipe(self.victim)
 
 
+class DelayKill(Nemesis):
+    name = "delay-kill"
+    description = "200 ms added on the site link (records and acks in flight for that long), then SIGKILL a site"
+
+    def __init__(self, rng: random.Random, hold_s: float) -> None:
+        super().__init__(rng, hold_s)
+        self.victim = _site(rng)
+        self.delay_ms = rng.choice((100, 200))
+        self.detail["delay_ms"] = self.delay_ms
+
+    @property
+    def resources(self) -> frozenset[str]:
+        return frozenset({f"site:{self.victim}", "link:site"})
+
+    def inject(self, d: Deployment) -> None:
+        d.proxy("site", lambda p: p.set_delay_ms(self.delay_ms, BOTH))
+        time.sleep(1.0)
+        d.kill(self.victim)
+
+    def heal(self, d: Deployment) -> None:
+        d.proxy("site", lambda p: (p.heal(), p.cut()))
+        d.start(self.victim)
+
+
 class ReconcileCrash(Nemesis):
     name = "reconcile-crash"
     description = (
@@ -455,6 +479,7 @@ NEMESES: dict[str, type[Nemesis]] = {
         DiskFull,
         Wipe,
         ClockJump,
+        DelayKill,
         ReconcileCrash,
         ResyncCrash,
     )

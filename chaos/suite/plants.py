@@ -30,7 +30,11 @@ class Aim:
 
 
 AIMED: dict[str, Aim] = {
-    "early_visible": Aim(("kill",), "a write visible at its origin before the peer has it is lost when the origin dies"),
+    "early_visible": Aim(
+        ("delay-kill",),
+        "a write visible at its origin before the peer has it (delayed on the link) is lost when the origin dies",
+        READERS,
+    ),
     "no_witness": Aim(("kill",), "the survivor goes on alone without a grant"),
     "no_lease_wait": Aim(
         ("isolate",),
