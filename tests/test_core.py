@@ -212,3 +212,21 @@ def test_witness_mark_synced_moves_to_a_new_sync_epoch() -> None:
     core.step(WitnessRequested(3, msg.MarkSynced("p", "a", 2)), 0.0)
     out = core.step(WitnessPersisted(2), 0.0)
     assert answers(out) == [msg.WitnessAnswer(msg.Verdict.SYNCED, 3, msg.WitnessMode.SYNC, "")]
+
+
+def test_dedup_entries_expire_by_age_once_the_table_is_large() -> None:
+    # 1500 entries written at wall 1_000 ms and 1500 at 500_000 ms; dedup_age_ms is 600_000.
+    dedup = {f"old{i}".encode(): (1_000 << 22) | i << 1 for i in range(1500)}
+    dedup |= {f"new{i}".encode(): (500_000 << 22) | i << 1 for i in range(1500)}
+    core = SiteCore(config(), ev.Recovered(meta={"generation": b"g"}, dedup=dedup))
+    core.start(0.0, 1_000)
+    core.step(ev.TimePassed(), 1.0, 601_000)  # horizon 1_000: nothing is older
+    assert len(core.dedup) == 3000
+    core.step(ev.TimePassed(), 2.0, 601_001)  # the old ones are now older than the horizon
+    assert set(core.dedup) == {f"new{i}".encode() for i in range(1500)}
+    # An entry set again with a newer ts is kept when its first (stale) expiry comes up.
+    core._dedup_put(b"new0", 900_000 << 22)
+    core.step(ev.TimePassed(), 3.0, 1_100_000)  # horizon 500_000: nothing is older
+    assert len(core.dedup) == 1500
+    core.step(ev.TimePassed(), 4.0, 1_200_000)  # every entry but the renewed one is older
+    assert core.dedup == {b"new0": 900_000 << 22}

@@ -37,6 +37,7 @@ the core waits for `Persisted` before anything that depends on durability
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,6 +136,11 @@ class SiteCore:
             self.hlc.observe(record.ts)
         self.dirty: set[bytes] = set(recovered.dirty)
         self.dedup: dict[bytes, int] = dict(recovered.dedup)
+        # (ts, request id) of every dedup entry, a min-heap: pruning by age pops the old ones instead
+        # of scanning the whole table at every step. An entry whose request id was set again (to
+        # another ts) is stale and skipped when popped.
+        self.dedup_expiry: list[tuple[int, bytes]] = [(ts, r) for r, ts in self.dedup.items()]
+        heapq.heapify(self.dedup_expiry)
         self.pending: dict[int, _Pending] = {}  # own uncommitted writes by seq (this incarnation)
         self.pending_by_request: dict[bytes, int] = {}
         self.committed_unconfirmed: dict[int, Record] = {}  # own committed, peer has not applied
@@ -336,10 +342,20 @@ class SiteCore:
             if now >= self.lease_granted_until_ms or "no_lease_wait" in self.config.plants:
                 self._take_over(self.grant_epoch)
         # Dedup table: bounded by age.
-        if self.dedup and len(self.dedup) > 1024:
+        if len(self.dedup) > 1024:
             horizon = self.wall_ms - self.config.dedup_age_ms
-            for request_id in [r for r, ts in self.dedup.items() if wall_ms_of(ts) < horizon]:
-                del self.dedup[request_id]
+            expiry = self.dedup_expiry
+            while expiry and wall_ms_of(expiry[0][0]) < horizon:
+                ts, request_id = heapq.heappop(expiry)
+                if self.dedup.get(request_id) == ts:
+                    del self.dedup[request_id]
+        if len(self.dedup_expiry) > 2 * len(self.dedup) + 1024:
+            self.dedup_expiry = [(ts, r) for r, ts in self.dedup.items()]
+            heapq.heapify(self.dedup_expiry)
+
+    def _dedup_put(self, request_id: bytes, ts: int) -> None:
+        self.dedup[request_id] = ts
+        heapq.heappush(self.dedup_expiry, (ts, request_id))
 
     def _peer_timed_out(self) -> None:
         role = self.role
@@ -538,7 +554,7 @@ class SiteCore:
             self._forget_pending_request(record)
             self.committed_unconfirmed[record.id.seq] = record
             self._log_resolve(record)  # still in the log until the peer confirms
-            self.dedup[record.request_id] = record.ts
+            self._dedup_put(record.request_id, record.ts)
             self.out.append(ev.Committed(record.id, self.epoch, self.role, alone=False))
             for handle in pending.handles:
                 self.out.append(ev.AnswerWrite(handle, True, ts=record.ts))
@@ -566,7 +582,7 @@ class SiteCore:
         for key, record in ready:
             del self.peer_records[key]
             self._log_remove(record)
-            self.dedup[record.request_id] = record.ts
+            self._dedup_put(record.request_id, record.ts)
             self._answer_log_waiters(record)  # applying the origin's decision is not a commit decision
         self._wake_reads()
         incarnation, seq = ready[-1][0]
@@ -710,7 +726,7 @@ class SiteCore:
         self.dirty.update(dirty)
         answered: list[tuple[int, Record]] = []
         for record in winners:
-            self.dedup[record.request_id] = record.ts
+            self._dedup_put(record.request_id, record.ts)
             self.out.append(ev.Committed(record.id, self.epoch, self.role, alone=alone))
         for record in records:
             if record.id.origin == self.config.site and record.id.incarnation == self.incarnation:
@@ -1112,7 +1128,8 @@ class SiteCore:
         if not self._session_up() or not self._check_epoch(event.message.epoch):
             return
         fresh = tuple((r, ts) for r, ts in event.message.entries if r not in self.dedup)
-        self.dedup.update(fresh)
+        for request_id, ts in fresh:
+            self._dedup_put(request_id, ts)
         if fresh:
             self._persist(dedup_put=fresh)
 
@@ -1223,7 +1240,7 @@ class SiteCore:
         record = pending.record
         self._forget_pending_request(record)
         self._log_resolve(record)
-        self.dedup[record.request_id] = record.ts
+        self._dedup_put(record.request_id, record.ts)
         self.out.append(ev.Committed(record.id, self.epoch, self.role, alone=True))
         for handle in pending.handles:
             self.out.append(ev.AnswerWrite(handle, True, ts=record.ts))
