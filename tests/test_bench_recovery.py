@@ -21,7 +21,6 @@ MIB = 1 << 20
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_resync_of_8_mib_is_timed_and_verified(tmp_path: Path) -> None:
-    # 32 KiB values: with 1 MiB values the resync never finishes (see the xfail test below).
     result = measure_resync(
         tmp_path / "resync", size_bytes=8 * MIB, value_size=32 << 10, progress=None, writers=2, sample_keys=16
     )
@@ -59,15 +58,8 @@ def test_failover_under_load_loses_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "replicatord: a resync batch is 128 keys whatever their size, sent as one RESYNC_DATA frame; 8 values "
-        "of 1 MiB exceed site.frame_size_bytes_max (8 MiB), Link.send raises ValueError in the link-sender task, "
-        "which dies without a log line, and the resync never finishes. Remove this marker when that is fixed."
-    ),
-)
 def test_resync_of_1_mib_values(tmp_path: Path) -> None:
+    """Eight 1 MiB values would exceed a link frame in one resync batch: the source cuts the batch."""
     result = measure_resync(
         tmp_path / "resync", size_bytes=8 * MIB, value_size=MIB, progress=None, writers=2, stall_timeout_s=5
     )

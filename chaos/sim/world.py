@@ -332,6 +332,11 @@ class SiteProcess:
             keys = sorted(key for key in data if key >= start)[: action.limit]
             entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
             next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
+        # A real site sends only what fits in one link frame: a prefix of what was asked for.
+        if len(entries) > 1 and self.world.resync_rng.random() < 0.3:
+            entries = entries[: self.world.resync_rng.randint(1, len(entries) - 1)]
+            if not action.keys:
+                next_position = entries[-1].key + b"\x00"
         token = action.token
         self.world.after(
             self.world.rng.randint(100, 1000),
@@ -415,6 +420,8 @@ class World:
         self.seed = seed
         self.params = params
         self.rng = random.Random(seed)
+        # A stream of its own, so the schedules of older seeds stay as they were.
+        self.resync_rng = random.Random(seed * 7919 + 1)
         self.verbose = verbose
         self.now_us = 0
         self.queue: list[tuple[int, int, Callable[[], None]]] = []

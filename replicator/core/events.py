@@ -91,7 +91,12 @@ class WitnessFailed:
 
 @dataclass(frozen=True, slots=True)
 class ResyncBatchLoaded:
-    """Answer to LoadResyncBatch: current versions of the asked keys / range."""
+    """Answer to LoadResyncBatch: current versions of the asked keys / range.
+
+    The shell may answer with a prefix only (what fits in one link frame, at least one entry):
+    for keys, the first len(entries) of them, the rest go back to the queue; for a scan,
+    next_position continues after the last entry.
+    """
 
     token: int
     entries: tuple[Versioned, ...]

@@ -1012,6 +1012,13 @@ class SiteCore:
             keys = tuple(entry.key for entry in event.entries)
             session.resync_scan_cursor = event.next_position
             session.resync_scan_done = event.next_position is None
+        elif len(event.entries) < len(keys):
+            # Only a prefix fitted in a frame: the rest goes back to the front of the queue.
+            sent = len(event.entries)
+            if sent == 0 or tuple(entry.key for entry in event.entries) != keys[:sent]:
+                raise ProtocolError("a resync batch must answer a non-empty prefix of the asked keys")
+            session.resync_queue[:0] = keys[sent:]
+            keys = keys[:sent]
         session.resync_inflight[event.token] = (keys, scan, event.next_position)
         for entry in event.entries:
             self.hlc.observe(entry.ts)

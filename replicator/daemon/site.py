@@ -45,6 +45,10 @@ from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
 from replicator.transport.link import Link, LocalHello
 
 TICK_S = 0.01
+# A resync batch is cut to fit one link frame: the frame limit less this (header, message framing),
+# counting each entry as key + value + this much.
+RESYNC_FRAME_HEADROOM_BYTES = 64 * 1024
+RESYNC_ENTRY_OVERHEAD_BYTES = 64
 CLEAR_PAGE_KEYS = 10_000
 
 
@@ -78,6 +82,10 @@ def decode_record(raw: bytes) -> Record:
     (view,) = frame.body.records
     record: Record = view.materialise()
     return record
+
+
+def _entry_bytes(version: Versioned) -> int:
+    return len(version.key) + (len(version.value) if version.value is not None else 0) + RESYNC_ENTRY_OVERHEAD_BYTES
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -346,15 +354,30 @@ class SiteDaemon:
         self.step(ev.Persisted(persist_id))
 
     def _load_resync(self, action: ev.LoadResyncBatch) -> None:
+        """Load a resync batch, as much of it as fits in one link frame (at least one entry)."""
+        budget = self.config.site.frame_size_bytes_max - RESYNC_FRAME_HEADROOM_BYTES
         if action.keys:
             entries = []
+            used = 0
             for key in action.keys:
                 version = self.store.get(key)
-                entries.append(version if version is not None else Versioned(key, 0, None))
+                entry = version if version is not None else Versioned(key, 0, None)
+                size = _entry_bytes(entry)
+                if entries and used + size > budget:
+                    break
+                entries.append(entry)
+                used += size
             loaded = ev.ResyncBatchLoaded(action.token, tuple(entries), None)
         else:
             versions = self.store.scan(action.scan_from or b"", None, action.limit)
             next_position = versions[-1].key + b"\x00" if len(versions) == action.limit else None
+            used = 0
+            for count, version in enumerate(versions):
+                used += _entry_bytes(version)
+                if count and used > budget:
+                    versions = versions[:count]
+                    next_position = versions[-1].key + b"\x00"
+                    break
             loaded = ev.ResyncBatchLoaded(action.token, tuple(versions), next_position)
         asyncio.get_running_loop().call_soon(self.step, loaded)
 
@@ -409,7 +432,13 @@ class SiteDaemon:
             frame = await self.send_queue.get()
             if frame is None:
                 return
-            await self.link.send(frame)
+            try:
+                await self.link.send(frame)
+            except (ValueError, OSError) as error:
+                # A frame the link refuses (a bug: everything is cut to fit) must not kill the sender
+                # silently: say so, drop the session, and let the core start over from a clean state.
+                log("link_send_failed", level="error", error=error, frame_bytes=len(frame))
+                self.link.reset(f"send failed: {error}")
 
     async def _probe_witness(self) -> None:
         """Keep `witness_reachable` true to life for status and metrics (the core asks only on failures)."""
