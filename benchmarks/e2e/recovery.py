@@ -394,19 +394,6 @@ def measure_resync(
     with LocalCluster(path) as cluster:
         endpoints = _start(cluster, progress)
         result["settings"] = _settings(cluster)
-        frame_max = result["settings"]["site"]["frame_size_bytes_max"]
-        # The resync source ships dirty keys 128 at a time (replicator.core.config.CoreConfig.resync_batch_keys_max)
-        # in one RESYNC_DATA frame; say so when that frame cannot fit.
-        batch_keys = _resync_batch_keys()
-        if batch_keys and min(keys, batch_keys) * (value_size + 64) > frame_max:
-            fits = (frame_max - 64 * KIB) // batch_keys - 64
-            result["warning"] = (
-                f"one resync batch ({min(keys, batch_keys)} keys of {value_size} bytes) is larger than "
-                f"site.frame_size_bytes_max ({frame_max} bytes): replicatord cannot send it and the resync is "
-                f"expected to stall (values up to about {fits} bytes fit, e.g. --value-size 32KiB)"
-            )
-            _say(progress, f"warning: {result['warning']}")
-
         stopped_at = time.monotonic()
         if stop_signal == signal.SIGTERM:
             cluster.stop_process("b")
@@ -514,17 +501,6 @@ def measure_resync(
         )
         result["disk_bytes"] = {name: _tree_bytes(path / "data" / name) for name in SITES}
     return result
-
-
-def _resync_batch_keys() -> int | None:
-    """Keys per resync batch: the core's default (replicatord does not configure it)."""
-    try:
-        from replicator.core.config import CoreConfig
-
-        field = next(f for f in dataclasses.fields(CoreConfig) if f.name == "resync_batch_keys_max")
-        return int(field.default)  # type: ignore[arg-type]
-    except (ImportError, StopIteration, TypeError, ValueError):
-        return None
 
 
 def _watch_resync(
@@ -1019,10 +995,7 @@ def main(argv: list[str] | None = None) -> int:
         "--value-size",
         type=parse_size,
         default=MIB,
-        help=(
-            "bytes per key (default 1MiB; today's replicatord stalls resyncing values above about 64 KB: a "
-            "128-key batch must fit one 8 MiB link frame, so 63KiB is the largest that works)"
-        ),
+        help="bytes per key (default 1MiB; the resync source cuts its batches to fit one link frame)",
     )
     resync.add_argument("--writers", type=int, default=4, help="writer threads at a (default 4)")
     resync.add_argument("--kill", action="store_true", help="stop b with SIGKILL (a crash) instead of SIGTERM")
