@@ -216,3 +216,37 @@ def test_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = struct.unpack(">II", head[16:24])
         assert width > 400 and height > 200
+
+
+def test_replicator_driver_spreads_coroutines_over_both_sites() -> None:
+    import asyncio
+
+    from benchmarks.e2e.common import DriverSpec
+    from benchmarks.e2e.loadgen import CLIENT_TASK_PREFIX
+    from benchmarks.e2e.replicator_system import ReplicatorDriver
+
+    a, b = "127.0.0.1:1", "127.0.0.1:2"  # never called: only which client a coroutine gets
+
+    async def first_sites(placement: str, worker: int, coroutines: int) -> list[str]:
+        driver = ReplicatorDriver(DriverSpec("replicator", (a, b), {"placement": placement}), worker)
+
+        async def first() -> str:
+            return str(driver._client().endpoints[0])
+
+        try:
+            tasks = [asyncio.create_task(first(), name=f"{CLIENT_TASK_PREFIX}{n}") for n in range(coroutines)]
+            return list(await asyncio.gather(*tasks))
+        finally:
+            await driver.close()
+
+    assert asyncio.run(first_sites("both", 0, 4)) == [a, b, a, b]
+    assert asyncio.run(first_sites("both", 1, 4)) == [b, a, b, a]
+    assert asyncio.run(first_sites("both", 0, 1)) == [a]  # c=1 starts at a, as "one" does
+    assert asyncio.run(first_sites("one", 1, 3)) == [a, a, a]
+
+
+def test_no_incidents_while_the_pair_is_idle(replicator_pair: ReplicatorSystem) -> None:
+    mark = replicator_pair.mark()
+    assert set(mark) == {"a", "b", "witness"} and mark["a"] > 0
+    assert replicator_pair.incidents_since(mark) == []
+    assert any("SYNC" in line for line in replicator_pair.incidents_since({"a": 0, "b": 0}))  # the start-up

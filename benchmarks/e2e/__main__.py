@@ -181,65 +181,126 @@ class Suite:
             self.failed = True
         return 1 if self.failed else 0
 
-    def _system_runs(self, name: str, runs: list[Run], index: int, total: int) -> int:
-        directory = self.work / name
-        info: dict[str, Any] = {"status": "failed", "message": "", "version": None}
-        self.results["systems"][name] = info
-        system = None
+    def _start_system(self, name: str, directory: Path, info: dict[str, Any]) -> Any:
+        """Start a fresh `name` in `directory`; SystemUnavailable (and others) propagate, nothing left running."""
+        if directory.exists():
+            shutil.rmtree(directory)
+        system = make_system(name, directory)
+        self.say(f"starting {name} ...")
+        began = time.monotonic()
         try:
-            if directory.exists():
-                shutil.rmtree(directory)
-            system = make_system(name, directory)
-            self.say(f"starting {name} ...")
-            began = time.monotonic()
             system.start()
-            info.update(status="ok", start_s=round(time.monotonic() - began, 2), processes=system.processes())
+        except BaseException:
             with contextlib.suppress(Exception):
-                info["version"] = system.version()
-            if hasattr(system, "settings"):
-                with contextlib.suppress(Exception):
-                    info["settings"] = system.settings()
+                system.stop()
+            raise
+        info.update(status="ok", start_s=round(time.monotonic() - began, 2), processes=system.processes())
+        with contextlib.suppress(Exception):
+            info["version"] = system.version()
+        if hasattr(system, "settings"):
+            with contextlib.suppress(Exception):
+                info["settings"] = system.settings()
+        return system
+
+    def _keep_logs(self, name: str, directory: Path, generation: int) -> str | None:
+        """Copy the system's *.log files into OUT/logs/<name>-<generation>/ (for a run that went wrong)."""
+        logs = sorted(directory.glob("*.log")) if directory.is_dir() else []
+        if not logs:
+            return None
+        target = self.out / "logs" / f"{name}-{generation}"
+        target.mkdir(parents=True, exist_ok=True)
+        for log in logs:
+            with contextlib.suppress(OSError):
+                shutil.copy2(log, target / log.name)
+        return str(target)
+
+    def _system_runs(self, name: str, runs: list[Run], index: int, total: int) -> int:
+        info: dict[str, Any] = {"status": "failed", "message": "", "version": None, "restarts": []}
+        self.results["systems"][name] = info
+        generation = 1
+        directory = self.work / name
+        try:
+            system = self._start_system(name, directory, info)
         except (SystemUnavailable, ImportError, KeyError) as error:
             info.update(status="not available", message=f"{type(error).__name__}: {error}")
             self.say(f"{name}: not available: {error}")
             if self.explicit:
                 self.failed = True
-            if system is not None:
-                with contextlib.suppress(Exception):
-                    system.stop()
             return index + len(runs)
         except Exception as error:
             info.update(status="failed", message=f"{type(error).__name__}: {error}")
             self.say(f"{name}: failed to start: {error}")
             self.failed = True
-            if system is not None:
-                with contextlib.suppress(Exception):
-                    system.stop()
             return index + len(runs)
         prefilled: set[tuple[str, int]] = set()
+        broken = ""  # set when a restart failed: the remaining runs are recorded as failed at once
+        troubled = False  # a run of this system had errors or incidents: keep its logs
         try:
             for run in runs:
                 index += 1
-                self._one(system, run, index, total, prefilled)
+                if broken:
+                    self._failed_run(run, index, total, broken)
+                    continue
+                try:
+                    readiness = system.wait_ready() if hasattr(system, "wait_ready") else "ready"
+                except SystemUnavailable as error:
+                    # The system did not come back to its measured state: keep its logs, start it
+                    # afresh (a new directory) and go on; every restart is recorded.
+                    kept = self._keep_logs(name, directory, generation)
+                    self.say(f"{name}: {error}; restarting it (logs kept in {kept})")
+                    with contextlib.suppress(Exception):
+                        system.stop()
+                    generation += 1
+                    directory = self.work / f"{name}-{generation}"
+                    info["restarts"].append({"before_run": index, "at_s": round(time.monotonic() - self.started, 1),
+                                             "reason": str(error), "logs": kept})
+                    self.failed = True
+                    prefilled = set()
+                    try:
+                        system = self._start_system(name, directory, info)
+                        readiness = f"restarted (fresh {name}): {error}"
+                    except Exception as restart_error:
+                        broken = f"{name} could not be restarted: {type(restart_error).__name__}: {restart_error}"
+                        info.update(status="failed", message=broken)
+                        self._failed_run(run, index, total, broken)
+                        continue
+                troubled |= self._one(system, run, index, total, prefilled, readiness)
         finally:
             self.say(f"stopping {name}")
-            system.stop()
+            with contextlib.suppress(Exception):
+                system.stop()
+            if troubled and not broken:
+                kept = self._keep_logs(name, directory, generation)
+                if kept:
+                    info["logs"] = kept
             if not self.args.keep:
-                shutil.rmtree(directory, ignore_errors=True)
+                for path in self.work.glob(f"{name}*"):
+                    if path.name == name or path.name.startswith(f"{name}-") and path.name[len(name) + 1:].isdigit():
+                        shutil.rmtree(path, ignore_errors=True)
         return index
 
-    def _one(self, system: Any, run: Run, index: int, total: int, prefilled: set[tuple[str, int]]) -> None:
+    def _failed_run(self, run: Run, index: int, total: int, message: str) -> None:
+        self.results["runs"].append(report.run_record(
+            run.system, run.placement, None, message=message, op=run.op, value_size=run.value_size,
+            concurrency=run.concurrency, load_avg=round(os.getloadavg()[0], 2),
+            at_s=round(time.monotonic() - self.started, 1),
+        ))
+        self.say(f"{_progress_line(index, total, run, None)} FAILED: {message.splitlines()[0]}")
+        self.failed = True
+
+    def _one(
+        self, system: Any, run: Run, index: int, total: int, prefilled: set[tuple[str, int]], readiness: str
+    ) -> bool:
+        """One run; True if it had errors, incidents or failed."""
         key = (run.op, run.value_size)
-        readiness = "ready"
+        if readiness != "ready":
+            self.say(f"{system.name}: {readiness}")
         try:
-            if hasattr(system, "wait_ready"):
-                readiness = system.wait_ready()
-                if readiness != "ready":
-                    self.say(f"{system.name}: {readiness}")
             pids = system.processes()
             load_avg = round(os.getloadavg()[0], 2)
             at_s = round(time.monotonic() - self.started, 1)
             spec = system.driver_spec(run.placement)
+            mark = system.mark() if hasattr(system, "mark") else None
             result = run_load(
                 spec,
                 run.op,
@@ -253,27 +314,27 @@ class Suite:
                 server_pids=pids,
             )
         except (LoadGenError, SystemUnavailable, OSError, ValueError, RuntimeError) as error:
-            message = f"{type(error).__name__}: {error}"
-            self.results["runs"].append(report.run_record(run.system, run.placement, None, message=message,
-                                                          op=run.op, value_size=run.value_size,
-                                                          concurrency=run.concurrency,
-                                                          load_avg=round(os.getloadavg()[0], 2),
-                                                          at_s=round(time.monotonic() - self.started, 1)))
-            self.say(f"{_progress_line(index, total, run, None)} FAILED: {message.splitlines()[0]}")
-            self.failed = True
-            return
+            self._failed_run(run, index, total, f"{type(error).__name__}: {error}")
+            return True
         if run.op in ("get", "block_read"):
             prefilled.add(key)
+        incidents: list[str] = []
+        if mark is not None:
+            with contextlib.suppress(Exception):
+                incidents = system.incidents_since(mark)
         gone = [name for name, pid in pids.items() if result.server_cpu_s.get(name) is None]
         record = report.run_record(run.system, run.placement, result.to_dict(), load_avg=load_avg,
-                                   readiness=readiness, at_s=at_s)
+                                   readiness=readiness, at_s=at_s, incidents=incidents)
         notes = [] if readiness == "ready" else [readiness]
+        if incidents:
+            notes.append(f"{len(incidents)} incident(s): {'; '.join(incidents[:3])}")
         if gone:
             notes.append(f"server process(es) gone during the run: {', '.join(gone)}")
             self.failed = True
         record["message"] = "; ".join(notes)
         self.results["runs"].append(record)
         self.say(_progress_line(index, total, run, result) + (f"  ({'; '.join(notes)})" if notes else ""))
+        return bool(result.errors or incidents or gone)
 
     def _raw(self, index: int, total: int) -> None:
         sizes = (MIB,) if self.args.quick else BLOCK_SIZES

@@ -70,6 +70,7 @@ START_DELAY_S = 0.2  # between "go" and the common start time
 DRAIN_TIMEOUT_S = 30.0  # calls still in flight after the window get this long, then count as errors
 READY_TIMEOUT_S = 600.0  # set-up (driver, prefill) of every worker
 SATURATED_CPU_SHARE = 0.9  # a worker using this share of a core may be the bottleneck
+CLIENT_TASK_PREFIX = "bench-client-"  # the measuring coroutines' task names: "bench-client-<n>" in each worker
 
 
 class LoadGenError(Exception):
@@ -323,7 +324,7 @@ async def _measure(
                 append(finished - began)
 
     clock_task = asyncio.ensure_future(clock())
-    tasks = [asyncio.ensure_future(client(n)) for n in range(plan.coroutines)]
+    tasks = [asyncio.create_task(client(n), name=f"{CLIENT_TASK_PREFIX}{n}") for n in range(plan.coroutines)]
     await clock_task
     done, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
     for task in pending:

@@ -18,7 +18,7 @@ block runs, and name it in the driver spec's options.
 The driver (kind "replicator", `open_driver(spec, worker)`): one worker process's coroutines share
 it. With placement "both" it holds two `AsyncClient`s over the same two endpoints, one ordered
 [a, b] and one [b, a]; the client sends to the first endpoint of its list and stays there while it
-answers, so the coroutines (assigned in turn as they first call, starting at the worker's index)
+answers, so the coroutines (the load generator's coroutine n of worker w starts at site (w + n) % 2)
 are spread half on site a, half on site b: active-active. With "one" every coroutine uses [a, b],
 so everything goes to a (b stays the failover endpoint, unused while a answers). The clients do
 not retry (RetryPolicy(attempts_max=1) unless spec.options["retry_attempts"] says otherwise): a
@@ -28,12 +28,14 @@ failed call must show up as an error in the results, not as a slow success after
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
 from benchmarks.e2e.common import PLACEMENTS, DriverSpec, SystemUnavailable
+from benchmarks.e2e.loadgen import CLIENT_TASK_PREFIX
 
 BUCKET = "bench"
 VOLUME = "benchvol"
@@ -122,6 +124,38 @@ class ReplicatorSystem:
         seen = ", ".join(f"{name} {state}" for name, state in before.items())
         return f"was not ready ({seen}); {wanted} again after {time.monotonic() - began:.1f} s"
 
+    def mark(self) -> dict[str, int]:
+        """Where each process's log ends now (for `incidents_since`)."""
+        marks = {}
+        for name in ("a", "b", "witness"):
+            try:
+                marks[name] = (self.directory / f"{name}.log").stat().st_size
+            except OSError:
+                marks[name] = 0
+        return marks
+
+    def incidents_since(self, mark: dict[str, int]) -> list[str]:
+        """The sites' role changes logged since `mark` ("b SYNC->SUSPENDED (peer timeout)", ...): a pair that
+        leaves SYNC during a run is measured in another state, which the results must say."""
+        incidents = []
+        for name in ("a", "b"):
+            try:
+                with (self.directory / f"{name}.log").open("rb") as handle:
+                    handle.seek(mark.get(name, 0))
+                    text = handle.read().decode(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if '"role"' not in line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") == "role":
+                    incidents.append(f"{name} {event.get('old')}->{event.get('new')} ({event.get('reason', '')})")
+        return incidents
+
     def _create_volume(self) -> None:
         from replicator.client import AlreadyExists, Client
 
@@ -190,7 +224,8 @@ class ReplicatorDriver:
         self.clients = [AsyncClient(order, retry=retry) for order in orders]
         self.bucket = str(options.get("bucket", BUCKET))
         self._assigned: weakref.WeakKeyDictionary[asyncio.Task[Any], Any] = weakref.WeakKeyDictionary()
-        self._next = worker  # worker w's first coroutine starts at site w % 2
+        self.worker = worker
+        self._next = worker
 
     def _client(self) -> Any:
         task = asyncio.current_task()
@@ -198,8 +233,15 @@ class ReplicatorDriver:
             return self.clients[0]
         client = self._assigned.get(task)
         if client is None:
-            client = self.clients[self._next % len(self.clients)]
-            self._next += 1
+            # The load generator names its coroutines "bench-client-<n>": coroutine n of worker w starts
+            # at site (w + n) % 2, so every worker alternates and c=1 always starts at a. Other tasks
+            # (the prefill) take turns.
+            name = task.get_name()
+            if name.startswith(CLIENT_TASK_PREFIX) and name[len(CLIENT_TASK_PREFIX):].isdigit():
+                slot = self.worker + int(name[len(CLIENT_TASK_PREFIX):])
+            else:
+                slot, self._next = self._next, self._next + 1
+            client = self.clients[slot % len(self.clients)]
             self._assigned[task] = client
         return client
 

@@ -372,6 +372,8 @@ def comparison_table(results: Mapping[str, Any], op: str, value_size: int) -> st
                 cells.append("failed")
             else:
                 errors = f" ⚠ {run['errors']} errors" if run.get("errors") else ""
+                if run.get("incidents"):
+                    errors += f" ⚠ {len(run['incidents'])} role changes"
                 cells.append(
                     f"{_fmt(_throughput(run, op))} ({_fmt(_p(run, 'p50'))} / {_fmt(_p(run, 'p99'))}){errors}"
                 )
@@ -400,7 +402,7 @@ def runs_table(results: Mapping[str, Any]) -> str:
         if run["status"] != "ok":
             lines.append(
                 f"| {run['series']} | {run['op']} | {_size(run['value_size'])} | {run['concurrency']} | "
-                f"| failed: {run.get('message', '')[:200]} |" + " |" * (len(header) - 6)
+                f"| failed: {run.get('message', '')[:200].replace('|', '/')} |" + " |" * (len(header) - 6)
             )
             continue
         shares = ", ".join(f"{s:.2f}" for s in run.get("loadgen_cpu_share", []))
@@ -408,6 +410,11 @@ def runs_table(results: Mapping[str, Any]) -> str:
         errors = str(run.get("errors", 0))
         if run.get("error_messages"):
             errors += ": " + "; ".join(run["error_messages"])[:300]
+        if run.get("incidents"):
+            errors += f"; role changes during the run: {'; '.join(run['incidents'][:4])}"[:400]
+        if run.get("readiness", "ready") != "ready":
+            errors += f"; before the run: {run['readiness']}"[:300]
+        errors = errors.replace("|", "/")
         load = run.get("load_avg")
         lines.append(
             "| " + " | ".join([
@@ -423,8 +430,11 @@ def runs_table(results: Mapping[str, Any]) -> str:
 def _systems_table(results: Mapping[str, Any]) -> str:
     lines = ["| system | status | version | notes |", "|---|---|---|---|"]
     for name, info in results.get("systems", {}).items():
-        notes = info.get("message") or info.get("settings") or ""
-        notes = str(notes).replace("\n", " ").replace("|", "/")[:300]
+        notes = str(info.get("message") or info.get("settings") or "")[:300]
+        if info.get("restarts"):
+            notes += f" **restarted {len(info['restarts'])}×** (it did not return to its measured state; logs in " \
+                     f"{', '.join(str(r.get('logs')) for r in info['restarts'])})"
+        notes = notes.replace("\n", " ").replace("|", "/")
         lines.append(f"| {name} | {info.get('status', '?')} | {info.get('version') or '–'} | {notes} |")
     return "\n".join(lines)
 
