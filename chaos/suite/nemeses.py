@@ -396,7 +396,7 @@ class ResyncCrash(Nemesis):
         self.kill_after_ms = round(rng.uniform(0, 200))
         # Kill the source as it starts the resync, or just as the witness moved the pair back to SYNC
         # (the target, on its slow disk, has not made the end of the resync durable yet).
-        self.trigger = rng.choice(("RESYNC_SOURCE", "SYNC"))
+        self.trigger = rng.choice(("RESYNC_SOURCE", "SYNC", "SYNC"))
         if self.trigger == "SYNC":
             self.kill_after_ms = 0
         self.detail.update(source=self.source, trigger=self.trigger, kill_source_after_ms=self.kill_after_ms)

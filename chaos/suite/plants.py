@@ -27,6 +27,7 @@ class Aim:
     nemeses: tuple[str, ...]  # run each alone, in order
     why: str
     workload: dict[str, Any] = field(default_factory=dict)  # WorkloadConfig changes
+    per_nemesis_s: float | None = None  # longer than the default when one episode rarely hits the window
 
 
 AIMED: dict[str, Aim] = {
@@ -56,6 +57,7 @@ AIMED: dict[str, Aim] = {
         ("resync-crash",),
         "a resync target drops log records the source committed without reporting their keys",
         COLD,
+        per_nemesis_s=60.0,
     ),
 }
 
@@ -94,7 +96,7 @@ def run_plant(
             out=out / f"{plant}-{attempt_seed}",
             seed=attempt_seed,
             nemeses=list(aim.nemeses),
-            per_nemesis_s=per_nemesis_s,
+            per_nemesis_s=max(per_nemesis_s, aim.per_nemesis_s or 0.0),
             plant=plant,
             liveness_bound_s=30.0,  # a plant may break liveness too: don't wait a minute for it
             workload=WorkloadConfig(clients_per_site=3, keys=8, seed=attempt_seed, **aim.workload),
