@@ -134,6 +134,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.last_received = 0.0
         self.last_sent = 0.0
         self.handshake_timer: asyncio.TimerHandle | None = None
+        self.outgoing: list[bytes | bytearray | memoryview] = []  # written, not yet handed to the transport
+        self.flush_scheduled = False
+        self.closing = False  # dropped gracefully: what was written still goes out before the close
 
     # asyncio.BufferedProtocol
 
@@ -166,10 +169,29 @@ class _Connection(asyncio.BufferedProtocol):
         self.link._drop(self, f"connection lost: {error!r}" if error else "connection closed by the peer")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue `data`; everything written during one turn of the loop goes out in one writev.
+        (One write per frame cost a system call and a loopback wake-up per frame: at 32 writes in
+        flight the link sent 4-6 small frames per write.)"""
         assert self.transport is not None
-        self.transport.write(data)
+        self.outgoing.append(data)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.link._loop.call_soon(self.flush)
         self.last_sent = self.link._loop.time()
         self.link.stats.bytes_sent += len(data)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        outgoing = self.outgoing
+        if not outgoing or self.transport is None:
+            return
+        self.outgoing = []
+        if self.dropped and not self.closing:
+            return  # aborted: nothing more goes out
+        if len(outgoing) == 1:
+            self.transport.write(outgoing[0])
+        else:
+            self.transport.writelines(outgoing)
 
 
 class Link:
@@ -410,6 +432,8 @@ class Link:
         self._connections.discard(connection)
         if connection.transport is not None:
             if graceful:
+                connection.closing = True
+                connection.flush()
                 connection.transport.close()
             else:
                 connection.transport.abort()
