@@ -17,6 +17,7 @@ import asyncio
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ TICK_S = 0.01
 RESYNC_FRAME_HEADROOM_BYTES = 64 * 1024
 RESYNC_ENTRY_OVERHEAD_BYTES = 64
 CLEAR_PAGE_KEYS = 10_000
+RECORD_OVERHEAD_BYTES = 128  # a record's header in a RECORDS frame, rounded up
 
 
 def encode_meta(value: int | bytes | str) -> bytes:
@@ -88,6 +90,12 @@ def _entry_bytes(version: Versioned) -> int:
     return len(version.key) + (len(version.value) if version.value is not None else 0) + RESYNC_ENTRY_OVERHEAD_BYTES
 
 
+def _record_bytes(record: Record) -> int:
+    return RECORD_OVERHEAD_BYTES + len(record.request_id) + sum(
+        len(op.key) + (len(op.value) if op.value is not None else 0) + 8 for op in record.operations
+    )
+
+
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
@@ -103,6 +111,12 @@ class SiteDaemon:
         self.peer = section.peer_name
         self.site_name = section.name  # SiteBackend
         self.handles: dict[int, asyncio.Future[Any]] = {}
+        self.outbox: msg.ShipRecords | None = None  # records of this turn of the loop, not yet encoded
+        self.outbox_bytes = 0
+        self.outbox_bytes_max = max(section.frame_size_bytes_max // 4, 1)
+        self.outbox_scheduled = False
+        self.unsynced: deque[tuple[int, int]] = deque()  # (store sequence, persist id) not yet durable
+        self.durability_follower: asyncio.Task[None] | None = None
         self.next_handle = 1
         self.metrics = Registry()
         self.m_role = self.metrics.gauge("replicator_role", "1 for the site's current role", ["role"])
@@ -264,9 +278,9 @@ class SiteDaemon:
             if isinstance(action, ev.Persist):
                 self._persist(action)
             elif isinstance(action, ev.SendToPeer):
-                for frame in self.encoder.encode(action.message):
-                    self.send_queue.put_nowait(frame)
+                self._send_to_peer(action.message)
             elif isinstance(action, ev.DropPeerConnection):
+                self._flush_outbox()
                 log("peer_drop", reason=action.reason)
                 if self.link is not None:
                     self.link.reset(action.reason)
@@ -310,6 +324,38 @@ class SiteDaemon:
                 log("stopping", level="error", reason=action.reason)
                 self.stopped.set()
 
+    def _send_to_peer(self, message: msg.PeerMessage) -> None:
+        """Hand a core message to the link sender, in order. The records of the writes started in
+        one turn of the loop go out as one RECORDS frame (one ShipRecords for the peer's core: one
+        persist and one ack there), up to OUTBOX_BYTES_MAX; any other message sends them first."""
+        if isinstance(message, msg.ShipRecords) and not message.reconcile:
+            size = sum(_record_bytes(record) for record in message.records)
+            held = self.outbox
+            if held is not None and (held.epoch != message.epoch or self.outbox_bytes + size > self.outbox_bytes_max):
+                self._flush_outbox()
+                held = None
+            if held is None:
+                self.outbox = message
+                self.outbox_bytes = size
+                if not self.outbox_scheduled:
+                    self.outbox_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._flush_outbox)
+            else:
+                self.outbox = msg.ShipRecords(held.epoch, held.records + message.records)
+                self.outbox_bytes += size
+            return
+        self._flush_outbox()
+        for frame in self.encoder.encode(message):
+            self.send_queue.put_nowait(frame)
+
+    def _flush_outbox(self) -> None:
+        self.outbox_scheduled = False
+        held = self.outbox
+        if held is not None:
+            self.outbox = None
+            for frame in self.encoder.encode(held):
+                self.send_queue.put_nowait(frame)
+
     def _persist(self, persist: ev.Persist) -> None:
         batch = self.store.batch()
         if persist.clear_data:
@@ -342,16 +388,30 @@ class SiteDaemon:
         except StorageFailed as error:
             self.step(ev.PersistFailed(str(error)))
             return
-        persist_id = persist.persist_id
-        asyncio.get_running_loop().create_task(self._durable(sequence, persist_id))
+        self.unsynced.append((sequence, persist.persist_id))
+        if self.durability_follower is None:
+            self.durability_follower = asyncio.get_running_loop().create_task(self._follow_durability())
 
-    async def _durable(self, sequence: int, persist_id: int) -> None:
+    async def _follow_durability(self) -> None:
+        """Report `Persisted` for the highest persist id made durable by each sync (one step per
+        sync, not one per persist: events.py rule 2), while persists wait for their sync."""
+        unsynced = self.unsynced
         try:
-            await self.committer.wait_durable(sequence)
-        except StorageFailed as error:
-            self.step(ev.PersistFailed(str(error)))
-            return
-        self.step(ev.Persisted(persist_id))
+            while unsynced:
+                try:
+                    await self.committer.wait_durable(unsynced[0][0])
+                except StorageFailed as error:
+                    unsynced.clear()
+                    self.step(ev.PersistFailed(str(error)))
+                    return
+                durable = self.store.durable_sequence
+                persist_id = 0
+                while unsynced and unsynced[0][0] <= durable:
+                    persist_id = unsynced.popleft()[1]
+                if persist_id:
+                    self.step(ev.Persisted(persist_id))
+        finally:
+            self.durability_follower = None
 
     def _load_resync(self, action: ev.LoadResyncBatch) -> None:
         """Load a resync batch, as much of it as fits in one link frame (at least one entry)."""
@@ -407,6 +467,7 @@ class SiteDaemon:
 
     # ------------------------------------------------------------ link
     def _on_link_state(self, event: Any) -> None:
+        self._flush_outbox()  # what the core sent before goes first, as if already queued
         if isinstance(event, LinkUp):
             self.decoder.reset()
             log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
