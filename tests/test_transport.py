@@ -75,6 +75,7 @@ class Site:
         pair_id: str = "pair-1",
         limits: LinkLimits = FAST,
         tls: TlsConfig | None = None,
+        resume: bool = True,
     ) -> None:
         self.records: list[Record] = []
         self.frames: list[framing.Frame] = []
@@ -91,6 +92,7 @@ class Site:
             on_state=self.events.append,
             limits=limits,
             tls=tls,
+            resume=resume,
         )
 
     def _on_frame(self, frame: framing.Frame) -> None:
@@ -297,6 +299,34 @@ def test_silence_drops_the_connection_and_the_link_heals():
         await eventually(lambda: len(dialer.ups) >= 2 and acceptor.link.up, "reconnection")
         await dialer.send_records(make_records("a", 1, 3))
         await eventually(lambda: len(acceptor.records) == 3, "records after healing")
+        await close_all(dialer, acceptor, proxy)
+
+    run(scenario)
+
+
+def test_without_resume_every_connection_is_a_new_session():
+    """The site daemon's setting: what the old connection did not deliver is dropped, not resent
+    into the next session (its core starts over with Hello); numbering restarts at 1."""
+
+    async def scenario():
+        dialer, acceptor, proxy = await pair(proxy_between=True, resume=False)
+        await dialer.link.wait_up()
+        await dialer.send_records(make_records("a", 1, 10))
+        await eventually(lambda: len(acceptor.records) == 10, "first records")
+        proxy.set_blackhole(True, UP)
+        for first in range(11, 51, 10):
+            await dialer.send_records(make_records("a", first, 10))
+        await eventually(lambda: proxy.stats.bytes_blackholed > 0, "bytes to be lost")
+        proxy.cut()
+        proxy.heal()
+        await eventually(lambda: len(dialer.ups) >= 2 and len(acceptor.ups) >= 2, "a new session")
+        up = dialer.ups[-1]
+        assert not up.peer_restarted and up.frames_resent == 0 and up.frames_dropped >= 1
+        assert dialer.link.stats.frames_resent == 0 and dialer.link.unacknowledged_bytes == 0
+        await dialer.send_records(make_records("a", 51, 5))
+        await eventually(lambda: len(acceptor.records) == 15, "records of the new session")
+        assert acceptor.records == make_records("a", 1, 10) + make_records("a", 51, 5)
+        assert acceptor.frames[-1].link_seq <= 5
         await close_all(dialer, acceptor, proxy)
 
     run(scenario)

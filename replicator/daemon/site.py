@@ -138,7 +138,9 @@ class SiteDaemon:
         self.metrics.add_collector(self._collect)
         self.witness_reachable = False
         self.stopped = asyncio.Event()
-        self.send_queue: asyncio.Queue[bytearray | None] = asyncio.Queue()
+        # Frames for the peer, each with the link session it was made for (see _on_link_state).
+        self.send_queue: asyncio.Queue[tuple[int, bytearray] | None] = asyncio.Queue()
+        self.link_session = 0
         self.encoder = Encoder(self.name)
         self.decoder = Decoder(section.pair_id, self.peer)
         self.tasks: list[asyncio.Task[Any]] = []
@@ -212,6 +214,7 @@ class SiteDaemon:
                 reconnect_backoff_ms_max=section.reconnect_backoff_ms_max,
             ),
             tls=link_tls,
+            resume=False,  # every connection is a new session for the core: old frames would be stale
         )
         self._execute(self.core.start(self._mono_ms(), self._wall_ms()))
         await self.link.start()
@@ -346,7 +349,7 @@ class SiteDaemon:
             return
         self._flush_outbox()
         for frame in self.encoder.encode(message):
-            self.send_queue.put_nowait(frame)
+            self.send_queue.put_nowait((self.link_session, frame))
 
     def _flush_outbox(self) -> None:
         self.outbox_scheduled = False
@@ -354,7 +357,7 @@ class SiteDaemon:
         if held is not None:
             self.outbox = None
             for frame in self.encoder.encode(held):
-                self.send_queue.put_nowait(frame)
+                self.send_queue.put_nowait((self.link_session, frame))
 
     def _persist(self, persist: ev.Persist) -> None:
         batch = self.store.batch()
@@ -386,7 +389,9 @@ class SiteDaemon:
         try:
             sequence = self.committer.write_now(batch)
         except StorageFailed as error:
-            self.step(ev.PersistFailed(str(error)))
+            # Not from inside this step's actions: the rest of them go out first, in order (a commit
+            # decided before the failure is logged before the stop).
+            asyncio.get_running_loop().call_soon(self.step, ev.PersistFailed(str(error)))
             return
         self.unsynced.append((sequence, persist.persist_id))
         if self.durability_follower is None:
@@ -467,7 +472,9 @@ class SiteDaemon:
 
     # ------------------------------------------------------------ link
     def _on_link_state(self, event: Any) -> None:
-        self._flush_outbox()  # what the core sent before goes first, as if already queued
+        self._flush_outbox()  # records held for the connection that just ended: queued, then dropped as stale
+        # Whatever the core queued for the connection that just ended (or for none) is stale from now on.
+        self.link_session += 1
         if isinstance(event, LinkUp):
             self.decoder.reset()
             log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
@@ -490,9 +497,12 @@ class SiteDaemon:
     async def _sender(self) -> None:
         assert self.link is not None
         while True:
-            frame = await self.send_queue.get()
-            if frame is None:
+            item = await self.send_queue.get()
+            if item is None:
                 return
+            session, frame = item
+            if session != self.link_session:
+                continue  # made for a connection that is gone: the core starts over with Hello
             try:
                 await self.link.send(frame)
             except (ValueError, OSError) as error:

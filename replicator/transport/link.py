@@ -23,6 +23,11 @@ to keep a byte stream going across broken connections:
 * The bytes in the resend queue are bounded by `inflight_bytes_max`: `send`
   waits while the window is full (back-pressure toward the writers), in
   first-come order.
+* With `resume=False` every connection is a session of its own: at each
+  handshake the resend queue is dropped and the numbering restarts, as after a
+  peer restart. The site daemon runs its link that way, because its core
+  treats every connection as a new session (Hello, then reconcile or resync)
+  and a frame of the session before would be stale in the next one.
 * A new peer incarnation in HELLO means the peer restarted: the resend queue
   is dropped (the peer lost what it had not persisted; the core runs its own
   recovery), the sequence numbers restart, and LinkUp says so. A Link object
@@ -116,6 +121,7 @@ class LinkStats:
     frames_resent: int = 0
     frames_received: int = 0
     duplicates_dropped: int = 0
+    frames_dropped_stale: int = 0  # without resume: handed over in a session that ended before they went out
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -211,6 +217,7 @@ class Link:
         limits: LinkLimits | None = None,
         tls: TlsConfig | None = None,
         rng: random.Random | None = None,
+        resume: bool = True,
     ) -> None:
         if role not in ("connect", "accept"):
             raise ValueError(f"role: must be 'connect' or 'accept', got {role!r}")
@@ -223,6 +230,8 @@ class Link:
         self.address = address
         self.limits = limits or LinkLimits()
         self.tls = tls
+        self.resume = resume
+        self.sessions = 0  # handshakes that started a new session (each one, without resume)
         self.stats = LinkStats()
         self._hello = hello
         self._on_frame = on_frame
@@ -307,12 +316,16 @@ class Link:
                 connection.write(frame)
                 self.stats.frames_sent += 1
             return
+        sessions = self.sessions
         async with self._send_lock:  # first come, first served when the window is full
             while self._queue and self._unacknowledged_bytes + size > self.limits.inflight_bytes_max:
                 self._space.clear()
                 await self._space.wait()
                 if self._closed:
                     raise LinkClosed("the link is closed")
+            if not self.resume and self.sessions != sessions:
+                self.stats.frames_dropped_stale += 1
+                return  # handed over for a session that ended while it waited: stale in the new one
             seq = self._next_seq
             self._next_seq += 1
             self._queue.append((seq, frame))
@@ -535,9 +548,9 @@ class Link:
         dropped = 0
         if self._peer_incarnation is None:
             self._peer_incarnation = hello.incarnation
-        elif hello.incarnation != self._peer_incarnation:
+        if hello.incarnation != self._peer_incarnation or not self.resume:
             # A new session: what the old peer did not acknowledge is the core's to recover.
-            peer_restarted = True
+            peer_restarted = hello.incarnation != self._peer_incarnation
             dropped = len(self._queue)
             self._queue.clear()
             self._unacknowledged_bytes = 0
@@ -545,8 +558,9 @@ class Link:
             self._received_seq = 0
             self._ack_sent = 0
             self._peer_incarnation = hello.incarnation
+            self.sessions += 1
             self._space.set()
-        resume = hello.resume_seq if hello.resume_incarnation == self._incarnation else 0
+        resume = hello.resume_seq if hello.resume_incarnation == self._incarnation and self.resume else 0
         if resume >= self._next_seq or (self._queue and self._queue[0][0] > resume + 1):
             self._refuse(
                 connection,
