@@ -151,7 +151,7 @@ class Suite:
     def run(self) -> int:
         started = self.started = time.monotonic()
         runs = matrix(self.systems, self.args.quick)
-        total = len(runs) + (1 if "raw" in self.systems else 0)
+        total = len(runs) + (len(self._raw_sizes()) if "raw" in self.systems else 0)
         self.say(
             f"benchmarks.e2e: {len(runs)} load runs over {', '.join(self.systems)}; "
             f"{self.args.warmup:g} s warm-up + {self.args.seconds:g} s each; results in {self.out}"
@@ -161,7 +161,6 @@ class Suite:
             mine = [r for r in runs if r.system == system_name]
             index = self._system_runs(system_name, mine, index, total)
         if "raw" in self.systems:
-            index += 1
             self._raw(index, total)
         if not self.args.no_recovery and "replicator" in self.systems:
             self._recovery()
@@ -336,10 +335,13 @@ class Suite:
         self.say(_progress_line(index, total, run, result) + (f"  ({'; '.join(notes)})" if notes else ""))
         return bool(result.errors or incidents or gone)
 
+    def _raw_sizes(self) -> tuple[int, ...]:
+        return (MIB,) if self.args.quick else BLOCK_SIZES
+
     def _raw(self, index: int, total: int) -> None:
-        sizes = (MIB,) if self.args.quick else BLOCK_SIZES
         seconds = self.args.seconds
-        for value_size in sizes:
+        for value_size in self._raw_sizes():
+            index += 1
             directory = self.work / f"raw-{value_size}"
             shutil.rmtree(directory, ignore_errors=True)
             command = [

@@ -108,6 +108,20 @@ class ReplicatorSystem:
             self.stop()
             raise
 
+    def settings(self) -> str:
+        """The timeouts the sites really run with (replicator.local's demo settings, read back)."""
+        from replicator.config import load_site_config
+
+        try:
+            site = load_site_config(self.directory / "a.toml").site
+        except Exception as error:
+            return f"(cannot read a.toml: {error})"
+        mode = "site a alone (b stopped, a SOLO)" if self.single else "witness + sites a and b"
+        return (
+            f"{mode}, replicator.local demo settings: peer_timeout_ms {site.peer_timeout_ms}, "
+            f"heartbeat_ms {site.heartbeat_ms}, lease_ms {site.lease_ms}; clients do not retry"
+        )
+
     def wait_ready(self, timeout_s: float = STATE_TIMEOUT_S) -> str:
         """Before each run: wait until the system is in its measured state again (both sites SYNC, or a
         SOLO for the single site) and say what was seen. Raises SystemUnavailable after `timeout_s`.
