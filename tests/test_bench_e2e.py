@@ -246,6 +246,7 @@ def test_replicator_driver_spreads_coroutines_over_both_sites() -> None:
 
 
 def test_no_incidents_while_the_pair_is_idle(replicator_pair: ReplicatorSystem) -> None:
+    assert "peer_timeout_ms" in replicator_pair.settings()
     mark = replicator_pair.mark()
     assert set(mark) == {"a", "b", "witness"} and mark["a"] > 0
     assert replicator_pair.incidents_since(mark) == []
