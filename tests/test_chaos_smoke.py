@@ -92,9 +92,10 @@ def test_planted_no_witness_is_caught_as_split_brain(tmp_path: Path) -> None:
 
 def test_planted_drop_dirty_is_caught_at_the_sync_point(tmp_path: Path) -> None:
     """Keys written alone but not marked dirty are not resynced: the sites differ right after the heal
-    (later writes would hide it from the final comparison)."""
+    (later writes would hide it from the final comparison; cold keys, rarely rewritten, keep it)."""
+    workload = WorkloadConfig(clients_per_site=3, keys=6, seed=11, cold_keys=256, cold_fraction=0.5)
     summary = run(
-        _config(tmp_path / "plant", nemeses=["kill"], plant="drop_dirty", liveness_bound_s=20.0),
+        _config(tmp_path / "plant", nemeses=["kill"], plant="drop_dirty", liveness_bound_s=20.0, workload=workload),
         log=lambda line: None,
     )
     verdicts = {c["checker"]: c for c in summary["checks"]}

