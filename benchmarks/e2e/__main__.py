@@ -25,7 +25,7 @@ from benchmarks.e2e.common import DRIVER_MODULES, SystemUnavailable
 from benchmarks.e2e.loadgen import LoadGenError, run_load
 from benchmarks.e2e.replicator_system import ReplicatorSingleSystem, ReplicatorSystem
 
-KIB, MIB = 1024, 1024 * 1024
+KIB, MIB, GIB = 1024, 1024 * 1024, 1 << 30
 RESULTS_ROOT = Path(__file__).resolve().parents[1] / "results"
 SYSTEMS = ("replicator", "replicator-single", "etcd", "redis", "raw")
 OBJECT_SIZES = (1 * KIB, 4 * KIB, 64 * KIB)
@@ -382,10 +382,9 @@ class Suite:
             return
         module = importlib.import_module("benchmarks.e2e.recovery")
         kills = 2 if self.args.quick else 5
-        resync_bytes = (8 if self.args.quick else 256) * MIB
-        # 32 KiB values: a resync batch of 1 MiB values is larger than the link's largest frame and
-        # stalls (recovery.py warns about it; tests/test_bench_recovery.py has it as an xfail).
-        resync_value = 32 * KIB
+        # The measure: 1 GiB changed while a site was away, in 1 MiB values (8 MiB of 32 KiB with --quick).
+        resync_bytes = 8 * MIB if self.args.quick else GIB
+        resync_value = 32 * KIB if self.args.quick else MIB
         measurements: list[tuple[str, Callable[[Path], dict[str, Any]]]] = [
             ("failover", lambda d: module.measure_failover(d, kills=kills, progress=self._recovery_progress)),
             ("resync", lambda d: module.measure_resync(d, resync_bytes, resync_value, progress=self._recovery_progress)),
