@@ -40,6 +40,8 @@ def _hold(text: str) -> tuple[float, float]:
 
 def _rerun(args: argparse.Namespace, seed: int) -> str:
     parts = ["python", "-m", "chaos", "run", "--seed", str(seed), "--out", args.out]
+    for text in args.site_setting:
+        parts += ["--site-setting", text]
     for option in ("nemeses", "mix_nemeses", "hold", "plant", "plant_sites"):
         value = getattr(args, option)
         if value:
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--clients", type=int, default=None, help="clients per site (3)")
     one.add_argument("--keys", type=int, default=None, help="key space size (8)")
     one.add_argument("--liveness-bound", type=float, default=None, help="seconds to be SYNC again after a heal (60)")
+    one.add_argument("--site-setting", action="append", default=[], metavar="SITE.NAME=INT",
+                     help="a [site] setting for one site, e.g. b.peer_timeout_ms=3000 (repeatable)")
     one.add_argument("--no-client-proxies", action="store_true",
                      help="clients talk to the sites directly (the client-link proxies carry no traffic)")
     plants = commands.add_parser(
@@ -130,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         clients_per_site=args.clients or 3, keys=args.keys or 8, seed=seed
     )
     config.client_proxies = not args.no_client_proxies
+    for text in args.site_setting:
+        target, _, value = text.partition("=")
+        site, _, name = target.partition(".")
+        if site not in ("a", "b") or not name or not value.lstrip("-").isdigit():
+            raise SystemExit(f"chaos: --site-setting wants SITE.NAME=INT with SITE a or b, got {text!r}")
+        config.site_overrides.setdefault(site, {})[name] = int(value)
     if args.liveness_bound is not None:
         config.liveness_bound_s = args.liveness_bound
     config.command = _rerun(args, seed)

@@ -82,12 +82,15 @@ class Deployment:
         plant: str = "",
         plant_sites: Iterable[str] = SITES,
         clock: Callable[[], int] = time.monotonic_ns,
+        site_overrides: dict[str, dict[str, int]] | None = None,
     ) -> None:
         self.directory = Path(directory).resolve()
         self.seed = seed
         self.plant = plant
         self.plant_sites = tuple(plant_sites) if plant else ()
         self.clock = clock
+        # [site] settings that differ from the launcher's, per site (e.g. asymmetric timeouts).
+        self.site_overrides = site_overrides or {}
         # wall clock (logs) -> the run's monotonic clock (history)
         self.wall_offset_ns = time.time_ns() - clock()
         self.cluster = ChaosCluster(
@@ -141,6 +144,10 @@ class Deployment:
                 text = re.sub(r'(?m)^peer_address = "[^"]*"', f'peer_address = "{self.hub.address("site")}"', text)
             text = re.sub(r'(?m)^address = "[^"]*"', f'address = "{self.hub.address(f"witness-{site}")}"', text)
             text = re.sub(r"(?ms)^\[chaos\].*?(?=^\[|\Z)", "", text)
+            for name, value in self.site_overrides.get(site, {}).items():
+                text, count = re.subn(rf"(?m)^{re.escape(name)} = .*$", f"{name} = {int(value)}", text, count=1)
+                if count != 1:
+                    raise HarnessError(f"site {site}: no setting {name!r} in {path} to override")
             text = text.rstrip("\n") + "\n\n[chaos]\nlog_commits = true\n"  # split-brain rule 3
             if site in self.plant_sites:
                 text += f'test_plant = "{self.plant}"\n'

@@ -28,6 +28,7 @@ class Aim:
     why: str
     workload: dict[str, Any] = field(default_factory=dict)  # WorkloadConfig changes
     per_nemesis_s: float | None = None  # longer than the default when one episode rarely hits the window
+    sites: dict[str, dict[str, int]] = field(default_factory=dict)  # [site] settings per site
 
 
 AIMED: dict[str, Aim] = {
@@ -43,10 +44,11 @@ AIMED: dict[str, Aim] = {
         {**READERS, "home_keys": True},
     ),
     "no_read_lease": Aim(
-        ("pause",),
-        "a site resumed from a pause answers the reads queued meanwhile before its timers notice the lease ran out",
-        {"readers_per_site": 6, "home_keys": True},  # many queued reads: one of them may go before the timers
-        per_nemesis_s=60.0,
+        ("partition-blackhole",),
+        "with asymmetric timeouts (b: peer_timeout_ms 3000, a: 500) b stays SYNC without a peer long after "
+        "its lease ran out, while a, granted, goes on alone once the lease it gave b is over",
+        {**READERS, "home_keys": True},
+        sites={"b": {"peer_timeout_ms": 3000}},
     ),
     "no_read_gate": Aim(("link-delay",), "a delayed commit notice leaves a prepared key readable at the peer", READERS),
     "rejoin_without_resync": Aim(("kill",), "the returning site keeps the values it missed", COLD),
@@ -99,6 +101,7 @@ def run_plant(
             nemeses=list(aim.nemeses),
             per_nemesis_s=max(per_nemesis_s, aim.per_nemesis_s or 0.0),
             plant=plant,
+            site_overrides=aim.sites,
             liveness_bound_s=30.0,  # a plant may break liveness too: don't wait a minute for it
             workload=WorkloadConfig(clients_per_site=3, keys=8, seed=attempt_seed, **aim.workload),
         )

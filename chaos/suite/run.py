@@ -39,6 +39,7 @@ class RunConfig:
     liveness_bound_s: float = 60.0
     plant: str = ""
     plant_sites: tuple[str, ...] = SITES
+    site_overrides: dict[str, dict[str, int]] = field(default_factory=dict)  # [site] settings per site
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     client_proxies: bool = True  # False: clients talk to the sites directly (no client-link faults)
     command: str = ""  # how to run it again (printed on failure)
@@ -193,6 +194,7 @@ class Runner:
         started = time.monotonic()
         finals: dict[str, dict[str, Any]] | None = None
         d = Deployment(out / "deploy", seed=config.seed, plant=config.plant, plant_sites=config.plant_sites,
+                       site_overrides=config.site_overrides,
                        clock=self.clock)
         self.deployment = d
         run_start = self.clock()
@@ -379,6 +381,8 @@ def default_command(config: RunConfig) -> str:
     parts.append(f"--liveness-bound {config.liveness_bound_s:g}")
     if config.plant:
         parts.append(f"--plant {config.plant} --plant-sites {','.join(config.plant_sites)}")
+    for site, settings in sorted(config.site_overrides.items()):
+        parts += [f"--site-setting {site}.{name}={value}" for name, value in sorted(settings.items())]
     return " ".join(parts)
 
 
