@@ -300,7 +300,31 @@ def _endpoint_address(endpoint: str) -> tuple[str, int]:
 # etcd
 
 
-class EtcdCluster:
+class _ServerSystem:
+    """What the baseline systems share: where they live, how they start, the processes they run."""
+
+    START_TIMEOUT_S = 60.0
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        install: bool = True,
+        binary: str | None = None,
+        start_timeout_s: float | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.directory = Path(directory)
+        self._extra_args = list(extra_args)  # appended to every server's command line
+        self._install = install
+        self._binary = binary
+        self._start_timeout_s = self.START_TIMEOUT_S if start_timeout_s is None else start_timeout_s
+        self._processes = _Processes()
+        self._ports: list[int] = []  # the ports the clients use
+        self._version = "unknown"
+
+
+class EtcdCluster(_ServerSystem):
     """A 3-member etcd cluster on 127.0.0.1: real processes, data and logs under `directory`.
 
     etcd's defaults otherwise, among them: fsync on every commit, requests up to 1.5 MiB
@@ -310,24 +334,6 @@ class EtcdCluster:
 
     name = "etcd"
     MEMBERS = 3
-
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        install: bool = True,
-        binary: str | None = None,
-        start_timeout_s: float = 60.0,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        self.directory = Path(directory)
-        self._extra_args = list(extra_args)  # appended to every server's command line
-        self._install = install
-        self._binary = binary
-        self._start_timeout_s = start_timeout_s
-        self._processes = _Processes()
-        self._client_ports: list[int] = []
-        self._version = "unknown"
 
     def start(self) -> None:
         if self._processes.running:
@@ -376,7 +382,7 @@ class EtcdCluster:
                 *self._extra_args,
             ]  # fmt: skip
             self._processes.launch(name, command, self.directory / f"{name}.log", env)
-        self._client_ports = client_ports
+        self._ports = client_ports
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
@@ -407,7 +413,7 @@ class EtcdCluster:
         )
 
     def _endpoints(self) -> tuple[str, ...]:
-        return tuple(f"{HOST}:{port}" for port in self._client_ports)
+        return tuple(f"{HOST}:{port}" for port in self._ports)
 
     def stop(self) -> None:
         self._processes.stop()
@@ -522,28 +528,11 @@ class EtcdDriver:
 # Redis
 
 
-class RedisPair:
+class RedisPair(_ServerSystem):
     """A Redis primary and one replica on 127.0.0.1, appendfsync always on both."""
 
     name = "redis"
-
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        install: bool = True,
-        binary: str | None = None,
-        start_timeout_s: float = 30.0,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        self.directory = Path(directory)
-        self._extra_args = list(extra_args)  # appended to every server's command line
-        self._install = install
-        self._binary = binary
-        self._start_timeout_s = start_timeout_s
-        self._processes = _Processes()
-        self._ports: list[int] = []
-        self._version = "unknown"
+    START_TIMEOUT_S = 30.0
 
     def start(self) -> None:
         if self._processes.running:
