@@ -303,6 +303,9 @@ def _endpoint_address(endpoint: str) -> tuple[str, int]:
 class _ServerSystem:
     """What the baseline systems share: where they live, how they start, the processes they run."""
 
+    name = "?"
+    COMMAND = "?"  # the server binary
+    PACKAGE = "?"  # the Debian package that has it
     START_TIMEOUT_S = 60.0
 
     def __init__(
@@ -323,24 +326,21 @@ class _ServerSystem:
         self._ports: list[int] = []  # the ports the clients use
         self._version = "unknown"
 
+    def _before_start(self) -> None:
+        """Checks before anything is installed or started (none by default)."""
 
-class EtcdCluster(_ServerSystem):
-    """A 3-member etcd cluster on 127.0.0.1: real processes, data and logs under `directory`.
-
-    etcd's defaults otherwise, among them: fsync on every commit, requests up to 1.5 MiB
-    (--max-request-bytes) and a 2 GiB backend quota (--quota-backend-bytes; past it etcd refuses
-    writes with "database space exceeded", so long runs of large values need extra_args).
-    """
-
-    name = "etcd"
-    MEMBERS = 3
+    def _start_once(self, binary: str) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
         if self._processes.running:
-            raise RuntimeError("etcd: already started")
-        binary = self._binary or (ensure_installed("etcd") if self._install else find_binary("etcd"))
+            raise RuntimeError(f"{self.name}: already started")
+        self._before_start()
+        binary = self._binary or (ensure_installed(self.name) if self._install else find_binary(self.name))
         if binary is None:
-            raise SystemUnavailable("etcd: `etcd` is not installed; install it by hand: apt-get install -y etcd-server")
+            raise SystemUnavailable(
+                f"{self.name}: `{self.COMMAND}` is not installed; install it by hand: apt-get install -y {self.PACKAGE}"
+            )
         self._version = binary_version(binary)
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
@@ -355,6 +355,20 @@ class EtcdCluster(_ServerSystem):
         except BaseException:
             self._processes.stop()
             raise
+
+
+class EtcdCluster(_ServerSystem):
+    """A 3-member etcd cluster on 127.0.0.1: real processes, data and logs under `directory`.
+
+    etcd's defaults otherwise, among them: fsync on every commit, requests up to 1.5 MiB
+    (--max-request-bytes) and a 2 GiB backend quota (--quota-backend-bytes; past it etcd refuses
+    writes with "database space exceeded", so long runs of large values need extra_args).
+    """
+
+    name = "etcd"
+    COMMAND = "etcd"
+    PACKAGE = "etcd-server"
+    MEMBERS = 3
 
     def _start_once(self, binary: str) -> None:
         ports = free_ports(2 * self.MEMBERS, HOST)
@@ -532,29 +546,12 @@ class RedisPair(_ServerSystem):
     """A Redis primary and one replica on 127.0.0.1, appendfsync always on both."""
 
     name = "redis"
+    COMMAND = "redis-server"
+    PACKAGE = "redis-server"
     START_TIMEOUT_S = 30.0
 
-    def start(self) -> None:
-        if self._processes.running:
-            raise RuntimeError("redis: already started")
+    def _before_start(self) -> None:
         _redis_module()  # the driver's library first: no point starting servers nobody can talk to
-        binary = self._binary or (ensure_installed("redis") if self._install else find_binary("redis"))
-        if binary is None:
-            raise SystemUnavailable("redis: `redis-server` is not installed; install it by hand: apt-get install -y redis-server")
-        self._version = binary_version(binary)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        try:
-            for attempt in (1, 2):  # a second try with new ports: another process may take a free port first
-                try:
-                    self._start_once(binary)
-                    return
-                except SystemUnavailable:
-                    self._processes.stop()
-                    if attempt == 2:
-                        raise
-        except BaseException:
-            self._processes.stop()
-            raise
 
     def _start_once(self, binary: str) -> None:
         primary_port, replica_port = free_ports(2, HOST)

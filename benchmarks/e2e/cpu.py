@@ -21,8 +21,8 @@ from collections.abc import Mapping
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of `pid` (all its threads) in seconds, or None if it cannot be read."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on, or None if it cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             raw = handle.read().decode(errors="replace")
@@ -30,27 +30,26 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     # The command name (field 2) is in parentheses and may contain spaces or parentheses itself:
     # the fields after it start after the LAST ')'.
-    fields = raw[raw.rfind(")") + 2 :].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def _ticks_seconds(pid: int, first: int, second: int) -> float | None:
+    """The sum of two clock-tick fields of /proc/<pid>/stat (1-based field numbers), in seconds."""
+    fields = _stat_fields(pid)
     try:
-        utime, stime = int(fields[11]), int(fields[12])
+        return (int(fields[first - 3]) + int(fields[second - 3])) / CLOCK_TICKS if fields is not None else None
     except (IndexError, ValueError):
         return None
-    return (utime + stime) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of `pid` (all its threads) in seconds, or None if it cannot be read."""
+    return _ticks_seconds(pid, 14, 15)
 
 
 def children_cpu_seconds(pid: int) -> float | None:
     """cutime + cstime: CPU of `pid`'s children that have exited and been waited for (fields 16, 17)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    try:
-        return (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
-    except (IndexError, ValueError):
-        return None
+    return _ticks_seconds(pid, 16, 17)
 
 
 class CpuSampler:
