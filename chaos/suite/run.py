@@ -290,37 +290,24 @@ class Runner:
         verdicts: list[Verdict] = []
         if history is not None:
             verdicts = analysis.run_checkers(history, finals, events)
-        liveness = Verdict(
-            checker="liveness",
-            status="violation" if self.liveness else "ok",
-            message=(
-                "; ".join(str(x["error"]) for x in self.liveness)
-                if self.liveness
-                else f"the pair was back in SYNC within {self.config.liveness_bound_s:.0f} s after every heal"
-            ),
-            details={"failures": self.liveness},
+        checked = sum(1 for e in self.episodes if str(e.get("sync_point", "")).startswith("sites identical"))
+        sync_points = _verdict(
+            "convergence_at_sync_points",
+            f"the sites differed at {len(self.divergences)} sync point(s) after a heal" if self.divergences else "",
+            f"the sites were identical at every sync point checked ({checked} of {len(self.episodes)})",
+            {"divergences": self.divergences},
         )
-        exits = Verdict(
-            checker="process_exits",
-            status="violation" if d.unexpected_exits else "ok",
-            message=(
-                f"{len(d.unexpected_exits)} process exit(s) no nemesis caused"
-                if d.unexpected_exits
-                else "no process exited unless a nemesis made it"
-            ),
-            details={"exits": d.unexpected_exits},
+        liveness = _verdict(
+            "liveness",
+            "; ".join(str(x["error"]) for x in self.liveness),
+            f"the pair was back in SYNC within {self.config.liveness_bound_s:.0f} s after every heal",
+            {"failures": self.liveness},
         )
-        sync_points = Verdict(
-            checker="convergence_at_sync_points",
-            status="violation" if self.divergences else "ok",
-            message=(
-                f"the sites differed at {len(self.divergences)} sync point(s) after a heal"
-                if self.divergences
-                else f"the sites were identical at every sync point checked "
-                f"({sum(1 for e in self.episodes if str(e.get('sync_point', '')).startswith('sites identical'))}"
-                f" of {len(self.episodes)})"
-            ),
-            details={"divergences": self.divergences},
+        exits = _verdict(
+            "process_exits",
+            f"{len(d.unexpected_exits)} process exit(s) no nemesis caused" if d.unexpected_exits else "",
+            "no process exited unless a nemesis made it",
+            {"exits": d.unexpected_exits},
         )
         verdicts += [sync_points, liveness, exits]
         for episode in self.episodes:
@@ -366,6 +353,12 @@ class Runner:
         }
         report.write(out, summary, history, finals, events, samples, d)
         return summary
+
+
+def _verdict(checker: str, violation: str, ok: str, details: dict[str, Any]) -> Verdict:
+    """A verdict of the run itself: a violation when `violation` says what went wrong, else ok."""
+    return Verdict(checker=checker, status="violation" if violation else "ok", message=violation or ok,
+                   details=details)
 
 
 def default_command(config: RunConfig) -> str:
