@@ -28,6 +28,15 @@ from replicator.api.witness import WitnessBackend, WitnessServicer
 from replicator.config import ApiConfig, TlsFiles, parse_address
 from replicator.v1 import admin_pb2_grpc, blocks_pb2_grpc, objects_pb2_grpc, witness_pb2_grpc
 
+# A port belongs to one process (CONVENTIONS.md, "The daemon"): gRPC turns SO_REUSEPORT on by
+# default, which lets a second instance bind the same port and take half of the connections.
+EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+
+
+class ListenError(Exception):
+    """A server cannot listen on its configured address (in use by another process, or not local)."""
+
+
 DATA_SERVICES = ("replicator.v1.ObjectService", "replicator.v1.BlockService")
 ADMIN_SERVICE = "replicator.v1.AdminService"
 WITNESS_SERVICE = "replicator.v1.WitnessService"
@@ -59,11 +68,16 @@ class RunningServer:
 
 def _bind(server: grpc.aio.Server, listen: str, tls: TlsFiles | None) -> tuple[str, int]:
     host, _ = parse_address(listen)
-    if tls is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, server_credentials(tls))
-    assert port > 0, listen  # grpc raises on a failed bind in the versions we support
+    try:
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, server_credentials(tls))
+    except RuntimeError:
+        # grpc says only "Failed to bind"; with SO_REUSEPORT off that is nearly always a taken port.
+        raise ListenError(f"cannot listen on {listen}: the address is in use by another process (or not local)") from None
+    if port <= 0:  # older grpc versions return 0 instead of raising
+        raise ListenError(f"cannot listen on {listen}: the address is in use by another process (or not local)")
     shown_host = f"[{host}]" if ":" in host else host
     return f"{shown_host}:{port}", port
 
@@ -76,6 +90,7 @@ async def start_site_server(
 ) -> RunningServer:
     config = config or ApiConfig()
     options = [
+        EXCLUSIVE_PORT,
         ("grpc.max_receive_message_length", config.message_bytes_max),
         ("grpc.max_send_message_length", config.message_bytes_max),
     ]
@@ -111,7 +126,7 @@ async def _follow_health(health_servicer: health.aio.HealthServicer, backend: Si
 async def start_witness_server(
     backend: WitnessBackend, listen: str = "127.0.0.1:0", tls: TlsFiles | None = None
 ) -> RunningServer:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT])
     witness_pb2_grpc.add_WitnessServiceServicer_to_server(WitnessServicer(backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -25,7 +25,7 @@ from typing import Any
 from replicator import framing
 from replicator.api import errors
 from replicator.api.backend import RangeEntry, SiteStatus, VerifyReport, WriteResult
-from replicator.api.server import start_site_server
+from replicator.api.server import ListenError, start_site_server
 from replicator.api.witness import PairMode, PairState
 from replicator.client.witness import AsyncWitnessClient
 from replicator.config import ConfigError, SiteConfig, load_site_config
@@ -36,6 +36,7 @@ from replicator.core.messages import Role
 from replicator.core.records import Operation, Record, Versioned
 from replicator.core.site import SiteCore
 from replicator.daemon.clock import WallClock
+from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_failure
 from replicator.daemon.logs import configure, log
 from replicator.daemon.metrics import Registry, start_metrics_server
 from replicator.daemon.runner import Shutdown, run
@@ -145,13 +146,16 @@ class SiteDaemon:
         self.decoder = Decoder(section.pair_id, self.peer)
         self.tasks: list[asyncio.Task[Any]] = []
         self.link: Link | None = None
+        self.link_refusals_logged: dict[str, float] = {}
         self.wall_clock = WallClock.from_environment()  # REPLICATOR_CLOCK_FAULTS: the chaos suite's clock jumps
 
     # ------------------------------------------------------------ start-up
     async def start(self) -> None:
         section = self.config.site
         data_dir = Path(section.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # Before the store: a second daemon on this data directory gets one clear line, not RocksDB's error.
+        self.directory_lock = DirectoryLock(data_dir, "replicatord.lock", "site.data_dir")
+        self.directory_lock.acquire()
         # REPLICATOR_STORAGE_FAULTS (a test hook of the chaos suite) is read by the store itself.
         self.store = Store.open(data_dir / "store", StoreOptions(dedup_entries_max=section.dedup_entries_max))
         recovered = self.store.load()
@@ -215,14 +219,21 @@ class SiteDaemon:
             ),
             tls=link_tls,
             resume=False,  # every connection is a new session for the core: old frames would be stale
+            on_refused=self._on_link_refused,
         )
         self._execute(self.core.start(self._mono_ms(), self._wall_ms()))
-        await self.link.start()
+        try:
+            await self.link.start()
+        except OSError as error:
+            raise listen_failure(self.config.listen.link, error) from None
         self.tasks.append(asyncio.create_task(self._sender(), name="link-sender"))
         self.tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
         self.tasks.append(asyncio.create_task(self._probe_witness(), name="witness-probe"))
         self.server = await start_site_server(self, self.config.listen.grpc, self.config.api, self.config.tls.grpc)
-        self.metrics_server = await start_metrics_server(self.metrics, self.config.listen.metrics)
+        try:
+            self.metrics_server = await start_metrics_server(self.metrics, self.config.listen.metrics)
+        except OSError as error:
+            raise listen_failure(self.config.listen.metrics, error) from None
         log(
             "started",
             site=self.name,
@@ -232,6 +243,16 @@ class SiteDaemon:
             metrics=self.metrics_server.address,
             exposed=self.config.exposed_addresses() if hasattr(self.config, "exposed_addresses") else [],
         )
+
+    def _on_link_refused(self, reason: str) -> None:
+        """A link handshake refused by either end: logged, at most once per reason every 10 s."""
+        now = time.monotonic()
+        if now - self.link_refusals_logged.get(reason, -1e9) < 10.0:
+            return
+        if len(self.link_refusals_logged) > 64:
+            self.link_refusals_logged.clear()
+        self.link_refusals_logged[reason] = now
+        log("link_refused", level="error", site=self.name, peer=self.peer, reason=reason)
 
     def _link_incarnation(self) -> int:
         """The link resumes a session when the peer's incarnation is unchanged, so a wiped site
@@ -249,6 +270,34 @@ class SiteDaemon:
         shutdown.add("close servers", self._close_rest, timeout)
         await shutdown.run()
         self.store.close()
+        self.directory_lock.release()
+
+    async def abort_start(self) -> None:
+        """Undo a start-up that failed half-way (best effort: each part may not exist yet)."""
+        for task in self.tasks:
+            task.cancel()
+        parts: list[Callable[[], Any]] = [
+            lambda: self.server.stop(0),
+            lambda: self.metrics_server.stop(),
+            lambda: self.link.close() if self.link is not None else None,
+            lambda: self.committer.close(),
+            lambda: self.witness.close(),
+        ]
+        for part in parts:
+            try:
+                result = part()
+                if asyncio.iscoroutine(result):
+                    await asyncio.wait_for(result, 2.0)
+            except (AttributeError, Exception):  # noqa: PERF203 - each part on its own
+                pass
+        for name in ("store", "directory_lock"):
+            thing = getattr(self, name, None)
+            if thing is not None:
+                closer = thing.release if name == "directory_lock" else thing.close
+                try:
+                    closer()
+                except Exception:  # noqa: BLE001 - best effort on a failed start
+                    pass
 
     async def _drain(self) -> None:
         while any(not future.done() for future in self.handles.values()):
@@ -762,7 +811,13 @@ class SiteDaemon:
 
 async def _main(config: SiteConfig, stop: asyncio.Event) -> int:
     daemon = SiteDaemon(config)
-    await daemon.start()
+    try:
+        await daemon.start()
+    except (StartupError, ListenError, StorageFailed, OSError) as error:
+        # One line, no traceback: a taken port, a data directory in use, a store that cannot open.
+        log("start_failed", level="critical", site=config.site.name, error=str(error))
+        await daemon.abort_start()
+        return 1
     stopped = asyncio.create_task(daemon.stopped.wait())
     signalled = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)

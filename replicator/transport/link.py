@@ -138,6 +138,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.dropped = False
         self.finished: asyncio.Future[None] = link._loop.create_future()
         self.last_received = 0.0
+        self.refused = False  # the peer said GOODBYE_WRONG_PEER
         self.last_sent = 0.0
         self.handshake_timer: asyncio.TimerHandle | None = None
         self.outgoing: list[bytes | bytearray | memoryview] = []  # written, not yet handed to the transport
@@ -218,6 +219,7 @@ class Link:
         tls: TlsConfig | None = None,
         rng: random.Random | None = None,
         resume: bool = True,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         if role not in ("connect", "accept"):
             raise ValueError(f"role: must be 'connect' or 'accept', got {role!r}")
@@ -236,6 +238,8 @@ class Link:
         self._hello = hello
         self._on_frame = on_frame
         self._on_state = on_state
+        # Told why a connection was refused before its handshake ended, by either end (for the log).
+        self._on_refused = on_refused or (lambda reason: None)
         self._rng = rng or random.Random()
         self._loop = asyncio.get_running_loop()
         self._incarnation = hello().incarnation
@@ -385,7 +389,7 @@ class Link:
                 self.stats.handshake_failures += 1
             if connection is not None:
                 await connection.finished
-                if connection.up:
+                if connection.up and not connection.refused:
                     backoff_ms = self.limits.reconnect_backoff_ms_min
             if self._closed:
                 return
@@ -459,6 +463,8 @@ class Link:
 
     def _refuse(self, connection: _Connection, reason_code: int, reason: str) -> None:
         self.stats.handshake_failures += 1
+        if not connection.up:
+            self._on_refused(f"refused a connection: {reason}")
         goodbye = bytearray()
         encode_goodbye(goodbye, self._hello().epoch, reason_code, reason)
         connection.write(goodbye)
@@ -474,6 +480,7 @@ class Link:
             if not connection.up:
                 if frame.type == FrameType.GOODBYE:
                     self.stats.handshake_failures += 1
+                    self._on_refused(f"the peer refused the connection: {frame.body}")
                     self._drop(connection, f"the peer said goodbye: {frame.body}")
                     return
                 if frame.type != FrameType.HELLO:
@@ -485,6 +492,11 @@ class Link:
             if frame.type == FrameType.HELLO:
                 self._refuse(connection, GOODBYE_PROTOCOL_ERROR, "HELLO after the handshake")
                 return
+            if frame.type == FrameType.GOODBYE and getattr(frame.body, "reason", None) == GOODBYE_WRONG_PEER:
+                # The peer refused us after its HELLO went out (a duplicate of a live instance, a wrong
+                # pair): not a session worth resetting the reconnect backoff for.
+                connection.refused = True
+                self._on_refused(f"the peer refused the connection: {getattr(frame.body, 'message', '')}")
             if frame.link_ack and not self._acknowledge(connection, frame.link_ack):
                 return
             if frame.type in SEQUENCED_TYPES:
@@ -542,6 +554,22 @@ class Link:
                 connection,
                 GOODBYE_WRONG_PEER,
                 f"expected pair {self.pair_id!r} site {self.peer_site!r}, got {hello.pair_id!r} {hello.site!r}",
+            )
+            return
+        previous = self._active
+        if (
+            previous is not None
+            and hello.incarnation != self._peer_incarnation
+            and self._loop.time() - previous.last_received < 2 * self.limits.heartbeat_interval_ms / 1000
+        ):
+            # Another process claims the peer's name while the one we have is alive (it was heard
+            # within two heartbeats): a duplicate instance of the peer site. Keep the live one. A peer
+            # that restarted after a crash is silent by then, so it gets in on its next attempt.
+            self._refuse(
+                connection,
+                GOODBYE_WRONG_PEER,
+                f"site {self.peer_site!r} is already connected from another live process "
+                f"(incarnation {self._peer_incarnation}); a second instance of it is refused",
             )
             return
         peer_restarted = False

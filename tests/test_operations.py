@@ -1,0 +1,188 @@
+"""Operations an operator does, replayed with real processes (issue 18, the operator trial of 2026-12).
+
+Each test starts its own deployment with the local launcher (LocalCluster stops what it started,
+also on failure) and extra processes of its own, each stopped in a `finally`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import wait_for
+
+from replicator.client import Client
+from replicator.config import load_site_config, load_witness_config
+from replicator.local import LocalCluster, free_ports
+
+PROCESS_TIMEOUT_S = 20
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path / "deploy") as deployment:
+        yield deployment
+
+
+def state(endpoint: str) -> str:
+    return Client([endpoint]).status().state
+
+
+def endpoints(cluster: LocalCluster) -> list[str]:
+    sites = cluster.cluster["sites"]
+    return [sites["a"]["grpc"], sites["b"]["grpc"]]
+
+
+def start_synced(cluster: LocalCluster) -> list[str]:
+    cluster.start(sites=True)
+    found = endpoints(cluster)
+    wait_for(lambda: all(state(e) == "SYNC" for e in found), 30, "both sites in SYNC")
+    return found
+
+
+def events(log: Path, name: str) -> list[dict[str, object]]:
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == name:
+                found.append(event)
+    return found
+
+
+class Extra:
+    """A daemon process of the test's own (a duplicate), always stopped by the test."""
+
+    def __init__(self, cluster: LocalCluster, module: str, config: Path, log: Path) -> None:
+        self.log = log
+        with log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", module, "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cluster.directory,
+                env=cluster._environment(),
+                start_new_session=True,
+            )
+
+    def wait(self, timeout_s: float = PROCESS_TIMEOUT_S) -> int:
+        return self.popen.wait(timeout_s)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def site_copy(cluster: LocalCluster, name: str, new_name: str, **changes: object) -> Path:
+    """`name`'s configuration with `changes` to its [site] and [listen] sections, written as new_name.toml."""
+    config = load_site_config(cluster.config_path(name))
+    site = dataclasses.replace(config.site, **{k: v for k, v in changes.items() if k in ("data_dir",)})
+    listen = dataclasses.replace(config.listen, **{k: v for k, v in changes.items() if k in ("grpc", "link", "metrics")})
+    path = cluster.directory / f"{new_name}.toml"
+    path.write_text(dataclasses.replace(config, site=site, listen=listen).to_toml())
+    return path
+
+
+def fresh_ports(count: int) -> list[str]:
+    return [f"127.0.0.1:{port}" for port in free_ports(count)]
+
+
+def start_failures(log: Path) -> list[str]:
+    return [str(event["error"]) for event in events(log, "start_failed")]
+
+
+# ---------------------------------------------------------------- finding 2: exclusive listeners
+
+
+def test_second_site_on_a_taken_grpc_port_fails_with_one_line(cluster: LocalCluster) -> None:
+    found = start_synced(cluster)
+    taken = found[0]
+    grpc_port, link_port, metrics_port = fresh_ports(3)
+    config = site_copy(
+        cluster, "a", "a-dup", data_dir=cluster.directory / "data" / "a-dup", grpc=taken, link=link_port,
+        metrics=metrics_port,
+    )
+    duplicate = Extra(cluster, "replicator.daemon.site", config, cluster.directory / "a-dup.log")
+    try:
+        assert duplicate.wait() == 1
+    finally:
+        duplicate.stop()
+    text = duplicate.log.read_text()
+    assert "Traceback" not in text
+    (error,) = start_failures(duplicate.log)
+    assert taken in error and "in use" in error
+    # The live site still answers every call: nobody else listens on its port.
+    assert all(state(taken) == "SYNC" for _ in range(20))
+
+
+def test_second_site_on_the_same_data_dir_is_refused(cluster: LocalCluster) -> None:
+    start_synced(cluster)
+    grpc_port, link_port, metrics_port = fresh_ports(3)
+    config = site_copy(cluster, "b", "b-dup", grpc=grpc_port, link=link_port, metrics=metrics_port)
+    duplicate = Extra(cluster, "replicator.daemon.site", config, cluster.directory / "b-dup.log")
+    try:
+        assert duplicate.wait() == 1
+    finally:
+        duplicate.stop()
+    assert "Traceback" not in duplicate.log.read_text()
+    (error,) = start_failures(duplicate.log)
+    assert "in use by another process" in error and f"pid {cluster.cluster['sites']['b']['pid']}" in error
+
+
+def test_second_instance_of_a_running_site_is_refused_by_the_peer(cluster: LocalCluster) -> None:
+    """Another data directory and other ports, the same site name: the peer keeps the live instance."""
+    found = start_synced(cluster)
+    grpc_port, link_port, metrics_port = fresh_ports(3)
+    config = site_copy(
+        cluster, "a", "a-dup", data_dir=cluster.directory / "data" / "a-dup", grpc=grpc_port, link=link_port,
+        metrics=metrics_port,
+    )
+    duplicate = Extra(cluster, "replicator.daemon.site", config, cluster.directory / "a-dup.log")
+    try:
+        wait_for(lambda: events(duplicate.log, "link_refused"), 20, "the duplicate told it is refused")
+        states = set()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            states.update(state(e) for e in found)
+            time.sleep(0.1)
+        assert states == {"SYNC"}, states  # the pair was never disturbed
+        assert state(grpc_port) != "SYNC"
+    finally:
+        duplicate.stop()
+    refused = [str(e["reason"]) for e in events(duplicate.log, "link_refused")]
+    assert any("already connected from another live process" in r for r in refused), refused
+    assert any("second instance" in str(e["reason"]) for e in events(cluster.processes["b"].log, "link_refused"))
+
+
+def test_second_witness_on_a_taken_port_fails_with_one_line(cluster: LocalCluster) -> None:
+    start_synced(cluster)
+    config = load_witness_config(cluster.config_path("witness"))
+    (metrics_port,) = fresh_ports(1)
+    section = dataclasses.replace(config.witness, data_dir=cluster.directory / "data" / "witness-dup")
+    listen = dataclasses.replace(config.listen, metrics=metrics_port)
+    path = cluster.directory / "witness-dup.toml"
+    path.write_text(dataclasses.replace(config, witness=section, listen=listen).to_toml())
+    duplicate = Extra(cluster, "replicator.daemon.witness", path, cluster.directory / "witness-dup.log")
+    try:
+        assert duplicate.wait() == 1
+    finally:
+        duplicate.stop()
+    assert "Traceback" not in duplicate.log.read_text()
+    (error,) = start_failures(duplicate.log)
+    assert config.listen.grpc in error and "in use" in error
