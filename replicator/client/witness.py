@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from replicator.api.witness import ArbitrationOutcome, PairMode, PairState, outcome_from_message
-from replicator.client._common import channel_credentials, failure
+from replicator.client._common import WITNESS_CHANNEL_OPTIONS, channel_credentials, failure
 from replicator.config import TlsFiles
 from replicator.v1 import witness_pb2, witness_pb2_grpc
 
@@ -17,9 +17,9 @@ class AsyncWitnessClient:
         self.address = address
         self.timeout_s = timeout_ms / 1000
         if tls is not None:
-            self._channel = grpc.aio.secure_channel(address, channel_credentials(tls))
+            self._channel = grpc.aio.secure_channel(address, channel_credentials(tls), options=WITNESS_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.aio.insecure_channel(address)
+            self._channel = grpc.aio.insecure_channel(address, options=WITNESS_CHANNEL_OPTIONS)
         self._stub = witness_pb2_grpc.WitnessServiceStub(self._channel)
 
     async def close(self) -> None:
