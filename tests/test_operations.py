@@ -207,3 +207,36 @@ def test_after_a_witness_outage_the_pair_fails_over_within_2_s_of_its_return(clu
     wait_for(lambda: state(found[0]) == "SOLO", 10, "a alone after the witness returned")
     elapsed = time.monotonic() - back
     assert elapsed < 2.0, f"a went SOLO {elapsed:.2f} s after the witness was back"
+
+
+# ---------------------------------------------------------------- finding 5: signals
+
+
+def test_sighup_reopens_the_log_and_kills_no_daemon(cluster: LocalCluster) -> None:
+    found = start_synced(cluster)
+    for name in ("b", "witness"):
+        log = cluster.processes[name].log
+        rotated = log.with_suffix(".log.1")
+        log.rename(rotated)  # what logrotate does before its postrotate `kill -HUP`
+        assert cluster.send_signal(name, signal.SIGHUP)
+        wait_for(lambda log=log: log.exists() and events(log, "signal"), 10, f"{name} logging into a new file")
+        (hangup,) = events(log, "signal")
+        assert hangup["signal"] == "SIGHUP" and hangup["action"] == "log reopened"
+        assert cluster.is_running(name)
+    assert all(state(e) == "SYNC" for e in found)
+    Client([found[1]]).put("ops", "after-hup", b"v")  # b still serves and replicates
+    assert Client([found[0]]).get("ops", "after-hup") == b"v"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGQUIT, signal.SIGUSR1])
+def test_every_stopping_signal_is_logged_and_shuts_down_in_stages(cluster: LocalCluster, signum: int) -> None:
+    start_synced(cluster)
+    process = cluster.processes["b"]
+    assert cluster.send_signal("b", signum)
+    assert process.popen is not None and process.popen.wait(15) == 0
+    name = signal.Signals(signum).name
+    assert [e["signal"] for e in events(process.log, "signal")] == [name]
+    stages = [e["stage"] for e in events(process.log, "shutdown_stage")]
+    assert stages[0] == "stop accepting requests" and "flush storage" in stages
+    (done,) = events(process.log, "shutdown_done")
+    assert done["clean"] is True

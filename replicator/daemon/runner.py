@@ -11,9 +11,16 @@
     sys.exit(run(amain))
 
 `run` installs uvloop (unless REPLICATOR_NO_UVLOOP=1 or it is missing),
-installs SIGTERM and SIGINT handlers that set the `stop` event, runs the
-coroutine and returns its exit code (None counts as 0). A second signal while
-shutting down exits at once with status 1 (the operator insisted).
+installs handlers for every signal whose default would kill the process
+(`STOP_SIGNALS`: SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2) that log it and
+set the `stop` event, so each goes through the staged shutdown; runs the
+coroutine and returns its exit code (None counts as 0). A second stopping
+signal while shutting down exits at once with status 1 (the operator insisted).
+
+SIGHUP does not stop a daemon (a logrotate `postrotate kill -HUP`, or a closed
+ssh session): it is logged and, when stderr was a regular file at start-up,
+that path is opened again (append) onto stderr, so a rotated log gets a fresh
+file; otherwise (a pipe, a terminal, journald) it is ignored.
 
 `Shutdown` runs its stages in order; each gets its own timeout. Every stage
 is logged (`shutdown_stage` with its name, outcome ok|timeout|error and
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -34,7 +42,33 @@ from typing import Any
 
 from replicator.daemon.logs import log
 
-__all__ = ["Shutdown", "Stage", "install_uvloop", "loop_factory", "run"]
+__all__ = ["STOP_SIGNALS", "Shutdown", "Stage", "install_uvloop", "loop_factory", "run"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def stderr_file() -> str | None:
+    """The path of the regular file stderr writes to, or None (a pipe, a terminal, a socket)."""
+    try:
+        if not stat.S_ISREG(os.fstat(2).st_mode):
+            return None
+        return os.readlink("/proc/self/fd/2")
+    except OSError:
+        return None
+
+
+def reopen_stderr(path: str) -> bool:
+    """Point fd 2 (our JSON log and gRPC's own lines) at `path` again, appending. True if done."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        sys.stderr.flush()
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+    return True
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -60,7 +94,7 @@ def install_uvloop() -> bool:
 
 
 def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
-    """Run `main(stop)` on uvloop with SIGTERM/SIGINT setting `stop`; return its exit code."""
+    """Run `main(stop)` on uvloop with the STOP_SIGNALS setting `stop`; return its exit code."""
 
     async def wrapper() -> int:
         loop = asyncio.get_running_loop()
@@ -78,10 +112,22 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int
                 sys.stderr.flush()
                 os._exit(1)
 
+        log_path = stderr_file()
+
+        def on_hangup() -> None:
+            if log_path is not None and reopen_stderr(log_path):
+                log("signal", signal="SIGHUP", action="log reopened", path=log_path)
+            else:
+                log("signal", signal="SIGHUP", action="ignored (the log is not a file to reopen)")
+
         installed = []
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        handlers: list[tuple[int, Callable[..., None], tuple[int, ...]]] = [
+            *((signum, on_signal, (signum,)) for signum in STOP_SIGNALS),
+            (signal.SIGHUP, on_hangup, ()),
+        ]
+        for signum, handler, arguments in handlers:
             try:
-                loop.add_signal_handler(signum, on_signal, signum)
+                loop.add_signal_handler(signum, handler, *arguments)
                 installed.append(signum)
             except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread
                 pass
