@@ -240,3 +240,41 @@ def test_every_stopping_signal_is_logged_and_shuts_down_in_stages(cluster: Local
     assert stages[0] == "stop accepting requests" and "flush storage" in stages
     (done,) = events(process.log, "shutdown_done")
     assert done["clean"] is True
+
+
+# ---------------------------------------------------------------- finding 1: a site restored from a backup
+
+
+def test_a_site_restored_from_an_older_copy_of_its_data_is_fully_resynced(cluster: LocalCluster) -> None:
+    """The trial: stop b, copy its data dir, start it, write 20 objects at a, stop b, put the copy back,
+    start b. Before: an incremental resync, both SYNC, b missing the 20 objects, verify 20 differ."""
+    import shutil
+
+    found = start_synced(cluster)
+    a, b = (Client([e]) for e in found)
+    for i in range(30):
+        a.put("photos", f"before-{i}", f"old-{i}".encode())
+    data_b = cluster.directory / "data" / "b"
+    backup = cluster.directory / "backup-b"
+    cluster.stop_process("b")
+    shutil.copytree(data_b, backup, symlinks=True)
+    cluster.start_process("b")
+    wait_for(lambda: all(state(e) == "SYNC" for e in found), 30, "the pair in SYNC again")
+    for i in range(20):
+        a.put("photos", f"after-backup-{i}", f"v{i}".encode())
+        a.put("photos", f"before-{i}", f"new-{i}".encode())  # overwritten after the copy, too
+    assert b.get("photos", "after-backup-7") == b"v7"
+    cluster.stop_process("b")
+    shutil.rmtree(data_b)
+    shutil.copytree(backup, data_b, symlinks=True)
+    cluster.start_process("b")
+    wait_for(lambda: all(state(e) == "SYNC" for e in found), 60, "the pair in SYNC after the restore")
+    for i in range(20):
+        assert b.get("photos", f"after-backup-{i}") == f"v{i}".encode()
+        assert b.get("photos", f"before-{i}") == f"new-{i}".encode()
+    report = a.verify()
+    assert report.keys_compared >= 50 and report.differing_count == 0, report
+    roles = [(e["old"], e["new"], e["reason"]) for e in events(cluster.processes["a"].log, "role")]
+    assert any("older than it had acknowledged" in str(reason) for _, _, reason in roles), roles
+    b_roles = [str(e["reason"]) for e in events(cluster.processes["b"].log, "role")]
+    assert "resync from a (full=True)" in b_roles, b_roles

@@ -102,6 +102,9 @@ def test_arbitration_survives_sigkill_and_restart(witness: WitnessProcess) -> No
     async def before_crash() -> None:
         client = AsyncWitnessClient(witness.grpc, timeout_ms=3000)
         try:
+            # A fresh witness grants nothing before it knows where the pair is (issue 18): site a
+            # reports SYNC epoch 1 with its peer connected.
+            assert (await client.report(PAIR, "a", 1, holds_grant=False, in_sync=True))[0].epoch == 0
             granted = await client.arbitrate(PAIR, "a", 1)
             assert (granted.granted, granted.epoch, granted.mode, granted.holder) == (True, 2, PairMode.SOLO, "a")
             again = await client.arbitrate(PAIR, "a", 1)  # idempotent retry by the holder
@@ -152,7 +155,7 @@ def test_arbitration_survives_sigkill_and_restart(witness: WitnessProcess) -> No
     granted = [e for e in events if e["event"] == "granted"]
     assert granted[0]["pair"] == PAIR and granted[0]["site"] == "a" and granted[0]["epoch"] == 2
     assert all(e["component"] == "witness" and "ts" in e and "level" in e for e in events)
-    assert [e["epoch"] for e in events if e["event"] == "state_changed"] == [2, 3, 4]
+    assert [e["epoch"] for e in events if e["event"] == "state_changed"] == [1, 2, 3, 4]  # 1: learned, durable
     assert sum(1 for e in events if e["event"] == "started") == 2
 
 
@@ -252,6 +255,8 @@ def _run(config: WitnessConfig, scenario) -> None:  # type: ignore[no-untyped-de
         await daemon.start()
         client = AsyncWitnessClient(daemon.grpc_address, timeout_ms=3000)
         try:
+            if PAIR in daemon.core.fresh:  # type: ignore[union-attr]
+                await client.report(PAIR, "a", 1, holds_grant=False, in_sync=True)  # the pair is SYNC 1
             await scenario(daemon, client)
         finally:
             await client.close()

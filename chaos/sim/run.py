@@ -26,6 +26,7 @@ FAULTS = (
     "crash_in_reconcile",
     "crash_in_resync",
     "crash_after_peer_records",
+    "restore_old_disk",
 )
 
 
@@ -151,6 +152,8 @@ class FaultInjector:
     def __init__(self, world: World) -> None:
         self.world = world
         self.until_us = 0
+        self.held_for: str | None = None  # a restored site that has not met its peer yet
+        self.held_until_us = 0
 
     def count(self, name: str) -> None:
         self.world.faults_injected[name] = self.world.faults_injected.get(name, 0) + 1
@@ -161,7 +164,10 @@ class FaultInjector:
             return
         rng = world.rng
         fault = rng.choice(FAULTS)
-        self.inject(fault)
+        if self.held():
+            world.trace(f"FAULT {fault} held: a restored site has not met its peer yet")
+        else:
+            self.inject(fault)
         world.after(rng.randint(*world.params.fault_interval_ms) * MS, self.loop)
 
     def restart_later(self, name: str, low_ms: int, high_ms: int, wipe: bool = False) -> None:
@@ -177,6 +183,51 @@ class FaultInjector:
                 site.start()
 
         world.after(world.rng.randint(low_ms, high_ms) * MS, restart)
+
+    def held(self) -> bool:
+        """Whether faults wait for a restored site to meet its peer (see restore_old_disk_later)."""
+        if self.held_for is None:
+            return False
+        core = self.world.sites[self.held_for].core
+        met = core is not None and (
+            core.peer_generation == b"" or core.role in (Role.RESYNC_TARGET, Role.SYNC, Role.RECONCILE)
+        )
+        if met or self.world.now_us >= self.held_until_us:
+            self.held_for = None
+            return False
+        return True
+
+    def restore_old_disk_later(self, name: str) -> None:
+        """An operator's rollback: copy the site's disk now (what it holds durably, as a backup or
+        a storage snapshot would), and later stop the site, put the copy back and start it again.
+
+        The copy goes back only while the pair is settled (both SYNC, nothing in flight, the
+        witness agrees): the peer then holds every acknowledged write, so none may be lost,
+        although the restored site lacks what was written since the copy (it must get a full
+        resync, plant skip_rollback_check)."""
+        world = self.world
+        site = world.sites[name]
+        copy = site.disk.durable.copy()
+        world.trace(f"{name} disk copied (epoch {copy.meta.get('epoch', 1)})")
+        attempts = [0]
+
+        def restore() -> None:
+            if self.held_for is None and settled_pair(world) and site.alive:
+                world.trace(f"{name} stopped, its disk restored from the older copy")
+                site.crash("stopped to restore an older copy of its disk")
+                site.disk.durable = copy.copy()
+                site.disk.current = copy.copy()
+                # The operator restores a site of a healthy pair: no other fault until the restored
+                # site has met its peer (the fact that its disk is old lives at the peer only; the
+                # witness does not hold it, docs/design.md "A disk restored from an older copy").
+                self.held_for = name
+                self.held_until_us = world.now_us + 15_000 * MS
+                self.restart_later(name, 50, 1500)
+            elif attempts[0] < 20:
+                attempts[0] += 1
+                world.after(200 * MS, restore)
+
+        world.after(world.rng.randint(500, 4000) * MS, restore)
 
     def inject(self, fault: str) -> None:
         world = self.world
@@ -244,6 +295,8 @@ class FaultInjector:
             self.restart_later(name, 500, 3000)
         elif fault == "reset":
             world.reset_connection()
+        elif fault == "restore_old_disk" and site.alive:
+            self.restore_old_disk_later(name)
         elif fault == "crash_after_peer_records":
             # Crash a site right after it took the peer's reconcile shipment, before its disk made
             # it durable: the peer must not have counted on it (plant reconcile_early).

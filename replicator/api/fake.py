@@ -207,6 +207,10 @@ class FakeWitnessBackend:
             return ArbitrationOutcome(True, epoch + 1, PairMode.SYNC, "")
         return ArbitrationOutcome(False, state.epoch, state.mode, state.holder)
 
+    async def report(self, pair: str, site: str, epoch: int, holds_grant: bool, in_sync: bool) -> None:
+        self.reports = getattr(self, "reports", [])
+        self.reports.append((pair, site, epoch, holds_grant, in_sync))
+
     def status(self, pair: str | None) -> list[PairState]:
         if pair is not None:
             return [self.pairs[pair]] if pair in self.pairs else []

@@ -58,6 +58,10 @@ class WitnessBackend(Protocol):
         """Planned switchover: `preferred` wins ties from now on (granted=False if it is not a site of the pair)."""
         ...
 
+    async def report(self, pair: str, site: str, epoch: int, holds_grant: bool, in_sync: bool) -> None:
+        """A site says where it is (see replicator.core.messages.Report)."""
+        ...
+
     def status(self, pair: str | None) -> Sequence[PairState]:
         """State of one pair (empty if unknown) or of every pair (pair None)."""
         ...
@@ -138,6 +142,12 @@ class WitnessServicer(witness_pb2_grpc.WitnessServiceServicer):
     async def Status(
         self, request: witness_pb2.WitnessStatusRequest, context: grpc.aio.ServicerContext
     ) -> witness_pb2.WitnessStatusResponse:
+        if request.site:
+            try:
+                _check(request.pair, request.site)
+                await self.backend.report(request.pair, request.site, request.epoch, request.holds_grant, request.in_sync)
+            except errors.BackendError as error:
+                await self._guard(context, error)
         states = self.backend.status(request.pair or None)
         return witness_pb2.WitnessStatusResponse(
             pairs=[

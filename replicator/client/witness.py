@@ -53,6 +53,19 @@ class AsyncWitnessClient:
             raise failure(error, self.address, [self.address]) from None
         return outcome_from_message(response)
 
+    async def report(
+        self, pair: str, site: str, epoch: int, *, holds_grant: bool, in_sync: bool
+    ) -> list[PairState]:
+        """A site's periodic report (where it is); answers the pair's state as the witness holds it."""
+        request = witness_pb2.WitnessStatusRequest(
+            pair=pair, site=site, epoch=epoch, holds_grant=holds_grant, in_sync=in_sync
+        )
+        try:
+            response = await self._stub.Status(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise failure(error, self.address, [self.address]) from None
+        return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder) for p in response.pairs]
+
     async def status(self, pair: str = "") -> list[PairState]:
         try:
             response = await self._stub.Status(witness_pb2.WitnessStatusRequest(pair=pair), timeout=self.timeout_s)

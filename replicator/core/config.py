@@ -14,6 +14,7 @@ PLANTS = {
     "forget_suspect_keys": "a resync target does not report the keys of the log it drops",
     "no_read_gate": "serve reads of keys that have a prepared, unresolved record",
     "no_read_lease": "serve reads in SYNC without a valid lease",
+    "skip_rollback_check": "take a peer restored from an older copy of its disk at its word (no full resync)",
 }
 
 

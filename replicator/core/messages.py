@@ -44,6 +44,11 @@ class Hello:
     # Set when this site finished resyncing the peer into `synced_epoch`
     # (so a target that missed ResyncSynced can be told again).
     synced_epoch: int
+    # The sender's clock high-water: at least the ts of everything its disk
+    # holds. The peer compares it with what it saw this site make durable, to
+    # detect a disk restored from an older copy (see SiteCore._rolled_back).
+    # None: not reported (an older version).
+    clock_high: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +157,9 @@ class GoodbyeReason(enum.Enum):
     STALE_EPOCH = 1  # the receiver is behind and must be resynchronised
     NOT_PEER = 2  # wrong pair or site name
     SHUTDOWN = 3
+    # The receiver's data is older than what it had acknowledged (a restored
+    # backup, a rolled-back snapshot): it must get a full resync, never go on alone.
+    ROLLED_BACK = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +233,20 @@ class SetPreferred:
     epoch: int = 0  # unused; keeps every request's shape alike for logs
 
 
-WitnessRequest = Arbitrate | MarkSynced | Query | SetPreferred
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Where this site is, sent now and then (answered with Verdict.STATE). A witness that has no
+    state for the pair (replaced, or its state lost) learns the pair's epoch from these before it
+    grants anything: it must never grant an epoch at or below one the sites have reached."""
+
+    pair: str
+    site: str
+    epoch: int
+    holds_grant: bool  # SOLO or RESYNC_SOURCE in `epoch`
+    in_sync: bool  # SYNC in `epoch` with the peer connected: the peer is in `epoch` too, nobody holds a grant
+
+
+WitnessRequest = Arbitrate | MarkSynced | Query | SetPreferred | Report
 
 
 class Verdict(enum.Enum):

@@ -91,6 +91,9 @@ class _Session:
     resync_inflight: dict[int, tuple[tuple[bytes, ...], bool, bytes | None]] = field(default_factory=dict)
     # RESYNC (target side): acks that wait for a persist
     heartbeat_nonce: int = 0
+    # Rollback detection: the newest ts the peer will hold durably once it acks (see peer_clock_floor).
+    resync_inflight_ts: dict[int, int] = field(default_factory=dict)  # resync batch -> its newest ts
+    reconcile_shipped_ts: int = 0
 
 
 @dataclass(slots=True)
@@ -119,6 +122,12 @@ class SiteCore:
         self.asked_epoch = _int(meta, "asked_epoch", 0)
         peer_generation = meta.get("peer_generation", b"")
         self.peer_generation: bytes = peer_generation if isinstance(peer_generation, bytes) else b""
+        # Rollback detection (docs/design.md, "A disk restored from an older copy"): the newest ts
+        # that the peer told us it holds durably (it acknowledged a record or a resync batch, or
+        # committed a record of its own). Its disk holds a clock high-water at least that high, so
+        # a peer whose Hello reports less came back with an older copy of its data.
+        self.peer_clock_floor = _int(meta, "peer_clock_floor", 0)
+        self.peer_clock_floor_saved = self.peer_clock_floor
         full_position = meta.get("resync_full_position", b"")
         self.resync_full_position: bytes | None = (
             full_position if _int(meta, "resync_full_active", 0) and isinstance(full_position, bytes) else None
@@ -172,12 +181,14 @@ class SiteCore:
         self.pending_peer_acks: list[tuple[int, int, int]] = []  # (persist id, incarnation, seq)
         self.protocol_errors = 0
         self.stopped_reason = ""
+        self.started_ms = 0.0
 
     # ================================================================ entry points
     def start(self, now_ms: float, wall_ms: int) -> list[ev.Action]:
         """Begin after recovery: bump the incarnation durably, act as if a lease was granted now."""
         self.now_ms, self.wall_ms = now_ms, wall_ms
         self.last_heard_ms = now_ms
+        self.started_ms = now_ms
         self.lease_granted_until_ms = now_ms + self.config.lease_ms
         self._persist(meta=(("incarnation", self.incarnation), ("clock_high", self.hlc.high_water)))
         if self.holds_grant:
@@ -401,7 +412,25 @@ class SiteCore:
             incarnation=self.incarnation,
             generation=self.generation,
             synced_epoch=self.synced_epoch,
+            clock_high=self.hlc.high_water,
         )
+
+    def _rolled_back(self, hello: msg.Hello) -> bool:
+        """The peer's disk is older than what it had acknowledged to us (restored from a copy)."""
+        if hello.clock_high is None or "skip_rollback_check" in self.config.plants:
+            return False
+        return hello.generation == self.peer_generation and hello.clock_high < self.peer_clock_floor
+
+    def _raise_peer_clock_floor(self, ts: int) -> None:
+        # Made durable with the next persist (see _persist): a floor lost in a crash only makes
+        # the check weaker, never wrong.
+        self.peer_clock_floor = max(self.peer_clock_floor, ts)
+
+    def _need_full_resync(self) -> None:
+        """The peer lost data it had: when we resync it next, it is a full resync."""
+        if self.resync_full_position is None:
+            self.resync_full_position = b""
+            self._persist(meta=(("resync_full_active", 1), ("resync_full_position", b"")))
 
     def _on_hello(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.Hello)
@@ -419,17 +448,35 @@ class SiteCore:
             self._drop_session("taking over: not now")
             return
         wiped = bool(self.peer_generation) and hello.generation != self.peer_generation
+        rolled_back = self._rolled_back(hello)
         peer_holds = hello.role in (Role.SOLO, Role.RESYNC_SOURCE)
         # We are the source: we hold a confirmed grant and the peer is behind or our target.
         source = self.role in (Role.SOLO, Role.RESYNC_SOURCE) and not self.mark_synced_outstanding
         if source and (hello.epoch < self.epoch or (hello.epoch == self.epoch and not peer_holds)):
             self.last_heard_ms = self.now_ms
-            self._begin_resync_source(full=wiped or not self.peer_generation or self.resync_full_position is not None)
+            full = wiped or rolled_back or not self.peer_generation or self.resync_full_position is not None
+            self._begin_resync_source(full=full, rolled_back=rolled_back)
             return
         if hello.epoch > self.epoch or (hello.epoch == self.epoch and peer_holds and not self.holds_grant):
             # The peer is ahead (or holds this epoch's grant): we wait for its ResyncBegin.
             if self.role not in (Role.FENCED, Role.RESYNC_TARGET, Role.STARTING):
                 self._fence("peer is in a newer epoch")
+            return
+        if rolled_back:
+            # It lost writes that we committed: no reconcile, and no going on alone for it (it may
+            # not know it lost them); we resync it in full once we hold the witness's grant.
+            self._need_full_resync()
+            self._send(
+                msg.Goodbye(
+                    self.epoch,
+                    msg.GoodbyeReason.ROLLED_BACK,
+                    "your data is older than what you had acknowledged (restored from a copy?): wait for a full resync",
+                )
+            )
+            self._drop_session(
+                f"peer's data is older than what it had acknowledged (clock {hello.clock_high} < "
+                f"{self.peer_clock_floor}; restored from a copy?): it needs a full resync"
+            )
             return
         if hello.epoch < self.epoch:
             if (
@@ -439,6 +486,7 @@ class SiteCore:
                 and hello.epoch == self.epoch - 1
                 and self.synced_epoch == self.epoch
                 and hello.generation == self.peer_generation
+                and not rolled_back
             ):
                 # Our ResyncSynced was lost with the connection: say it again, then reconcile.
                 self._send(msg.ResyncSynced(self.epoch))
@@ -463,6 +511,14 @@ class SiteCore:
         if goodbye.reason is msg.GoodbyeReason.STALE_EPOCH and goodbye.epoch > self.epoch:
             if self.role in (Role.SYNC, Role.SUSPENDED, Role.RECONCILE, Role.STARTING):
                 self._fence("peer says we are behind")
+        if goodbye.reason is msg.GoodbyeReason.ROLLED_BACK and self.role is not Role.RESYNC_TARGET:
+            # Our disk lost what the peer knows we had. Forgetting the peer's generation makes us
+            # wait for it like a wiped site (never ask to go on alone) until it resyncs us.
+            if self.peer_generation:
+                self.peer_generation = b""
+                self._persist(meta=(("peer_generation", b""),))
+            if self.role in (Role.SYNC, Role.SUSPENDED, Role.RECONCILE, Role.STARTING):
+                self._fence("peer says our data is older than we had acknowledged: waiting for a full resync")
         self._drop_session(f"goodbye from peer: {goodbye.reason.name} {goodbye.message}")
 
     # ================================================================ peer messages: replication
@@ -526,6 +582,9 @@ class SiteCore:
             self._protocol_violation(f"ack for seq {ack.seq} never sent")
             return
         self.peer_acked_seq = max(self.peer_acked_seq, ack.seq)
+        acked = self.log.get(RecordId(self.config.site, self.incarnation, ack.seq))
+        if acked is not None:
+            self._raise_peer_clock_floor(acked.ts)
         self._advance_commits()
 
     def _advance_commits(self) -> None:
@@ -574,6 +633,7 @@ class SiteCore:
         if not ready:
             return
         records = [record for _, record in ready]
+        self._raise_peer_clock_floor(max(record.ts for record in records))  # the peer committed them: durable there
         persist_id = self._persist(
             apply=tuple(v for record in records for v in _versions(record)),
             log_delete=tuple(record.id for record in records),
@@ -632,6 +692,7 @@ class SiteCore:
         assert session is not None and session.peer is not None
         self._set_role(Role.RECONCILE, "met the peer in the same epoch")
         records = sorted(self.log.values(), key=lambda record: record.id)
+        session.reconcile_shipped_ts = max((record.ts for record in records), default=0)
         chunk = self.config.reconcile_records_per_message_max
         for start in range(0, len(records), chunk):
             self._send(msg.ShipRecords(self.epoch, tuple(records[start : start + chunk]), reconcile=True))
@@ -661,6 +722,7 @@ class SiteCore:
             return
         assert self.session is not None
         self.session.reconcile_ack_received = True
+        self._raise_peer_clock_floor(self.session.reconcile_shipped_ts)
         self._maybe_finish_reconcile()
 
     def _maybe_finish_reconcile(self) -> None:
@@ -768,6 +830,11 @@ class SiteCore:
     def _arbitrate(self, *, force: bool = False, meta: tuple[tuple[str, int | bytes | str], ...] = ()) -> None:
         """Ask to go on alone, after recording durably that we asked: a grant
         whose answer we do not live to see must still be found again."""
+        if not force and self.now_ms < self.started_ms + self.config.peer_timeout_ms:
+            # Just started: the peer gets a peer timeout to tell us that our disk is older than
+            # what we had acknowledged (a restored copy: Goodbye ROLLED_BACK) before we may ask.
+            self.witness_next_try_ms = self.started_ms + self.config.peer_timeout_ms
+            return
         request = msg.Arbitrate(self.config.pair, self.config.site, self.epoch, force=force)
         if self.asked_epoch == self.epoch and not force and not meta:
             self._ask_witness(request)
@@ -924,10 +991,13 @@ class SiteCore:
         self._wake_reads()
 
     # ================================================================ resync: source
-    def _begin_resync_source(self, *, full: bool) -> None:
+    def _begin_resync_source(self, *, full: bool, rolled_back: bool = False) -> None:
         session = self.session
         assert session is not None and session.peer is not None
-        self._set_role(Role.RESYNC_SOURCE, "peer returned behind us")
+        reason = "peer returned behind us"
+        if rolled_back:
+            reason += " with data older than it had acknowledged (restored from a copy?): full resync"
+        self._set_role(Role.RESYNC_SOURCE, reason)
         self.peer_generation = session.peer.generation
         session.resync_began = True
         meta: list[tuple[str, int | bytes | str]] = [("peer_generation", self.peer_generation)]
@@ -1020,6 +1090,7 @@ class SiteCore:
             session.resync_queue[:0] = keys[sent:]
             keys = keys[:sent]
         session.resync_inflight[event.token] = (keys, scan, event.next_position)
+        session.resync_inflight_ts[event.token] = max((entry.ts for entry in event.entries), default=0)
         for entry in event.entries:
             self.hlc.observe(entry.ts)
         self._send(msg.ResyncData(self.epoch, event.token, event.entries))
@@ -1036,6 +1107,7 @@ class SiteCore:
             self._protocol_violation(f"resync ack for unknown batch {ack.batch}")
             return
         keys, scan, next_position = entry
+        self._raise_peer_clock_floor(session.resync_inflight_ts.pop(ack.batch, 0))
         meta: tuple[tuple[str, int | bytes | str], ...] = ()
         if scan:
             if next_position is None:
@@ -1268,6 +1340,9 @@ class SiteCore:
         meta: tuple[tuple[str, int | bytes | str], ...] = (),
         clear_data: bool = False,
     ) -> int:
+        if self.peer_clock_floor > self.peer_clock_floor_saved:
+            meta = (*meta, ("peer_clock_floor", self.peer_clock_floor))
+            self.peer_clock_floor_saved = self.peer_clock_floor
         persist_id = self.next_persist_id
         self.next_persist_id += 1
         self.out.append(

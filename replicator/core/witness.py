@@ -12,7 +12,21 @@ Theory of operation. For every pair the witness keeps, durably, `epoch`,
 - MarkSynced from the holder of the current SOLO epoch (its resync is done):
   mode SYNC, epoch + 1, persisted before answering SYNCED.
 - a forced Arbitrate (an operator's failover, who vouches that the other site
-  is down): SOLO(epoch + 1) for the asking site, whatever the state.
+  is down): SOLO for the asking site in an epoch above both the witness's and
+  the asking site's, whatever the state.
+
+A pair the witness has no state for (`fresh`: a replaced witness, a lost or
+restored-from-backup state file) may be far behind the sites: granting it
+epoch 2 while the sites are at 16 would be ignored (a total outage), and
+adopting one site's epoch could grant an epoch the old witness already gave
+the other site. So a fresh pair grants nothing until it has learned where the
+pair is from the sites' `Report`s: one site SYNC with its peer connected
+(both are in that epoch, nobody holds a grant), or both sites' reports (the
+highest epoch wins; SOLO for its holder if that site holds the grant). A
+report of an epoch above the witness's own shows that the witness lost state:
+the pair becomes fresh again. Until then Arbitrate is DENIED with epoch 0
+(the sites say the witness is behind); a forced Arbitrate still goes through
+(the operator vouches), in an epoch above everything reported.
 
 Every reply waits until every state change made so far is durable: a reply
 never reveals a state the witness could forget in a crash.
@@ -26,6 +40,7 @@ from replicator.core.messages import (
     Arbitrate,
     MarkSynced,
     Query,
+    Report,
     SetPreferred,
     Verdict,
     WitnessAnswer,
@@ -99,7 +114,12 @@ class _Held:
 
 
 class WitnessCore:
-    def __init__(self, pairs: dict[str, PairConfig], states: dict[str, PairState] | None = None) -> None:
+    def __init__(
+        self,
+        pairs: dict[str, PairConfig],
+        states: dict[str, PairState] | None = None,
+        fresh: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
         for name, config in pairs.items():
             if config.preferred not in config.sites or config.sites[0] == config.sites[1]:
                 raise ValueError(f"pair {name}: preferred site must be one of two distinct sites")
@@ -113,6 +133,9 @@ class WitnessCore:
         self._durable_persist_id = 0
         self._replies: list[tuple[int, WitnessReply]] = []  # (needs persist id, reply)
         self._held: dict[str, _Held] = {}
+        # Pairs without a durable state: they learn it from the sites' reports first (see above).
+        self.fresh: set[str] = set(fresh)
+        self.reports: dict[str, dict[str, Report]] = {}
 
     # ------------------------------------------------------------ the one way in
     def step(self, event: WitnessEvent, now_ms: float) -> list[WitnessAction]:
@@ -138,6 +161,14 @@ class WitnessCore:
             self._reply(event.handle, Verdict.DENIED, PairState(epoch=0), actions)
             return
         state = self.states[request.pair]
+        if isinstance(request, Report):
+            self._on_report(event.handle, request, config, actions)
+            return
+        if request.pair in self.fresh and not (isinstance(request, Arbitrate) and request.force):
+            # Maybe far behind the sites: grant nothing, change nothing, and show epoch 0 (not a real one).
+            verdict = Verdict.STATE if isinstance(request, Query) else Verdict.DENIED
+            self._reply(event.handle, verdict, PairState(epoch=0, preferred=state.preferred), actions)
+            return
         if isinstance(request, Arbitrate):
             self._arbitrate(event.handle, request, config, state, now_ms, actions)
         elif isinstance(request, MarkSynced):
@@ -165,9 +196,15 @@ class WitnessCore:
         actions: list[WitnessAction],
     ) -> None:
         if request.force:
-            if state.mode is WitnessMode.SOLO and state.holder == request.site:
+            if state.mode is WitnessMode.SOLO and state.holder == request.site and state.epoch > request.epoch:
                 self._reply(handle, Verdict.GRANTED, state, actions)
             else:
+                # Above everything anyone reported: a grant the site would ignore helps nobody.
+                reported = max((r.epoch for r in self.reports.get(request.pair, {}).values()), default=0)
+                floor = max(state.epoch, request.epoch, reported)
+                self.fresh.discard(request.pair)
+                self.reports.pop(request.pair, None)
+                self.states[request.pair] = replace(state, epoch=floor)
                 self._grant(request.pair, request.site, handle, actions)
             return
         if state.mode is WitnessMode.SOLO:
@@ -225,6 +262,32 @@ class WitnessCore:
             self._reply(handle, Verdict.SYNCED, state, actions)
         else:
             self._reply(handle, Verdict.DENIED, state, actions)
+
+    def _on_report(self, handle: int, report: Report, config: PairConfig, actions: list[WitnessAction]) -> None:
+        pair = report.pair
+        state = self.states[pair]
+        if pair not in self.fresh and report.epoch > state.epoch:
+            # A site is ahead of us: our state was lost or restored from an older copy. Learn again.
+            self.fresh.add(pair)
+            self._held.pop(pair, None)
+        if pair in self.fresh:
+            reports = self.reports.setdefault(pair, {})
+            reports[report.site] = report
+            seeded: PairState | None = None
+            if report.in_sync:
+                seeded = replace(state, epoch=report.epoch, mode=WitnessMode.SYNC, holder="")
+            elif all(site in reports for site in config.sites):
+                top = max(reports.values(), key=lambda r: (r.epoch, r.holds_grant))
+                if top.holds_grant:
+                    seeded = replace(state, epoch=top.epoch, mode=WitnessMode.SOLO, holder=top.site)
+                else:
+                    seeded = replace(state, epoch=top.epoch, mode=WitnessMode.SYNC, holder="")
+            if seeded is not None:
+                self.fresh.discard(pair)
+                self.reports.pop(pair, None)
+                self._set_state(pair, seeded, actions)
+        shown = PairState(epoch=0, preferred=state.preferred) if pair in self.fresh else self.states[pair]
+        self._reply(handle, Verdict.STATE, shown, actions)
 
     # ------------------------------------------------------------ helpers
     def _set_state(self, pair: str, state: PairState, actions: list[WitnessAction]) -> None:

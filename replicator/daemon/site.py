@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -47,6 +48,7 @@ from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
 from replicator.transport.link import Link, LocalHello
 
 TICK_S = 0.01
+WITNESS_REPORT_S = 1.0  # how often a site reports where it is to the witness
 # A resync batch is cut to fit one link frame: the frame limit less this (header, message framing),
 # counting each entry as key + value + this much.
 RESYNC_FRAME_HEADROOM_BYTES = 64 * 1024
@@ -147,6 +149,11 @@ class SiteDaemon:
         self.tasks: list[asyncio.Task[Any]] = []
         self.link: Link | None = None
         self.link_refusals_logged: dict[str, float] = {}
+        self.witness_report_now = asyncio.Event()
+        self.witness_behind_logged = -1e9
+        self.m_witness_behind = self.metrics.gauge(
+            "replicator_witness_epochs_behind", "how many epochs the witness is behind this site (0: not behind)"
+        )
         self.wall_clock = WallClock.from_environment()  # REPLICATOR_CLOCK_FAULTS: the chaos suite's clock jumps
 
     # ------------------------------------------------------------ start-up
@@ -354,6 +361,8 @@ class SiteDaemon:
             elif isinstance(action, ev.LoadResyncBatch):
                 self._load_resync(action)
             elif isinstance(action, ev.RoleChanged):
+                if action.new is Role.SYNC:
+                    self.witness_report_now.set()
                 log(
                     "role",
                     old=action.old.name,
@@ -561,14 +570,44 @@ class SiteDaemon:
                 self.link.reset(f"send failed: {error}")
 
     async def _probe_witness(self) -> None:
-        """Keep `witness_reachable` true to life for status and metrics (the core asks only on failures)."""
+        """Report where this site is to the witness every second, and at once when the pair is SYNC
+        again (a witness without state for the pair learns its epoch from these before it grants
+        anything); keep `witness_reachable` true to life; warn loudly when the witness is behind."""
         while True:
+            core = self.core
             try:
-                await self.witness.status(self.config.site.pair_id)
+                states = await self.witness.report(
+                    self.config.site.pair_id,
+                    self.name,
+                    core.epoch,
+                    holds_grant=core.holds_grant and core.role in (Role.SOLO, Role.RESYNC_SOURCE),
+                    in_sync=core.role is Role.SYNC and core._session_up(),
+                )
                 self.witness_reachable = True
+                self._check_witness_epoch(states)
             except Exception:
                 self.witness_reachable = False
-            await asyncio.sleep(2.0)
+            self.witness_report_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.witness_report_now.wait(), WITNESS_REPORT_S)
+
+    def _check_witness_epoch(self, states: Sequence[PairState]) -> None:
+        epoch = next((state.epoch for state in states if state.pair == self.config.site.pair_id), 0)
+        behind = max(self.core.epoch - epoch, 0)
+        self.m_witness_behind.set(behind)
+        if behind and time.monotonic() - self.witness_behind_logged >= 10.0:
+            self.witness_behind_logged = time.monotonic()
+            log(
+                "witness_behind",
+                level="error",
+                site=self.name,
+                epoch=self.core.epoch,
+                witness_epoch=epoch,
+                reason="the witness has no state for the pair (replaced?)"
+                if epoch == 0
+                else "the witness is behind this site (its state lost or restored from an older copy?)",
+                action="the witness learns the pair's epoch from the sites' reports; see docs/operations.md",
+            )
 
     async def _ticker(self) -> None:
         while True:

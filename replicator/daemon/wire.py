@@ -4,7 +4,7 @@ The link carries frames; the protocol core speaks `replicator.core.messages`.
 This module is the only place that knows how one maps onto the other:
 
 - Hello: RESYNC_CONTROL CORE_HELLO, counts (epoch, role, incarnation,
-  synced_epoch), key = generation (the link's own HELLO names the sites);
+  synced_epoch, clock_high), key = generation (the link's own HELLO names the sites);
 - ShipRecords: RECORDS; a reconcile shipment is preceded by RECONCILE_START
   and ended by RECONCILE_DONE, so the receiver marks the records in between;
 - PreparedAck / CommitWatermark / CommitConfirm: the cumulative frames;
@@ -84,7 +84,8 @@ class Encoder:
                 frame(),
                 message.epoch,
                 Kind.CORE_HELLO,
-                (message.epoch, ROLES.index(message.role), message.incarnation, message.synced_epoch),
+                (message.epoch, ROLES.index(message.role), message.incarnation, message.synced_epoch)
+                + (() if message.clock_high is None else (message.clock_high,)),
                 message.generation,
             )
         elif isinstance(message, msg.ShipRecords):
@@ -170,9 +171,12 @@ class Decoder:
             kind, counts, key = body.kind, body.counts, bytes(body.key)
             if kind == Kind.CORE_HELLO:
                 self.reconcile_open = False
-                if len(counts) != 4 or counts[1] >= len(ROLES):
+                if len(counts) not in (4, 5) or counts[1] >= len(ROLES):
                     raise framing.MalformedFrame("bad core hello")
-                return msg.Hello(counts[0], self.peer, self.pair, ROLES[counts[1]], counts[2], key, counts[3])
+                clock_high = counts[4] if len(counts) == 5 else None  # 4 counts: a version without it
+                return msg.Hello(
+                    counts[0], self.peer, self.pair, ROLES[counts[1]], counts[2], key, counts[3], clock_high
+                )
             if kind == Kind.RECONCILE_START:
                 self.reconcile_open = True
                 return None

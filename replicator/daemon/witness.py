@@ -58,7 +58,15 @@ from replicator.api.witness import ArbitrationOutcome, PairMode
 from replicator.api.witness import PairState as ApiPairState
 from replicator.checksum import crc32c
 from replicator.config import ConfigError, WitnessConfig, load_witness_config
-from replicator.core.messages import Arbitrate, MarkSynced, SetPreferred, Verdict, WitnessAnswer, WitnessMode
+from replicator.core.messages import (
+    Arbitrate,
+    MarkSynced,
+    Report,
+    SetPreferred,
+    Verdict,
+    WitnessAnswer,
+    WitnessMode,
+)
 from replicator.core.witness import (
     PairConfig,
     PairState,
@@ -291,7 +299,12 @@ class WitnessDaemon:
             previous = stored.get(spec.id)
             if previous is not None and previous.sites and set(previous.sites) != set(sites):
                 log("pair_sites_changed", level="warning", pair=spec.id, stored=previous.sites, configured=sites)
-        self.core = WitnessCore(pairs, {name: p.state for name, p in stored.items()})
+        # A declared pair with no stored state may be a pair whose sites are far ahead (this witness
+        # replaces a lost one): it learns the pair's epoch from the sites before granting anything.
+        fresh = {name for name in pairs if name not in stored}
+        self.core = WitnessCore(pairs, {name: p.state for name, p in stored.items()}, fresh=fresh)
+        for name in sorted(fresh):
+            log("pair_learning", pair=name, reason="no stored state: learning the pair's epoch from its sites")
         for name, previous in stored.items():
             if name not in self.declared:
                 self.core.pairs[name] = self._learned_config(previous.sites)
@@ -331,10 +344,37 @@ class WitnessDaemon:
     async def mark_synced(self, pair: str, site: str, epoch: int) -> ArbitrationOutcome:
         return await self._request(MarkSynced(pair, site, epoch))
 
+    async def report(self, pair: str, site: str, epoch: int, holds_grant: bool, in_sync: bool) -> None:
+        if self.failed.is_set() or self._closing or self.core is None:
+            raise errors.Unavailable("witness: not answering (shutting down or its storage failed)")
+        if pair not in self.core.pairs:
+            return  # pairs are learned from arbitration requests only
+        was_fresh = pair in self.core.fresh
+        self._step(WitnessRequested(next(self._handles), Report(pair, site, epoch, holds_grant, in_sync)))
+        if not was_fresh and pair in self.core.fresh:
+            stored = self._durable.get(pair)
+            log(
+                "pair_learning",
+                level="warning",
+                pair=pair,
+                site=site,
+                reported_epoch=epoch,
+                epoch=stored.state.epoch if stored else None,
+                reason="a site is ahead of this witness (its state was lost or restored from an older copy)",
+            )
+        elif was_fresh and pair not in self.core.fresh:
+            state = self.core.states[pair]
+            log("pair_learned_epoch", pair=pair, site=site, epoch=state.epoch, mode=state.mode, holder=state.holder)
+
     def status(self, pair: str | None) -> Sequence[ApiPairState]:
-        names = sorted(self._durable) if pair is None else [pair] if pair in self._durable else []
+        fresh = self.core.fresh if self.core is not None else set()
+        # Declared pairs not durable yet (fresh, or just learned and being written) show epoch 0.
+        known = set(self._durable) | fresh | (self.declared & set(self.core.states) if self.core is not None else set())
+        names = sorted(known) if pair is None else [pair] if pair in known else []
         return [
-            ApiPairState(
+            ApiPairState(name, 0, PairMode.SYNC, "")
+            if name in fresh or name not in self._durable
+            else ApiPairState(
                 name,
                 self._durable[name].state.epoch,
                 PairMode[self._durable[name].state.mode.name],
@@ -433,6 +473,8 @@ class WitnessDaemon:
         assert self.core is not None
         snapshot = {}
         for name, state in self.core.states.items():
+            if name in self.core.fresh:
+                continue  # not a fact yet: learned from the sites first
             config = self.core.pairs.get(name)
             sites = tuple(s for s in config.sites if s) if config is not None else ()
             snapshot[name] = StoredPair(state, sites)
