@@ -278,3 +278,90 @@ def test_a_site_restored_from_an_older_copy_of_its_data_is_fully_resynced(cluste
     assert any("older than it had acknowledged" in str(reason) for _, _, reason in roles), roles
     b_roles = [str(e["reason"]) for e in events(cluster.processes["b"].log, "role")]
     assert "resync from a (full=True)" in b_roles, b_roles
+
+
+# ---------------------------------------------------------------- finding 3: replacing a lost witness
+
+
+def witness_epoch(cluster: LocalCluster) -> int:
+    from replicator.client.witness import witness_status
+
+    states = witness_status(cluster.cluster["witness"]["grpc"], timeout_ms=2000, pair="pair-1")
+    return states[0].epoch if states else -1
+
+
+def epoch_of(endpoint: str) -> int:
+    return Client([endpoint]).status().epoch
+
+
+def advance_epoch(cluster: LocalCluster, found: list[str]) -> int:
+    """A failover and a return: the pair is SYNC in epoch 3, the witness knows it."""
+    cluster.kill("b")
+    wait_for(lambda: state(found[0]) == "SOLO", 20, "a alone")
+    cluster.start_process("b")
+    wait_for(lambda: all(state(e) == "SYNC" for e in found), 30, "the pair in SYNC")
+    epoch = epoch_of(found[0])
+    assert epoch >= 3 and witness_epoch(cluster) == epoch
+    return epoch
+
+
+def replace_witness(cluster: LocalCluster) -> None:
+    """The lost witness's state is gone: a new witness starts on an empty data directory."""
+    import shutil
+
+    cluster.stop_process("witness")
+    data = cluster.directory / "data" / "witness"
+    shutil.move(data, cluster.directory / "witness-lost")
+    cluster.start_process("witness")
+
+
+def test_a_replaced_witness_learns_the_epoch_and_a_failover_works_through_it(cluster: LocalCluster) -> None:
+    """The trial: a fresh witness answered epoch 1 while the sites were at 16; after kill -9 of b, a was
+    FENCED and denied every 200 ms, and the witness's later grant of epoch 2 was ignored: a total outage."""
+    found = start_synced(cluster)
+    epoch = advance_epoch(cluster, found)
+    replace_witness(cluster)
+    # It learns from the sites' reports (a site SYNC with its peer connected) before granting anything.
+    wait_for(lambda: witness_epoch(cluster) == epoch, 10, "the new witness at the sites' epoch")
+    states = {state(e) for e in found}
+    assert states == {"SYNC"}, states
+    cluster.kill("b")
+    wait_for(lambda: state(found[0]) == "SOLO", 20, "a alone through the new witness")
+    assert epoch_of(found[0]) == epoch + 1 == witness_epoch(cluster)
+    cluster.start_process("b")
+    wait_for(lambda: all(state(e) == "SYNC" for e in found), 30, "b back in SYNC")
+    learned = events(cluster.processes["witness"].log, "pair_learned_epoch")
+    assert learned and learned[-1]["epoch"] == epoch  # (the log holds both witnesses: the first learned 1)
+
+
+def test_a_replaced_witness_with_one_site_left_grants_nothing_stale_and_a_forced_failover_works(
+    cluster: LocalCluster,
+) -> None:
+    """b is lost together with the witness: the new witness cannot learn from both sites, so it grants
+    nothing (a stays FENCED and warns that the witness is behind); the operator's forced failover
+    goes through it, in an epoch above the one a reached."""
+    found = start_synced(cluster)
+    a = Client([found[0]])
+    epoch = advance_epoch(cluster, found)
+    a.put("ops", "before-loss", b"v1")
+    cluster.stop_process("witness")
+    cluster.kill("b")
+    import shutil
+
+    shutil.move(cluster.directory / "data" / "witness", cluster.directory / "witness-lost")
+    cluster.start_process("witness")
+    log_a = cluster.processes["a"].log
+    assert not events(log_a, "witness_behind")  # no false alarm before (a new pair's witness learns epoch 1)
+    wait_for(lambda: events(log_a, "witness_behind"), 10, "a warning that the witness is behind")
+    behind = events(log_a, "witness_behind")[-1]
+    assert behind["level"] == "error" and behind["witness_epoch"] == 0 and behind["epoch"] == epoch
+    time.sleep(2.0)
+    assert state(found[0]) in ("SUSPENDED", "FENCED")  # nothing granted
+    assert witness_epoch(cluster) == 0
+    a.failover(force=True)
+    assert state(found[0]) == "SOLO" and epoch_of(found[0]) == epoch + 1 == witness_epoch(cluster)
+    a.put("ops", "after-forced", b"v2")
+    cluster.start_process("b")
+    wait_for(lambda: all(state(e) == "SYNC" for e in found), 30, "b back in SYNC")
+    b = Client([found[1]])
+    assert b.get("ops", "before-loss") == b"v1" and b.get("ops", "after-forced") == b"v2"

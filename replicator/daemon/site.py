@@ -594,6 +594,8 @@ class SiteDaemon:
     def _check_witness_epoch(self, states: Sequence[PairState]) -> None:
         epoch = next((state.epoch for state in states if state.pair == self.config.site.pair_id), 0)
         behind = max(self.core.epoch - epoch, 0)
+        if epoch == 0 and self.core.epoch == 1:
+            behind = 0  # a new pair: the witness learns epoch 1 once the sites have met
         self.m_witness_behind.set(behind)
         if behind and time.monotonic() - self.witness_behind_logged >= 10.0:
             self.witness_behind_logged = time.monotonic()
