@@ -229,6 +229,22 @@ class Deployment:
             self.cluster.send_signal(site, signal.SIGCONT)
             self.paused.discard(site)
 
+    def data_dir(self, site: str) -> Path:
+        data = load_site_config(self.cluster.config_path(site), environ=self._environment_for(site)).site.data_dir
+        return Path(data) if Path(data).is_absolute() else self.directory / data
+
+    def copy_data(self, site: str, to: Path) -> None:
+        """Copy a (stopped) site's data directory, as a backup would."""
+        assert not self.running(site), "copy a site's data only while it is down"
+        shutil.rmtree(to, ignore_errors=True)
+        shutil.copytree(self.data_dir(site), to, symlinks=True)
+
+    def restore_data(self, site: str, source: Path) -> None:
+        """Put an older copy back in place of a (stopped) site's data directory."""
+        assert not self.running(site), "restore a site's data only while it is down"
+        shutil.rmtree(self.data_dir(site), ignore_errors=True)
+        shutil.copytree(source, self.data_dir(site), symlinks=True)
+
     def wipe(self, site: str) -> None:
         """Delete a (stopped) site's data directory."""
         assert not self.running(site), "wipe a site only while it is down"

@@ -3,9 +3,9 @@
 A nemesis is made per episode from the run's seeded generator (victim,
 direction, duration are drawn then), so a seed replays the same schedule.
 `resources` says what an episode touches: episodes run together (the random
-mix) only when their resources are disjoint, and an `exclusive` one (wipe)
-always runs alone: wiping a site while the other one is also failing would
-lose data for a reason no replication could prevent.
+mix) only when their resources are disjoint, and an `exclusive` one (wipe,
+restore) always runs alone: wiping a site while the other one is also failing
+would lose data for a reason no replication could prevent.
 """
 
 from __future__ import annotations
@@ -323,6 +323,28 @@ class Wipe(Kill):
         d.wipe(self.victim)
 
 
+class Restore(Kill):
+    name = "restore"
+    exclusive = True  # the restored site's peer holds what it lacks: nothing else may fail meanwhile
+    description = (
+        "SIGKILL one site, copy its data directory, restart it; after the hold (writes go on) SIGKILL it, "
+        "put the older copy back, restart it (it must be detected and get a full resync)"
+    )
+
+    def inject(self, d: Deployment) -> None:
+        d.kill(self.victim)
+        d.copy_data(self.victim, self._copy(d))
+        d.start(self.victim)
+
+    def heal(self, d: Deployment) -> None:
+        d.kill(self.victim)
+        d.restore_data(self.victim, self._copy(d))
+        d.start(self.victim)
+
+    def _copy(self, d: Deployment) -> Any:
+        return d.directory / f"restore-copy-{self.victim}"
+
+
 class DelayKill(Nemesis):
     name = "delay-kill"
     description = "200 ms added on the site link (records and acks in flight for that long), then SIGKILL a site"
@@ -478,6 +500,7 @@ NEMESES: dict[str, type[Nemesis]] = {
         StorageFault,
         DiskFull,
         Wipe,
+        Restore,
         ClockJump,
         DelayKill,
         ReconcileCrash,

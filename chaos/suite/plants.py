@@ -57,6 +57,12 @@ AIMED: dict[str, Aim] = {
     "reconcile_early": Aim(
         ("reconcile-crash",), "a same-epoch reconcile commits records the slow peer then loses in a crash", COLD
     ),
+    "skip_rollback_check": Aim(
+        ("restore",),
+        "a site restored from an older copy of its data rejoins with an incremental resync and lacks what was "
+        "written after the copy",
+        COLD,
+    ),
     "forget_suspect_keys": Aim(
         ("resync-crash",),
         "a resync target drops log records the source committed without reporting their keys",
