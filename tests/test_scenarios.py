@@ -69,11 +69,18 @@ class Site:
                 data = self.disk.current.data
                 from replicator.core.records import Versioned
 
-                entries = tuple(
-                    Versioned(key, data[key][0], data[key][1]) if key in data else Versioned(key, 0, None)
-                    for key in action.keys
-                )
-                self.step(ev.ResyncBatchLoaded(action.token, entries, None))
+                next_position = None
+                if action.keys:
+                    entries = tuple(
+                        Versioned(key, data[key][0], data[key][1]) if key in data else Versioned(key, 0, None)
+                        for key in action.keys
+                    )
+                else:  # a full resync's scan
+                    start = action.scan_from or b""
+                    keys = sorted(key for key in data if key >= start)[: action.limit]
+                    entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
+                    next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
+                self.step(ev.ResyncBatchLoaded(action.token, entries, next_position))
 
     def sync(self) -> None:
         durable = self.disk.sync()
@@ -206,3 +213,47 @@ def test_reconcile_commits_only_what_the_peer_holds_durably(plant: frozenset[str
     else:
         assert not answered or a.value(b"k2") == b"v"
         assert a.value(b"k2") == b.value(b"k2")
+
+
+@pytest.mark.parametrize("plant", [frozenset(), frozenset({"skip_rollback_check"})])
+def test_a_site_restored_from_an_older_copy_meets_its_peer_in_the_same_epoch(plant: frozenset[str]) -> None:
+    """b's disk is copied, a write commits at both, b comes back from the copy while a is still in
+    epoch 1 (it never went on alone). Reconciling would leave b without the write: a must refuse,
+    tell b (which then never asks to go on alone), and resync it in full once it holds the grant."""
+    a, b = Site("a", plant), Site("b", plant)
+    a.start()
+    b.start()
+    connect(a, b)
+    assert a.core is not None and b.core is not None and a.core.role is Role.SYNC is b.core.role
+    copy = b.disk.durable.copy()
+    a.step(ev.WriteRequested(1, b"req-1", (Operation(b"k1", b"v1"),)))
+    settle(a, b)
+    assert [x.ok for x in a.answers if x.handle == 1] == [True] and b.value(b"k1") == b"v1"
+    b.crash()
+    b.disk.durable, b.disk.current = copy.copy(), copy.copy()
+    a.step(ev.PeerDisconnected())
+    b.start()
+    connect(a, b)
+    if plant:
+        assert b.core is not None and b.core.role is Role.SYNC
+        assert b.value(b"k1") is None  # both SYNC, the acknowledged write missing at b
+        return
+    assert b.core is not None and b.core.role is Role.FENCED and b.core.peer_generation == b""
+    assert a.core.resync_full_position == b""
+    witness = WitnessCore({"p": PairConfig(sites=("a", "b"), preferred="b", preferred_grace_ms=0)})
+    for _ in range(40):  # time passes: both time out; only a may ask the witness
+        for site in (a, b):
+            site.now += 100
+            site.step(ev.TimePassed())
+            site.sync()
+            ask_witness(site, witness)
+    assert a.core.role is Role.SOLO and a.core.epoch == 2
+    assert b.core.role is Role.FENCED and b.core.epoch == 1
+    a.outbox.clear()
+    b.outbox.clear()
+    connect(a, b)
+    for _ in range(5):
+        settle(a, b)
+        ask_witness(a, witness)
+        settle(a, b)
+    assert a.core.role is Role.SYNC and b.core.role is Role.SYNC and b.value(b"k1") == b"v1"
