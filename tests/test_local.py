@@ -41,6 +41,8 @@ def _arbitrate(address: str, site: str, epoch: int) -> tuple[bool, int]:
     async def call() -> tuple[bool, int]:
         client = AsyncWitnessClient(address, timeout_ms=3000)
         try:
+            # As the sites do: a witness with no state for the pair learns its epoch first (SYNC 1 here).
+            await client.report(PAIR_ID, "a", 1, holds_grant=False, in_sync=True)
             outcome = await client.arbitrate(PAIR_ID, site, epoch)
             return outcome.granted, outcome.epoch
         finally:

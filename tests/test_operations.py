@@ -365,3 +365,36 @@ def test_a_replaced_witness_with_one_site_left_grants_nothing_stale_and_a_forced
     wait_for(lambda: all(state(e) == "SYNC" for e in found), 30, "b back in SYNC")
     b = Client([found[1]])
     assert b.get("ops", "before-loss") == b"v1" and b.get("ops", "after-forced") == b"v2"
+
+
+def test_sites_that_use_different_witnesses_never_go_on_alone(cluster: LocalCluster) -> None:
+    """The trial's split brain: two witnesses for one pair, site a asking one and b the other; after a
+    link cut both were SOLO in epoch 2. Now the sites compare their witnesses' identities (in the link
+    HELLO) and, while they differ, never ask to go on alone: a site left alone waits (and says why)."""
+    found = start_synced(cluster)
+    config = load_witness_config(cluster.config_path("witness"))
+    grpc_port, metrics_port = fresh_ports(2)
+    section = dataclasses.replace(config.witness, data_dir=cluster.directory / "data" / "witness-2")
+    listen = dataclasses.replace(config.listen, grpc=grpc_port, metrics=metrics_port)
+    path = cluster.directory / "witness-2.toml"
+    path.write_text(dataclasses.replace(config, witness=section, listen=listen).to_toml())
+    second = Extra(cluster, "replicator.daemon.witness", path, cluster.directory / "witness-2.log")
+    try:
+        wait_for(lambda: events(second.log, "started"), 20, "the second witness")
+        site_b = load_site_config(cluster.config_path("b"))
+        misconfigured = dataclasses.replace(site_b, witness=dataclasses.replace(site_b.witness, address=grpc_port))
+        cluster.stop_process("b")
+        cluster.config_path("b").write_text(misconfigured.to_toml())
+        cluster.start_process("b")
+        log_a, log_b = cluster.processes["a"].log, cluster.processes["b"].log
+        wait_for(lambda: events(log_a, "witness_mismatch") and events(log_b, "witness_mismatch"), 20, "both warned")
+        wait_for(lambda: all(state(e) == "SYNC" for e in found), 30, "the pair in SYNC")  # replication goes on
+        grants = len(events(cluster.processes["witness"].log, "granted"))  # (one when b was stopped above)
+        cluster.kill("b")
+        time.sleep(5.0)  # beyond the failover time (0.5 s timeout, 1 s lease)
+        assert state(found[0]) in ("SUSPENDED", "FENCED")
+        assert len(events(cluster.processes["witness"].log, "granted")) == grants
+        (mismatch, *_) = events(log_a, "witness_mismatch")
+        assert mismatch["level"] == "critical" and mismatch["witness_id"] != mismatch["peer_witness_id"]
+    finally:
+        second.stop()

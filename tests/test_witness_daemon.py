@@ -104,7 +104,8 @@ def test_arbitration_survives_sigkill_and_restart(witness: WitnessProcess) -> No
         try:
             # A fresh witness grants nothing before it knows where the pair is (issue 18): site a
             # reports SYNC epoch 1 with its peer connected.
-            assert (await client.report(PAIR, "a", 1, holds_grant=False, in_sync=True))[0].epoch == 0
+            states, identity = await client.report(PAIR, "a", 1, holds_grant=False, in_sync=True)
+            assert states[0].epoch == 0 and len(identity) == 16  # learning; the witness's id
             granted = await client.arbitrate(PAIR, "a", 1)
             assert (granted.granted, granted.epoch, granted.mode, granted.holder) == (True, 2, PairMode.SOLO, "a")
             again = await client.arbitrate(PAIR, "a", 1)  # idempotent retry by the holder

@@ -152,5 +152,6 @@ class WitnessServicer(witness_pb2_grpc.WitnessServiceServicer):
         return witness_pb2.WitnessStatusResponse(
             pairs=[
                 witness_pb2.PairState(pair=s.pair, epoch=s.epoch, mode=s.mode.value, holder=s.holder) for s in states
-            ]
+            ],
+            witness_id=str(getattr(self.backend, "witness_id", "")),
         )

@@ -55,8 +55,9 @@ class AsyncWitnessClient:
 
     async def report(
         self, pair: str, site: str, epoch: int, *, holds_grant: bool, in_sync: bool
-    ) -> list[PairState]:
-        """A site's periodic report (where it is); answers the pair's state as the witness holds it."""
+    ) -> tuple[list[PairState], str]:
+        """A site's periodic report (where it is); answers the pair's state as the witness holds it
+        and the witness's identity."""
         request = witness_pb2.WitnessStatusRequest(
             pair=pair, site=site, epoch=epoch, holds_grant=holds_grant, in_sync=in_sync
         )
@@ -64,7 +65,7 @@ class AsyncWitnessClient:
             response = await self._stub.Status(request, timeout=self.timeout_s)
         except grpc.RpcError as error:
             raise failure(error, self.address, [self.address]) from None
-        return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder) for p in response.pairs]
+        return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder) for p in response.pairs], response.witness_id
 
     async def status(self, pair: str = "") -> list[PairState]:
         try:

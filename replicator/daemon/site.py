@@ -150,6 +150,9 @@ class SiteDaemon:
         self.link: Link | None = None
         self.link_refusals_logged: dict[str, float] = {}
         self.witness_report_now = asyncio.Event()
+        self.witness_id = ""  # our witness's identity (from its answers)
+        self.peer_witness_id = ""  # the peer's, from its link HELLO
+        self.witness_mismatch_logged = -1e9
         self.witness_behind_logged = -1e9
         self.m_witness_behind = self.metrics.gauge(
             "replicator_witness_epochs_behind", "how many epochs the witness is behind this site (0: not behind)"
@@ -214,7 +217,8 @@ class SiteDaemon:
             local_site=self.name,
             peer_site=self.peer,
             address=_address(section.peer_address if dialer else self.config.listen.link),
-            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), 0),
+            # The extras name our witness: two sites that use different witnesses never go on alone.
+            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), 0, self.witness_id.encode()),
             on_frame=self._on_frame,
             on_state=self._on_link_state,
             limits=LinkLimits(
@@ -357,6 +361,10 @@ class SiteDaemon:
                         log("corrupt_value", level="error", key=action.key)
                         future.set_exception(errors.Corrupt(str(error)))
             elif isinstance(action, ev.AskWitness):
+                if self._witness_mismatch(action.request):
+                    # As if the witness could not be reached: no grant from a witness the peer does not use.
+                    asyncio.get_running_loop().call_soon(self.step, ev.WitnessFailed(action.request))
+                    continue
                 asyncio.get_running_loop().create_task(self._ask_witness(action.request))
             elif isinstance(action, ev.LoadResyncBatch):
                 self._load_resync(action)
@@ -535,6 +543,9 @@ class SiteDaemon:
         self.link_session += 1
         if isinstance(event, LinkUp):
             self.decoder.reset()
+            self.peer_witness_id = bytes(event.peer.extras).decode(errors="replace")
+            if self.witness_id and self.peer_witness_id and self.witness_id != self.peer_witness_id:
+                self._log_witness_mismatch()
             log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
             self.step(ev.PeerConnected())
         elif isinstance(event, LinkDown):
@@ -576,7 +587,7 @@ class SiteDaemon:
         while True:
             core = self.core
             try:
-                states = await self.witness.report(
+                states, identity = await self.witness.report(
                     self.config.site.pair_id,
                     self.name,
                     core.epoch,
@@ -585,11 +596,39 @@ class SiteDaemon:
                 )
                 self.witness_reachable = True
                 self._check_witness_epoch(states)
+                if identity and identity != self.witness_id:
+                    log("witness_identity", witness=self.config.witness.address, witness_id=identity)
+                    self.witness_id = identity
+                    if self.link is not None and self.link.up:
+                        self.link.reset("our witness changed: tell the peer in a new HELLO")
             except Exception:
                 self.witness_reachable = False
             self.witness_report_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.witness_report_now.wait(), WITNESS_REPORT_S)
+
+    def _witness_mismatch(self, request: msg.WitnessRequest) -> bool:
+        """The two sites use different witnesses (a misconfiguration): going on alone could split the
+        pair (each granted by its own witness), so no Arbitrate goes out, except an operator's forced one."""
+        if not (self.witness_id and self.peer_witness_id) or self.witness_id == self.peer_witness_id:
+            return False
+        if not isinstance(request, msg.Arbitrate) or request.force:
+            return False
+        self._log_witness_mismatch()
+        return True
+
+    def _log_witness_mismatch(self) -> None:
+        if time.monotonic() - self.witness_mismatch_logged >= 10.0:
+            self.witness_mismatch_logged = time.monotonic()
+            log(
+                "witness_mismatch",
+                level="critical",
+                site=self.name,
+                witness=self.config.witness.address,
+                witness_id=self.witness_id,
+                peer_witness_id=self.peer_witness_id,
+                action="not asking to go on alone: the two sites must use the same witness (witness.address)",
+            )
 
     def _check_witness_epoch(self, states: Sequence[PairState]) -> None:
         epoch = next((state.epoch for state in states if state.pair == self.config.site.pair_id), 0)

@@ -86,6 +86,7 @@ __all__ = ["STATE_FILE", "StateError", "StateStore", "StoredPair", "WitnessDaemo
 
 STATE_FILE = "witness-state.json"
 LOCK_FILE = "LOCK"
+ID_FILE = "witness-id"  # this witness's identity: the sites of a pair check that they use the same one
 STATE_FORMAT = "replicator-witness-state"
 STATE_VERSION = 1
 TICK_MS = 20
@@ -126,6 +127,7 @@ class StateStore:
         self.data_dir = data_dir
         self.path = data_dir / STATE_FILE
         self._lock_fd: int | None = None
+        self.witness_id = ""
 
     def open(self) -> dict[str, StoredPair]:
         """Create the directory, take its lock, and load the stored pairs (empty on a fresh directory)."""
@@ -143,10 +145,33 @@ class StateStore:
             ) from None
         self._lock_fd = fd
         try:
+            self.witness_id = self._identity()
             return self._load()
         except BaseException:
             self.close()
             raise
+
+    def _identity(self) -> str:
+        """Read this data directory's witness id, or make one (durably) on a new directory."""
+        path = self.data_dir / ID_FILE
+        try:
+            text = path.read_text().strip()
+            if text:
+                return text
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise StateError(f"{path}: cannot read: {error}") from None
+        identity = os.urandom(8).hex()
+        temporary = path.with_name(ID_FILE + ".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, (identity + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        return identity
 
     def _load(self) -> dict[str, StoredPair]:
         try:
@@ -365,6 +390,10 @@ class WitnessDaemon:
         elif was_fresh and pair not in self.core.fresh:
             state = self.core.states[pair]
             log("pair_learned_epoch", pair=pair, site=site, epoch=state.epoch, mode=state.mode, holder=state.holder)
+
+    @property
+    def witness_id(self) -> str:
+        return self.store.witness_id
 
     def status(self, pair: str | None) -> Sequence[ApiPairState]:
         fresh = self.core.fresh if self.core is not None else set()
