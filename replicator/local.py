@@ -52,6 +52,7 @@ from typing import Any
 import replicator
 from replicator.config import (
     ListenConfig,
+    NbdConfig,
     PairSpec,
     SiteConfig,
     SiteSection,
@@ -290,7 +291,8 @@ class LocalCluster:
                 self.config_path(name),
                 self.directory / f"{name}.log",
                 site.listen.grpc,
-                {"peer": site.listen.link, "metrics": site.listen.metrics},
+                {"peer": site.listen.link, "metrics": site.listen.metrics}
+                | ({"nbd": site.nbd.listen} if site.nbd.listen else {}),
                 health_tls=self.client_tls if site.tls.grpc is not None else None,
             )
 
@@ -320,7 +322,7 @@ class LocalCluster:
         )
 
     def _write_configs(self) -> None:
-        ports = iter(free_ports(2 + 3 * len(SITE_NAMES)))
+        ports = iter(free_ports(2 + 4 * len(SITE_NAMES)))
         host = "127.0.0.1"
         witness_grpc, witness_metrics = f"{host}:{next(ports)}", f"{host}:{next(ports)}"
         listens = {
@@ -350,6 +352,7 @@ class LocalCluster:
                     **DEMO_SITE_SETTINGS,
                 ),
                 listen=listens[name],
+                nbd=NbdConfig(listen=f"{host}:{next(ports)}"),
                 witness=WitnessClientConfig(address=witness_grpc, **DEMO_WITNESS_CLIENT),
                 tls=TlsConfig(*(self._relative_tls(name),) * 3) if self.tls else TlsConfig(),
             )
@@ -371,6 +374,8 @@ class LocalCluster:
         if process.name != WITNESS:
             entry["peer"] = process.extra["peer"]
             entry["metrics"] = process.extra["metrics"]
+            if "nbd" in process.extra:
+                entry["nbd"] = process.extra["nbd"]
         entry["config"] = str(process.config)
         return entry
 
@@ -594,6 +599,14 @@ def _summary(cluster: LocalCluster) -> str:
         )
         lines.append(f"mutual TLS on every link; client certificate: {flags}")
         flags = " " + flags
+    nbd = {n: cluster.processes[n].extra.get("nbd", "") for n in SITE_NAMES if n in cluster.started}
+    if nbd and all(nbd.values()):
+        lines.append("NBD exports (one per block volume; VOLUME is the volume's name):")
+        for name, address in nbd.items():
+            lines.append(f"  site {name}:     nbd://{address}/VOLUME")
+        addresses = " ".join(nbd.values())
+        lines.append(f"  multipath:  replicator-nbd-multipath --sites {addresses} --listen 127.0.0.1:10809")
+        lines.append("              then nbd://127.0.0.1:10809/VOLUME (local-preferred, fails over to the other site)")
     if any(n in cluster.started for n in SITE_NAMES):
         a = cluster.processes[SITE_NAMES[0]].grpc
         lines.append(f"try:  replicatorctl --endpoint {a}{flags} status")
