@@ -354,7 +354,8 @@ class LocalCluster:
                 listen=listens[name],
                 nbd=NbdConfig(listen=f"{host}:{next(ports)}"),
                 witness=WitnessClientConfig(address=witness_grpc, **DEMO_WITNESS_CLIENT),
-                tls=TlsConfig(*(self._relative_tls(name),) * 3) if self.tls else TlsConfig(),
+                # gRPC, link, witness client and NBD (STARTTLS, client certificate required).
+                tls=TlsConfig(*(self._relative_tls(name),) * 4) if self.tls else TlsConfig(),
             )
         for name, config in configs.items():
             _write_atomically(self.config_path(name), config.to_toml())
@@ -603,7 +604,8 @@ def _summary(cluster: LocalCluster) -> str:
     if nbd and all(nbd.values()):
         lines.append("NBD exports (one per block volume; VOLUME is the volume's name):")
         for name, address in nbd.items():
-            lines.append(f"  site {name}:     nbd://{address}/VOLUME")
+            scheme = "nbds" if cluster.client_tls is not None else "nbd"
+            lines.append(f"  site {name}:     {scheme}://{address}/VOLUME")
         addresses = " ".join(nbd.values())
         lines.append(f"  multipath:  replicator-nbd-multipath --sites {addresses} --listen 127.0.0.1:10809")
         lines.append("              then nbd://127.0.0.1:10809/VOLUME (local-preferred, fails over to the other site)")
