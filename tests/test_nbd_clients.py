@@ -364,3 +364,17 @@ def test_nbdfuse_mkfs_ext4_fsck_files_survive_a_remount(pair: dict[str, str], tm
             assert out.read_bytes() == payload.read_bytes(), name
     finally:
         unmount()
+
+
+def test_replicatorctl_volume_list_names_each_sites_nbd_uri(
+    pair: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from replicator.cli import main
+
+    volume(pair, "listed", 1 * MIB)
+    for site in ("a", "b"):
+        assert main(["--endpoint", pair[site], "--json", "volume", "list"]) == 0
+        rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+        assert rows["listed"]["nbd_uri"] == f"nbd://{pair['nbd_' + site]}/listed"
+    assert main(["--endpoint", pair["a"], "volume", "list"]) == 0
+    assert f"nbd://{pair['nbd_a']}/listed" in capsys.readouterr().out

@@ -630,8 +630,16 @@ class SiteDaemon:
             dirty_keys=len(core.dirty),
             preferred=core.config.preferred,
             peer_address=self.config.site.peer_grpc_address,
-            details={"incarnation": str(core.incarnation), "pending_writes": str(len(core.pending))},
+            details={"incarnation": str(core.incarnation), "pending_writes": str(len(core.pending))}
+            | self._nbd_details(),
         )
+
+    def _nbd_details(self) -> dict[str, str]:
+        """The NBD server's base URI (an export is BASE/VOLUME), for `replicatorctl volume list`."""
+        nbd = getattr(self, "nbd", None)
+        if nbd is None:
+            return {}
+        return {"nbd": f"{'nbds' if self.config.tls.nbd is not None else 'nbd'}://{nbd.address}"}
 
     async def verify(self, repair: bool, progress: Callable[[int, int], None]) -> VerifyReport:
         """Online verify against the peer (replicator/daemon/verify.py); repair: this site's version wins."""
