@@ -64,15 +64,17 @@ chaos: build
 
 # The micro-benchmarks, then the end-to-end suite (python -m benchmarks.e2e --help): Replicator
 # against etcd, Redis and raw RocksDB on loopback, results in benchmarks/results/<date>/.
-# BENCH_ARGS=--quick for a 2-minute subset.
+# BENCH_ARGS=--quick for a 2-minute subset. Then the NBD section (benchmarks/bench_nbd.py): fio through
+# NBD against the pair, the daemon alone and durable nbdkit file; results in benchmarks/results/<date>/nbd.*.
 BENCH_ARGS ?=
-bench: build
+bench: build tools-nbd
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m benchmarks.bench_checksum
 	$(PY) -m benchmarks.bench_storage
 	$(PY) -m benchmarks.bench_framing
 	$(PY) -m benchmarks.bench_link
 	$(PY) -m benchmarks.e2e $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench_nbd $(if $(findstring --quick,$(BENCH_ARGS)),--quick,)
 
 demo: build
 	$(PY) -m replicator.demo
