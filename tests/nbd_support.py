@@ -51,12 +51,19 @@ def state(endpoint: str) -> str:
 
 
 def start_pair(cluster: LocalCluster) -> dict[str, str]:
-    """Start the pair, wait for SYNC; return {"a": grpc, "b": grpc, "nbd_a": host:port, "nbd_b": host:port}."""
+    """Start the pair, wait for SYNC; return the gRPC ("a", "b"), NBD ("nbd_a", ...) and metrics addresses."""
     cluster.start(sites=True)
     sites = cluster.cluster["sites"]
     endpoints = [sites["a"]["grpc"], sites["b"]["grpc"]]
     wait_for(lambda: all(state(e) == "SYNC" for e in endpoints), 30, "both sites in SYNC")
-    return {"a": endpoints[0], "b": endpoints[1], "nbd_a": sites["a"]["nbd"], "nbd_b": sites["b"]["nbd"]}
+    return {
+        "a": endpoints[0],
+        "b": endpoints[1],
+        "nbd_a": sites["a"]["nbd"],
+        "nbd_b": sites["b"]["nbd"],
+        "metrics_a": sites["a"]["metrics"],
+        "metrics_b": sites["b"]["metrics"],
+    }
 
 
 def uri(address: str, volume: str) -> str:

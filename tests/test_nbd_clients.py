@@ -378,3 +378,30 @@ def test_replicatorctl_volume_list_names_each_sites_nbd_uri(
         assert rows["listed"]["nbd_uri"] == f"nbd://{pair['nbd_' + site]}/listed"
     assert main(["--endpoint", pair["a"], "volume", "list"]) == 0
     assert f"nbd://{pair['nbd_a']}/listed" in capsys.readouterr().out
+
+
+def test_metrics_count_connections_requests_bytes_and_errors(pair: dict[str, str]) -> None:
+    require("nbdsh")
+    import urllib.request
+
+    volume(pair, "metered", 1 * MIB)
+    script = (
+        "h.pwrite(b'm' * 8192, 0); h.pread(4096, 0); h.set_strict_mode(0)\n"
+        "try:\n    h.pwrite(b'x' * 100, 3)\nexcept nbd.Error:\n    pass\n"
+    )
+    run(["nbdsh", "-u", uri(pair["nbd_a"], "metered"), "-c", script])
+    assert Client([pair["a"]]).status().details["nbd"] == f"nbd://{pair['nbd_a']}"
+    text = urllib.request.urlopen(f"http://{pair['metrics_a']}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("replicator_nbd_"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values["replicator_nbd_connections_total"] >= 1
+    assert values['replicator_nbd_requests_total{command="write",outcome="ok"}'] >= 1
+    assert values['replicator_nbd_requests_total{command="read",outcome="ok"}'] >= 1
+    assert values['replicator_nbd_requests_total{command="write",outcome="error"}'] >= 1
+    assert values['replicator_nbd_errors_total{errno="22"}'] >= 1
+    assert values['replicator_nbd_bytes_total{direction="write"}'] >= 8192
+    assert values['replicator_nbd_request_seconds_count{command="write"}'] >= 1
+    assert "replicator_nbd_connections_open" in values

@@ -123,3 +123,32 @@ def _nbd_writes(cluster: LocalCluster, site: str) -> float:
         if line.startswith('replicator_nbd_requests_total{command="write",outcome="ok"}'):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def test_round_robin_spreads_requests_over_both_sites(
+    deployment: tuple[LocalCluster, dict[str, str]], tmp_path: Path
+) -> None:
+    require("nbdcopy")
+    cluster, pair = deployment
+    Client([pair["a"], pair["b"]]).create_volume("rr", 4 * MIB)
+    (port,) = free_ports(1)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "replicator.nbd.multipath", "--sites", pair["nbd_a"], pair["nbd_b"],
+         "--listen", f"127.0.0.1:{port}", "--policy", "round-robin"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None and "serving" in process.stdout.readline()
+        before = {site: _nbd_writes(cluster, site) for site in ("a", "b")}
+        source = tmp_path / "in.raw"
+        source.write_bytes(bytes(range(256)) * (4 * MIB // 256))
+        run(["nbdcopy", "--request-size=65536", str(source), uri(f"127.0.0.1:{port}", "rr")])
+        back = tmp_path / "back.raw"
+        run(["nbdcopy", uri(f"127.0.0.1:{port}", "rr"), str(back)])
+        assert back.read_bytes() == source.read_bytes()
+        after = {site: _nbd_writes(cluster, site) for site in ("a", "b")}
+        # Round-robin alternates per batch the dispatcher sends: both sites must have taken a share.
+        assert all(after[site] - before[site] >= 3 for site in ("a", "b")), (before, after)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -266,3 +266,27 @@ async def _too_many_connections_are_refused(backend: FakeBackend, server: NbdSer
         assert await first.reply() == (77, 0, b"")
     finally:
         await small.stop()
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_nbd_configuration_is_validated(tmp_path: pytest.TempPathFactory) -> None:
+    from replicator.config import ConfigError, site_config_from_mapping
+
+    site = {"name": "a", "peer_name": "b", "pair_id": "p", "data_dir": "d"}
+    assert site_config_from_mapping({"site": site}).nbd.listen == ""  # off unless configured
+    config = site_config_from_mapping({"site": site, "nbd": {"listen": "127.0.0.1:10809", "inflight_requests_max": 8}})
+    assert (config.nbd.listen, config.nbd.inflight_requests_max) == ("127.0.0.1:10809", 8)
+    assert config.exposed_addresses() == []
+    assert site_config_from_mapping({"site": site, "nbd": {"listen": "0.0.0.0:10809"}}).exposed_addresses() == [
+        "0.0.0.0:10809"
+    ]
+    for bad, message in (
+        ({"listen": "nowhere"}, "nbd.listen"),
+        ({"listen": "127.0.0.1:1", "connections_max": 0}, "nbd.connections_max"),
+        ({"listne": "127.0.0.1:1"}, "did you mean listen"),
+        ({"listen": "127.0.0.1:7400"}, "same address"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            site_config_from_mapping({"site": site, "nbd": bad})

@@ -122,6 +122,7 @@ class _Session:
         self.idle = asyncio.Event()
         self.idle.set()
         self.down_until = [0.0] * len(self.config.sites)
+        self.unusable = [False] * len(self.config.sites)
         self.dispatcher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ host side
@@ -163,9 +164,14 @@ class _Session:
         try:
             await connection.connect(self.config.connect_timeout_s)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, NbdClientError, p.ProtocolError, ssl.SSLError) as error:
-            log.info("multipath: site %s not usable for %r: %s", address, self.export, error)
+            if not self.unusable[index]:  # say it once per outage, not at every retry
+                log.warning("multipath: site %s not usable for %r: %s", address, self.export, error)
+            self.unusable[index] = True
             self.down_until[index] = time.monotonic() + 0.2
             return None
+        if self.unusable[index]:
+            log.warning("multipath: site %s takes requests for %r again", address, self.export)
+        self.unusable[index] = False
         self.sites[index] = connection
         return connection
 
