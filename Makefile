@@ -34,8 +34,8 @@ lint: build
 
 # The real NBD clients the NBD tests drive (Debian packages), installed when one is missing.
 # tests/nbd_support.py skips a test whose tool is missing, except under CI=true, where it fails.
-NBD_TOOLS := nbdinfo nbdcopy nbdsh nbdfuse nbdkit qemu-img qemu-io fio fusermount3 mkfs.ext4 e2fsck debugfs
-NBD_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio fuse3 fuse2fs e2fsprogs
+NBD_TOOLS := nbdinfo nbdcopy nbdsh nbdfuse nbdkit qemu-img qemu-io fio fusermount3 mkfs.ext4 e2fsck losetup
+NBD_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio fuse3 fuse2fs e2fsprogs mount
 tools-nbd:
 	@missing=""; for tool in $(NBD_TOOLS); do \
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
