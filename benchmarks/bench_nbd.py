@@ -45,6 +45,7 @@ JOBS: list[tuple[str, list[str]]] = [
     ("randread-4k-qd32", ["--rw=randread", "--bs=4k", "--iodepth=32"]),
     ("seqwrite-1m-qd4", ["--rw=write", "--bs=1m", "--iodepth=4"]),
 ]
+PEER_TIMEOUT_MS = 3000
 GOALS = {"randwrite-4k-qd32": 0.5, "seqwrite-1m-qd4": 0.5, "randread-4k-qd32": 0.5}
 
 
@@ -82,7 +83,9 @@ def fio(uri: str, arguments: list[str], runtime_s: float) -> dict[str, float]:
 def prefill(uri: str) -> None:
     command = ["fio", "--name=prefill", "--ioengine=nbd", f"--uri={uri}", f"--size={REGION_BYTES}",
                "--rw=write", "--bs=1m", "--iodepth=4", "--output-format=json"]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, env=_environment(), timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"fio prefill failed: {result.stderr.strip()[-2000:]}")
 
 
 def run_jobs(uri: str, runtime_s: float, progress: Any) -> dict[str, dict[str, float]]:
@@ -97,6 +100,16 @@ def run_jobs(uri: str, runtime_s: float, progress: Any) -> dict[str, dict[str, f
 def bench_replicator(directory: Path, runtime_s: float, progress: Any) -> dict[str, dict[str, dict[str, float]]]:
     results = {}
     with LocalCluster(directory / "deploy", health_timeout_s=60) as cluster:
+        cluster.configure()
+        for name in ("a", "b"):
+            # The launcher's demo timeouts (peer_timeout_ms 500) are for showing a failover; on a
+            # loaded 2-core machine, 1 MiB writes stall the link past them and the pair suspends
+            # mid-run (which drops the NBD connections, as it must). This measures throughput.
+            config = cluster.config_path(name)
+            text = config.read_text()
+            assert "peer_timeout_ms = 500\n" in text, "the launcher's demo settings changed"
+            config.write_text(text.replace("peer_timeout_ms = 500\n", f"peer_timeout_ms = {PEER_TIMEOUT_MS}\n"))
+        cluster.processes.clear()  # configure() again at start, from the edited files
         cluster.start(sites=True)
         sites = cluster.cluster["sites"]
         client = Client([sites["a"]["grpc"], sites["b"]["grpc"]])
@@ -107,16 +120,23 @@ def bench_replicator(directory: Path, runtime_s: float, progress: Any) -> dict[s
             time.sleep(0.2)
         client.create_volume("bench", VOLUME_BYTES)
         uri = f"nbd://{sites['a']['nbd']}/bench"
-        progress("replicator-pair (site a's export, pair in SYNC)")
-        results["replicator-pair"] = run_jobs(uri, runtime_s, progress)
-        cluster.stop_process("b")
-        deadline = time.monotonic() + 60
-        while Client([sites["a"]["grpc"]]).status().state != "SOLO":
-            if time.monotonic() > deadline:
-                raise RuntimeError("site a did not go on alone")
-            time.sleep(0.2)
-        progress("replicator-single (site b stopped, a SOLO)")
-        results["replicator-single"] = run_jobs(uri, runtime_s, progress)
+        try:
+            progress("replicator-pair (site a's export, pair in SYNC)")
+            results["replicator-pair"] = run_jobs(uri, runtime_s, progress)
+            cluster.stop_process("b")
+            deadline = time.monotonic() + 60
+            while Client([sites["a"]["grpc"]]).status().state != "SOLO":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("site a did not go on alone")
+                time.sleep(0.2)
+            progress("replicator-single (site b stopped, a SOLO)")
+            results["replicator-single"] = run_jobs(uri, runtime_s, progress)
+        except RuntimeError:
+            for name in ("a", "b"):  # the sites' NBD and role events say why a client failed
+                lines = (cluster.directory / f"{name}.log").read_text(errors="replace").splitlines()
+                for line in [x for x in lines if '"nbd' in x or '"role"' in x][-15:]:
+                    progress(f"  {name}.log: {line}")
+            raise
     return results
 
 
@@ -218,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(text: str) -> None:
         print(text, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="bench-nbd-", dir=out) as scratch:
+    with tempfile.TemporaryDirectory(prefix="bench-nbd-") as scratch:
         results = bench_replicator(Path(scratch), runtime_s, progress)
         results["nbdkit-file-fua"] = bench_nbdkit(Path(scratch), runtime_s, progress)
     version = subprocess.run(["fio", "--version"], capture_output=True, text=True, env=_environment()).stdout.strip()

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +45,9 @@ from replicator.api import errors
 from replicator.api.backend import SiteBackend
 from replicator.api.keys import VolumeMeta
 from replicator.config import ApiConfig, NbdConfig, TlsFiles, parse_address
+from replicator.daemon.logs import log
 from replicator.nbd import protocol as p
 from replicator.nbd.volumes import VolumeGone, Volumes
-
-log = logging.getLogger("replicator.nbd")
 
 # States in which the site's exports stay connected (SUSPENDED: while the lease lasts; a request
 # that the backend refuses then drops its connection).
@@ -174,7 +173,7 @@ class NbdServer:
 
     def drop_all(self, reason: str) -> None:
         if self.connections:
-            log.info("nbd: dropping %d connection(s): %s", len(self.connections), reason)
+            log("nbd_drop_all", connections=len(self.connections), reason=reason)
         for connection in list(self.connections):
             connection.drop(reason)
 
@@ -230,7 +229,7 @@ class _Connection:
             return
         self.dropped = True
         self.server._count_drop(reason)
-        log.info("nbd: drop %s: %s", self.peer, reason)
+        log("nbd_drop", peer=str(self.peer), reason=reason)
         self.writer.transport.abort()
 
     async def _read(self, count: int) -> bytes:
@@ -440,7 +439,8 @@ class _Connection:
         if not task.cancelled() and task.exception() is not None:
             error = task.exception()
             if not isinstance(error, _Drop):
-                log.error("nbd: request failed unexpectedly", exc_info=error)
+                trace = "".join(traceback.format_exception(error))
+                log("nbd_request_failed", level="error", error=repr(error), traceback=trace)
             self.drop(str(error) or type(error).__name__)
 
     async def _serve(self, negotiated: _Negotiated, request: p.Request, payload: bytes) -> None:
