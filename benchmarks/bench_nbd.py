@@ -181,7 +181,8 @@ def report(document: dict[str, Any]) -> str:
         "# NBD benchmark",
         "",
         f"{document['date']}, fio {document['fio']}, {document['runtime_s']} s per job, "
-        f"{REGION_BYTES // MIB} MiB region, {os.cpu_count()} CPUs, everything on this machine.",
+        f"{REGION_BYTES // MIB} MiB region, {os.cpu_count()} CPUs, everything on this machine, "
+        f"load average {document.get('load_average', '?')} at the start.",
         "",
         "| system | job | IOPS | MB/s | p50 ms | p99 ms | IOPS / nbdkit |",
         "|---|---|---|---|---|---|---|",
@@ -238,11 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     def progress(text: str) -> None:
         print(text, flush=True)
 
+    load_average = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-nbd-") as scratch:
         results = bench_replicator(Path(scratch), runtime_s, progress)
         results["nbdkit-file-fua"] = bench_nbdkit(Path(scratch), runtime_s, progress)
     version = subprocess.run(["fio", "--version"], capture_output=True, text=True, env=_environment()).stdout.strip()
-    document = {"date": today, "fio": version, "runtime_s": runtime_s, "results": results, "ratios": ratios(results)}
+    document = {
+        "date": today,
+        "fio": version,
+        "runtime_s": runtime_s,
+        "load_average": load_average,
+        "results": results,
+        "ratios": ratios(results),
+    }
     (out / "nbd.json").write_text(json.dumps(document, indent=2) + "\n")
     text = report(document)
     (out / "nbd.md").write_text(text)
