@@ -50,8 +50,29 @@ def state(endpoint: str) -> str:
     return str(Client([endpoint]).status().state)
 
 
-def start_pair(cluster: LocalCluster) -> dict[str, str]:
-    """Start the pair, wait for SYNC; return the gRPC ("a", "b"), NBD ("nbd_a", ...) and metrics addresses."""
+# Direct NBD clients (fio, nbdcopy, qemu-img) do not reconnect: a pair that suspends for a moment
+# because a loaded 2-core machine stalled the link past the launcher's 500 ms demo peer timeout would
+# fail them, correctly but spuriously. Tests that do not test failover use this longer timeout.
+STEADY_PEER_TIMEOUT_MS = 3000
+
+
+def set_peer_timeout(cluster: LocalCluster, peer_timeout_ms: int) -> None:
+    """Write the launcher's configuration files with `peer_timeout_ms` in both sites, before start()."""
+    cluster.configure()
+    for name in ("a", "b"):
+        path = cluster.config_path(name)
+        text = path.read_text()
+        assert "peer_timeout_ms = 500\n" in text, "the launcher's demo settings changed"
+        path.write_text(text.replace("peer_timeout_ms = 500\n", f"peer_timeout_ms = {peer_timeout_ms}\n"))
+    cluster.processes.clear()  # start() configures again, from the edited files
+
+
+def start_pair(cluster: LocalCluster, peer_timeout_ms: int | None = STEADY_PEER_TIMEOUT_MS) -> dict[str, str]:
+    """Start the pair, wait for SYNC; return the gRPC ("a", "b"), NBD ("nbd_a", ...) and metrics addresses.
+
+    `peer_timeout_ms` replaces the launcher's demo value in both site files (None: keep it)."""
+    if peer_timeout_ms is not None:
+        set_peer_timeout(cluster, peer_timeout_ms)
     cluster.start(sites=True)
     sites = cluster.cluster["sites"]
     endpoints = [sites["a"]["grpc"], sites["b"]["grpc"]]

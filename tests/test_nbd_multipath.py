@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[tuple[LocalCluster, dict[str, str]]]:
     with LocalCluster(tmp_path / "deploy", health_timeout_s=30) as cluster:
-        yield cluster, start_pair(cluster)
+        yield cluster, start_pair(cluster, peer_timeout_ms=None)  # the demo's fast failover
 
 
 @pytest.fixture

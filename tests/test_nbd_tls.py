@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nbd_support import RawClient, require, run
+from nbd_support import STEADY_PEER_TIMEOUT_MS, RawClient, require, run, set_peer_timeout
 from support import wait_for
 
 from replicator.client import Client
@@ -31,6 +31,7 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(tmp_path_factory.mktemp("nbd-tls") / "deploy", tls=True, health_timeout_s=30) as cluster:
+        set_peer_timeout(cluster, STEADY_PEER_TIMEOUT_MS)
         cluster.start(sites=True)
         sites = cluster.cluster["sites"]
         assert cluster.client_tls is not None
