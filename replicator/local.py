@@ -602,19 +602,36 @@ def _summary(cluster: LocalCluster) -> str:
         flags = " " + flags
     nbd = {n: cluster.processes[n].extra.get("nbd", "") for n in SITE_NAMES if n in cluster.started}
     if nbd and all(nbd.values()):
-        lines.append("NBD exports (one per block volume; VOLUME is the volume's name):")
-        for name, address in nbd.items():
-            scheme = "nbds" if cluster.client_tls is not None else "nbd"
-            lines.append(f"  site {name}:     {scheme}://{address}/VOLUME")
-        addresses = " ".join(nbd.values())
-        lines.append(f"  multipath:  replicator-nbd-multipath --sites {addresses} --listen 127.0.0.1:10809")
-        lines.append("              then nbd://127.0.0.1:10809/VOLUME (local-preferred, fails over to the other site)")
+        scheme = "nbds" if cluster.client_tls is not None else "nbd"
+        volumes = _volume_names(cluster) or ["VOLUME"]
+        lines.append("NBD exports (one per block volume):")
+        for volume in volumes:
+            for name, address in nbd.items():
+                lines.append(f"  {volume:<12} site {name}:     {scheme}://{address}/{volume}")
+            lines.append(f"  {volume:<12} multipath:  nbd://127.0.0.1:10809/{volume}")
+        tls = ""
+        if cluster.client_tls is not None:
+            files = cluster.client_tls
+            tls = f" --ca {files.ca_file} --cert {files.cert_file} --key {files.key_file}"
+        lines.append(f"  multipath:  replicator-nbd-multipath --sites {' '.join(nbd.values())}{tls} --listen 127.0.0.1:10809")
     if any(n in cluster.started for n in SITE_NAMES):
         a = cluster.processes[SITE_NAMES[0]].grpc
         lines.append(f"try:  replicatorctl --endpoint {a}{flags} status")
     lines.append(f"      replicatorctl --witness {cluster.processes[WITNESS].grpc}{flags} witness status")
     lines.append("Ctrl-C (or SIGTERM) stops everything started here.")
     return "\n".join(lines)
+
+
+def _volume_names(cluster: LocalCluster, limit: int = 20) -> list[str]:
+    """The block volumes the pair holds now (for the NBD URIs), or [] if the sites do not answer."""
+    from replicator.client import Client, ClientError, RetryPolicy
+
+    endpoints = [cluster.processes[n].grpc for n in SITE_NAMES if n in cluster.started]
+    try:
+        with Client(endpoints, tls=cluster.client_tls, retry=RetryPolicy(attempts_max=2, call_timeout_ms=2000)) as client:
+            return [volume.name for volume in client.list_volumes()][:limit]
+    except ClientError:
+        return []
 
 
 class _Stop(Exception):

@@ -30,9 +30,14 @@ MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, dict[str, str]]]:
     with LocalCluster(tmp_path_factory.mktemp("nbd") / "deploy", health_timeout_s=30) as cluster:
-        yield start_pair(cluster)
+        yield cluster, start_pair(cluster)
+
+
+@pytest.fixture(scope="module")
+def pair(deployment: tuple[LocalCluster, dict[str, str]]) -> dict[str, str]:
+    return deployment[1]
 
 
 def volume(pair: dict[str, str], name: str, size: int, block_size: int = 4096) -> Client:
@@ -420,3 +425,14 @@ def test_metrics_count_connections_requests_bytes_and_errors(pair: dict[str, str
     assert values['replicator_nbd_bytes_total{direction="write"}'] >= 8192
     assert values['replicator_nbd_request_seconds_count{command="write"}'] >= 1
     assert "replicator_nbd_connections_open" in values
+
+
+def test_replicator_local_prints_each_volumes_nbd_uris(deployment: tuple[LocalCluster, dict[str, str]]) -> None:
+    from replicator.local import _summary
+
+    cluster, pair = deployment
+    volume(pair, "printed", 1 * MIB)
+    text = _summary(cluster)
+    assert f"nbd://{pair['nbd_a']}/printed" in text and f"nbd://{pair['nbd_b']}/printed" in text
+    assert "nbd://127.0.0.1:10809/printed" in text
+    assert f"replicator-nbd-multipath --sites {pair['nbd_a']} {pair['nbd_b']}" in text
