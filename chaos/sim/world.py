@@ -5,8 +5,13 @@ on a simulated clock. Everything random comes from one `random.Random(seed)`,
 so a seed replays exactly. The world simulates:
 
 - the network: per-direction link state (up, black hole), delays, connection
-  resets; messages on one connection arrive in order (as TCP); a message is
-  delivered only while its connection is still open at the receiver;
+  resets; messages on one connection arrive in order (as TCP: a black hole
+  holds back the whole queue of a direction, and what is sent behind it waits
+  its turn); a message is delivered only while its connection is still open
+  at the receiver. `SimParams.reorder_within_connection` breaks that order on
+  purpose (each held message on its own retransmit timer, as the simulator
+  wrongly did before seed 61196 was found), only to show that the cores refuse
+  out-of-order records (docs/chaos.md, "Seed 61196");
 - disks: a persist is visible at once and durable after a simulated fsync;
   durability is in order; a crash loses what was not durable; fsync can fail
   and the disk can be full (fail-stop);
@@ -73,6 +78,10 @@ class SimParams:
     preferred_grace_ms: int = 300
     clock_drift: float = 0.004
     plants: frozenset[str] = frozenset()
+    # A fault no TCP connection makes: messages held by a black hole overtake each other.
+    reorder_within_connection: bool = False
+    # Fault kinds and their weights (None: every kind of chaos.sim.run.FAULTS, equally likely).
+    fault_weights: tuple[tuple[str, float], ...] | None = None
     # Retry a write whose outcome is unknown with the same request id (at the
     # same site after a timeout, at the other site when this one is gone).
     retry_unknown_writes: bool = True
@@ -156,6 +165,11 @@ class Connection:
     id: int
     open_at: dict[str, bool]
     last_delivery_us: dict[str, int]
+    # By sender: messages held back by a black hole, in the order they were sent.
+    held: dict[str, list[msg.PeerMessage]] = field(default_factory=lambda: {site: [] for site in SITES})
+    # By sender: how many messages were sent / delivered on this connection (the order check).
+    sent: dict[str, int] = field(default_factory=lambda: {site: 0 for site in SITES})
+    delivered: dict[str, int] = field(default_factory=lambda: {site: 0 for site in SITES})
 
 
 class SiteProcess:
@@ -221,6 +235,8 @@ class SiteProcess:
             return
         self.world.trace(f"{self.name} CRASH ({reason})")
         self.alive = False
+        if self.core is not None:
+            self.world.protocol_errors_of_dead_cores += self.core.protocol_errors
         self.core = None
         self.incarnation += 1
         self.disk.crash()
@@ -440,6 +456,8 @@ class World:
         # Armed by a fault: runs once right after a site takes a message of this type.
         self.message_triggers: dict[type, Callable[[SiteProcess], None]] = {}
         self.sync_violations: list[str] = []
+        self.protocol_errors_of_dead_cores = 0
+        self.reordered_deliveries = 0  # messages that arrived after a later one on their connection
         self.acknowledged_writes = 0
         self.operations = 0
         for site in self.sites.values():
@@ -586,28 +604,63 @@ class World:
         if connection is None:
             return
         receiver = self.sites[other(sender.name)]
-        if not self.link_up(sender.name, receiver.name):
-            # Black hole: TCP keeps retransmitting, so the bytes arrive (in
-            # order) once the path heals, if the connection still exists.
-            self.after(20 * MS, lambda: self._retransmit(sender, connection, message))
+        connection.sent[sender.name] += 1
+        number = connection.sent[sender.name]
+        if self.params.reorder_within_connection:
+            if not self.link_up(sender.name, receiver.name):
+                self.after(20 * MS, lambda: self._retransmit(sender, connection, message, number))
+                return
+            self._transmit(sender, receiver, connection, message, number)
             return
-        self._transmit(sender, receiver, connection, message)
+        held = connection.held[sender.name]
+        if held or not self.link_up(sender.name, receiver.name):
+            # Black hole: TCP keeps retransmitting, so the bytes arrive (in
+            # order) once the path heals, if the connection still exists;
+            # what is sent meanwhile queues behind them.
+            held.append(message)
+            if len(held) == 1:
+                self.after(20 * MS, lambda: self._flush_held(sender, connection))
+            return
+        self._transmit(sender, receiver, connection, message, number)
 
-    def _retransmit(self, sender: SiteProcess, connection: Connection, message: msg.PeerMessage) -> None:
+    def _flush_held(self, sender: SiteProcess, connection: Connection) -> None:
+        held = connection.held[sender.name]
+        if not connection.open_at[sender.name]:
+            held.clear()
+            return
+        receiver = self.sites[other(sender.name)]
+        if not self.link_up(sender.name, receiver.name):
+            self.after(20 * MS, lambda: self._flush_held(sender, connection))
+            return
+        first = connection.sent[sender.name] - len(held) + 1
+        for offset, message in enumerate(held):
+            self._transmit(sender, receiver, connection, message, first + offset)
+        held.clear()
+
+    def _retransmit(self, sender: SiteProcess, connection: Connection, message: msg.PeerMessage, number: int) -> None:
         if not connection.open_at[sender.name]:
             return
         receiver = self.sites[other(sender.name)]
         if not self.link_up(sender.name, receiver.name):
-            self.after(20 * MS, lambda: self._retransmit(sender, connection, message))
+            self.after(20 * MS, lambda: self._retransmit(sender, connection, message, number))
             return
-        self._transmit(sender, receiver, connection, message)
+        self._transmit(sender, receiver, connection, message, number)
 
-    def _transmit(self, sender: SiteProcess, receiver: SiteProcess, connection: Connection, message: msg.PeerMessage) -> None:
+    def _transmit(
+        self, sender: SiteProcess, receiver: SiteProcess, connection: Connection, message: msg.PeerMessage, number: int
+    ) -> None:
         when = max(self.now_us + self.delay(), connection.last_delivery_us[receiver.name] + 1)
         connection.last_delivery_us[receiver.name] = when
 
         def arrive() -> None:
             if receiver.connection is connection and connection.open_at[receiver.name]:
+                if number <= connection.delivered[sender.name]:
+                    self.reordered_deliveries += 1
+                    assert self.params.reorder_within_connection, (
+                        f"simulator bug: message {number} on connection {connection.id} from {sender.name} "
+                        f"arrived after message {connection.delivered[sender.name]}"
+                    )
+                connection.delivered[sender.name] = max(connection.delivered[sender.name], number)
                 receiver.deliver(lambda: ev.PeerSent(message) if receiver.connection is connection else None)
                 trigger = self.message_triggers.pop(type(message), None)
                 if trigger is not None:

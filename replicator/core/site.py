@@ -91,6 +91,13 @@ class _Session:
     resync_inflight: dict[int, tuple[tuple[bytes, ...], bool, bytes | None]] = field(default_factory=dict)
     # RESYNC (target side): acks that wait for a persist
     heartbeat_nonce: int = 0
+    # Sequence checks of the cumulative messages (see _take_in_sequence). The peer's records
+    # (of the incarnation in its Hello) must arrive with exactly these seqs, from the seq its
+    # ReconcileDone / ResyncBegin / ResyncBeginAck announced; None until announced.
+    peer_next_seq: int | None = None
+    shipped_last_seq: int = 0  # the highest own seq shipped in this session
+    watermark_sent_seq: int = 0  # the highest own seq this session's CommitWatermark covered
+    acked_last_seq: int = 0  # the highest PreparedAck the peer sent in this session
 
 
 @dataclass(slots=True)
@@ -172,6 +179,8 @@ class SiteCore:
         self.pending_peer_acks: list[tuple[int, int, int]] = []  # (persist id, incarnation, seq)
         self.protocol_errors = 0
         self.stopped_reason = ""
+        # The plant that takes the peer's cumulative messages unchecked (a simulator-only plant).
+        self._accept_gaps = "accept_gaps" in config.plants
 
     # ================================================================ entry points
     def start(self, now_ms: float, wall_ms: int) -> list[ev.Action]:
@@ -260,6 +269,8 @@ class SiteCore:
         )
         self._log_add(record)
         self._add_pending(record, event.handle, persist_id, alone=False)
+        if self.session is not None:
+            self.session.shipped_last_seq = record.id.seq
         self._send(msg.ShipRecords(self.epoch, (record,)))
         self._after(persist_id, self._advance_commits)
 
@@ -487,6 +498,11 @@ class SiteCore:
         ship = event.message
         if not self._session_up() or not self._check_epoch(ship.epoch):
             return
+        if not ship.reconcile:
+            problem = self._take_in_sequence(ship.records)
+            if problem is not None:
+                self._protocol_violation(problem)
+                return
         fresh = [record for record in ship.records if record.id not in self.log]
         for record in ship.records:
             self.hlc.observe(record.ts)
@@ -501,6 +517,36 @@ class SiteCore:
             last = ship.records[-1].id
             self.pending_peer_acks.append((persist_id, last.incarnation, last.seq))
             self._after(persist_id, self._send_prepared_acks)
+
+    def _take_in_sequence(self, records: tuple[Record, ...]) -> str | None:
+        """What a PreparedAck relies on: the peer's records arrived in sequence, none missing.
+
+        The ack is cumulative (it covers every record of the incarnation up to
+        its seq), so the origin commits every record below it. A record that
+        overtook an earlier one, a repeat, or a record before the peer said
+        where its sequence starts would make the ack cover a record this site
+        never prepared, and a read here could then miss a committed write. So
+        that is a remote protocol error: the session drops and the reconcile
+        or resync that follows ships the unresolved records again. Returns the
+        error, or None after advancing the expected seq past the records.
+        """
+        session = self.session
+        assert session is not None and session.peer is not None
+        if self._accept_gaps:
+            return None
+        expected = session.peer_next_seq
+        if expected is None:
+            return "records shipped before the peer announced its sequence"
+        incarnation = session.peer.incarnation
+        for record in records:
+            record_id = record.id
+            if record_id.origin != self.config.peer or record_id.incarnation != incarnation:
+                return f"record {record_id} is not of the peer's incarnation {incarnation}"
+            if record_id.seq != expected:
+                return f"record {record_id} out of sequence: expected seq {expected}"
+            expected += 1
+        session.peer_next_seq = expected
+        return None
 
     def _send_prepared_acks(self) -> None:
         best: tuple[int, int] | None = None
@@ -522,9 +568,15 @@ class SiteCore:
             return
         if ack.incarnation != self.incarnation:
             return  # about an older incarnation of ours: resolved by reconcile
-        if ack.seq >= self.next_seq:
-            self._protocol_violation(f"ack for seq {ack.seq} never sent")
+        session = self.session
+        assert session is not None
+        if (ack.seq > session.shipped_last_seq or ack.seq < session.acked_last_seq) and not self._accept_gaps:
+            # Acks cover only records shipped in this session, and never go back.
+            self._protocol_violation(
+                f"ack for seq {ack.seq}: shipped up to {session.shipped_last_seq}, acked {session.acked_last_seq}"
+            )
             return
+        session.acked_last_seq = ack.seq
         self.peer_acked_seq = max(self.peer_acked_seq, ack.seq)
         self._advance_commits()
 
@@ -560,6 +612,8 @@ class SiteCore:
                 self.out.append(ev.AnswerWrite(handle, True, ts=record.ts))
         last = committed[-1].id
         if self._session_up():
+            assert self.session is not None
+            self.session.watermark_sent_seq = max(self.session.watermark_sent_seq, last.seq)
             self._send(msg.CommitWatermark(self.epoch, last.incarnation, last.seq))
         self._wake_reads()
 
@@ -567,6 +621,18 @@ class SiteCore:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.CommitWatermark)
         mark = event.message
         if not self._session_up() or not self._check_epoch(mark.epoch):
+            return
+        session = self.session
+        assert session is not None and session.peer is not None
+        if not self._accept_gaps and (
+            session.peer_next_seq is None
+            or mark.incarnation != session.peer.incarnation
+            or mark.seq >= session.peer_next_seq
+        ):
+            # The origin commits only what we acknowledged, and we acknowledged only what arrived.
+            self._protocol_violation(
+                f"commit watermark ({mark.incarnation}, {mark.seq}) over records never received here"
+            )
             return
         ready = sorted(
             (key, record) for key, record in self.peer_records.items() if key <= (mark.incarnation, mark.seq)
@@ -586,7 +652,7 @@ class SiteCore:
             self._answer_log_waiters(record)  # applying the origin's decision is not a commit decision
         self._wake_reads()
         incarnation, seq = ready[-1][0]
-        self._after(persist_id, lambda: self._send_if_session(msg.CommitConfirm(self.epoch, incarnation, seq)))
+        self._after(persist_id, lambda: self._send_in(session, msg.CommitConfirm(self.epoch, incarnation, seq)))
 
     def _on_commit_confirm(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.CommitConfirm)
@@ -594,6 +660,10 @@ class SiteCore:
         if not self._session_up() or not self._check_epoch(confirm.epoch):
             return
         if confirm.incarnation != self.incarnation:
+            return
+        assert self.session is not None
+        if confirm.seq > self.session.watermark_sent_seq and not self._accept_gaps:
+            self._protocol_violation(f"commit confirm for seq {confirm.seq} beyond the watermark sent")
             return
         done = [seq for seq in self.committed_unconfirmed if seq <= confirm.seq]
         if not done:
@@ -635,7 +705,7 @@ class SiteCore:
         chunk = self.config.reconcile_records_per_message_max
         for start in range(0, len(records), chunk):
             self._send(msg.ShipRecords(self.epoch, tuple(records[start : start + chunk]), reconcile=True))
-        self._send(msg.ReconcileDone(self.epoch))
+        self._send(msg.ReconcileDone(self.epoch, self.next_seq))
 
     def _on_reconcile_done(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ReconcileDone)
@@ -643,6 +713,7 @@ class SiteCore:
             return
         session = self.session
         assert session is not None
+        session.peer_next_seq = event.message.next_seq
         persist_id = self.next_persist_id - 1
         session.reconcile_peer_done_persist = persist_id
         self._after(persist_id, self._send_reconcile_ack)
@@ -945,7 +1016,7 @@ class SiteCore:
         if "rejoin_without_resync" in self.config.plants:
             session.resync_queue = []
             session.resync_scan_done = True
-        self._send(msg.ResyncBegin(self.epoch, full=clear))
+        self._send(msg.ResyncBegin(self.epoch, full=clear, next_seq=self.next_seq))
 
     def _on_resync_begin_ack(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncBeginAck)
@@ -953,6 +1024,7 @@ class SiteCore:
             return
         assert self.session is not None
         self.session.resync_begin_acked = True
+        self.session.peer_next_seq = event.message.next_seq
         entries = sorted(self.dedup.items())
         for start in range(0, len(entries), 1024):
             self._send(msg.ResyncDedup(self.epoch, tuple(entries[start : start + 1024])))
@@ -1117,7 +1189,10 @@ class SiteCore:
             clear_data=begin.full,
             meta=(("epoch", self.epoch), ("target", 1), ("grant", 0), ("peer_generation", self.peer_generation)),
         )
-        self._after(persist_id, lambda: self._send_if_session(msg.ResyncBeginAck(self.epoch, suspect)))
+        assert self.session is not None
+        self.session.peer_next_seq = begin.next_seq
+        session, next_seq = self.session, self.next_seq
+        self._after(persist_id, lambda: self._send_in(session, msg.ResyncBeginAck(self.epoch, suspect, next_seq)))
 
     def _on_resync_data(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncData)
@@ -1127,8 +1202,8 @@ class SiteCore:
         for entry in data.entries:
             self.hlc.observe(entry.ts)
         persist_id = self._persist(apply=data.entries, meta=(("clock_high", self.hlc.high_water),))
-        batch = data.batch
-        self._after(persist_id, lambda: self._send_if_session(msg.ResyncAck(self.epoch, batch)))
+        batch, session = data.batch, self.session
+        self._after(persist_id, lambda: self._send_in(session, msg.ResyncAck(self.epoch, batch)))
 
     def _on_resync_dedup(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncDedup)
@@ -1297,6 +1372,11 @@ class SiteCore:
 
     def _send_if_session(self, message: msg.PeerMessage) -> None:
         if self._session_up():
+            self._send(message)
+
+    def _send_in(self, session: _Session | None, message: msg.PeerMessage) -> None:
+        """Send an answer that became due after a persist, only on the session it answers."""
+        if session is not None and self.session is session and self._session_up():
             self._send(message)
 
     def _end_session(self) -> None:
