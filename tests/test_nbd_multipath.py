@@ -147,8 +147,9 @@ def test_round_robin_spreads_requests_over_both_sites(
         run(["nbdcopy", uri(f"127.0.0.1:{port}", "rr"), str(back)])
         assert back.read_bytes() == source.read_bytes()
         after = {site: _nbd_writes(cluster, site) for site in ("a", "b")}
-        # Round-robin alternates per batch the dispatcher sends: both sites must have taken a share.
-        assert all(after[site] - before[site] >= 3 for site in ("a", "b")), (before, after)
+        # Round-robin alternates request by request over the sites it is connected to.
+        writes = {site: after[site] - before[site] for site in ("a", "b")}
+        assert min(writes.values()) >= 0.3 * sum(writes.values()) > 0, (before, after)
     finally:
         process.terminate()
         process.wait(timeout=10)

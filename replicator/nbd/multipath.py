@@ -140,13 +140,6 @@ class _Session:
             self.idle.set()
 
     # ------------------------------------------------------------ site side
-    def _order(self) -> list[int]:
-        count = len(self.config.sites)
-        if self.config.policy == "round-robin":
-            self.turn = (self.turn + 1) % count
-            return [(self.turn + i) % count for i in range(count)]
-        return list(range(count))
-
     async def _site(self, index: int) -> SiteConnection | None:
         connection = self.sites[index]
         if connection is not None and not connection.lost:
@@ -175,6 +168,17 @@ class _Session:
         self.sites[index] = connection
         return connection
 
+    async def _usable(self) -> list[tuple[int, SiteConnection]]:
+        """The site connections to send to now: the first that works (local-preferred), or all (round-robin)."""
+        usable: list[tuple[int, SiteConnection]] = []
+        for index in range(len(self.config.sites)):
+            connection = await self._site(index)
+            if connection is not None:
+                usable.append((index, connection))
+                if self.config.policy == "local-preferred":
+                    break
+        return usable
+
     async def run_dispatcher(self) -> None:
         backoff = 0
         while not self.closed:
@@ -182,16 +186,10 @@ class _Session:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            connection_index = None
-            connection = None
-            for index in self._order():
-                connection = await self._site(index)
-                if connection is not None:
-                    connection_index = index
-                    break
-            now = time.monotonic()
-            if connection is None or connection_index is None:
+            usable = await self._usable()
+            if not usable:
                 # No site takes requests now: give up on those past their deadline, wait, try again.
+                now = time.monotonic()
                 for pending in [q for q in self.queue if q.deadline <= now]:
                     self.queue.remove(pending)
                     self.endpoint.stats.gave_up += 1
@@ -200,17 +198,26 @@ class _Session:
                 backoff += 1
                 continue
             backoff = 0
-            while self.queue and not connection.lost:
+            used: dict[int, SiteConnection] = {}
+            while self.queue:
+                live = [(index, connection) for index, connection in usable if not connection.lost]
+                if not live:
+                    break
+                # Round-robin alternates request by request; local-preferred has one connection here.
+                index, connection = live[self.turn % len(live)]
+                self.turn += 1
                 pending = self.queue.popleft()
-                if pending.attempts and pending.site != connection_index:
+                if pending.attempts and pending.site != index:
                     self.endpoint.stats.resent += 1
                 pending.attempts += 1
-                pending.site = connection_index
+                pending.site = index
                 cookie = next(self.cookies)
-                self.inflight[(connection_index, cookie)] = pending
+                self.inflight[(index, cookie)] = pending
                 request = pending.request
                 connection.send(p.Request(request.flags, request.command, cookie, request.offset, request.length), pending.payload)
-            await connection.drain()
+                used[index] = connection
+            for connection in used.values():
+                await connection.drain()
 
     def _on_reply(self, index: int, cookie: int, error: int, data: bytes) -> None:
         pending = self.inflight.pop((index, cookie), None)

@@ -49,9 +49,9 @@ from replicator.daemon.logs import log
 from replicator.nbd import protocol as p
 from replicator.nbd.volumes import VolumeGone, Volumes
 
-# States in which the site's exports stay connected (SUSPENDED: while the lease lasts; a request
-# that the backend refuses then drops its connection).
-CONNECTED_STATES = frozenset({"SYNC", "SOLO", "RESYNC_SOURCE", "SUSPENDED", "STARTING"})
+# States in which the site's exports stay connected (SUSPENDED and RECONCILE are short: a request
+# that the backend refuses in them drops its own connection).
+CONNECTED_STATES = frozenset({"SYNC", "SOLO", "RESYNC_SOURCE", "SUSPENDED", "RECONCILE", "STARTING"})
 # States in which a new connection is not even negotiated.
 ACCEPTING_STATES = frozenset({"SYNC", "SOLO", "RESYNC_SOURCE"})
 OPTIONS_MAX = 128  # options one handshake may send
