@@ -61,7 +61,7 @@ def multipath(deployment: tuple[LocalCluster, dict[str, str]], tmp_path: Path) -
 def _fio(target: str, extra: list[str]) -> list[str]:
     return [
         "fio", "--name=failover", "--ioengine=nbd", f"--uri={target}", "--rw=randwrite", "--bs=4k",
-        "--iodepth=8", "--size=12M", "--verify=crc32c", "--randrepeat=1", "--randseed=11",
+        "--iodepth=8", "--size=12M", "--verify=crc32c", "--verify_state_save=0", "--randrepeat=1", "--randseed=11",
         "--output-format=json", *extra,
     ]  # fmt: skip
 
