@@ -30,7 +30,8 @@ a default; see docs/operations.md for the full table):
     [listen]  grpc, link, metrics
     [witness] address, timeout_ms, retry_interval_ms
     [api]     request limits and timeouts of the gRPC data API
-    [tls.grpc] / [tls.link] / [tls.witness]   ca_file, cert_file, key_file
+    [nbd]     listen (empty: no NBD server), connection and in-flight bounds
+    [tls.grpc] / [tls.link] / [tls.witness] / [tls.nbd]   ca_file, cert_file, key_file
     [chaos]   test_plant (refused unless REPLICATOR_CHAOS=1)
 """
 
@@ -52,6 +53,7 @@ __all__ = [
     "ChaosConfig",
     "ConfigError",
     "ListenConfig",
+    "NbdConfig",
     "PairSpec",
     "SiteConfig",
     "SiteSection",
@@ -198,6 +200,7 @@ class TlsConfig:
     grpc: TlsFiles | None = None
     link: TlsFiles | None = None
     witness: TlsFiles | None = None
+    nbd: TlsFiles | None = None  # when set, NBD clients must STARTTLS with a certificate this CA signed
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +277,31 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NbdConfig:
+    """The NBD server of a site (replicator/nbd/, docs/nbd.md): one export per block volume."""
+
+    listen: str = _field(
+        "", check=_check_optional_address, doc="NBD server address (HOST:PORT); empty: no NBD server"
+    )
+    connections_max: int = _field(64, check=_check_positive_int, doc="NBD connections open at once")
+    inflight_requests_max: int = _field(64, check=_check_positive_int, doc="requests of one connection in flight")
+    site_inflight_requests_max: int = _field(
+        256, check=_check_positive_int, doc="requests of all NBD connections in flight"
+    )
+    request_bytes_max: int = _field(
+        1 * MIB, check=_check_positive_int, doc="largest read or write payload (also bounded by api.block_*_bytes_max)"
+    )
+    handshake_timeout_ms: int = _field(10_000, check=_check_positive_int, doc="bound on one client's negotiation")
+    block_status_blocks_max: int = _field(
+        4096, check=_check_positive_int, doc="most blocks one NBD_CMD_BLOCK_STATUS answers about"
+    )
+    exports_listed_max: int = _field(1000, check=_check_positive_int, doc="most volumes NBD_OPT_LIST names")
+    state_poll_ms: int = _field(
+        50, check=_check_positive_int, doc="how often the server checks whether the site still serves"
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ChaosConfig:
     test_plant: str = _field(
         "", check=_check_string, doc="chaos only: a deliberately planted fault, to test the checkers"
@@ -291,10 +319,12 @@ class SiteConfig:
     api: ApiConfig = ApiConfig()
     tls: TlsConfig = TlsConfig()
     chaos: ChaosConfig = ChaosConfig()
+    nbd: NbdConfig = NbdConfig()
 
     def exposed_addresses(self) -> list[str]:
         """Listen addresses that are not loopback (explicitly configured), for the start-up log."""
-        return [a for a in (self.listen.grpc, self.listen.link, self.listen.metrics) if not _is_loopback(a)]
+        listens = (self.listen.grpc, self.listen.link, self.listen.metrics, self.nbd.listen)
+        return [a for a in listens if a and not _is_loopback(a)]
 
     def to_toml(self) -> str:
         return _to_toml(self)
@@ -417,7 +447,7 @@ def site_config_from_mapping(
 ) -> SiteConfig:
     """Build and validate a SiteConfig from parsed TOML; raise ConfigError naming the first bad key."""
     environ = os.environ if environ is None else environ
-    _check_keys(raw, ("site", "listen", "witness", "api", "tls", "chaos"), "site configuration")
+    _check_keys(raw, ("site", "listen", "witness", "api", "tls", "chaos", "nbd"), "site configuration")
     if "site" not in raw:
         raise ConfigError("site: required section missing (name, peer_name, pair_id, data_dir)")
     config = SiteConfig(
@@ -425,8 +455,9 @@ def site_config_from_mapping(
         listen=_build_section(ListenConfig, raw.get("listen", {}), "listen", base_dir),
         witness=_build_section(WitnessClientConfig, raw.get("witness", {}), "witness", base_dir),
         api=_build_section(ApiConfig, raw.get("api", {}), "api", base_dir),
-        tls=_build_tls(raw.get("tls", {}), base_dir, ("grpc", "link", "witness")),
+        tls=_build_tls(raw.get("tls", {}), base_dir, ("grpc", "link", "witness", "nbd")),
         chaos=_build_chaos(raw.get("chaos", {}), environ),
+        nbd=_build_section(NbdConfig, raw.get("nbd", {}), "nbd", base_dir),
     )
     _check_site_relations(config)
     return config
@@ -465,6 +496,10 @@ def _check_site_relations(config: SiteConfig) -> None:
         "listen.link": config.listen.link,
         "listen.metrics": config.listen.metrics,
     }
+    if config.nbd.listen:
+        listens["nbd.listen"] = config.nbd.listen
+    if config.tls.nbd is not None and not config.nbd.listen:
+        raise ConfigError("tls.nbd: set, but nbd.listen is empty (there is no NBD server to protect)")
     seen: dict[str, str] = {}
     for key, value in listens.items():
         if parse_address(value)[1] != 0 and value in seen:

@@ -6,7 +6,7 @@
     python -m chaos.sim --list-plants
     python -m chaos.sim --seeds 1-20000 --faults partition=3,crash=1    # a weighted fault mix
     python -m chaos.sim --seeds 1-100000 --out chaos-report/sim    # summary files; resumable
-    python -m chaos.sim --seed 61196 --reorder --plant accept_gaps   # reordering links (a test fault)
+    python -m chaos.sim --seed 61196 --small-values --reorder --plant accept_gaps   # the stale read as found
 
 With --out DIR, each chunk of seeds writes DIR/chunk-<first>-<last>.json when done;
 a rerun with the same --out skips the chunks already there (resume after a stop),
@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 
 from chaos.sim.run import FAULTS, RunResult, run_seed
-from chaos.sim.world import SimParams
+from chaos.sim.world import SMALL_VALUES, SimParams
 from replicator.core.config import PLANTS, SIMULATOR_PLANTS
 
 CHUNK_SEEDS = 500  # seeds per summary file of a long run (--out)
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reorder", action="store_true", help="a test fault: links reorder messages within a connection (TCP never does)"
     )
+    parser.add_argument(
+        "--small-values", action="store_true",
+        help="no large values and the link's own byte bound (the schedules seeds had before sizes were simulated)",
+    )
     parser.add_argument("--out", help="write per-chunk and total summaries here; skip chunks already done (resume)")
     parser.add_argument("--chunk-seeds", type=int, default=CHUNK_SEEDS, help="seeds per chunk file with --out")
     args = parser.parse_args(argv)
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         reorder_within_connection=args.reorder,
         fault_weights=args.faults,
     )
+    if args.small_values:
+        params = replace(params, **SMALL_VALUES)
     if args.out:
         from chaos.sim.long import run_long
 
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     for line in result.trace_tail:
                         print(f"    {line}", file=sys.stderr)
                 plant = "".join(f" --plant {p}" for p in args.plant)
-                extra = (" --reorder" if args.reorder else "") + (
+                extra = (" --reorder" if args.reorder else "") + (" --small-values" if args.small_values else "") + (
                     " --faults " + ",".join(f"{n}={w:g}" for n, w in args.faults) if args.faults else ""
                 )
                 print(f"  replay: python -m chaos.sim --seed {result.seed}{plant}{extra} --verbose", file=sys.stderr)

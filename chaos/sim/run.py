@@ -71,6 +71,11 @@ class Client:
         roll = rng.random()
         f = "read" if roll < 0.5 else "write" if roll < 0.9 else "delete"
         value = f"v{self.number}-{self.count}" if f == "write" else None
+        if value is not None and world.params.large_value_fraction:
+            # A large value: the byte bounds where the cores make messages are tested by seed
+            # (sizes drawn from a stream of their own, so without them a seed keeps its old schedule).
+            if world.size_rng.random() < world.params.large_value_fraction:
+                value += ":" + "x" * world.size_rng.randint(1, world.params.large_value_bytes)
         handle = world.history.invoke(self.process, f, key, value, time=world.now_us * 1000)
         world.operations += 1
         request_id = f"c{self.number}-{self.count}".encode()

@@ -36,9 +36,9 @@ from typing import Any
 from chaos.checkers.history import History
 from replicator.core import events as ev
 from replicator.core import messages as msg
-from replicator.core.config import CoreConfig
+from replicator.core.config import FRAME_SIZE_BYTES_DEFAULT, MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, RecordId
+from replicator.core.records import Operation, Record, RecordId, versioned_wire_bytes
 from replicator.core.site import SiteCore
 from replicator.core.witness import (
     PairConfig,
@@ -80,11 +80,23 @@ class SimParams:
     plants: frozenset[str] = frozenset()
     # A fault no TCP connection makes: messages held by a black hole overtake each other.
     reorder_within_connection: bool = False
+    # The cores' byte bound, small so that the workload's large values (up to large_value_bytes)
+    # make every cut by bytes happen: reconcile shipments, resync batches, dedup and suspect keys.
+    message_bytes_max: int = 800  # SMALL_VALUES below: the link's own bound, no large values
+    large_value_bytes: int = 480
+    large_value_fraction: float = 0.1
     # Fault kinds and their weights (None: every kind of chaos.sim.run.FAULTS, equally likely).
     fault_weights: tuple[tuple[str, float], ...] | None = None
     # Retry a write whose outcome is unknown with the same request id (at the
     # same site after a timeout, at the other site when this one is gone).
     retry_unknown_writes: bool = True
+
+
+# The workload before sizes were simulated: tiny values, the link's own byte bound.
+SMALL_VALUES: dict[str, Any] = {
+    "large_value_fraction": 0.0,
+    "message_bytes_max": FRAME_SIZE_BYTES_DEFAULT - MESSAGE_HEADROOM_BYTES,
+}
 
 
 # ===================================================================== disk
@@ -223,6 +235,7 @@ class SiteProcess:
             clock_drift_max=0.01,
             read_wait_ms_max=1000,
             resync_batch_keys_max=3,
+            message_bytes_max=world.params.message_bytes_max,
             plants=world.params.plants,
         )
         self.core = SiteCore(config, recovered)
@@ -348,7 +361,16 @@ class SiteProcess:
             keys = sorted(key for key in data if key >= start)[: action.limit]
             entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
             next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
-        # A real site sends only what fits in one link frame: a prefix of what was asked for.
+        # A real site sends only what fits in one link frame: a prefix of what was asked for,
+        # cut to the core's byte bound, and sometimes shorter still.
+        used = 0
+        for count, entry in enumerate(entries):
+            used += versioned_wire_bytes(entry)
+            if count and used > self.world.params.message_bytes_max:
+                entries = entries[:count]
+                if not action.keys:
+                    next_position = entries[-1].key + b"\x00"
+                break
         if len(entries) > 1 and self.world.resync_rng.random() < 0.3:
             entries = entries[: self.world.resync_rng.randint(1, len(entries) - 1)]
             if not action.keys:
@@ -438,6 +460,7 @@ class World:
         self.rng = random.Random(seed)
         # A stream of its own, so the schedules of older seeds stay as they were.
         self.resync_rng = random.Random(seed * 7919 + 1)
+        self.size_rng = random.Random(seed * 104729 + 3)
         self.verbose = verbose
         self.now_us = 0
         self.queue: list[tuple[int, int, Callable[[], None]]] = []

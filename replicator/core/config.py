@@ -25,6 +25,12 @@ SIMULATOR_PLANTS = {
 }
 
 
+# What a link frame holds beyond one core message's content (header, payload fields, the
+# reconcile marker): the core's byte bound is the frame limit less this.
+MESSAGE_HEADROOM_BYTES = 64 * 1024
+FRAME_SIZE_BYTES_DEFAULT = 8 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class CoreConfig:
     site: str
@@ -41,6 +47,10 @@ class CoreConfig:
     resync_batch_keys_max: int = 128
     resync_batches_inflight_max: int = 4
     reconcile_records_per_message_max: int = 256
+    dedup_entries_per_message_max: int = 1024
+    # Every message the core makes is cut to this many bytes (as the link encodes them) where it
+    # is made; the link's encoder checks it again against the frame limit.
+    message_bytes_max: int = FRAME_SIZE_BYTES_DEFAULT - MESSAGE_HEADROOM_BYTES
     dedup_age_ms: int = 600_000
     static_priority: bool = False
     witness_timeout_ms: int = 3000

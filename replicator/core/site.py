@@ -41,17 +41,79 @@ import heapq
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import CoreConfig
 from replicator.core.hlc import HybridLogicalClock, wall_ms_of
 from replicator.core.messages import Role
-from replicator.core.records import Record, RecordId, Versioned
+from replicator.core.records import (
+    DEDUP_ENTRY_OVERHEAD_BYTES,
+    KEY_OVERHEAD_BYTES,
+    Record,
+    RecordId,
+    Versioned,
+    record_wire_bytes,
+    versioned_wire_bytes,
+)
 
 
 class ProtocolError(Exception):
     """An event this role cannot take: a bug in the caller (local error)."""
+
+
+T = TypeVar("T")
+
+
+def cut(items: list[T] | tuple[T, ...], size_of: Callable[[T], int], bytes_max: int, count_max: int) -> list[tuple[T, ...]]:
+    """Cut items, in order, into parts of at most `count_max` items and `bytes_max` bytes (a part
+    of one item may be larger: each item was bounded where it was made)."""
+    parts: list[tuple[T, ...]] = []
+    current: list[T] = []
+    used = 0
+    for item in items:
+        size = size_of(item)
+        if current and (used + size > bytes_max or len(current) >= count_max):
+            parts.append(tuple(current))
+            current, used = [], 0
+        current.append(item)
+        used += size
+    if current:
+        parts.append(tuple(current))
+    return parts
+
+
+def _dedup_entry_bytes(entry: tuple[bytes, int]) -> int:
+    return DEDUP_ENTRY_OVERHEAD_BYTES + len(entry[0])
+
+
+def _key_bytes(key: bytes) -> int:
+    return KEY_OVERHEAD_BYTES + len(key)
+
+
+def message_bytes(message: msg.PeerMessage) -> int:
+    """The content bytes of a message as the link encodes it (what message_bytes_max bounds)."""
+    if isinstance(message, msg.ShipRecords):
+        return sum(map(record_wire_bytes, message.records))
+    if isinstance(message, msg.ResyncData):
+        return sum(map(versioned_wire_bytes, message.entries))
+    if isinstance(message, msg.ResyncBeginAck):
+        return sum(map(_key_bytes, message.suspect_keys))
+    if isinstance(message, msg.ResyncDedup):
+        return sum(map(_dedup_entry_bytes, message.entries))
+    if isinstance(message, msg.Goodbye):
+        return len(message.message.encode())
+    return 0
+
+
+def _single_item(message: msg.PeerMessage) -> bool:
+    """A message of one item: bounded where that item was made (a write, a stored version)."""
+    if isinstance(message, msg.ShipRecords):
+        return len(message.records) == 1
+    if isinstance(message, msg.ResyncData):
+        return len(message.entries) == 1
+    return False
 
 
 # Roles in which a session (Hello exchanged) with the peer may exist.
@@ -220,6 +282,11 @@ class SiteCore:
                 return self._drain()
             raise ProtocolError(f"{self.role.name} cannot take {kind.__name__}")
         before = self.role
+        if isinstance(event, ev.PeerSent) and before is Role.RECONCILE:
+            # In RECONCILE, which serves nothing, every frame counts as hearing the peer: heartbeat
+            # answers queue behind the reconcile shipments (megabytes with large values), and a
+            # one-way cut still ends it, since the deaf side times out and drops the connection.
+            self.last_heard_ms = self.now_ms
         handler: Callable[[SiteCore, ev.Event], None] = getattr(SiteCore, handler_name)
         handler(self, event)
         self._run_timers()
@@ -261,6 +328,12 @@ class SiteCore:
             request_id=event.request_id,
             operations=event.operations,
         )
+        size = record_wire_bytes(record)
+        if size > self.config.message_bytes_max:
+            self._reject_write(
+                event.handle, "invalid", f"a write of {size} bytes exceeds message_bytes_max {self.config.message_bytes_max}"
+            )
+            return
         self.next_seq += 1
         if self.role is Role.SOLO:
             dirty = () if "drop_dirty" in self.config.plants else record.keys()
@@ -761,11 +834,14 @@ class SiteCore:
         session = self.session
         assert session is not None and session.peer is not None
         self._set_role(Role.RECONCILE, "met the peer in the same epoch")
+        # The peer's Hello on a new connection (which needs both directions) is news of it: the
+        # silence before, a link cut say, does not count against the reconcile.
+        self.last_heard_ms = self.now_ms
         records = sorted(self.log.values(), key=lambda record: record.id)
         session.reconcile_shipped_ts = max((record.ts for record in records), default=0)
-        chunk = self.config.reconcile_records_per_message_max
-        for start in range(0, len(records), chunk):
-            self._send(msg.ShipRecords(self.epoch, tuple(records[start : start + chunk]), reconcile=True))
+        config = self.config
+        for part in cut(records, record_wire_bytes, config.message_bytes_max, config.reconcile_records_per_message_max):
+            self._send(msg.ShipRecords(self.epoch, part, reconcile=True))
         self._send(msg.ReconcileDone(self.epoch, self.next_seq))
 
     def _on_reconcile_done(self, event: ev.Event) -> None:
@@ -1093,16 +1169,22 @@ class SiteCore:
         if not self._session_up() or not self._check_epoch(event.message.epoch):
             return
         assert self.session is not None
-        self.session.resync_begin_acked = True
-        self.session.peer_next_seq = event.message.next_seq
-        entries = sorted(self.dedup.items())
-        for start in range(0, len(entries), 1024):
-            self._send(msg.ResyncDedup(self.epoch, tuple(entries[start : start + 1024])))
+        if self.session.resync_begin_acked:
+            self._protocol_violation("a second ResyncBeginAck")
+            return
         suspect = [key for key in event.message.suspect_keys if key not in self.dirty]
         if suspect and "rejoin_without_resync" not in self.config.plants:
             self.dirty.update(suspect)
             self._persist(dirty_add=tuple(suspect))
             self.session.resync_queue.extend(suspect)
+        if event.message.next_seq == 0:
+            return  # more suspect keys follow (they did not fit in one message): wait for the last part
+        self.session.resync_begin_acked = True
+        self.session.peer_next_seq = event.message.next_seq
+        entries = sorted(self.dedup.items())
+        config = self.config
+        for part in cut(entries, _dedup_entry_bytes, config.message_bytes_max, config.dedup_entries_per_message_max):
+            self._send(msg.ResyncDedup(self.epoch, part))
         self._pump_resync()
 
     def _pump_resync(self) -> None:
@@ -1161,6 +1243,8 @@ class SiteCore:
                 raise ProtocolError("a resync batch must answer a non-empty prefix of the asked keys")
             session.resync_queue[:0] = keys[sent:]
             keys = keys[:sent]
+        if len(event.entries) > 1 and sum(map(versioned_wire_bytes, event.entries)) > self.config.message_bytes_max:
+            raise ProtocolError(f"a resync batch of {len(event.entries)} entries exceeds message_bytes_max")
         session.resync_inflight[event.token] = (keys, scan, event.next_position)
         session.resync_inflight_ts[event.token] = max((entry.ts for entry in event.entries), default=0)
         for entry in event.entries:
@@ -1264,7 +1348,15 @@ class SiteCore:
         assert self.session is not None
         self.session.peer_next_seq = begin.next_seq
         session, next_seq = self.session, self.next_seq
-        self._after(persist_id, lambda: self._send_in(session, msg.ResyncBeginAck(self.epoch, suspect, next_seq)))
+        parts = cut(suspect, _key_bytes, self.config.message_bytes_max, len(suspect) or 1) or [()]
+
+        def acknowledge() -> None:
+            # Every part but the last says "more follow" with next_seq 0 (seqs start at 1).
+            for index, part in enumerate(parts):
+                last = index == len(parts) - 1
+                self._send_in(session, msg.ResyncBeginAck(self.epoch, part, next_seq if last else 0))
+
+        self._after(persist_id, acknowledge)
 
     def _on_resync_data(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncData)
@@ -1442,6 +1534,11 @@ class SiteCore:
             self.after_durable.append((persist_id, callback))
 
     def _send(self, message: msg.PeerMessage) -> None:
+        # The pair assertion of the byte bound: cut where made, checked here, and again by the encoder.
+        size = message_bytes(message)
+        assert size <= self.config.message_bytes_max or _single_item(message), (
+            f"{type(message).__name__} of {size} bytes exceeds message_bytes_max {self.config.message_bytes_max}"
+        )
         if self.connected:
             self.out.append(ev.SendToPeer(message))
 

@@ -32,9 +32,9 @@ from replicator.client.witness import AsyncWitnessClient
 from replicator.config import ConfigError, SiteConfig, load_site_config
 from replicator.core import events as ev
 from replicator.core import messages as msg
-from replicator.core.config import CoreConfig
+from replicator.core.config import MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, Versioned
+from replicator.core.records import Operation, Record, Versioned, record_wire_bytes, versioned_wire_bytes
 from replicator.core.site import SiteCore
 from replicator.daemon.clock import WallClock
 from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_failure
@@ -42,6 +42,7 @@ from replicator.daemon.logs import configure, log
 from replicator.daemon.metrics import Registry, start_metrics_server
 from replicator.daemon.runner import Shutdown, run
 from replicator.daemon.wire import Decoder, Encoder
+from replicator.nbd.server import NbdServer, start_nbd_server
 from replicator.storage import GroupCommitter, Store, StoreOptions
 from replicator.storage.errors import CorruptValue, StorageFailed
 from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
@@ -49,12 +50,7 @@ from replicator.transport.link import Link, LocalHello
 
 TICK_S = 0.01
 WITNESS_REPORT_S = 1.0  # how often a site reports where it is to the witness
-# A resync batch is cut to fit one link frame: the frame limit less this (header, message framing),
-# counting each entry as key + value + this much.
-RESYNC_FRAME_HEADROOM_BYTES = 64 * 1024
-RESYNC_ENTRY_OVERHEAD_BYTES = 64
 CLEAR_PAGE_KEYS = 10_000
-RECORD_OVERHEAD_BYTES = 128  # a record's header in a RECORDS frame, rounded up
 
 
 def encode_meta(value: int | bytes | str) -> bytes:
@@ -87,16 +83,6 @@ def decode_record(raw: bytes) -> Record:
     (view,) = frame.body.records
     record: Record = view.materialise()
     return record
-
-
-def _entry_bytes(version: Versioned) -> int:
-    return len(version.key) + (len(version.value) if version.value is not None else 0) + RESYNC_ENTRY_OVERHEAD_BYTES
-
-
-def _record_bytes(record: Record) -> int:
-    return RECORD_OVERHEAD_BYTES + len(record.request_id) + sum(
-        len(op.key) + (len(op.value) if op.value is not None else 0) + 8 for op in record.operations
-    )
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -144,7 +130,7 @@ class SiteDaemon:
         # Frames for the peer, each with the link session it was made for (see _on_link_state).
         self.send_queue: asyncio.Queue[tuple[int, bytearray] | None] = asyncio.Queue()
         self.link_session = 0
-        self.encoder = Encoder(self.name)
+        self.encoder = Encoder(self.name, frame_bytes_max=section.frame_size_bytes_max)
         self.decoder = Decoder(section.pair_id, self.peer)
         self.tasks: list[asyncio.Task[Any]] = []
         self.link: Link | None = None
@@ -198,6 +184,7 @@ class SiteDaemon:
             read_wait_ms_max=section.read_wait_ms,
             dedup_age_ms=section.dedup_age_ms,
             static_priority=section.static_priority,
+            message_bytes_max=section.frame_size_bytes_max - MESSAGE_HEADROOM_BYTES,
             plants=plants,
         )
         self.core = SiteCore(core_config, core_recovered)
@@ -245,6 +232,14 @@ class SiteDaemon:
             self.metrics_server = await start_metrics_server(self.metrics, self.config.listen.metrics)
         except OSError as error:
             raise listen_failure(self.config.listen.metrics, error) from None
+        self.nbd: NbdServer | None = None
+        if self.config.nbd.listen:
+            try:
+                self.nbd = await start_nbd_server(
+                    self, self.config.nbd, self.config.api, self.config.tls.nbd, self.metrics
+                )
+            except OSError as error:
+                raise listen_failure(self.config.nbd.listen, error) from None
         log(
             "started",
             site=self.name,
@@ -252,6 +247,7 @@ class SiteDaemon:
             incarnation=self.core.incarnation,
             grpc=self.server.address,
             metrics=self.metrics_server.address,
+            nbd=self.nbd.address if self.nbd is not None else "",
             exposed=self.config.exposed_addresses() if hasattr(self.config, "exposed_addresses") else [],
         )
 
@@ -274,6 +270,11 @@ class SiteDaemon:
     async def stop(self) -> None:
         shutdown = Shutdown()
         timeout = self.config.site.shutdown_stage_timeout_ms / 1000
+        if getattr(self, "nbd", None) is not None:
+            nbd = self.nbd
+            assert nbd is not None
+            # First: NBD clients must see their connections drop (never ESHUTDOWN) and go elsewhere.
+            shutdown.add("drop NBD connections", nbd.stop, timeout)
         shutdown.add("stop accepting requests", lambda: self.server.stop(timeout / 2), timeout)
         shutdown.add("drain in-flight writes", self._drain, timeout)
         shutdown.add("close the link", self._close_link, timeout)
@@ -290,6 +291,7 @@ class SiteDaemon:
         parts: list[Callable[[], Any]] = [
             lambda: self.server.stop(0),
             lambda: self.metrics_server.stop(),
+            lambda: self.nbd.stop() if getattr(self, "nbd", None) is not None else None,
             lambda: self.link.close() if self.link is not None else None,
             lambda: self.committer.close(),
             lambda: self.witness.close(),
@@ -398,7 +400,7 @@ class SiteDaemon:
         one turn of the loop go out as one RECORDS frame (one ShipRecords for the peer's core: one
         persist and one ack there), up to OUTBOX_BYTES_MAX; any other message sends them first."""
         if isinstance(message, msg.ShipRecords) and not message.reconcile:
-            size = sum(_record_bytes(record) for record in message.records)
+            size = sum(record_wire_bytes(record) for record in message.records)
             held = self.outbox
             if held is not None and (held.epoch != message.epoch or self.outbox_bytes + size > self.outbox_bytes_max):
                 self._flush_outbox()
@@ -486,14 +488,15 @@ class SiteDaemon:
 
     def _load_resync(self, action: ev.LoadResyncBatch) -> None:
         """Load a resync batch, as much of it as fits in one link frame (at least one entry)."""
-        budget = self.config.site.frame_size_bytes_max - RESYNC_FRAME_HEADROOM_BYTES
+        # The core's byte bound: it checks the batch again when it makes the ResyncData of it.
+        budget = self.core.config.message_bytes_max
         if action.keys:
             entries = []
             used = 0
             for key in action.keys:
                 version = self.store.get(key)
                 entry = version if version is not None else Versioned(key, 0, None)
-                size = _entry_bytes(entry)
+                size = versioned_wire_bytes(entry)
                 if entries and used + size > budget:
                     break
                 entries.append(entry)
@@ -504,7 +507,7 @@ class SiteDaemon:
             next_position = versions[-1].key + b"\x00" if len(versions) == action.limit else None
             used = 0
             for count, version in enumerate(versions):
-                used += _entry_bytes(version)
+                used += versioned_wire_bytes(version)
                 if count and used > budget:
                     versions = versions[:count]
                     next_position = versions[-1].key + b"\x00"
@@ -749,8 +752,16 @@ class SiteDaemon:
             dirty_keys=len(core.dirty),
             preferred=core.config.preferred,
             peer_address=self.config.site.peer_grpc_address,
-            details={"incarnation": str(core.incarnation), "pending_writes": str(len(core.pending))},
+            details={"incarnation": str(core.incarnation), "pending_writes": str(len(core.pending))}
+            | self._nbd_details(),
         )
+
+    def _nbd_details(self) -> dict[str, str]:
+        """The NBD server's base URI (an export is BASE/VOLUME), for `replicatorctl volume list`."""
+        nbd = getattr(self, "nbd", None)
+        if nbd is None:
+            return {}
+        return {"nbd": f"{'nbds' if self.config.tls.nbd is not None else 'nbd'}://{nbd.address}"}
 
     async def verify(self, repair: bool, progress: Callable[[int, int], None]) -> VerifyReport:
         """Online verify against the peer (replicator/daemon/verify.py); repair: this site's version wins."""

@@ -68,9 +68,21 @@ class Encoder:
     """Turns core messages into frames; remembers whether a reconcile shipment is open."""
 
     site: str
+    # The link's frame limit: every frame made is checked against it (the core cut the message
+    # to message_bytes_max, the frame limit less a headroom; this is the pair assertion).
+    frame_bytes_max: int | None = None
     reconcile_open: bool = False
 
     def encode(self, message: msg.PeerMessage) -> list[bytearray]:
+        frames = self._encode(message)
+        if self.frame_bytes_max is not None:
+            for frame in frames:
+                assert len(frame) <= self.frame_bytes_max, (
+                    f"{type(message).__name__} made a frame of {len(frame)} bytes, over {self.frame_bytes_max}"
+                )
+        return frames
+
+    def _encode(self, message: msg.PeerMessage) -> list[bytearray]:
         frames: list[bytearray] = []
 
         def frame() -> bytearray:
