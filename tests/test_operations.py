@@ -237,7 +237,7 @@ def test_every_stopping_signal_is_logged_and_shuts_down_in_stages(cluster: Local
     name = signal.Signals(signum).name
     assert [e["signal"] for e in events(process.log, "signal")] == [name]
     stages = [e["stage"] for e in events(process.log, "shutdown_stage")]
-    assert stages[0] == "stop accepting requests" and "flush storage" in stages
+    assert "stop accepting requests" in stages and "flush storage" in stages
     (done,) = events(process.log, "shutdown_done")
     assert done["clean"] is True
 
