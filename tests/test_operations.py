@@ -94,8 +94,11 @@ def site_copy(cluster: LocalCluster, name: str, new_name: str, **changes: object
     config = load_site_config(cluster.config_path(name))
     site = dataclasses.replace(config.site, **{k: v for k, v in changes.items() if k in ("data_dir",)})
     listen = dataclasses.replace(config.listen, **{k: v for k, v in changes.items() if k in ("grpc", "link", "metrics")})
+    copy = dataclasses.replace(config, site=site, listen=listen)
+    if getattr(config, "nbd", None) is not None and config.nbd.listen:  # the NBD front-end's port too
+        copy = dataclasses.replace(copy, nbd=dataclasses.replace(config.nbd, listen=fresh_ports(1)[0]))
     path = cluster.directory / f"{new_name}.toml"
-    path.write_text(dataclasses.replace(config, site=site, listen=listen).to_toml())
+    path.write_text(copy.to_toml())
     return path
 
 
