@@ -138,6 +138,9 @@ class SiteDaemon:
         self.witness_report_now = asyncio.Event()
         self.witness_id = ""  # our witness's identity (from its answers)
         self.peer_witness_id = ""  # the peer's, from its link HELLO
+        # Every identity our witness has had: a peer naming one of them is not misconfigured, only
+        # behind us in learning a replaced witness's identity (or its HELLO is older than that).
+        self.witness_ids_seen: set[str] = set()
         self.witness_mismatch_logged = -1e9
         self.witness_behind_logged = -1e9
         self.m_witness_behind = self.metrics.gauge(
@@ -547,7 +550,7 @@ class SiteDaemon:
         if isinstance(event, LinkUp):
             self.decoder.reset()
             self.peer_witness_id = bytes(event.peer.extras).decode(errors="replace")
-            if self.witness_id and self.peer_witness_id and self.witness_id != self.peer_witness_id:
+            if self._witnesses_differ():
                 self._log_witness_mismatch()
             log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
             self.step(ev.PeerConnected())
@@ -602,6 +605,7 @@ class SiteDaemon:
                 if identity and identity != self.witness_id:
                     log("witness_identity", witness=self.config.witness.address, witness_id=identity)
                     self.witness_id = identity
+                    self.witness_ids_seen.add(identity)
                     if self.link is not None and self.link.up:
                         self.link.reset("our witness changed: tell the peer in a new HELLO")
             except Exception:
@@ -613,12 +617,15 @@ class SiteDaemon:
     def _witness_mismatch(self, request: msg.WitnessRequest) -> bool:
         """The two sites use different witnesses (a misconfiguration): going on alone could split the
         pair (each granted by its own witness), so no Arbitrate goes out, except an operator's forced one."""
-        if not (self.witness_id and self.peer_witness_id) or self.witness_id == self.peer_witness_id:
+        if not self._witnesses_differ():
             return False
         if not isinstance(request, msg.Arbitrate) or request.force:
             return False
         self._log_witness_mismatch()
         return True
+
+    def _witnesses_differ(self) -> bool:
+        return bool(self.witness_id and self.peer_witness_id) and self.peer_witness_id not in self.witness_ids_seen
 
     def _log_witness_mismatch(self) -> None:
         if time.monotonic() - self.witness_mismatch_logged >= 10.0:
