@@ -223,6 +223,19 @@ class SiteDaemon:
         self.tasks.append(asyncio.create_task(self._probe_witness(), name="witness-probe"))
         self.server = await start_site_server(self, self.config.listen.grpc, self.config.api, self.config.tls.grpc)
         self.metrics_server = await start_metrics_server(self.metrics, self.config.listen.metrics)
+        self.s3_server = None
+        if self.config.s3.enabled:
+            from replicator.s3.server import start_s3_server  # aiohttp is loaded only when S3 is on
+
+            self.s3_server = await start_s3_server(
+                self,
+                self.config.s3,
+                self.config.api.request_timeout_ms / 1000,
+                self.config.tls.s3,
+                self.metrics,
+                self.config.api.key_bytes_max,
+            )
+            log("s3 listening", s3=self.s3_server.address, tls=self.config.tls.s3 is not None)
         log(
             "started",
             site=self.name,
@@ -243,6 +256,8 @@ class SiteDaemon:
         shutdown = Shutdown()
         timeout = self.config.site.shutdown_stage_timeout_ms / 1000
         shutdown.add("stop accepting requests", lambda: self.server.stop(timeout / 2), timeout)
+        if getattr(self, "s3_server", None) is not None:
+            shutdown.add("stop the S3 endpoint", self.s3_server.stop, timeout)
         shutdown.add("drain in-flight writes", self._drain, timeout)
         shutdown.add("close the link", self._close_link, timeout)
         shutdown.add("flush storage", self.committer.close, timeout)
