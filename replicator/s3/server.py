@@ -67,7 +67,7 @@ _IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 UNSUPPORTED = frozenset(
     "acl policy cors lifecycle website tagging logging notification replication encryption object-lock retention "
     "legal-hold requestPayment accelerate analytics inventory metrics intelligent-tiering ownershipControls "
-    "publicAccessBlock torrent restore select versions attributes policyStatus append".split()
+    "publicAccessBlock torrent restore select attributes policyStatus append".split()
 )
 OPERATIONS = (
     "ListBuckets CreateBucket HeadBucket DeleteBucket GetBucketLocation GetBucketVersioning ListObjects ListObjectsV2 "
@@ -321,6 +321,9 @@ class S3Server:
                     operation[0] = "GetBucketVersioning"
                     await self.store.require_bucket(bucket)
                     return self._xml_response(_xml("VersioningConfiguration", ""))
+                if "versions" in params:
+                    operation[0] = "ListObjectVersions"
+                    return await self.list_versions(bucket, params)
                 if "uploads" in params:
                     operation[0] = "ListMultipartUploads"
                     return await self.list_uploads(bucket, params)
@@ -558,6 +561,44 @@ class S3Server:
         for common in prefixes:
             out.append(f"<CommonPrefixes>{_element('Prefix', enc(common))}</CommonPrefixes>")
         return self._xml_response(_xml("ListBucketResult", "".join(out)))
+
+    async def list_versions(self, bucket: str, params: dict[str, str]) -> web.Response:
+        """Versioning is never on: every object is its one version, "null"."""
+        await self.store.require_bucket(bucket)
+        prefix = params.get("prefix", "")
+        delimiter = params.get("delimiter", "")
+        max_keys = self._max(params, "max-keys", 1000)
+        after = params.get("key-marker", "")
+        contents, prefixes, truncated, last = await self._walk(bucket, prefix, delimiter, after, max_keys)
+        out = [
+            _element("Name", bucket),
+            _element("Prefix", prefix),
+            _element("KeyMarker", after),
+            _element("VersionIdMarker", params.get("version-id-marker", "")),
+            _element("MaxKeys", max_keys),
+            _element("IsTruncated", truncated),
+        ]
+        if delimiter:
+            out.append(_element("Delimiter", delimiter))
+        if truncated and last is not None:
+            out += [_element("NextKeyMarker", last), _element("NextVersionIdMarker", "null")]
+        for item in contents:
+            manifest = item.manifest
+            out.append(
+                "<Version>"
+                + _element("Key", item.key)
+                + _element("VersionId", "null")
+                + _element("IsLatest", True)
+                + _element("LastModified", _iso(manifest.mtime_ms))
+                + _element("ETag", f'"{manifest.etag}"')
+                + _element("Size", manifest.size)
+                + _element("StorageClass", "STANDARD")
+                + _owner()
+                + "</Version>"
+            )
+        for common in prefixes:
+            out.append(f"<CommonPrefixes>{_element('Prefix', common)}</CommonPrefixes>")
+        return self._xml_response(_xml("ListVersionsResult", "".join(out)))
 
     async def _walk(
         self, bucket: str, prefix: str, delimiter: str, after: str, max_keys: int
@@ -921,17 +962,21 @@ class S3Server:
             key = element.findtext("Key")
             if key is None:
                 raise S3Error("MalformedXML", "every Object needs a Key", 400)
-            keys.append(key)
+            keys.append((key, element.findtext("VersionId")))
         await self.store.require_bucket(bucket)
         out = []
-        for key in keys:
+        for key, version in keys:
+            if version not in (None, "null"):
+                out.append(f"<Error>{_element('Key', key)}{_element('VersionId', version)}<Code>NoSuchVersion</Code></Error>")
+                continue
             try:
                 await self.store.delete(bucket, self._check_key(key))
             except S3Error as error:
                 out.append(f"<Error>{_element('Key', key)}{_element('Code', error.code)}{_element('Message', error.message)}</Error>")
                 continue
             if not quiet:
-                out.append(f"<Deleted>{_element('Key', key)}</Deleted>")
+                version_element = _element("VersionId", version) if version else ""
+                out.append(f"<Deleted>{_element('Key', key)}{version_element}</Deleted>")
         return self._xml_response(_xml("DeleteResult", "".join(out)))
 
 
