@@ -162,7 +162,9 @@ class Client:
         if self.name == "awscli":
             return e.aws("s3", "presign", f"s3://{bucket}/{key}", "--expires-in", "600").stdout.strip()
         if self.name == "s3cmd":
-            return e.s3cmd("signurl", f"s3://{bucket}/{key}", "+600").stdout.strip()
+            url = e.s3cmd("signurl", f"s3://{bucket}/{key}", "+600").stdout.strip()
+            # s3cmd 2.4 writes http:// even with use_https; a SigV2 signature does not cover the scheme.
+            return url.replace("http://", "https://", 1) if e.https else url
         return e.rclone("link", "--expire", "10m", f"site:{bucket}/{key}").stdout.strip()
 
     def rm(self, bucket: str, key: str) -> None:
