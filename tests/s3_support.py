@@ -76,7 +76,7 @@ class Endpoint:
             aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
             verify=self.ca if self.https else None,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 8, "mode": "standard"}, **config),
+            config=Config(**({"s3": {"addressing_style": "path"}, "retries": {"max_attempts": 8, "mode": "standard"}} | config)),
         )
 
     def environment(self) -> dict[str, str]:
