@@ -670,7 +670,7 @@ class ObjectStore:
         stored = {part.number: part for part in await self._all_parts(upload.upload_id)}
         segments: list[Segment] = []
         digests = b""
-        for index, (number, etag) in enumerate(chosen):
+        for number, etag in chosen:
             part = stored.get(number)
             if part is None or part.md5 != etag.strip('"'):
                 raise S3Error(
@@ -679,10 +679,11 @@ class ObjectStore:
                     "or the specified entity tag may not have matched the part's entity tag.",
                     400,
                 )
-            if index < len(chosen) - 1 and part.size < self.limits.part_bytes_min:
-                raise S3Error("EntityTooSmall", "Your proposed upload is smaller than the minimum allowed size", 400)
             segments.append(Segment(part.data_id, part.size, part.piece_bytes))
             digests += bytes.fromhex(part.md5)
+        # Every part named must exist before sizes are judged (InvalidPart wins over EntityTooSmall).
+        if any(segment.size < self.limits.part_bytes_min for segment in segments[:-1]):
+            raise S3Error("EntityTooSmall", "Your proposed upload is smaller than the minimum allowed size", 400)
         size = sum(s.size for s in segments)
         if size > self.limits.object_bytes_max * 1024:
             raise S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size", 400)
