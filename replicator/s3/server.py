@@ -65,7 +65,7 @@ HEALTH_PATH = "/-/health"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 UNSUPPORTED = frozenset(
-    "acl policy cors lifecycle website tagging logging notification replication encryption object-lock retention "
+    "policy cors lifecycle website tagging logging notification replication encryption object-lock retention "
     "legal-hold requestPayment accelerate analytics inventory metrics intelligent-tiering ownershipControls "
     "publicAccessBlock torrent restore select attributes policyStatus append".split()
 )
@@ -101,14 +101,27 @@ def _xml(root: str, body: str) -> bytes:
     return f'<?xml version="1.0" encoding="UTF-8"?>\n<{root} xmlns="{XMLNS}">{body}</{root}>'.encode()
 
 
+_CONTROL = {c: f"&#{c};" for c in range(32) if chr(c) not in "\t"}
+
+
 def _element(name: str, value: object) -> str:
     if isinstance(value, bool):
         value = "true" if value else "false"
-    return f"<{name}>{escape(str(value))}</{name}>"
+    # Control characters (a key may hold them) as character references, which XML parsers keep.
+    return f"<{name}>{escape(str(value)).translate(_CONTROL)}</{name}>"
 
 
 def _owner() -> str:
     return f"<Owner><ID>{OWNER_ID}</ID><DisplayName>{OWNER_ID}</DisplayName></Owner>"
+
+
+def _acl() -> bytes:
+    """The one account has full control of everything: the only ACL there is."""
+    grant = (
+        '<Grant><Grantee xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="CanonicalUser">'
+        f"<ID>{OWNER_ID}</ID><DisplayName>{OWNER_ID}</DisplayName></Grantee><Permission>FULL_CONTROL</Permission></Grant>"
+    )
+    return _xml("AccessControlPolicy", f"{_owner()}<AccessControlList>{grant}</AccessControlList>")
 
 
 def _parse_xml(raw: bytes) -> ElementTree.Element:
@@ -294,8 +307,17 @@ class S3Server:
         if bucket is None:
             if method == "GET":
                 operation[0] = "ListBuckets"
-                return await self.list_buckets()
+                return await self.list_buckets(params)
             raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.", 405)
+        if "acl" in params:
+            operation[0] = "GetAcl" if method == "GET" else "NotImplemented"
+            if method != "GET":
+                raise not_implemented("setting an ACL (one account owns everything)")
+            if key is None:
+                await self.store.require_bucket(bucket)
+            else:
+                await self.store.head(bucket, self._check_key(key))
+            return self._xml_response(_acl())
         if key is None:
             if unsupported:
                 operation[0] = "NotImplemented"
@@ -471,12 +493,22 @@ class S3Server:
         return data
 
     # ------------------------------------------------------------ buckets
-    async def list_buckets(self) -> web.Response:
+    async def list_buckets(self, params: dict[str, str]) -> web.Response:
         buckets = await self.store.list_buckets()
+        prefix = params.get("prefix", "")
+        after = params.get("continuation-token", "")
+        limit = self._max(params, "max-buckets", 10_000)
+        chosen = [(n, c) for n, c in buckets if n.startswith(prefix) and n > after]
+        more = len(chosen) > limit
+        chosen = chosen[:limit]
         body = "".join(
-            f"<Bucket>{_element('Name', name)}{_element('CreationDate', _iso(created))}</Bucket>" for name, created in buckets
+            f"<Bucket>{_element('Name', name)}{_element('CreationDate', _iso(created))}</Bucket>" for name, created in chosen
         )
-        return self._xml_response(_xml("ListAllMyBucketsResult", f"{_owner()}<Buckets>{body}</Buckets>"))
+        token = _element("ContinuationToken", chosen[-1][0]) if more and chosen else ""
+        prefix_element = _element("Prefix", prefix) if prefix else ""
+        return self._xml_response(
+            _xml("ListAllMyBucketsResult", f"{_owner()}<Buckets>{body}</Buckets>{token}{prefix_element}")
+        )
 
     async def create_bucket(self, request: web.Request, bucket: str, auth: Authenticated) -> web.Response:
         raw = await self._read_small_body(request, auth)
