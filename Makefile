@@ -72,6 +72,7 @@ bench: build
 	$(PY) -m benchmarks.bench_storage
 	$(PY) -m benchmarks.bench_framing
 	$(PY) -m benchmarks.bench_link
+	$(PY) -m benchmarks.bench_s3
 	$(PY) -m benchmarks.e2e $(BENCH_ARGS)
 
 demo: build
