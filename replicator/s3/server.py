@@ -571,7 +571,7 @@ class S3Server:
             out.append(_element("Marker", enc(after)))
             if truncated and delimiter and last is not None:
                 out.append(_element("NextMarker", enc(last)))
-        out.append(_element("MaxKeys", params.get("max-keys", "1000") if max_keys == int(params.get("max-keys", "1000") or 1000) else max_keys))
+        out.append(_element("MaxKeys", max_keys))
         if delimiter:
             out.append(_element("Delimiter", enc(delimiter)))
         if encoding:
