@@ -72,13 +72,25 @@ class Running:
         )
 
     def raw(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None, sign: bool = True
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        sign: bool = True,
+        host: str = "",
     ) -> tuple[int, bytes, dict[str, str]]:
-        """Send one request, signed with SigV4 over exactly these headers (payload hash of `body` unless given)."""
+        """Send one request, signed with SigV4 over exactly these headers (payload hash of `body` unless given).
+
+        `host` (name:port) is the Host the request is signed for and sent with (virtual-host style).
+        """
         headers = dict(headers or {})
+        if host:
+            headers["Host"] = host
         if sign:
             headers.setdefault("x-amz-content-sha256", hashlib.sha256(body).hexdigest())
-            request = AWSRequest(method=method, url=self.url + path, data=body, headers=headers)
+            url = (f"http://{host}" if host else self.url) + path
+            request = AWSRequest(method=method, url=url, data=body, headers=headers)
             # SigV4Auth signs the x-amz-content-sha256 given (S3SigV4Auth would replace it).
             SigV4Auth(Credentials(ACCESS, SECRET), "s3", "us-east-1").add_auth(request)
             headers = dict(request.headers.items())
@@ -104,6 +116,7 @@ def s3(tmp_path: Path) -> Iterator[Running]:
         object_bytes_max=4 * 1024 * 1024,
         garbage_age_ms=1,
         garbage_sweep_interval_ms=3_600_000,
+        virtual_host_suffix="s3.test",
     )
     backend = FakeBackend()
     loop = asyncio.new_event_loop()
@@ -420,3 +433,12 @@ def test_unavailable_site_answers_503_slowdown(s3: Running) -> None:
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(s3.url + "/-/health", timeout=5)
     assert caught.value.code == 503
+
+
+def test_virtual_host_style_beside_path_style(s3: Running) -> None:
+    port = s3.server.address.rsplit(":", 1)[1]
+    status, body, _ = s3.raw("PUT", "/dir/virtual-key", b"by host", host=f"bkt.s3.test:{port}")
+    assert status == 200, body
+    assert s3.client().get_object(Bucket="bkt", Key="dir/virtual-key")["Body"].read() == b"by host"
+    status, body, _ = s3.raw("GET", "/?list-type=2&prefix=dir/", host=f"bkt.s3.test:{port}")
+    assert status == 200 and b"<Key>dir/virtual-key</Key>" in body, body
