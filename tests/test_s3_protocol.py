@@ -440,5 +440,5 @@ def test_virtual_host_style_beside_path_style(s3: Running) -> None:
     status, body, _ = s3.raw("PUT", "/dir/virtual-key", b"by host", host=f"bkt.s3.test:{port}")
     assert status == 200, body
     assert s3.client().get_object(Bucket="bkt", Key="dir/virtual-key")["Body"].read() == b"by host"
-    status, body, _ = s3.raw("GET", "/?list-type=2&prefix=dir/", host=f"bkt.s3.test:{port}")
+    status, body, _ = s3.raw("GET", "/?list-type=2&prefix=dir%2F", host=f"bkt.s3.test:{port}")
     assert status == 200 and b"<Key>dir/virtual-key</Key>" in body, body
