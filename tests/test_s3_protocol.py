@@ -354,6 +354,10 @@ def test_limits_unsupported_and_ignored_parameters(s3: Running) -> None:
     assert (status, xml_code(body)) == (501, "NotImplemented")
     status, body, _ = s3.raw("PUT", "/Bad_Bucket", b"")
     assert (status, xml_code(body)) == (400, "InvalidBucketName")
+    s3.client().create_bucket(Bucket="bkt")  # us-east-1 (the default region): success, nothing changes
+    with pytest.raises(S3Error) as caught:  # elsewhere: BucketAlreadyOwnedByYou
+        s3.call(s3.server.store.create_bucket("bkt", recreate_ok=False))
+    assert caught.value.code == "BucketAlreadyOwnedByYou"
     s3.call(s3.server.store.collect_garbage())
     assert s3.snapshot() == before
     status, body, _ = s3.raw("PUT", "/bkt/k?x-id=PutObject", b"hello")

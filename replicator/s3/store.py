@@ -311,10 +311,21 @@ class ObjectStore:
         task.add_done_callback(self.background.discard)
 
     # ------------------------------------------------------------ buckets
-    async def create_bucket(self, bucket: str) -> None:
+    async def create_bucket(self, bucket: str, location: str = "", recreate_ok: bool = False) -> None:
+        """Create `bucket`. Creating one that exists is BucketAlreadyOwnedByYou, except where S3 answers
+        success and changes nothing (its default region, us-east-1: `recreate_ok`)."""
         if await self._read(bucket_key(bucket)) is not None:
+            if recreate_ok:
+                return
             raise S3Error("BucketAlreadyOwnedByYou", f"bucket {bucket} exists and is yours", 409)
-        await self._write([Operation(bucket_key(bucket), json.dumps({"created_ms": now_ms()}).encode())])
+        value = {"created_ms": now_ms(), "location": location}
+        await self._write([Operation(bucket_key(bucket), json.dumps(value).encode())])
+
+    async def bucket_location(self, bucket: str) -> str:
+        raw = await self._read(bucket_key(bucket))
+        if raw is None:
+            raise S3Error("NoSuchBucket", "The specified bucket does not exist", 404, resource=bucket)
+        return str(json.loads(raw).get("location", ""))
 
     async def bucket_exists(self, bucket: str) -> bool:
         return await self._read(bucket_key(bucket)) is not None
