@@ -3,7 +3,7 @@
 An allow-list (tests/s3tests_allowlist.txt) names the tests of
 `s3tests/functional/test_s3.py` that must pass; they run in place (the folder is
 read-only: no cache, no bytecode) with a configuration written to a temporary
-directory. `python -m tests.s3tests_full` (docs/s3.md) runs the whole suite.
+directory. `.venv/bin/python tests/s3tests_full.py` runs the whole suite (docs/s3.md).
 """
 
 from __future__ import annotations
