@@ -77,7 +77,7 @@ OPERATIONS = (
 
 
 def _check_bucket(name: str) -> str:
-    if not _BUCKET.match(name) or ".." in name or _IP.match(name):
+    if not _BUCKET.match(name) or ".." in name or ".-" in name or "-." in name or _IP.match(name):
         raise S3Error("InvalidBucketName", f"The specified bucket is not valid: {name!r}", 400, resource=name)
     return name
 
