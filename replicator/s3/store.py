@@ -63,6 +63,7 @@ PART = b"sQ"
 _U32 = struct.Struct(">I")
 _MANIFEST_MAGIC = b"M1"
 DELETES_PER_RECORD = 256  # piece deletions batched per write when freeing garbage
+MULTIPART_OBJECT_BYTES_MAX = 5 * 1024**4  # S3's limit on an object made by multipart upload: 5 TiB
 
 
 def bucket_key(bucket: str) -> bytes:
@@ -696,7 +697,7 @@ class ObjectStore:
         if any(segment.size < self.limits.part_bytes_min for segment in segments[:-1]):
             raise S3Error("EntityTooSmall", "Your proposed upload is smaller than the minimum allowed size", 400)
         size = sum(s.size for s in segments)
-        if size > self.limits.object_bytes_max * 1024:
+        if size > MULTIPART_OBJECT_BYTES_MAX:
             raise S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size", 400)
         etag = f"{hashlib.md5(digests).hexdigest()}-{len(chosen)}"
         segments = [s for s in segments if s.size > 0] or segments[:1]
