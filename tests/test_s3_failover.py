@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -161,6 +162,36 @@ def test_rclone_sync_through_haproxy_survives_killing_the_site_in_use(
     Remote(pair, pair.cluster["sites"]["b"]["s3"], tmp_path / "check-b").rclone("check", str(tree), "site:synced/tree")
     pair.restart("a")
     Remote(pair, pair.cluster["sites"]["a"]["s3"], tmp_path / "check-a").rclone("check", str(tree), "site:synced/tree")
+
+
+def test_an_upload_cut_by_a_crash_is_not_visible(pair: LocalCluster, tmp_path: Path) -> None:
+    """Site a dies with 6 of 20 MiB of a PUT received (pieces already replicated): b shows no object."""
+    import socket
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    a_url = pair.cluster["sites"]["a"]["s3"]
+    b = Endpoint(pair, "b", tmp_path / "b").boto3()
+    b.create_bucket(Bucket="cut")
+    access, secret = pair.s3_credentials()
+    headers = {"x-amz-content-sha256": "UNSIGNED-PAYLOAD", "Content-Length": str(20 * MIB)}
+    request = AWSRequest(method="PUT", url=f"{a_url}/cut/half", headers=headers)
+    SigV4Auth(Credentials(access, secret), "s3", "us-east-1").add_auth(request)
+    host, port = a_url.split("://", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        head = f"PUT /cut/half HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in request.headers.items()) + "\r\n"
+        connection.sendall(head.encode())
+        for _ in range(6):
+            connection.sendall(os.urandom(MIB))
+        time.sleep(1.0)  # let the first pieces be written at both sites
+        pair.kill("a")
+    wait_for(lambda: health(pair.cluster["sites"]["b"]["s3"]) == 200, 30, "site b to serve alone")
+    listed = b.list_objects_v2(Bucket="cut")
+    assert listed.get("KeyCount", 0) == 0, listed
+    pair.start_process("a")
 
 
 def test_a_site_that_cannot_serve_answers_503_slowdown(pair: LocalCluster, haproxy: str, tmp_path: Path) -> None:
