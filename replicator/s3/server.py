@@ -650,7 +650,9 @@ class S3Server:
         if max_keys == 0:
             return contents, prefixes, False, None
         while True:
-            page = await self.store.list_range(bucket, prefix, start, 1000)
+            # Read no further than the answer needs (one more key tells whether it is truncated).
+            wanted = min(1000, max_keys - len(contents) - len(prefixes) + 1)
+            page = await self.store.list_range(bucket, prefix, start, wanted)
             if not page:
                 return contents, prefixes, False, last
             jumped = False
@@ -680,7 +682,7 @@ class S3Server:
                 contents.append(item)
                 last = item.key
             if not jumped:
-                if len(page) < 1000:
+                if len(page) < wanted:
                     return contents, prefixes, False, last
                 start = page[-1].key.encode() + b"\x00"
 
