@@ -44,6 +44,7 @@ import json
 import os
 import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,7 +280,8 @@ class ObjectStore:
         self.limits = limits
         # Overwrites of one key at this site are serialized, so that each sees the manifest it
         # replaces and frees its pieces (the sweep catches the cross-site race).
-        self.key_locks: dict[bytes, asyncio.Lock] = {}
+        # Weak values: a lock lives while a coroutine holds or awaits it, then goes by itself.
+        self.key_locks: weakref.WeakValueDictionary[bytes, asyncio.Lock] = weakref.WeakValueDictionary()
         self.background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------ plumbing
@@ -301,10 +303,6 @@ class ObjectStore:
         if lock is None:
             lock = self.key_locks[key] = asyncio.Lock()
         return lock
-
-    def _release(self, key: bytes, lock: asyncio.Lock) -> None:
-        if not lock.locked() and self.key_locks.get(key) is lock:
-            del self.key_locks[key]
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -525,7 +523,6 @@ class ObjectStore:
             if check is not None:
                 check(old)
             await self._write([Operation(storage_key, manifest.encode()), *extra])
-        self._release(storage_key, lock)
         if old is not None:
             stale = [s for s in old.segments if s.data_id not in manifest.data_ids()]
             if stale:
@@ -539,7 +536,6 @@ class ObjectStore:
             old_raw = await self._read(storage_key)
             if old_raw is not None:
                 await self._write([Operation(storage_key, None)])
-        self._release(storage_key, lock)
         if old_raw is not None:
             old = Manifest.decode(old_raw)
             if old.segments:
@@ -645,7 +641,6 @@ class ObjectStore:
                 await self.get_upload(upload.bucket, upload.key, upload.upload_id)
                 old_raw = await self._read(storage_key)
                 await self._write([Operation(storage_key, part.encode())])
-            self._release(storage_key, lock)
         except BaseException:
             if segments:
                 self._spawn(self._free(segments))
