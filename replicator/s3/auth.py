@@ -300,7 +300,16 @@ def _v4_presigned(
     return Authenticated(access_key, "unsigned")
 
 
-def _v2_string_to_sign(head: RequestHead, date_value: str) -> str:
+def _v2_resources(head: RequestHead) -> list[str]:
+    """The path as signed: S3 (and botocore) sign a bucket's root as "/bucket/" whether or not the
+    request path ends in a slash."""
+    path = head.raw_path
+    if path.count("/") == 1 and len(path) > 1:
+        return [path + "/", path]
+    return [path]
+
+
+def _v2_string_to_sign(head: RequestHead, date_value: str, resource: str | None = None) -> str:
     headers = head.headers
     amz = sorted(
         (name.lower(), ",".join(v.strip() for v in headers.getall(name)) if hasattr(headers, "getall") else headers[name])
@@ -309,7 +318,7 @@ def _v2_string_to_sign(head: RequestHead, date_value: str) -> str:
     )
     amz_lines = "".join(f"{name}:{value}\n" for name, value in amz)
     subresources = sorted((k, v) for k, v in head.query if k in V2_SUBRESOURCES)
-    resource = head.raw_path
+    resource = head.raw_path if resource is None else resource
     if subresources:
         resource += "?" + "&".join(f"{k}={v}" if v != "" else k for k, v in subresources)
     return "\n".join(
@@ -336,8 +345,9 @@ def _v2_header(
     # With x-amz-date the Date line is empty (the date is signed among the x-amz- headers).
     candidates = {"" if amz_date else date_header, date_header}
     for date_value in candidates:
-        if hmac.compare_digest(_v2_sign(secret, _v2_string_to_sign(head, date_value)), signature):
-            return Authenticated(access_key, "unsigned")
+        for resource in _v2_resources(head):
+            if hmac.compare_digest(_v2_sign(secret, _v2_string_to_sign(head, date_value, resource)), signature):
+                return Authenticated(access_key, "unsigned")
     raise _signature_mismatch()
 
 
@@ -351,9 +361,10 @@ def _v2_presigned(
         raise access_denied("Expires must be a number of seconds since the epoch") from None
     if now > expires:
         raise access_denied("Request has expired")
-    if not hmac.compare_digest(_v2_sign(secret, _v2_string_to_sign(head, str(expires))), query["Signature"]):
-        raise _signature_mismatch()
-    return Authenticated(query["AWSAccessKeyId"], "unsigned")
+    for resource in _v2_resources(head):
+        if hmac.compare_digest(_v2_sign(secret, _v2_string_to_sign(head, str(expires), resource)), query["Signature"]):
+            return Authenticated(query["AWSAccessKeyId"], "unsigned")
+    raise _signature_mismatch()
 
 
 # ---------------------------------------------------------------- body checks

@@ -65,7 +65,7 @@ HEALTH_PATH = "/-/health"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 UNSUPPORTED = frozenset(
-    "policy cors lifecycle website tagging logging notification replication encryption object-lock retention "
+    "versioning policy cors lifecycle website tagging logging notification replication encryption object-lock retention "
     "legal-hold requestPayment accelerate analytics inventory metrics intelligent-tiering ownershipControls "
     "publicAccessBlock torrent restore select attributes policyStatus append".split()
 )
@@ -303,7 +303,7 @@ class S3Server:
         bucket, key = self._split(request, raw_path)
         params = dict(query)
         method = request.method
-        unsupported = sorted(UNSUPPORTED & params.keys())
+        unsupported = sorted(UNSUPPORTED & params.keys() - ({"versioning"} if method == "GET" else set()))
         if bucket is None:
             if method == "GET":
                 operation[0] = "ListBuckets"
@@ -340,7 +340,7 @@ class S3Server:
                     if not location and self.config.region != "us-east-1":
                         location = self.config.region
                     return self._xml_response(_xml("LocationConstraint", escape(location)))
-                if "versioning" in params:
+                if "versioning" in params and method == "GET":
                     operation[0] = "GetBucketVersioning"
                     await self.store.require_bucket(bucket)
                     return self._xml_response(_xml("VersioningConfiguration", ""))
