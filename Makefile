@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 SEEDS ?= 1-2000
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-fast lint sim chaos bench demo clean tools-s3 tools-haproxy
+.PHONY: all venv build test test-fast lint sim sim-long chaos bench demo clean tools-s3 tools-haproxy
 
 all: build
 
@@ -52,6 +52,14 @@ test: build lint tools-s3 tools-haproxy
 
 sim: build
 	$(PY) -m chaos.sim --seeds $(SEEDS)
+
+# The simulator at scale, on every core, resumable by seed range (docs/chaos.md):
+# make sim-long SIM_LONG_SEEDS=1-100000 [SIM_FAULTS=partition=3,crash]
+SIM_LONG_SEEDS ?= 1-100000
+SIM_FAULTS ?=
+sim-long: build
+	$(PY) -m chaos.sim --seeds $(SIM_LONG_SEEDS) $(if $(SIM_FAULTS),--faults $(SIM_FAULTS),) \
+		--out chaos-report/sim-$(SIM_LONG_SEEDS)$(if $(SIM_FAULTS),-$(SIM_FAULTS),)
 
 # The long fault runs: the storage crash test with 200 SIGKILL cycles, 2000 simulator
 # seeds, the real-daemon chaos suite (every nemesis >= 30 s, then a 10-minute mix) and

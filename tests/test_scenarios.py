@@ -31,6 +31,7 @@ class Site:
     asks: list[msg.WitnessRequest] = field(default_factory=list)
     answers: list[ev.AnswerWrite] = field(default_factory=list)
     now: float = 0.0
+    message_bytes_max: int = CoreConfig.__dataclass_fields__["message_bytes_max"].default
 
     def start(self) -> None:
         self.disk.durable.meta.setdefault("generation", self.name.encode() * 4)
@@ -44,6 +45,7 @@ class Site:
             lease_ms=1000,
             peer_timeout_ms=500,
             heartbeat_interval_ms=100,
+            message_bytes_max=self.message_bytes_max,
             plants=self.plants,
         )
         recovered = ev.Recovered(dict(durable.meta), sorted(durable.log.values(), key=lambda r: r.id), set(durable.dirty), dict(durable.dedup))
@@ -206,3 +208,129 @@ def test_reconcile_commits_only_what_the_peer_holds_durably(plant: frozenset[str
     else:
         assert not answered or a.value(b"k2") == b"v"
         assert a.value(b"k2") == b.value(b"k2")
+
+
+@pytest.mark.parametrize("plant", [frozenset(), frozenset({"accept_gaps"})])
+def test_seed_61196_records_that_overtake_an_earlier_one_are_refused(plant: frozenset[str]) -> None:
+    """Seed 61196: on one connection b's later records reached a before an earlier one (a
+    simulator that reordered within a connection). a acknowledged cumulatively up to the last
+    record it saw, so b committed a record a had never prepared, and a read at a returned the
+    value that record had replaced. The core now takes a peer's records only in sequence: a
+    gap is a remote protocol error that drops the session, and the reconcile that follows
+    ships the unresolved records again (plant accept_gaps: the old, unchecked behaviour)."""
+    a, b = Site("a", plant), Site("b", plant)
+    a.start()
+    b.start()
+    connect(a, b)
+    assert a.core is not None and b.core is not None
+    assert a.core.role is Role.SYNC and b.core.role is Role.SYNC
+    a.step(ev.WriteRequested(1, b"req-old", (Operation(b"k2", b"v3-184"),)))
+    settle(a, b)
+    assert a.value(b"k2") == b"v3-184" and b.value(b"k2") == b"v3-184"
+    a.now = b.now = 200.0
+    a.step(ev.TimePassed())  # a heartbeats, b grants it a read lease
+    deliver(a, b)
+    deliver(b, a)
+
+    b.step(ev.WriteRequested(2, b"req-new", (Operation(b"k2", b"v2-181"),)))
+    b.step(ev.WriteRequested(3, b"req-other", (Operation(b"k9", b"x"),)))
+    b.sync()
+    ships = [m for m in b.outbox if isinstance(m, msg.ShipRecords)]
+    assert [record.id.seq for ship in ships for record in ship.records] == [1, 2]
+    b.outbox = [m for m in b.outbox if not isinstance(m, msg.ShipRecords)]
+    a.step(ev.PeerSent(ships[1]))  # seq 2 overtakes seq 1
+    a.sync()
+    acks = [m for m in a.outbox if isinstance(m, msg.PreparedAck)]
+    if plant:
+        # The bug: a acknowledges seq 2 (so seq 1 too) without ever having seen seq 1.
+        assert acks and acks[-1].seq == 2
+        deliver(a, b)
+        assert [x.handle for x in b.answers if x.ok] == [2, 3]  # b acknowledged v2-181 ...
+        served = a.core.step(ev.ReadRequested(50, b"k2"), a.now, 0)
+        assert ev.ServeRead(50, b"k2") in served
+        assert a.value(b"k2") == b"v3-184"  # ... and a serves the older value: a stale read
+        return
+    assert not acks
+    assert a.core.protocol_errors == 1 and not a.core._session_up()
+    a.outbox.clear()
+    b.step(ev.PeerDisconnected())
+    assert not [x for x in b.answers if x.handle in (2, 3)]  # nothing was acknowledged over the gap
+    connect(a, b)  # a reconcile ships b's unresolved records: both commit them
+    settle(a, b)
+    assert a.core.role is Role.SYNC and b.core.role is Role.SYNC
+    assert [x.handle for x in b.answers if x.ok][-2:] == [2, 3]
+    assert a.value(b"k2") == b.value(b"k2") == b"v2-181"
+    assert a.value(b"k9") == b.value(b"k9") == b"x"
+
+
+def test_cumulative_messages_beyond_what_was_sent_are_protocol_errors() -> None:
+    """Every cumulative message is checked against what it can cover: an ack beyond the records
+    shipped in this session, a watermark over records never received, a confirm beyond the
+    watermark sent. Each drops the session and changes nothing."""
+    for bad in ("ack", "watermark", "confirm", "records before the announcement"):
+        a, b = Site("a", frozenset()), Site("b", frozenset())
+        a.start()
+        b.start()
+        connect(a, b)
+        assert a.core is not None and b.core is not None
+        epoch = a.core.epoch
+        before = dict(a.disk.current.data)
+        if bad == "ack":
+            a.step(ev.WriteRequested(1, b"r1", (Operation(b"k", b"v"),)))
+            a.outbox.clear()
+            a.sync()
+            a.step(ev.PeerSent(msg.PreparedAck(epoch, a.core.incarnation, 2)))  # seq 2 was never shipped
+        elif bad == "watermark":
+            a.step(ev.PeerSent(msg.CommitWatermark(epoch, b.core.incarnation, b.core.next_seq)))
+        elif bad == "confirm":
+            a.step(ev.PeerSent(msg.CommitConfirm(epoch, a.core.incarnation, a.core.next_seq)))
+        else:
+            session = a.core.session
+            assert session is not None
+            session.peer_next_seq = None  # as before the peer's ReconcileDone
+            b.step(ev.WriteRequested(1, b"r1", (Operation(b"k", b"v"),)))
+            deliver(b, a)
+        assert a.core.protocol_errors == 1, bad
+        assert not a.core._session_up(), bad
+        assert a.disk.current.data == before, bad
+
+
+def test_large_values_reconcile_in_messages_cut_to_the_byte_bound() -> None:
+    """The defect found from outside (issue 13): 1 MiB objects at both sites, a short link cut,
+    and a reconcile shipment of up to 256 records in one message, over the frame limit, so the
+    link refused it, the pair flapped and then failed over. The core now cuts the shipment by
+    bytes where it makes it (and asserts the bound when it sends)."""
+    bound = 4000
+    a, b = Site("a", frozenset(), message_bytes_max=bound), Site("b", frozenset(), message_bytes_max=bound)
+    a.start()
+    b.start()
+    connect(a, b)
+    assert a.core is not None and b.core is not None
+    too_big = b"z" * bound
+    b.step(ev.WriteRequested(99, b"req-big", (Operation(b"big", too_big),)))
+    assert b.answers[-1].handle == 99 and not b.answers[-1].ok and "message_bytes_max" in (b.answers[-1].message or "")
+    for number in range(10):
+        for site in (a, b):
+            site.step(ev.WriteRequested(number, f"{site.name}-{number}".encode(), (Operation(f"{site.name}{number}".encode(), b"v" * 1500),)))
+        a.sync()
+        b.sync()
+    a.outbox.clear()  # the link is cut: nothing of this reaches the peer
+    b.outbox.clear()
+    a.step(ev.PeerDisconnected())
+    b.step(ev.PeerDisconnected())
+    assert len(a.core.log) == 10 and len(b.core.log) == 10
+    a.step(ev.PeerConnected())
+    b.step(ev.PeerConnected())
+    hello_a, hello_b = a.outbox.pop(0), b.outbox.pop(0)
+    assert isinstance(hello_a, msg.Hello) and isinstance(hello_b, msg.Hello)
+    b.step(ev.PeerSent(hello_a))
+    a.step(ev.PeerSent(hello_b))
+    shipments = [m for m in a.outbox + b.outbox if isinstance(m, msg.ShipRecords) and m.reconcile]
+    assert len(shipments) >= 10  # two 1.6 KB records fit in 4000 bytes, so at least five messages a side
+    assert all(sum(len(r.operations[0].value or b"") + 150 for r in m.records) <= bound for m in shipments)
+    settle(a, b)
+    assert a.core.role is Role.SYNC and b.core.role is Role.SYNC and a.core.epoch == b.core.epoch == 1
+    for site in (a, b):
+        for number in range(10):
+            for origin in "ab":
+                assert site.value(f"{origin}{number}".encode()) == b"v" * 1500

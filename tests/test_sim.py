@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from chaos.sim.run import run_seed
-from chaos.sim.world import SimParams
-from replicator.core.config import PLANTS
+from chaos.sim.world import SMALL_VALUES, SimParams
+from replicator.core.config import PLANTS, SIMULATOR_PLANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIM_SEEDS = os.environ.get("REPLICATOR_SIM_SEEDS", "1-300")
@@ -62,4 +63,54 @@ def test_cli_rejects_unknown_plant_and_lists_plants() -> None:
     assert result.returncode == 2 and "unknown plant" in result.stderr
     listed = sim("--list-plants")
     assert listed.returncode == 0
-    assert set(line.split()[0] for line in listed.stdout.splitlines()) == set(PLANTS)
+    assert set(line.split()[0] for line in listed.stdout.splitlines()) == set(PLANTS) | set(SIMULATOR_PLANTS)
+
+
+def test_seed_61196_stale_read_needs_both_a_reordering_link_and_no_gap_check() -> None:
+    """The schedule of seed 61196 as first found (links that reordered within a connection)
+    gave a stale read of k2; the core's sequence check turns it into a dropped session."""
+    seed = 61196
+    as_found = replace(SimParams(), **SMALL_VALUES)  # the workload of the run that found it
+    fifo = run_seed(seed, as_found)
+    assert fifo.ok, fifo.violations
+    assert fifo.reordered_deliveries == 0
+    reordering = replace(as_found, reorder_within_connection=True)
+    refused = run_seed(seed, reordering)
+    assert refused.ok, refused.violations
+    assert refused.reordered_deliveries > 0 and refused.protocol_errors > 0
+    unchecked = run_seed(seed, replace(reordering, plants=frozenset({"accept_gaps"})))
+    assert not unchecked.ok
+    assert any("linearizability" in v and "'k2'" in v and "v2-181" in v for v in unchecked.violations), unchecked.violations
+
+
+def test_links_deliver_in_order_within_a_connection() -> None:
+    """Partitions only (black holes, one-way too, with and without resets): no message ever
+    arrives after a later one on its connection. The same counter sees the reordering fault."""
+    partitions = SimParams(safety_ms=6000, fault_weights=(("partition", 3.0), ("reset", 1.0)))
+    reordered = 0
+    for seed in range(1, 9):
+        result = run_seed(seed, partitions)
+        assert result.ok, result.violations
+        assert result.reordered_deliveries == 0
+        reordered += run_seed(seed, replace(partitions, reorder_within_connection=True)).reordered_deliveries
+    assert reordered > 0
+
+
+def test_cli_fault_mix_and_resumable_long_runs(tmp_path: os.PathLike[str]) -> None:
+    bad = sim("--seeds", "1", "--faults", "meteor=2")
+    assert bad.returncode == 2 and "unknown fault 'meteor'" in bad.stderr
+    out = os.path.join(tmp_path, "sim")
+    args = ("--seeds", "1-4", "--safety-ms", "3000", "--faults", "crash=2,partition", "--out", out, "--chunk-seeds", "2")
+    first = sim(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    assert summary["runs"] == 4 and summary["failed_seeds"] == []
+    assert set(summary["faults_by_kind"]) <= {"crash", "partition"} and summary["faults"] > 0
+    assert summary["operations"] > 0 and summary["acknowledged_writes"] > 0
+    os.remove(os.path.join(out, "chunk-3-4.json"))
+    again = sim(*args)
+    assert again.returncode == 0 and "1 already done" in again.stdout
+    assert json.loads(open(os.path.join(out, "summary.json")).read())["operations"] == summary["operations"]
+    assert os.path.exists(os.path.join(out, "summary.md"))
+    planted = sim("--seeds", "61196", "--small-values", "--reorder", "--plant", "accept_gaps", "--out", os.path.join(tmp_path, "p"))
+    assert planted.returncode == 1 and "61196" in planted.stdout

@@ -4,6 +4,13 @@
     python -m chaos.sim --seed 17 --verbose     # replay one seed with its trace
     python -m chaos.sim --plant no_witness --seeds 1-200
     python -m chaos.sim --list-plants
+    python -m chaos.sim --seeds 1-20000 --faults partition=3,crash=1    # a weighted fault mix
+    python -m chaos.sim --seeds 1-100000 --out chaos-report/sim    # summary files; resumable
+    python -m chaos.sim --seed 61196 --small-values --reorder --plant accept_gaps   # the stale read as found
+
+With --out DIR, each chunk of seeds writes DIR/chunk-<first>-<last>.json when done;
+a rerun with the same --out skips the chunks already there (resume after a stop),
+then DIR/summary.json and DIR/summary.md add up every chunk of the range.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 
-from chaos.sim.run import RunResult, run_seed
-from chaos.sim.world import SimParams
-from replicator.core.config import PLANTS
+from chaos.sim.run import FAULTS, RunResult, run_seed
+from chaos.sim.world import SMALL_VALUES, SimParams
+from replicator.core.config import PLANTS, SIMULATOR_PLANTS
+
+CHUNK_SEEDS = 500  # seeds per summary file of a long run (--out)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -39,6 +48,28 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_faults(text: str) -> tuple[tuple[str, float], ...]:
+    """`partition=3,crash` -> weights (a kind without a weight counts 1); unknown kinds refused."""
+    weights: list[tuple[str, float]] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, weight_text = part.partition("=")
+        if name not in FAULTS:
+            raise argparse.ArgumentTypeError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
+        try:
+            weight = float(weight_text) if weight_text else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad weight in {part!r}") from None
+        if not weight > 0:
+            raise argparse.ArgumentTypeError(f"weight of {name} must be positive")
+        weights.append((name, weight))
+    if not weights:
+        raise argparse.ArgumentTypeError("no faults named")
+    return tuple(weights)
+
+
 def _run(args: tuple[int, SimParams, bool]) -> RunResult:
     seed, params, verbose = args
     return run_seed(seed, params, verbose=verbose)
@@ -56,12 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument("--stop-after", type=int, default=0, help="stop after this many failing seeds (0: never)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--faults", type=parse_faults, help=f"restrict or weight the fault mix, e.g. partition=3,crash; kinds: {', '.join(FAULTS)}"
+    )
+    parser.add_argument(
+        "--reorder", action="store_true", help="a test fault: links reorder messages within a connection (TCP never does)"
+    )
+    parser.add_argument(
+        "--small-values", action="store_true",
+        help="no large values and the link's own byte bound (the schedules seeds had before sizes were simulated)",
+    )
+    parser.add_argument("--out", help="write per-chunk and total summaries here; skip chunks already done (resume)")
+    parser.add_argument("--chunk-seeds", type=int, default=CHUNK_SEEDS, help="seeds per chunk file with --out")
     args = parser.parse_args(argv)
     if args.list_plants:
         for name, description in PLANTS.items():
             print(f"{name:24} {description}")
+        for name, description in SIMULATOR_PLANTS.items():
+            print(f"{name:24} {description} [simulator only: needs --reorder]")
         return 0
-    unknown = [plant for plant in args.plant if plant not in PLANTS]
+    unknown = [plant for plant in args.plant if plant not in PLANTS and plant not in SIMULATOR_PLANTS]
     if unknown:
         parser.error(f"unknown plant(s) {unknown}; see --list-plants")
     if args.seed is not None:
@@ -70,7 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seeds
     else:
         parser.error("give --seeds or --seed")
-    params = replace(SimParams(), safety_ms=args.safety_ms, faults=not args.no_faults, plants=frozenset(args.plant))
+    params = replace(
+        SimParams(),
+        safety_ms=args.safety_ms,
+        faults=not args.no_faults,
+        plants=frozenset(args.plant),
+        reorder_within_connection=args.reorder,
+        fault_weights=args.faults,
+    )
+    if args.small_values:
+        params = replace(params, **SMALL_VALUES)
+    if args.out:
+        from chaos.sim.long import run_long
+
+        return run_long(seeds, params, args.out, jobs=max(1, args.jobs), chunk_seeds=max(1, args.chunk_seeds), argv=argv)
     started = time.monotonic()
     failures: list[RunResult] = []
     totals = {"runs": 0, "operations": 0, "acknowledged_writes": 0, "faults": 0, "protocol_errors": 0}
@@ -98,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                     for line in result.trace_tail:
                         print(f"    {line}", file=sys.stderr)
                 plant = "".join(f" --plant {p}" for p in args.plant)
-                print(f"  replay: python -m chaos.sim --seed {result.seed}{plant} --verbose", file=sys.stderr)
+                extra = (" --reorder" if args.reorder else "") + (" --small-values" if args.small_values else "") + (
+                    " --faults " + ",".join(f"{n}={w:g}" for n, w in args.faults) if args.faults else ""
+                )
+                print(f"  replay: python -m chaos.sim --seed {result.seed}{plant}{extra} --verbose", file=sys.stderr)
             if args.stop_after and len(failures) >= args.stop_after:
                 break
     elapsed = time.monotonic() - started

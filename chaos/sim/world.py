@@ -5,8 +5,13 @@ on a simulated clock. Everything random comes from one `random.Random(seed)`,
 so a seed replays exactly. The world simulates:
 
 - the network: per-direction link state (up, black hole), delays, connection
-  resets; messages on one connection arrive in order (as TCP); a message is
-  delivered only while its connection is still open at the receiver;
+  resets; messages on one connection arrive in order (as TCP: a black hole
+  holds back the whole queue of a direction, and what is sent behind it waits
+  its turn); a message is delivered only while its connection is still open
+  at the receiver. `SimParams.reorder_within_connection` breaks that order on
+  purpose (each held message on its own retransmit timer, as the simulator
+  wrongly did before seed 61196 was found), only to show that the cores refuse
+  out-of-order records (docs/chaos.md, "Seed 61196");
 - disks: a persist is visible at once and durable after a simulated fsync;
   durability is in order; a crash loses what was not durable; fsync can fail
   and the disk can be full (fail-stop);
@@ -31,9 +36,9 @@ from typing import Any
 from chaos.checkers.history import History
 from replicator.core import events as ev
 from replicator.core import messages as msg
-from replicator.core.config import CoreConfig
+from replicator.core.config import FRAME_SIZE_BYTES_DEFAULT, MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, RecordId
+from replicator.core.records import Operation, Record, RecordId, versioned_wire_bytes
 from replicator.core.site import SiteCore
 from replicator.core.witness import (
     PairConfig,
@@ -73,9 +78,25 @@ class SimParams:
     preferred_grace_ms: int = 300
     clock_drift: float = 0.004
     plants: frozenset[str] = frozenset()
+    # A fault no TCP connection makes: messages held by a black hole overtake each other.
+    reorder_within_connection: bool = False
+    # The cores' byte bound, small so that the workload's large values (up to large_value_bytes)
+    # make every cut by bytes happen: reconcile shipments, resync batches, dedup and suspect keys.
+    message_bytes_max: int = 800  # SMALL_VALUES below: the link's own bound, no large values
+    large_value_bytes: int = 480
+    large_value_fraction: float = 0.1
+    # Fault kinds and their weights (None: every kind of chaos.sim.run.FAULTS, equally likely).
+    fault_weights: tuple[tuple[str, float], ...] | None = None
     # Retry a write whose outcome is unknown with the same request id (at the
     # same site after a timeout, at the other site when this one is gone).
     retry_unknown_writes: bool = True
+
+
+# The workload before sizes were simulated: tiny values, the link's own byte bound.
+SMALL_VALUES: dict[str, Any] = {
+    "large_value_fraction": 0.0,
+    "message_bytes_max": FRAME_SIZE_BYTES_DEFAULT - MESSAGE_HEADROOM_BYTES,
+}
 
 
 # ===================================================================== disk
@@ -156,6 +177,11 @@ class Connection:
     id: int
     open_at: dict[str, bool]
     last_delivery_us: dict[str, int]
+    # By sender: messages held back by a black hole, in the order they were sent.
+    held: dict[str, list[msg.PeerMessage]] = field(default_factory=lambda: {site: [] for site in SITES})
+    # By sender: how many messages were sent / delivered on this connection (the order check).
+    sent: dict[str, int] = field(default_factory=lambda: {site: 0 for site in SITES})
+    delivered: dict[str, int] = field(default_factory=lambda: {site: 0 for site in SITES})
 
 
 class SiteProcess:
@@ -209,6 +235,7 @@ class SiteProcess:
             clock_drift_max=0.01,
             read_wait_ms_max=1000,
             resync_batch_keys_max=3,
+            message_bytes_max=world.params.message_bytes_max,
             plants=world.params.plants,
         )
         self.core = SiteCore(config, recovered)
@@ -221,6 +248,8 @@ class SiteProcess:
             return
         self.world.trace(f"{self.name} CRASH ({reason})")
         self.alive = False
+        if self.core is not None:
+            self.world.protocol_errors_of_dead_cores += self.core.protocol_errors
         self.core = None
         self.incarnation += 1
         self.disk.crash()
@@ -332,7 +361,16 @@ class SiteProcess:
             keys = sorted(key for key in data if key >= start)[: action.limit]
             entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
             next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
-        # A real site sends only what fits in one link frame: a prefix of what was asked for.
+        # A real site sends only what fits in one link frame: a prefix of what was asked for,
+        # cut to the core's byte bound, and sometimes shorter still.
+        used = 0
+        for count, entry in enumerate(entries):
+            used += versioned_wire_bytes(entry)
+            if count and used > self.world.params.message_bytes_max:
+                entries = entries[:count]
+                if not action.keys:
+                    next_position = entries[-1].key + b"\x00"
+                break
         if len(entries) > 1 and self.world.resync_rng.random() < 0.3:
             entries = entries[: self.world.resync_rng.randint(1, len(entries) - 1)]
             if not action.keys:
@@ -422,6 +460,7 @@ class World:
         self.rng = random.Random(seed)
         # A stream of its own, so the schedules of older seeds stay as they were.
         self.resync_rng = random.Random(seed * 7919 + 1)
+        self.size_rng = random.Random(seed * 104729 + 3)
         self.verbose = verbose
         self.now_us = 0
         self.queue: list[tuple[int, int, Callable[[], None]]] = []
@@ -440,6 +479,8 @@ class World:
         # Armed by a fault: runs once right after a site takes a message of this type.
         self.message_triggers: dict[type, Callable[[SiteProcess], None]] = {}
         self.sync_violations: list[str] = []
+        self.protocol_errors_of_dead_cores = 0
+        self.reordered_deliveries = 0  # messages that arrived after a later one on their connection
         self.acknowledged_writes = 0
         self.operations = 0
         for site in self.sites.values():
@@ -586,28 +627,63 @@ class World:
         if connection is None:
             return
         receiver = self.sites[other(sender.name)]
-        if not self.link_up(sender.name, receiver.name):
-            # Black hole: TCP keeps retransmitting, so the bytes arrive (in
-            # order) once the path heals, if the connection still exists.
-            self.after(20 * MS, lambda: self._retransmit(sender, connection, message))
+        connection.sent[sender.name] += 1
+        number = connection.sent[sender.name]
+        if self.params.reorder_within_connection:
+            if not self.link_up(sender.name, receiver.name):
+                self.after(20 * MS, lambda: self._retransmit(sender, connection, message, number))
+                return
+            self._transmit(sender, receiver, connection, message, number)
             return
-        self._transmit(sender, receiver, connection, message)
+        held = connection.held[sender.name]
+        if held or not self.link_up(sender.name, receiver.name):
+            # Black hole: TCP keeps retransmitting, so the bytes arrive (in
+            # order) once the path heals, if the connection still exists;
+            # what is sent meanwhile queues behind them.
+            held.append(message)
+            if len(held) == 1:
+                self.after(20 * MS, lambda: self._flush_held(sender, connection))
+            return
+        self._transmit(sender, receiver, connection, message, number)
 
-    def _retransmit(self, sender: SiteProcess, connection: Connection, message: msg.PeerMessage) -> None:
+    def _flush_held(self, sender: SiteProcess, connection: Connection) -> None:
+        held = connection.held[sender.name]
+        if not connection.open_at[sender.name]:
+            held.clear()
+            return
+        receiver = self.sites[other(sender.name)]
+        if not self.link_up(sender.name, receiver.name):
+            self.after(20 * MS, lambda: self._flush_held(sender, connection))
+            return
+        first = connection.sent[sender.name] - len(held) + 1
+        for offset, message in enumerate(held):
+            self._transmit(sender, receiver, connection, message, first + offset)
+        held.clear()
+
+    def _retransmit(self, sender: SiteProcess, connection: Connection, message: msg.PeerMessage, number: int) -> None:
         if not connection.open_at[sender.name]:
             return
         receiver = self.sites[other(sender.name)]
         if not self.link_up(sender.name, receiver.name):
-            self.after(20 * MS, lambda: self._retransmit(sender, connection, message))
+            self.after(20 * MS, lambda: self._retransmit(sender, connection, message, number))
             return
-        self._transmit(sender, receiver, connection, message)
+        self._transmit(sender, receiver, connection, message, number)
 
-    def _transmit(self, sender: SiteProcess, receiver: SiteProcess, connection: Connection, message: msg.PeerMessage) -> None:
+    def _transmit(
+        self, sender: SiteProcess, receiver: SiteProcess, connection: Connection, message: msg.PeerMessage, number: int
+    ) -> None:
         when = max(self.now_us + self.delay(), connection.last_delivery_us[receiver.name] + 1)
         connection.last_delivery_us[receiver.name] = when
 
         def arrive() -> None:
             if receiver.connection is connection and connection.open_at[receiver.name]:
+                if number <= connection.delivered[sender.name]:
+                    self.reordered_deliveries += 1
+                    assert self.params.reorder_within_connection, (
+                        f"simulator bug: message {number} on connection {connection.id} from {sender.name} "
+                        f"arrived after message {connection.delivered[sender.name]}"
+                    )
+                connection.delivered[sender.name] = max(connection.delivered[sender.name], number)
                 receiver.deliver(lambda: ev.PeerSent(message) if receiver.connection is connection else None)
                 trigger = self.message_triggers.pop(type(message), None)
                 if trigger is not None:

@@ -91,9 +91,15 @@ class HeartbeatAck:
 
 @dataclass(frozen=True, slots=True)
 class ReconcileDone:
-    """All of the sender's log records were shipped before this marker."""
+    """All of the sender's log records were shipped before this marker.
+
+    `next_seq` is the seq of the first record the sender will ship after the
+    reconcile (its incarnation is the one in its Hello): the receiver takes
+    the sender's records in exactly that sequence from then on (a gap is a
+    protocol error, see SiteCore._take_in_sequence)."""
 
     epoch: int
+    next_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +113,8 @@ class ReconcileAck:
 class ResyncBegin:
     epoch: int
     full: bool
+    # The seq of the first record the source ships during and after the resync.
+    next_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +124,9 @@ class ResyncBeginAck:
     apply in a crash, so the source sends their current versions too."""
 
     epoch: int
-    suspect_keys: tuple[bytes, ...] = ()
+    suspect_keys: tuple[bytes, ...]
+    # The seq of the first record the target ships once it is SYNC again.
+    next_seq: int
 
 
 @dataclass(frozen=True, slots=True)

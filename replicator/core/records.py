@@ -53,3 +53,28 @@ class Versioned:
     key: bytes
     ts: int
     value: bytes | None  # None is a tombstone
+
+
+# Sizes as the link encodes them (docs/wire.md), rounded up, so that the core can cut what
+# it sends to its byte bound where it makes a message (CoreConfig.message_bytes_max).
+RECORD_OVERHEAD_BYTES = 128  # u32 length, u32 CRC, the 40-byte body header, rounded up
+OPERATION_OVERHEAD_BYTES = 8  # u32 key length, u32 value length
+VERSIONED_OVERHEAD_BYTES = 64  # a resync entry: u64 ts, two u32 lengths, rounded up
+DEDUP_ENTRY_OVERHEAD_BYTES = 12  # u32 length, u64 ts
+KEY_OVERHEAD_BYTES = 4  # u32 length of a key in a key list
+
+
+def record_wire_bytes(record: Record) -> int:
+    return (
+        RECORD_OVERHEAD_BYTES
+        + len(record.id.origin)
+        + len(record.request_id)
+        + sum(
+            OPERATION_OVERHEAD_BYTES + len(op.key) + (len(op.value) if op.value is not None else 0)
+            for op in record.operations
+        )
+    )
+
+
+def versioned_wire_bytes(version: Versioned) -> int:
+    return VERSIONED_OVERHEAD_BYTES + len(version.key) + (len(version.value) if version.value is not None else 0)

@@ -41,17 +41,79 @@ import heapq
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import CoreConfig
 from replicator.core.hlc import HybridLogicalClock, wall_ms_of
 from replicator.core.messages import Role
-from replicator.core.records import Record, RecordId, Versioned
+from replicator.core.records import (
+    DEDUP_ENTRY_OVERHEAD_BYTES,
+    KEY_OVERHEAD_BYTES,
+    Record,
+    RecordId,
+    Versioned,
+    record_wire_bytes,
+    versioned_wire_bytes,
+)
 
 
 class ProtocolError(Exception):
     """An event this role cannot take: a bug in the caller (local error)."""
+
+
+T = TypeVar("T")
+
+
+def cut(items: list[T] | tuple[T, ...], size_of: Callable[[T], int], bytes_max: int, count_max: int) -> list[tuple[T, ...]]:
+    """Cut items, in order, into parts of at most `count_max` items and `bytes_max` bytes (a part
+    of one item may be larger: each item was bounded where it was made)."""
+    parts: list[tuple[T, ...]] = []
+    current: list[T] = []
+    used = 0
+    for item in items:
+        size = size_of(item)
+        if current and (used + size > bytes_max or len(current) >= count_max):
+            parts.append(tuple(current))
+            current, used = [], 0
+        current.append(item)
+        used += size
+    if current:
+        parts.append(tuple(current))
+    return parts
+
+
+def _dedup_entry_bytes(entry: tuple[bytes, int]) -> int:
+    return DEDUP_ENTRY_OVERHEAD_BYTES + len(entry[0])
+
+
+def _key_bytes(key: bytes) -> int:
+    return KEY_OVERHEAD_BYTES + len(key)
+
+
+def message_bytes(message: msg.PeerMessage) -> int:
+    """The content bytes of a message as the link encodes it (what message_bytes_max bounds)."""
+    if isinstance(message, msg.ShipRecords):
+        return sum(map(record_wire_bytes, message.records))
+    if isinstance(message, msg.ResyncData):
+        return sum(map(versioned_wire_bytes, message.entries))
+    if isinstance(message, msg.ResyncBeginAck):
+        return sum(map(_key_bytes, message.suspect_keys))
+    if isinstance(message, msg.ResyncDedup):
+        return sum(map(_dedup_entry_bytes, message.entries))
+    if isinstance(message, msg.Goodbye):
+        return len(message.message.encode())
+    return 0
+
+
+def _single_item(message: msg.PeerMessage) -> bool:
+    """A message of one item: bounded where that item was made (a write, a stored version)."""
+    if isinstance(message, msg.ShipRecords):
+        return len(message.records) == 1
+    if isinstance(message, msg.ResyncData):
+        return len(message.entries) == 1
+    return False
 
 
 # Roles in which a session (Hello exchanged) with the peer may exist.
@@ -91,6 +153,13 @@ class _Session:
     resync_inflight: dict[int, tuple[tuple[bytes, ...], bool, bytes | None]] = field(default_factory=dict)
     # RESYNC (target side): acks that wait for a persist
     heartbeat_nonce: int = 0
+    # Sequence checks of the cumulative messages (see _take_in_sequence). The peer's records
+    # (of the incarnation in its Hello) must arrive with exactly these seqs, from the seq its
+    # ReconcileDone / ResyncBegin / ResyncBeginAck announced; None until announced.
+    peer_next_seq: int | None = None
+    shipped_last_seq: int = 0  # the highest own seq shipped in this session
+    watermark_sent_seq: int = 0  # the highest own seq this session's CommitWatermark covered
+    acked_last_seq: int = 0  # the highest PreparedAck the peer sent in this session
 
 
 @dataclass(slots=True)
@@ -172,6 +241,8 @@ class SiteCore:
         self.pending_peer_acks: list[tuple[int, int, int]] = []  # (persist id, incarnation, seq)
         self.protocol_errors = 0
         self.stopped_reason = ""
+        # The plant that takes the peer's cumulative messages unchecked (a simulator-only plant).
+        self._accept_gaps = "accept_gaps" in config.plants
 
     # ================================================================ entry points
     def start(self, now_ms: float, wall_ms: int) -> list[ev.Action]:
@@ -200,6 +271,11 @@ class SiteCore:
                 return self._drain()
             raise ProtocolError(f"{self.role.name} cannot take {kind.__name__}")
         before = self.role
+        if isinstance(event, ev.PeerSent) and before is Role.RECONCILE:
+            # In RECONCILE, which serves nothing, every frame counts as hearing the peer: heartbeat
+            # answers queue behind the reconcile shipments (megabytes with large values), and a
+            # one-way cut still ends it, since the deaf side times out and drops the connection.
+            self.last_heard_ms = self.now_ms
         handler: Callable[[SiteCore, ev.Event], None] = getattr(SiteCore, handler_name)
         handler(self, event)
         self._run_timers()
@@ -241,6 +317,12 @@ class SiteCore:
             request_id=event.request_id,
             operations=event.operations,
         )
+        size = record_wire_bytes(record)
+        if size > self.config.message_bytes_max:
+            self._reject_write(
+                event.handle, "invalid", f"a write of {size} bytes exceeds message_bytes_max {self.config.message_bytes_max}"
+            )
+            return
         self.next_seq += 1
         if self.role is Role.SOLO:
             dirty = () if "drop_dirty" in self.config.plants else record.keys()
@@ -260,6 +342,8 @@ class SiteCore:
         )
         self._log_add(record)
         self._add_pending(record, event.handle, persist_id, alone=False)
+        if self.session is not None:
+            self.session.shipped_last_seq = record.id.seq
         self._send(msg.ShipRecords(self.epoch, (record,)))
         self._after(persist_id, self._advance_commits)
 
@@ -487,6 +571,11 @@ class SiteCore:
         ship = event.message
         if not self._session_up() or not self._check_epoch(ship.epoch):
             return
+        if not ship.reconcile:
+            problem = self._take_in_sequence(ship.records)
+            if problem is not None:
+                self._protocol_violation(problem)
+                return
         fresh = [record for record in ship.records if record.id not in self.log]
         for record in ship.records:
             self.hlc.observe(record.ts)
@@ -501,6 +590,36 @@ class SiteCore:
             last = ship.records[-1].id
             self.pending_peer_acks.append((persist_id, last.incarnation, last.seq))
             self._after(persist_id, self._send_prepared_acks)
+
+    def _take_in_sequence(self, records: tuple[Record, ...]) -> str | None:
+        """What a PreparedAck relies on: the peer's records arrived in sequence, none missing.
+
+        The ack is cumulative (it covers every record of the incarnation up to
+        its seq), so the origin commits every record below it. A record that
+        overtook an earlier one, a repeat, or a record before the peer said
+        where its sequence starts would make the ack cover a record this site
+        never prepared, and a read here could then miss a committed write. So
+        that is a remote protocol error: the session drops and the reconcile
+        or resync that follows ships the unresolved records again. Returns the
+        error, or None after advancing the expected seq past the records.
+        """
+        session = self.session
+        assert session is not None and session.peer is not None
+        if self._accept_gaps:
+            return None
+        expected = session.peer_next_seq
+        if expected is None:
+            return "records shipped before the peer announced its sequence"
+        incarnation = session.peer.incarnation
+        for record in records:
+            record_id = record.id
+            if record_id.origin != self.config.peer or record_id.incarnation != incarnation:
+                return f"record {record_id} is not of the peer's incarnation {incarnation}"
+            if record_id.seq != expected:
+                return f"record {record_id} out of sequence: expected seq {expected}"
+            expected += 1
+        session.peer_next_seq = expected
+        return None
 
     def _send_prepared_acks(self) -> None:
         best: tuple[int, int] | None = None
@@ -522,9 +641,15 @@ class SiteCore:
             return
         if ack.incarnation != self.incarnation:
             return  # about an older incarnation of ours: resolved by reconcile
-        if ack.seq >= self.next_seq:
-            self._protocol_violation(f"ack for seq {ack.seq} never sent")
+        session = self.session
+        assert session is not None
+        if (ack.seq > session.shipped_last_seq or ack.seq < session.acked_last_seq) and not self._accept_gaps:
+            # Acks cover only records shipped in this session, and never go back.
+            self._protocol_violation(
+                f"ack for seq {ack.seq}: shipped up to {session.shipped_last_seq}, acked {session.acked_last_seq}"
+            )
             return
+        session.acked_last_seq = ack.seq
         self.peer_acked_seq = max(self.peer_acked_seq, ack.seq)
         self._advance_commits()
 
@@ -560,6 +685,8 @@ class SiteCore:
                 self.out.append(ev.AnswerWrite(handle, True, ts=record.ts))
         last = committed[-1].id
         if self._session_up():
+            assert self.session is not None
+            self.session.watermark_sent_seq = max(self.session.watermark_sent_seq, last.seq)
             self._send(msg.CommitWatermark(self.epoch, last.incarnation, last.seq))
         self._wake_reads()
 
@@ -567,6 +694,18 @@ class SiteCore:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.CommitWatermark)
         mark = event.message
         if not self._session_up() or not self._check_epoch(mark.epoch):
+            return
+        session = self.session
+        assert session is not None and session.peer is not None
+        if not self._accept_gaps and (
+            session.peer_next_seq is None
+            or mark.incarnation != session.peer.incarnation
+            or mark.seq >= session.peer_next_seq
+        ):
+            # The origin commits only what we acknowledged, and we acknowledged only what arrived.
+            self._protocol_violation(
+                f"commit watermark ({mark.incarnation}, {mark.seq}) over records never received here"
+            )
             return
         ready = sorted(
             (key, record) for key, record in self.peer_records.items() if key <= (mark.incarnation, mark.seq)
@@ -586,7 +725,7 @@ class SiteCore:
             self._answer_log_waiters(record)  # applying the origin's decision is not a commit decision
         self._wake_reads()
         incarnation, seq = ready[-1][0]
-        self._after(persist_id, lambda: self._send_if_session(msg.CommitConfirm(self.epoch, incarnation, seq)))
+        self._after(persist_id, lambda: self._send_in(session, msg.CommitConfirm(self.epoch, incarnation, seq)))
 
     def _on_commit_confirm(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.CommitConfirm)
@@ -594,6 +733,10 @@ class SiteCore:
         if not self._session_up() or not self._check_epoch(confirm.epoch):
             return
         if confirm.incarnation != self.incarnation:
+            return
+        assert self.session is not None
+        if confirm.seq > self.session.watermark_sent_seq and not self._accept_gaps:
+            self._protocol_violation(f"commit confirm for seq {confirm.seq} beyond the watermark sent")
             return
         done = [seq for seq in self.committed_unconfirmed if seq <= confirm.seq]
         if not done:
@@ -631,11 +774,14 @@ class SiteCore:
         session = self.session
         assert session is not None and session.peer is not None
         self._set_role(Role.RECONCILE, "met the peer in the same epoch")
+        # The peer's Hello on a new connection (which needs both directions) is news of it: the
+        # silence before, a link cut say, does not count against the reconcile.
+        self.last_heard_ms = self.now_ms
         records = sorted(self.log.values(), key=lambda record: record.id)
-        chunk = self.config.reconcile_records_per_message_max
-        for start in range(0, len(records), chunk):
-            self._send(msg.ShipRecords(self.epoch, tuple(records[start : start + chunk]), reconcile=True))
-        self._send(msg.ReconcileDone(self.epoch))
+        config = self.config
+        for part in cut(records, record_wire_bytes, config.message_bytes_max, config.reconcile_records_per_message_max):
+            self._send(msg.ShipRecords(self.epoch, part, reconcile=True))
+        self._send(msg.ReconcileDone(self.epoch, self.next_seq))
 
     def _on_reconcile_done(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ReconcileDone)
@@ -643,6 +789,7 @@ class SiteCore:
             return
         session = self.session
         assert session is not None
+        session.peer_next_seq = event.message.next_seq
         persist_id = self.next_persist_id - 1
         session.reconcile_peer_done_persist = persist_id
         self._after(persist_id, self._send_reconcile_ack)
@@ -945,22 +1092,29 @@ class SiteCore:
         if "rejoin_without_resync" in self.config.plants:
             session.resync_queue = []
             session.resync_scan_done = True
-        self._send(msg.ResyncBegin(self.epoch, full=clear))
+        self._send(msg.ResyncBegin(self.epoch, full=clear, next_seq=self.next_seq))
 
     def _on_resync_begin_ack(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncBeginAck)
         if not self._session_up() or not self._check_epoch(event.message.epoch):
             return
         assert self.session is not None
-        self.session.resync_begin_acked = True
-        entries = sorted(self.dedup.items())
-        for start in range(0, len(entries), 1024):
-            self._send(msg.ResyncDedup(self.epoch, tuple(entries[start : start + 1024])))
+        if self.session.resync_begin_acked:
+            self._protocol_violation("a second ResyncBeginAck")
+            return
         suspect = [key for key in event.message.suspect_keys if key not in self.dirty]
         if suspect and "rejoin_without_resync" not in self.config.plants:
             self.dirty.update(suspect)
             self._persist(dirty_add=tuple(suspect))
             self.session.resync_queue.extend(suspect)
+        if event.message.next_seq == 0:
+            return  # more suspect keys follow (they did not fit in one message): wait for the last part
+        self.session.resync_begin_acked = True
+        self.session.peer_next_seq = event.message.next_seq
+        entries = sorted(self.dedup.items())
+        config = self.config
+        for part in cut(entries, _dedup_entry_bytes, config.message_bytes_max, config.dedup_entries_per_message_max):
+            self._send(msg.ResyncDedup(self.epoch, part))
         self._pump_resync()
 
     def _pump_resync(self) -> None:
@@ -1019,6 +1173,8 @@ class SiteCore:
                 raise ProtocolError("a resync batch must answer a non-empty prefix of the asked keys")
             session.resync_queue[:0] = keys[sent:]
             keys = keys[:sent]
+        if len(event.entries) > 1 and sum(map(versioned_wire_bytes, event.entries)) > self.config.message_bytes_max:
+            raise ProtocolError(f"a resync batch of {len(event.entries)} entries exceeds message_bytes_max")
         session.resync_inflight[event.token] = (keys, scan, event.next_position)
         for entry in event.entries:
             self.hlc.observe(entry.ts)
@@ -1117,7 +1273,18 @@ class SiteCore:
             clear_data=begin.full,
             meta=(("epoch", self.epoch), ("target", 1), ("grant", 0), ("peer_generation", self.peer_generation)),
         )
-        self._after(persist_id, lambda: self._send_if_session(msg.ResyncBeginAck(self.epoch, suspect)))
+        assert self.session is not None
+        self.session.peer_next_seq = begin.next_seq
+        session, next_seq = self.session, self.next_seq
+        parts = cut(suspect, _key_bytes, self.config.message_bytes_max, len(suspect) or 1) or [()]
+
+        def acknowledge() -> None:
+            # Every part but the last says "more follow" with next_seq 0 (seqs start at 1).
+            for index, part in enumerate(parts):
+                last = index == len(parts) - 1
+                self._send_in(session, msg.ResyncBeginAck(self.epoch, part, next_seq if last else 0))
+
+        self._after(persist_id, acknowledge)
 
     def _on_resync_data(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncData)
@@ -1127,8 +1294,8 @@ class SiteCore:
         for entry in data.entries:
             self.hlc.observe(entry.ts)
         persist_id = self._persist(apply=data.entries, meta=(("clock_high", self.hlc.high_water),))
-        batch = data.batch
-        self._after(persist_id, lambda: self._send_if_session(msg.ResyncAck(self.epoch, batch)))
+        batch, session = data.batch, self.session
+        self._after(persist_id, lambda: self._send_in(session, msg.ResyncAck(self.epoch, batch)))
 
     def _on_resync_dedup(self, event: ev.Event) -> None:
         assert isinstance(event, ev.PeerSent) and isinstance(event.message, msg.ResyncDedup)
@@ -1292,11 +1459,21 @@ class SiteCore:
             self.after_durable.append((persist_id, callback))
 
     def _send(self, message: msg.PeerMessage) -> None:
+        # The pair assertion of the byte bound: cut where made, checked here, and again by the encoder.
+        size = message_bytes(message)
+        assert size <= self.config.message_bytes_max or _single_item(message), (
+            f"{type(message).__name__} of {size} bytes exceeds message_bytes_max {self.config.message_bytes_max}"
+        )
         if self.connected:
             self.out.append(ev.SendToPeer(message))
 
     def _send_if_session(self, message: msg.PeerMessage) -> None:
         if self._session_up():
+            self._send(message)
+
+    def _send_in(self, session: _Session | None, message: msg.PeerMessage) -> None:
+        """Send an answer that became due after a persist, only on the session it answers."""
+        if session is not None and self.session is session and self._session_up():
             self._send(message)
 
     def _end_session(self) -> None:

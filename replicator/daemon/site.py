@@ -31,9 +31,9 @@ from replicator.client.witness import AsyncWitnessClient
 from replicator.config import ConfigError, SiteConfig, load_site_config
 from replicator.core import events as ev
 from replicator.core import messages as msg
-from replicator.core.config import CoreConfig
+from replicator.core.config import MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, Versioned
+from replicator.core.records import Operation, Record, Versioned, record_wire_bytes, versioned_wire_bytes
 from replicator.core.site import SiteCore
 from replicator.daemon.clock import WallClock
 from replicator.daemon.logs import configure, log
@@ -46,12 +46,7 @@ from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
 from replicator.transport.link import Link, LocalHello
 
 TICK_S = 0.01
-# A resync batch is cut to fit one link frame: the frame limit less this (header, message framing),
-# counting each entry as key + value + this much.
-RESYNC_FRAME_HEADROOM_BYTES = 64 * 1024
-RESYNC_ENTRY_OVERHEAD_BYTES = 64
 CLEAR_PAGE_KEYS = 10_000
-RECORD_OVERHEAD_BYTES = 128  # a record's header in a RECORDS frame, rounded up
 
 
 def encode_meta(value: int | bytes | str) -> bytes:
@@ -84,16 +79,6 @@ def decode_record(raw: bytes) -> Record:
     (view,) = frame.body.records
     record: Record = view.materialise()
     return record
-
-
-def _entry_bytes(version: Versioned) -> int:
-    return len(version.key) + (len(version.value) if version.value is not None else 0) + RESYNC_ENTRY_OVERHEAD_BYTES
-
-
-def _record_bytes(record: Record) -> int:
-    return RECORD_OVERHEAD_BYTES + len(record.request_id) + sum(
-        len(op.key) + (len(op.value) if op.value is not None else 0) + 8 for op in record.operations
-    )
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -141,7 +126,7 @@ class SiteDaemon:
         # Frames for the peer, each with the link session it was made for (see _on_link_state).
         self.send_queue: asyncio.Queue[tuple[int, bytearray] | None] = asyncio.Queue()
         self.link_session = 0
-        self.encoder = Encoder(self.name)
+        self.encoder = Encoder(self.name, frame_bytes_max=section.frame_size_bytes_max)
         self.decoder = Decoder(section.pair_id, self.peer)
         self.tasks: list[asyncio.Task[Any]] = []
         self.link: Link | None = None
@@ -184,6 +169,7 @@ class SiteDaemon:
             read_wait_ms_max=section.read_wait_ms,
             dedup_age_ms=section.dedup_age_ms,
             static_priority=section.static_priority,
+            message_bytes_max=section.frame_size_bytes_max - MESSAGE_HEADROOM_BYTES,
             plants=plants,
         )
         self.core = SiteCore(core_config, core_recovered)
@@ -347,7 +333,7 @@ class SiteDaemon:
         one turn of the loop go out as one RECORDS frame (one ShipRecords for the peer's core: one
         persist and one ack there), up to OUTBOX_BYTES_MAX; any other message sends them first."""
         if isinstance(message, msg.ShipRecords) and not message.reconcile:
-            size = sum(_record_bytes(record) for record in message.records)
+            size = sum(record_wire_bytes(record) for record in message.records)
             held = self.outbox
             if held is not None and (held.epoch != message.epoch or self.outbox_bytes + size > self.outbox_bytes_max):
                 self._flush_outbox()
@@ -435,14 +421,15 @@ class SiteDaemon:
 
     def _load_resync(self, action: ev.LoadResyncBatch) -> None:
         """Load a resync batch, as much of it as fits in one link frame (at least one entry)."""
-        budget = self.config.site.frame_size_bytes_max - RESYNC_FRAME_HEADROOM_BYTES
+        # The core's byte bound: it checks the batch again when it makes the ResyncData of it.
+        budget = self.core.config.message_bytes_max
         if action.keys:
             entries = []
             used = 0
             for key in action.keys:
                 version = self.store.get(key)
                 entry = version if version is not None else Versioned(key, 0, None)
-                size = _entry_bytes(entry)
+                size = versioned_wire_bytes(entry)
                 if entries and used + size > budget:
                     break
                 entries.append(entry)
@@ -453,7 +440,7 @@ class SiteDaemon:
             next_position = versions[-1].key + b"\x00" if len(versions) == action.limit else None
             used = 0
             for count, version in enumerate(versions):
-                used += _entry_bytes(version)
+                used += versioned_wire_bytes(version)
                 if count and used > budget:
                     versions = versions[:count]
                     next_position = versions[-1].key + b"\x00"

@@ -68,9 +68,21 @@ class Encoder:
     """Turns core messages into frames; remembers whether a reconcile shipment is open."""
 
     site: str
+    # The link's frame limit: every frame made is checked against it (the core cut the message
+    # to message_bytes_max, the frame limit less a headroom; this is the pair assertion).
+    frame_bytes_max: int | None = None
     reconcile_open: bool = False
 
     def encode(self, message: msg.PeerMessage) -> list[bytearray]:
+        frames = self._encode(message)
+        if self.frame_bytes_max is not None:
+            for frame in frames:
+                assert len(frame) <= self.frame_bytes_max, (
+                    f"{type(message).__name__} made a frame of {len(frame)} bytes, over {self.frame_bytes_max}"
+                )
+        return frames
+
+    def _encode(self, message: msg.PeerMessage) -> list[bytearray]:
         frames: list[bytearray] = []
 
         def frame() -> bytearray:
@@ -94,7 +106,7 @@ class Encoder:
             framing.encode_records(frame(), message.epoch, message.records)
         elif isinstance(message, msg.ReconcileDone):
             self.reconcile_open = False
-            framing.encode_resync_control(frame(), message.epoch, Kind.RECONCILE_DONE)
+            framing.encode_resync_control(frame(), message.epoch, Kind.RECONCILE_DONE, (message.next_seq,))
         elif isinstance(message, msg.ReconcileAck):
             framing.encode_resync_control(frame(), message.epoch, Kind.RECONCILE_ACK)
         elif isinstance(message, msg.PreparedAck):
@@ -113,9 +125,11 @@ class Encoder:
             nonce = message.nonce | (LEASE_BIT if message.lease_granted else 0)
             framing.encode_heartbeat(frame(), FT.HEARTBEAT_ACK, message.epoch, nonce)
         elif isinstance(message, msg.ResyncBegin):
-            framing.encode_resync_control(frame(), message.epoch, Kind.BEGIN, (int(message.full),))
+            framing.encode_resync_control(frame(), message.epoch, Kind.BEGIN, (int(message.full), message.next_seq))
         elif isinstance(message, msg.ResyncBeginAck):
-            framing.encode_resync_control(frame(), message.epoch, Kind.BEGIN_ACK, (), _pack_keys(message.suspect_keys))
+            framing.encode_resync_control(
+                frame(), message.epoch, Kind.BEGIN_ACK, (message.next_seq,), _pack_keys(message.suspect_keys)
+            )
         elif isinstance(message, msg.ResyncDedup):
             framing.encode_resync_control(frame(), message.epoch, Kind.DEDUP, (), _pack_dedup(message.entries))
         elif isinstance(message, msg.ResyncData):
@@ -178,13 +192,19 @@ class Decoder:
                 return None
             if kind == Kind.RECONCILE_DONE:
                 self.reconcile_open = False
-                return msg.ReconcileDone(epoch)
+                if len(counts) != 1:
+                    raise framing.MalformedFrame("bad reconcile done")
+                return msg.ReconcileDone(epoch, counts[0])
             if kind == Kind.RECONCILE_ACK:
                 return msg.ReconcileAck(epoch)
             if kind == Kind.BEGIN:
-                return msg.ResyncBegin(epoch, bool(counts[0]) if counts else False)
+                if len(counts) != 2:
+                    raise framing.MalformedFrame("bad resync begin")
+                return msg.ResyncBegin(epoch, bool(counts[0]), counts[1])
             if kind == Kind.BEGIN_ACK:
-                return msg.ResyncBeginAck(epoch, _unpack_keys(key))
+                if len(counts) != 1:
+                    raise framing.MalformedFrame("bad resync begin ack")
+                return msg.ResyncBeginAck(epoch, _unpack_keys(key), counts[0])
             if kind == Kind.DEDUP:
                 return msg.ResyncDedup(epoch, _unpack_dedup(key))
             if kind == Kind.ACK:
