@@ -563,7 +563,8 @@ class S3Server:
         def enc(text: str) -> str:
             return quote(text, safe="/") if encoding == "url" else text
 
-        out = [_element("Name", bucket), _element("Prefix", enc(prefix))]
+        # v1 leaves the top-level Prefix as it is even with encoding-type=url (botocore decodes it only in v2).
+        out = [_element("Name", bucket), _element("Prefix", enc(prefix) if v2 else prefix)]
         if v2:
             out.append(_element("KeyCount", len(contents) + len(prefixes)))
             if "continuation-token" in params:
