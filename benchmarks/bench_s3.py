@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -228,6 +229,18 @@ def run_seaweedfs(directory: Path, seconds: float, multipart_mib: int) -> dict[s
         log.close()
 
 
+def lengthen_timeouts(cluster: LocalCluster) -> None:
+    """Peer timeouts longer than the demo's 500 ms: 32 concurrent 1 MiB PUTs on a loaded 2-core machine
+    otherwise starve the heartbeats and the pair fails over mid-run (measured: 503s during PUT 1MiB c=32)."""
+    for site in ("a", "b"):
+        path = cluster.config_path(site)
+        text = path.read_text()
+        for key, value in (("peer_timeout_ms", 3000), ("lease_ms", 4000), ("heartbeat_ms", 200)):
+            text = re.sub(rf"^{key} = \d+$", f"{key} = {value}", text, count=1, flags=re.M)
+        path.write_text(text)
+    cluster.configure()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -241,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(temporary)
         if "pair" in wanted or "alone" in wanted:
             with LocalCluster(root / "pair", stop_timeout_s=5) as cluster:
+                cluster.configure()
+                lengthen_timeouts(cluster)
                 cluster.start()
                 endpoint = cluster.cluster["sites"]["a"]["s3"]
                 access, secret = cluster.s3_credentials()
