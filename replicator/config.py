@@ -473,6 +473,12 @@ def _build_s3(raw: Any, base_dir: Path | None) -> S3Config:
             raise ConfigError("s3.credentials_file: required when s3.enabled is true")
         if not Path(s3.credentials_file).is_file():
             raise ConfigError(f"s3.credentials_file: no such file {s3.credentials_file!r}")
+        from replicator.s3.auth import CredentialsError, load_credentials  # here: s3 imports this module
+
+        try:
+            load_credentials(s3.credentials_file)
+        except CredentialsError as error:
+            raise ConfigError(f"s3.credentials_file: {error}") from None
     if s3.part_bytes_min > s3.object_bytes_max:
         raise ConfigError(f"s3.part_bytes_min: must be at most s3.object_bytes_max, got {s3.part_bytes_min}")
     if s3.parts_max > 10_000:

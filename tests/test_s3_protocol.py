@@ -446,3 +446,26 @@ def test_virtual_host_style_beside_path_style(s3: Running) -> None:
     assert s3.client().get_object(Bucket="bkt", Key="dir/virtual-key")["Body"].read() == b"by host"
     status, body, _ = s3.raw("GET", "/?list-type=2&prefix=dir%2F", host=f"bkt.s3.test:{port}")
     assert status == 200 and b"<Key>dir/virtual-key</Key>" in body, body
+
+
+def test_s3_configuration_is_checked_when_built(tmp_path: Path) -> None:
+    from replicator.config import ConfigError, site_config_from_mapping
+
+    site = {"name": "a", "peer_name": "b", "pair_id": "p", "data_dir": "data"}
+
+    def refused(s3: dict[str, Any], api: dict[str, Any] | None = None) -> str:
+        with pytest.raises(ConfigError) as caught:
+            site_config_from_mapping({"site": site, "s3": s3, "api": api or {}}, tmp_path)
+        return str(caught.value)
+
+    assert "required when s3.enabled" in refused({"enabled": True})
+    assert "no such file" in refused({"enabled": True, "credentials_file": "missing.toml"})
+    (tmp_path / "bad.toml").write_text('[[credentials]]\naccess_key = "x"\n')
+    assert "non-empty strings" in refused({"enabled": True, "credentials_file": "bad.toml"})
+    assert "s3.piece_bytes" in refused({"piece_bytes": 2 * 1024 * 1024})
+    assert "s3.lisen: unknown key" in refused({"lisen": "127.0.0.1:1"})
+    (tmp_path / "good.toml").write_text('[[credentials]]\naccess_key = "x"\nsecret_key = "y"\n')
+    config = site_config_from_mapping(
+        {"site": site, "s3": {"enabled": True, "credentials_file": "good.toml"}}, tmp_path
+    )
+    assert config.s3.credentials_file == str(tmp_path / "good.toml")  # relative to the file's directory
