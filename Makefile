@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 SEEDS ?= 1-2000
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-fast lint sim sim-long chaos bench demo clean tools-s3 tools-haproxy
+.PHONY: all venv build test test-fast lint sim sim-long chaos bench demo clean tools-nbd tools-s3 tools-haproxy
 
 all: build
 
@@ -47,7 +47,22 @@ lint: build
 	$(PY) -m ruff check replicator chaos tests benchmarks
 	$(PY) -m mypy replicator/core
 
-test: build lint tools-s3 tools-haproxy
+# The real NBD clients the NBD tests drive (Debian packages), installed when one is missing.
+# tests/nbd_support.py skips a test whose tool is missing, except under CI=true, where it fails.
+NBD_TOOLS := nbdinfo nbdcopy nbdsh nbdfuse nbdkit qemu-img qemu-io fio fusermount3 mkfs.ext4 e2fsck losetup
+NBD_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio fuse3 fuse2fs e2fsprogs mount
+tools-nbd:
+	@missing=""; for tool in $(NBD_TOOLS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "tools-nbd: missing$$missing; installing $(NBD_PACKAGES)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; \
+	  else echo "tools-nbd: not root and no sudo: install $(NBD_PACKAGES) yourself" >&2; exit 0; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(NBD_PACKAGES) \
+	    || echo "tools-nbd: apt-get failed; the NBD tests will skip (or fail under CI=true)" >&2; \
+	fi
+
+test: build lint tools-nbd tools-s3 tools-haproxy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 sim: build
@@ -72,9 +87,10 @@ chaos: build
 
 # The micro-benchmarks, then the end-to-end suite (python -m benchmarks.e2e --help): Replicator
 # against etcd, Redis and raw RocksDB on loopback, results in benchmarks/results/<date>/.
-# BENCH_ARGS=--quick for a 2-minute subset.
+# BENCH_ARGS=--quick for a 2-minute subset. Then the NBD section (benchmarks/bench_nbd.py): fio through
+# NBD against the pair, the daemon alone and durable nbdkit file; results in benchmarks/results/<date>/nbd.*.
 BENCH_ARGS ?=
-bench: build
+bench: build tools-nbd
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m benchmarks.bench_checksum
 	$(PY) -m benchmarks.bench_storage
@@ -82,6 +98,7 @@ bench: build
 	$(PY) -m benchmarks.bench_link
 	$(PY) -m benchmarks.bench_s3
 	$(PY) -m benchmarks.e2e $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench_nbd $(if $(findstring --quick,$(BENCH_ARGS)),--quick,)
 
 demo: build
 	$(PY) -m replicator.demo

@@ -361,12 +361,20 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
 def cmd_volume_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         volumes = client.list_volumes()
+        # The site names its NBD server (docs/nbd.md) in its status; each volume is an export there.
+        nbd = client.status().details.get("nbd", "")
+    rows = [dataclasses.asdict(v) | ({"nbd_uri": f"{nbd}/{v.name}"} if nbd else {}) for v in volumes]
+    columns = ("NAME", "SIZE_BYTES", "SIZE", "BLOCK_SIZE", "BLOCKS") + (("NBD_URI",) if nbd else ())
     _emit(
         args,
-        [dataclasses.asdict(v) for v in volumes],
+        rows,
         lambda: _table(
-            [(v.name, v.size_bytes, _human_bytes(v.size_bytes), v.block_size, v.block_count) for v in volumes],
-            ("NAME", "SIZE_BYTES", "SIZE", "BLOCK_SIZE", "BLOCKS"),
+            [
+                (v.name, v.size_bytes, _human_bytes(v.size_bytes), v.block_size, v.block_count)
+                + ((f"{nbd}/{v.name}",) if nbd else ())
+                for v in volumes
+            ],
+            columns,
         ),
     )
     return EXIT_OK

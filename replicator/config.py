@@ -31,7 +31,8 @@ a default; see docs/operations.md for the full table):
     [witness] address, timeout_ms, retry_interval_ms
     [api]     request limits and timeouts of the gRPC data API
     [s3]      the S3 endpoint: enabled, listen, credentials_file, limits (docs/s3.md)
-    [tls.grpc] / [tls.link] / [tls.witness] / [tls.s3]   ca_file, cert_file, key_file
+    [nbd]     listen (empty: no NBD server), connection and in-flight bounds
+    [tls.grpc] / [tls.link] / [tls.witness] / [tls.nbd] / [tls.s3]   ca_file, cert_file, key_file
     [chaos]   test_plant (refused unless REPLICATOR_CHAOS=1)
 """
 
@@ -53,6 +54,7 @@ __all__ = [
     "ChaosConfig",
     "ConfigError",
     "ListenConfig",
+    "NbdConfig",
     "PairSpec",
     "S3Config",
     "SiteConfig",
@@ -200,6 +202,7 @@ class TlsConfig:
     grpc: TlsFiles | None = None
     link: TlsFiles | None = None
     witness: TlsFiles | None = None
+    nbd: TlsFiles | None = None  # when set, NBD clients must STARTTLS with a certificate this CA signed
     s3: TlsFiles | None = None  # HTTPS on the S3 endpoint (a client certificate is not required)
 
 
@@ -277,6 +280,31 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NbdConfig:
+    """The NBD server of a site (replicator/nbd/, docs/nbd.md): one export per block volume."""
+
+    listen: str = _field(
+        "", check=_check_optional_address, doc="NBD server address (HOST:PORT); empty: no NBD server"
+    )
+    connections_max: int = _field(64, check=_check_positive_int, doc="NBD connections open at once")
+    inflight_requests_max: int = _field(64, check=_check_positive_int, doc="requests of one connection in flight")
+    site_inflight_requests_max: int = _field(
+        256, check=_check_positive_int, doc="requests of all NBD connections in flight"
+    )
+    request_bytes_max: int = _field(
+        1 * MIB, check=_check_positive_int, doc="largest read or write payload (also bounded by api.block_*_bytes_max)"
+    )
+    handshake_timeout_ms: int = _field(10_000, check=_check_positive_int, doc="bound on one client's negotiation")
+    block_status_blocks_max: int = _field(
+        4096, check=_check_positive_int, doc="most blocks one NBD_CMD_BLOCK_STATUS answers about"
+    )
+    exports_listed_max: int = _field(1000, check=_check_positive_int, doc="most volumes NBD_OPT_LIST names")
+    state_poll_ms: int = _field(
+        50, check=_check_positive_int, doc="how often the server checks whether the site still serves"
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class S3Config:
     """The S3 endpoint of a site (replicator/s3, docs/s3.md)."""
 
@@ -317,12 +345,14 @@ class SiteConfig:
     api: ApiConfig = ApiConfig()
     tls: TlsConfig = TlsConfig()
     chaos: ChaosConfig = ChaosConfig()
+    nbd: NbdConfig = NbdConfig()
     s3: S3Config = S3Config()
 
     def exposed_addresses(self) -> list[str]:
         """Listen addresses that are not loopback (explicitly configured), for the start-up log."""
-        listens = [self.listen.grpc, self.listen.link, self.listen.metrics] + ([self.s3.listen] if self.s3.enabled else [])
-        return [a for a in listens if not _is_loopback(a)]
+        listens = (self.listen.grpc, self.listen.link, self.listen.metrics, self.nbd.listen)
+        listens += (self.s3.listen,) if self.s3.enabled else ()
+        return [a for a in listens if a and not _is_loopback(a)]
 
     def to_toml(self) -> str:
         return _to_toml(self)
@@ -445,7 +475,7 @@ def site_config_from_mapping(
 ) -> SiteConfig:
     """Build and validate a SiteConfig from parsed TOML; raise ConfigError naming the first bad key."""
     environ = os.environ if environ is None else environ
-    _check_keys(raw, ("site", "listen", "witness", "api", "tls", "chaos", "s3"), "site configuration")
+    _check_keys(raw, ("site", "listen", "witness", "api", "tls", "chaos", "nbd", "s3"), "site configuration")
     if "site" not in raw:
         raise ConfigError("site: required section missing (name, peer_name, pair_id, data_dir)")
     config = SiteConfig(
@@ -453,8 +483,9 @@ def site_config_from_mapping(
         listen=_build_section(ListenConfig, raw.get("listen", {}), "listen", base_dir),
         witness=_build_section(WitnessClientConfig, raw.get("witness", {}), "witness", base_dir),
         api=_build_section(ApiConfig, raw.get("api", {}), "api", base_dir),
-        tls=_build_tls(raw.get("tls", {}), base_dir, ("grpc", "link", "witness", "s3")),
+        tls=_build_tls(raw.get("tls", {}), base_dir, ("grpc", "link", "witness", "nbd", "s3")),
         chaos=_build_chaos(raw.get("chaos", {}), environ),
+        nbd=_build_section(NbdConfig, raw.get("nbd", {}), "nbd", base_dir),
         s3=_build_s3(raw.get("s3", {}), base_dir),
     )
     _check_site_relations(config)
@@ -524,6 +555,10 @@ def _check_site_relations(config: SiteConfig) -> None:
         "listen.link": config.listen.link,
         "listen.metrics": config.listen.metrics,
     }
+    if config.nbd.listen:
+        listens["nbd.listen"] = config.nbd.listen
+    if config.tls.nbd is not None and not config.nbd.listen:
+        raise ConfigError("tls.nbd: set, but nbd.listen is empty (there is no NBD server to protect)")
     if config.s3.enabled:
         listens["s3.listen"] = config.s3.listen
     seen: dict[str, str] = {}

@@ -76,6 +76,31 @@ def site_state(endpoint: str) -> tuple[str, int]:
     return status.state, status.epoch
 
 
+def nbd_copy(directory: Path, sites: dict[str, dict[str, str]], client: Client, failures: list[str]) -> None:
+    """A real NBD client: an image copied into a volume through site a's export, read back through b's."""
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+
+    path = "/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", "")
+    if shutil.which("nbdcopy", path=path) is None or not sites["a"].get("nbd"):
+        say("NBD: nbdcopy is not installed (make tools-nbd), skipping the NBD copy")
+        return
+    client.create_volume("img", 4 << 20)
+    source, back = directory / "image.raw", directory / "image-back.raw"
+    source.write_bytes(os.urandom(4 << 20))
+    environment = {**os.environ, "PATH": path}
+    into = f"nbd://{sites['a']['nbd']}/img"
+    out = f"nbd://{sites['b']['nbd']}/img"
+    subprocess.run(["nbdcopy", str(source), into], check=True, env=environment, timeout=120)
+    subprocess.run(["nbdcopy", out, str(back)], check=True, env=environment, timeout=120)
+    same = hashlib.sha256(source.read_bytes()).digest() == hashlib.sha256(back.read_bytes()).digest()
+    say(f"NBD: nbdcopy of a 4 MiB image into {into}, read back from {out}: {'identical' if same else 'DIFFERENT'}")
+    if not same:
+        failures.append("the image copied in through site a's NBD export reads back differently through site b's")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replicator.demo", description=__doc__)
     parser.add_argument("--dir", help="deployment directory (default: a new temporary one)")
@@ -107,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             "block volume vol1: 1 block written at a, 2 at b; a reads "
             f"{blocks[:1].decode()}{blocks[4096:4097].decode()}{blocks[8192:8193].decode()} + zeros"
         )
+
+        nbd_copy(directory, sites, client, failures)
 
         writers = [Writer(endpoints, 0), Writer(endpoints, 1)]
         for writer in writers:

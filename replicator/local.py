@@ -55,6 +55,7 @@ from typing import Any
 import replicator
 from replicator.config import (
     ListenConfig,
+    NbdConfig,
     PairSpec,
     S3Config,
     SiteConfig,
@@ -296,6 +297,7 @@ class LocalCluster:
                 self.directory / f"{name}.log",
                 site.listen.grpc,
                 {"peer": site.listen.link, "metrics": site.listen.metrics}
+                | ({"nbd": site.nbd.listen} if site.nbd.listen else {})
                 | ({"s3": ("https://" if site.tls.s3 else "http://") + site.s3.listen} if site.s3.enabled else {}),
                 health_tls=self.client_tls if site.tls.grpc is not None else None,
             )
@@ -346,7 +348,7 @@ class LocalCluster:
 
     def _write_configs(self) -> None:
         self._write_s3_credentials()
-        ports = iter(free_ports(2 + 4 * len(SITE_NAMES)))
+        ports = iter(free_ports(2 + 5 * len(SITE_NAMES)))
         host = "127.0.0.1"
         witness_grpc, witness_metrics = f"{host}:{next(ports)}", f"{host}:{next(ports)}"
         listens = {
@@ -376,8 +378,10 @@ class LocalCluster:
                     **DEMO_SITE_SETTINGS,
                 ),
                 listen=listens[name],
+                nbd=NbdConfig(listen=f"{host}:{next(ports)}"),
                 witness=WitnessClientConfig(address=witness_grpc, **DEMO_WITNESS_CLIENT),
-                tls=TlsConfig(*(self._relative_tls(name),) * 4) if self.tls else TlsConfig(),
+                # gRPC, link, witness client, NBD (STARTTLS, client certificate required) and S3 (HTTPS).
+                tls=TlsConfig(*(self._relative_tls(name),) * 5) if self.tls else TlsConfig(),
                 s3=S3Config(enabled=True, listen=f"{host}:{next(ports)}", credentials_file=S3_CREDENTIALS),
             )
         for name, config in configs.items():
@@ -398,6 +402,8 @@ class LocalCluster:
         if process.name != WITNESS:
             entry["peer"] = process.extra["peer"]
             entry["metrics"] = process.extra["metrics"]
+            if "nbd" in process.extra:
+                entry["nbd"] = process.extra["nbd"]
             if "s3" in process.extra:
                 entry["s3"] = process.extra["s3"]
         entry["config"] = str(process.config)
@@ -623,6 +629,20 @@ def _summary(cluster: LocalCluster) -> str:
         )
         lines.append(f"mutual TLS on every link; client certificate: {flags}")
         flags = " " + flags
+    nbd = {n: cluster.processes[n].extra.get("nbd", "") for n in SITE_NAMES if n in cluster.started}
+    if nbd and all(nbd.values()):
+        scheme = "nbds" if cluster.client_tls is not None else "nbd"
+        volumes = _volume_names(cluster) or ["VOLUME"]
+        lines.append("NBD exports (one per block volume):")
+        for volume in volumes:
+            for name, address in nbd.items():
+                lines.append(f"  {volume:<12} site {name}:     {scheme}://{address}/{volume}")
+            lines.append(f"  {volume:<12} multipath:  nbd://127.0.0.1:10809/{volume}")
+        tls = ""
+        if cluster.client_tls is not None:
+            files = cluster.client_tls
+            tls = f" --ca {files.ca_file} --cert {files.cert_file} --key {files.key_file}"
+        lines.append(f"  multipath:  replicator-nbd-multipath --sites {' '.join(nbd.values())}{tls} --listen 127.0.0.1:10809")
     if any(n in cluster.started for n in SITE_NAMES):
         a = cluster.processes[SITE_NAMES[0]].grpc
         lines.append(f"try:  replicatorctl --endpoint {a}{flags} status")
@@ -637,6 +657,18 @@ def _summary(cluster: LocalCluster) -> str:
     lines.append(f"      replicatorctl --witness {cluster.processes[WITNESS].grpc}{flags} witness status")
     lines.append("Ctrl-C (or SIGTERM) stops everything started here.")
     return "\n".join(lines)
+
+
+def _volume_names(cluster: LocalCluster, limit: int = 20) -> list[str]:
+    """The block volumes the pair holds now (for the NBD URIs), or [] if the sites do not answer."""
+    from replicator.client import Client, ClientError, RetryPolicy
+
+    endpoints = [cluster.processes[n].grpc for n in SITE_NAMES if n in cluster.started]
+    try:
+        with Client(endpoints, tls=cluster.client_tls, retry=RetryPolicy(attempts_max=2, call_timeout_ms=2000)) as client:
+            return [volume.name for volume in client.list_volumes()][:limit]
+    except ClientError:
+        return []
 
 
 class _Stop(Exception):

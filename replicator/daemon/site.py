@@ -40,6 +40,7 @@ from replicator.daemon.logs import configure, log
 from replicator.daemon.metrics import Registry, start_metrics_server
 from replicator.daemon.runner import Shutdown, run
 from replicator.daemon.wire import Decoder, Encoder
+from replicator.nbd.server import NbdServer, start_nbd_server
 from replicator.storage import GroupCommitter, Store, StoreOptions
 from replicator.storage.errors import CorruptValue, StorageFailed
 from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
@@ -209,6 +210,9 @@ class SiteDaemon:
         self.tasks.append(asyncio.create_task(self._probe_witness(), name="witness-probe"))
         self.server = await start_site_server(self, self.config.listen.grpc, self.config.api, self.config.tls.grpc)
         self.metrics_server = await start_metrics_server(self.metrics, self.config.listen.metrics)
+        self.nbd: NbdServer | None = None
+        if self.config.nbd.listen:
+            self.nbd = await start_nbd_server(self, self.config.nbd, self.config.api, self.config.tls.nbd, self.metrics)
         self.s3_server = None
         if self.config.s3.enabled:
             from replicator.s3.server import start_s3_server  # aiohttp is loaded only when S3 is on
@@ -229,6 +233,7 @@ class SiteDaemon:
             incarnation=self.core.incarnation,
             grpc=self.server.address,
             metrics=self.metrics_server.address,
+            nbd=self.nbd.address if self.nbd is not None else "",
             exposed=self.config.exposed_addresses() if hasattr(self.config, "exposed_addresses") else [],
         )
 
@@ -241,6 +246,11 @@ class SiteDaemon:
     async def stop(self) -> None:
         shutdown = Shutdown()
         timeout = self.config.site.shutdown_stage_timeout_ms / 1000
+        if getattr(self, "nbd", None) is not None:
+            nbd = self.nbd
+            assert nbd is not None
+            # First: NBD clients must see their connections drop (never ESHUTDOWN) and go elsewhere.
+            shutdown.add("drop NBD connections", nbd.stop, timeout)
         shutdown.add("stop accepting requests", lambda: self.server.stop(timeout / 2), timeout)
         if getattr(self, "s3_server", None) is not None:
             shutdown.add("stop the S3 endpoint", self.s3_server.stop, timeout)
@@ -626,8 +636,16 @@ class SiteDaemon:
             dirty_keys=len(core.dirty),
             preferred=core.config.preferred,
             peer_address=self.config.site.peer_grpc_address,
-            details={"incarnation": str(core.incarnation), "pending_writes": str(len(core.pending))},
+            details={"incarnation": str(core.incarnation), "pending_writes": str(len(core.pending))}
+            | self._nbd_details(),
         )
+
+    def _nbd_details(self) -> dict[str, str]:
+        """The NBD server's base URI (an export is BASE/VOLUME), for `replicatorctl volume list`."""
+        nbd = getattr(self, "nbd", None)
+        if nbd is None:
+            return {}
+        return {"nbd": f"{'nbds' if self.config.tls.nbd is not None else 'nbd'}://{nbd.address}"}
 
     async def verify(self, repair: bool, progress: Callable[[int, int], None]) -> VerifyReport:
         """Online verify against the peer (replicator/daemon/verify.py); repair: this site's version wins."""
