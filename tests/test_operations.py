@@ -97,6 +97,8 @@ def site_copy(cluster: LocalCluster, name: str, new_name: str, **changes: object
     copy = dataclasses.replace(config, site=site, listen=listen)
     if getattr(config, "nbd", None) is not None and config.nbd.listen:  # the NBD front-end's port too
         copy = dataclasses.replace(copy, nbd=dataclasses.replace(config.nbd, listen=fresh_ports(1)[0]))
+    if getattr(config, "s3", None) is not None and config.s3.enabled:  # and the S3 front-end's
+        copy = dataclasses.replace(copy, s3=dataclasses.replace(config.s3, listen=fresh_ports(1)[0]))
     path = cluster.directory / f"{new_name}.toml"
     path.write_text(copy.to_toml())
     return path
