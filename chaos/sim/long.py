@@ -43,13 +43,9 @@ def _commit() -> str:
 
 
 def _params_key(params: SimParams) -> dict[str, Any]:
-    raw = asdict(params)
-    raw["plants"] = sorted(params.plants)
-    raw["fault_interval_ms"] = list(params.fault_interval_ms)
-    raw["net_delay_us"] = list(params.net_delay_us)
-    raw["fsync_us"] = list(params.fsync_us)
-    raw["fault_weights"] = [list(item) for item in params.fault_weights] if params.fault_weights else None
-    return raw
+    """The parameters as a chunk file holds them (tuples as lists, sets sorted): the resume check."""
+    key: dict[str, Any] = json.loads(json.dumps(asdict(params), default=sorted))
+    return key
 
 
 def run_chunk(seeds: Sequence[int], params: SimParams) -> dict[str, Any]:
