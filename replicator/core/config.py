@@ -4,25 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-PLANTS = {
-    "early_visible": "commit a write at its origin once it is durable locally, before the peer has it",
-    "no_lease_wait": "go on alone right after the witness's grant, without waiting out the leases",
-    "no_witness": "go on alone on a peer timeout without asking the witness",
-    "rejoin_without_resync": "let a returning site rejoin without sending it the dirty keys",
-    "drop_dirty": "forget to mark keys written alone as dirty",
-    "reconcile_early": "in a same-epoch reconcile, commit before the peer holds our records durably",
-    "forget_suspect_keys": "a resync target does not report the keys of the log it drops",
-    "no_read_gate": "serve reads of keys that have a prepared, unresolved record",
-    "no_read_lease": "serve reads in SYNC without a valid lease",
-    "skip_rollback_check": "take a peer restored from an older copy of its disk at its word (no full resync)",
-}
+from replicator.core.plants import Plant
 
-# Plants whose window only a simulator fault opens: real TCP never reorders within a
-# connection, so the real-daemon suite cannot aim them. `accept_gaps` is caught by the
-# simulator with reorder_within_connection on (docs/chaos.md, "Seed 61196").
-SIMULATOR_PLANTS = {
-    "accept_gaps": "take the peer's records without checking they arrive in sequence (a cumulative ack over a gap)",
-}
+# The deliberate bugs by their configuration names (replicator/core/plants.py lists each beside
+# the rule it breaks). SIMULATOR_PLANTS: those whose window only a simulator fault opens.
+PLANTS = {plant.name_in_config: plant.description for plant in Plant if not plant.simulator_only}
+SIMULATOR_PLANTS = {plant.name_in_config: plant.description for plant in Plant if plant.simulator_only}
 
 
 # What a link frame holds beyond one core message's content (header, payload fields, the
@@ -43,6 +30,7 @@ class CoreConfig:
     heartbeat_interval_ms: int = 100
     witness_retry_ms: int = 250
     read_wait_ms_max: int = 2000
+    parked_reads_max: int = 10_000  # reads waiting for a lease or an unresolved key; more are refused
     inflight_records_max: int = 10_000
     resync_batch_keys_max: int = 128
     resync_batches_inflight_max: int = 4
@@ -52,6 +40,8 @@ class CoreConfig:
     # is made; the link's encoder checks it again against the frame limit.
     message_bytes_max: int = FRAME_SIZE_BYTES_DEFAULT - MESSAGE_HEADROOM_BYTES
     dedup_age_ms: int = 600_000
+    # The dedup table holds at most this many request ids, as the store does (StoreOptions).
+    dedup_entries_max: int = 1_000_000
     static_priority: bool = False
     witness_timeout_ms: int = 3000
     plants: frozenset[str] = frozenset()

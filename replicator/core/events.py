@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from replicator.core.errors import ReadError, WriteError
 from replicator.core.messages import PeerMessage, Role, WitnessAnswer, WitnessRequest
 from replicator.core.records import Operation, Record, RecordId, Versioned
 
@@ -156,7 +157,7 @@ class AnswerWrite:
     ok: bool
     ts: int = 0
     duplicate: bool = False
-    error: str = ""  # "unavailable" | "unknown" (outcome unknown) | "overloaded" | "stopped"
+    error: WriteError | None = None
     message: str = ""
 
 
@@ -169,7 +170,7 @@ class ServeRead:
 @dataclass(frozen=True, slots=True)
 class RejectRead:
     handle: int
-    error: str  # "unavailable" | "timeout" | "stopped"
+    error: ReadError
     message: str = ""
 
 

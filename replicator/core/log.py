@@ -1,0 +1,168 @@
+"""The replication log of one site: records not yet resolved at both sites, and who waits on them.
+
+- `records`: every record in the durable log (own and the peer's), by id.
+- `pending`: own writes of this incarnation not yet committed, by seq; an `alone`
+  one (SOLO) is not in the log, it commits once durable.
+- `pending_by_request`: request id -> seq of its pending write (a retry joins it).
+- `peer_records`: the peer's records prepared here in this session, by (incarnation, seq).
+- `committed_unconfirmed`: own records committed that the peer has not applied yet;
+  they stay in `records` until its CommitConfirm.
+- `waiters`: request id -> client handles waiting for a record of that request id
+  that is in the log (a retry at the other site, say).
+- `key_pending`: key -> how many unresolved records write it; a read of such a key waits.
+
+Invariant (checked by `check`, after every step of the core): `key_pending` counts
+exactly the keys of the unresolved records, which are the log's records not
+committed here plus the alone writes in flight; every pending non-alone write is
+in the log; `pending_by_request` points at pending writes only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from replicator.core.errors import invariant
+from replicator.core.records import Record, RecordId
+
+# A full check of the invariants costs a pass over the log; above this size it runs only at the
+# phase boundaries that rebuild the log (takeover, reconcile, resync), not after every step.
+FULL_CHECK_RECORDS_MAX = 4096
+
+
+@dataclass(slots=True)
+class Pending:
+    """An own write not yet committed."""
+
+    record: Record
+    handles: list[int]
+    persist_id: int
+    alone: bool  # SOLO write: commits when durable, no peer involved
+
+
+class ReplicationLog:
+    def __init__(self, site: str, waiters_max: int) -> None:
+        self.site = site
+        self.records: dict[RecordId, Record] = {}
+        self.key_pending: dict[bytes, int] = {}
+        self.pending: dict[int, Pending] = {}
+        self.pending_by_request: dict[bytes, int] = {}
+        self.committed_unconfirmed: dict[int, Record] = {}
+        self.peer_records: dict[tuple[int, int], Record] = {}
+        self.waiters: dict[bytes, list[int]] = {}
+        self.waiters_max = waiters_max
+        self.waiting = 0
+
+    # ------------------------------------------------------------ keys
+    def _block(self, record: Record) -> None:
+        for key in record.keys():
+            self.key_pending[key] = self.key_pending.get(key, 0) + 1
+
+    def resolve(self, record: Record) -> None:
+        """The record is committed here: it no longer blocks reads (it may stay in the log)."""
+        for key in record.keys():
+            count = self.key_pending.get(key, 0) - 1
+            invariant(count >= 0, f"key {key!r} resolved more often than it was blocked")
+            if count > 0:
+                self.key_pending[key] = count
+            else:
+                del self.key_pending[key]
+
+    def blocked(self, key: bytes) -> bool:
+        return self.key_pending.get(key, 0) > 0
+
+    # ------------------------------------------------------------ records
+    def add(self, record: Record) -> None:
+        invariant(record.id not in self.records, f"record {record.id} logged twice")
+        self.records[record.id] = record
+        self._block(record)
+
+    def remove(self, record: Record) -> None:
+        if self.records.pop(record.id, None) is not None:
+            self.resolve(record)
+
+    def sorted_records(self) -> list[Record]:
+        return sorted(self.records.values(), key=lambda record: record.id)
+
+    def request_logged(self, request_id: bytes) -> bool:
+        """A record with this request id waits in the log (own committed ones are in the dedup table)."""
+        return any(
+            record.request_id == request_id
+            and (record.id.seq not in self.committed_unconfirmed or record.id.origin != self.site)
+            for record in self.records.values()
+        )
+
+    # ------------------------------------------------------------ own writes
+    def add_pending(self, record: Record, handle: int, persist_id: int, *, alone: bool) -> None:
+        self.pending[record.id.seq] = Pending(record, [handle], persist_id, alone)
+        self.pending_by_request[record.request_id] = record.id.seq
+        if alone:
+            self._block(record)
+
+    def pop_pending(self, seq: int) -> Pending | None:
+        pending = self.pending.pop(seq, None)
+        if pending is not None and self.pending_by_request.get(pending.record.request_id) == seq:
+            del self.pending_by_request[pending.record.request_id]
+        return pending
+
+    def join_pending(self, request_id: bytes, handle: int) -> bool:
+        """A retry of a write in flight waits for the same outcome."""
+        seq = self.pending_by_request.get(request_id)
+        if seq is None or seq not in self.pending:
+            return False
+        self.pending[seq].handles.append(handle)
+        return True
+
+    def wait_for_logged(self, request_id: bytes, handle: int) -> bool:
+        """Park a retry of a request whose record is in the log; False when too many wait."""
+        if self.waiting >= self.waiters_max:
+            return False
+        self.waiters.setdefault(request_id, []).append(handle)
+        self.waiting += 1
+        return True
+
+    def pop_waiters(self, request_id: bytes) -> list[int]:
+        handles = self.waiters.pop(request_id, [])
+        self.waiting -= len(handles)
+        return handles
+
+    # ------------------------------------------------------------ wholesale
+    def clear_resolved(self) -> None:
+        """Every record of the log was resolved (whole-log commit): only alone writes still block."""
+        self.records.clear()
+        self.key_pending.clear()
+        for pending in self.pending.values():  # SOLO writes in flight keep their keys blocked
+            if pending.alone:
+                self._block(pending.record)
+        self.peer_records.clear()
+        self.committed_unconfirmed.clear()
+        self.check(full=True)
+
+    def drop_all(self) -> None:
+        """A resync target drops its log and every write in flight (their outcome: unknown)."""
+        self.pending.clear()
+        self.pending_by_request.clear()
+        self.records.clear()
+        self.key_pending.clear()
+        self.peer_records.clear()
+        self.committed_unconfirmed.clear()
+        self.check(full=True)
+
+    def check(self, *, full: bool = False) -> None:
+        """The invariants of the module docstring."""
+        if not full and len(self.records) + len(self.pending) > FULL_CHECK_RECORDS_MAX:
+            return
+        unresolved: Counter[bytes] = Counter()
+        for record in self.records.values():
+            own = record.id.origin == self.site and record.id.seq in self.committed_unconfirmed
+            if not own:
+                unresolved.update(record.keys())
+        for seq, pending in self.pending.items():
+            if pending.alone:
+                unresolved.update(pending.record.keys())
+            else:
+                invariant(pending.record.id in self.records, f"pending write {seq} is not in the log")
+        invariant(unresolved == Counter(self.key_pending), "key_pending differs from the keys of unresolved records")
+        for request_id, seq in self.pending_by_request.items():
+            invariant(seq in self.pending, f"request {request_id!r} points at seq {seq}, not pending")
+        invariant(self.waiting == sum(map(len, self.waiters.values())), "log waiters miscounted")
