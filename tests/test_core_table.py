@@ -263,3 +263,61 @@ def test_no_function_in_the_core_is_longer_than_70_lines() -> None:
                 if lines > FUNCTION_LINES_MAX:
                     long.append(f"{path.relative_to(CORE)}:{node.lineno} {node.name} {lines} lines")
     assert long == []
+
+
+def test_each_plant_is_checked_at_exactly_one_place() -> None:
+    from replicator.core.plants import Plant
+
+    sites: dict[str, list[str]] = {plant.name: [] for plant in Plant}
+    for path in sorted(CORE.glob("**/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "on"
+                and node.args
+                and isinstance(node.args[0], ast.Attribute)
+                and isinstance(node.args[0].value, ast.Name)
+                and node.args[0].value.id == "Plant"
+            ):
+                sites[node.args[0].attr].append(f"{path.name}:{node.lineno}")
+    assert {name: len(where) for name, where in sites.items()} == {plant.name: 1 for plant in Plant}, sites
+    # No plant is named by its string anywhere in the core outside plants.py.
+    for path in sorted(CORE.glob("**/*.py")):
+        if path.name != "plants.py":
+            text = path.read_text()
+            assert not [plant for plant in Plant if f'"{plant.name_in_config}"' in text], path.name
+
+
+def test_invariants_stay_on_without_assert_statements() -> None:
+    # The invariant checks raise InvariantViolation explicitly (python -O strips `assert`).
+    from replicator.core.errors import invariant
+
+    with pytest.raises(InvariantViolation, match="broken"):
+        invariant(False, "broken")
+    core = reach(Role.SYNC)
+    core.replication.key_pending[b"ghost"] = 1  # a key blocked by no record
+    with pytest.raises(InvariantViolation, match="key_pending"):
+        core.step(ev.TimePassed(), core.now_ms + 1.0, 1_000)
+
+
+def test_the_durable_persist_id_never_passes_the_next_one() -> None:
+    core = reach(Role.SYNC)
+    with pytest.raises(ProtocolError) as raised:
+        core.step(ev.Persisted(core.effects.next_persist_id), core.now_ms, 1_000)
+    assert raised.value.kind is ProtocolErrorKind.PERSIST_NEVER_ISSUED
+
+
+def test_a_commit_outside_the_committing_roles_is_refused() -> None:
+    from replicator.core.standing import CommitKind
+
+    core = reach(Role.SUSPENDED)
+    with pytest.raises(InvariantViolation, match="ACKED commit decided in SUSPENDED"):
+        core.decide_commit(CommitKind.ACKED)
+
+
+def test_a_message_over_the_byte_bound_is_refused_where_it_is_sent() -> None:
+    core = reach(Role.SYNC)
+    keys = tuple(bytes([i % 256]) * 1000 + i.to_bytes(4, "big") for i in range(core.config.message_bytes_max // 1000 + 10))
+    with pytest.raises(InvariantViolation, match="exceeds message_bytes_max"):
+        core.send(msg.ResyncBeginAck(core.epoch, keys, 1))

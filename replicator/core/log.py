@@ -154,8 +154,8 @@ class ReplicationLog:
             return
         unresolved: Counter[bytes] = Counter()
         for record in self.records.values():
-            own = record.id.origin == self.site and record.id.seq in self.committed_unconfirmed
-            if not own:
+            committed = self.committed_unconfirmed.get(record.id.seq) if record.id.origin == self.site else None
+            if committed is None or committed.id != record.id:
                 unresolved.update(record.keys())
         for seq, pending in self.pending.items():
             if pending.alone:
