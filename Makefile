@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 SEEDS ?= 1-2000
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-fast lint sim sim-long chaos bench demo clean tools-nbd tools-s3 tools-haproxy
+.PHONY: all venv build test test-fast lint docs sim sim-long chaos bench demo clean tools-nbd tools-s3 tools-haproxy
 
 all: build
 
@@ -46,6 +46,11 @@ tools-haproxy:
 lint: build
 	$(PY) -m ruff check replicator chaos tests benchmarks
 	$(PY) -m mypy replicator/core
+
+# docs/protocol.md is generated from the transition table and the core's module docstrings;
+# tests/test_core_table.py fails when the committed file is stale.
+docs: build
+	$(PY) -m replicator.core.docgen > docs/protocol.md.new && mv docs/protocol.md.new docs/protocol.md
 
 # The real NBD clients the NBD tests drive (Debian packages), installed when one is missing.
 # tests/nbd_support.py skips a test whose tool is missing, except under CI=true, where it fails.

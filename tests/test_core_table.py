@@ -321,3 +321,12 @@ def test_a_message_over_the_byte_bound_is_refused_where_it_is_sent() -> None:
     keys = tuple(bytes([i % 256]) * 1000 + i.to_bytes(4, "big") for i in range(core.config.message_bytes_max // 1000 + 10))
     with pytest.raises(InvariantViolation, match="exceeds message_bytes_max"):
         core.send(msg.ResyncBeginAck(core.epoch, keys, 1))
+
+
+def test_docs_protocol_md_is_generated_from_the_table() -> None:
+    from replicator.core import docgen
+
+    committed = (CORE.parent.parent / "docs" / "protocol.md").read_text()
+    assert committed == docgen.render(), "docs/protocol.md is stale: run `make docs` and commit it"
+    for (_role, kind), row in TRANSITIONS.items():  # the matrix names every row
+        assert f"| `{kind.__name__}` | `{row.handler.__module__.rsplit('.', 1)[-1]}.{row.handler.__name__}` |" in committed

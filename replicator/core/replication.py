@@ -14,6 +14,14 @@ A whole-log commit (reconcile, takeover, a lost resync target) commits every
 record in the log; a request id that appears twice (a retry at the other site
 while the origin crashed) commits once, by a deterministic rule both sites
 apply (see `winners`).
+
+Retries. A client's retry carries the request id of its first try. At the
+site that committed it, the dedup table answers it (duplicate). At the site
+where it is in flight, it joins the pending write and gets the same answer.
+Where its record waits in the log (shipped by the peer, not yet resolved),
+it waits for that record. A write whose answer never came (a timeout) may
+still be on its way to the other site, so a client retries it where it sent
+it first: only there is the first try sure to be found.
 """
 
 from __future__ import annotations

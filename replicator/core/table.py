@@ -58,6 +58,8 @@ class Row:
 
     handler: Handler
     next_roles: frozenset[Role]
+    # The moves the handler makes itself; the rest of next_roles are the timers' (docs only).
+    handler_moves: frozenset[Role] = frozenset()
 
 
 R = Role
@@ -65,7 +67,7 @@ R = Role
 # lead to: a peer timeout suspends SYNC, RECONCILE and STARTING (a RECONCILE whose new connection
 # never says Hello falls back to STARTING); a resync source that loses its target goes SOLO; a
 # granted site (SUSPENDED, STARTING with a confirmed grant, FENCED granted late) takes over, SOLO.
-_TIMER_MOVES: dict[Role, frozenset[Role]] = {
+TIMER_MOVES: dict[Role, frozenset[Role]] = {
     R.STARTING: frozenset({R.SUSPENDED, R.SOLO}),
     R.SYNC: frozenset({R.SUSPENDED, R.SOLO}),
     R.RECONCILE: frozenset({R.SUSPENDED, R.STARTING, R.SOLO}),
@@ -80,7 +82,7 @@ def _closure(role: Role, moves: frozenset[Role]) -> frozenset[Role]:
     reached = set(moves)
     frontier = [role, *moves]
     while frontier:
-        for nxt in _TIMER_MOVES.get(frontier.pop(), frozenset()):
+        for nxt in TIMER_MOVES.get(frontier.pop(), frozenset()):
             if nxt not in reached:
                 reached.add(nxt)
                 frontier.append(nxt)
@@ -186,7 +188,7 @@ def _build_table() -> dict[tuple[Role, type], Row]:
         for kind, (handler, moves) in _rows_of(role).items():
             # A persist failure stops the site at once: no timer runs after it.
             nxt = moves if kind is ev.PersistFailed else _closure(role, moves)
-            table[(role, kind)] = Row(handler, nxt)
+            table[(role, kind)] = Row(handler, nxt, moves - {role})
     return table
 
 
