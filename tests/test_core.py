@@ -181,3 +181,14 @@ def test_dedup_entries_expire_by_age_once_the_table_is_large() -> None:
     assert len(core.dedup) == 1500
     core.step(ev.TimePassed(), 4.0, 1_200_000)  # every entry but the renewed one is older
     assert core.dedup == {b"new0": 900_000 << 22}
+
+
+def test_dedup_table_is_bounded_by_count_as_the_store_is() -> None:
+    dedup = {f"r{i}".encode(): (1_000 << 22) | i << 1 for i in range(50)}
+    core = SiteCore(
+        CoreConfig(site="a", peer="b", pair="p", preferred="a", dedup_entries_max=20),
+        ev.Recovered(meta={"generation": b"g"}, dedup=dedup),
+    )
+    assert set(core.dedup) == {f"r{i}".encode() for i in range(30, 50)}  # the oldest went first
+    core.dedup_table.put(b"newest", 2_000 << 22)
+    assert len(core.dedup) == 20 and b"newest" in core.dedup and b"r30" not in core.dedup

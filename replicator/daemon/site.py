@@ -186,6 +186,7 @@ class SiteDaemon:
             witness_retry_ms=self.config.witness.retry_interval_ms,
             read_wait_ms_max=section.read_wait_ms,
             dedup_age_ms=section.dedup_age_ms,
+            dedup_entries_max=section.dedup_entries_max,  # the core's table bounded as the store's
             static_priority=section.static_priority,
             message_bytes_max=section.frame_size_bytes_max - MESSAGE_HEADROOM_BYTES,
             plants=plants,
