@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from replicator.core.errors import invariant
 from replicator.core.records import Record, RecordId
 
-# A full check of the invariants costs a pass over the log; above this size it runs only at the
-# phase boundaries that rebuild the log (takeover, reconcile, resync), not after every step.
-FULL_CHECK_RECORDS_MAX = 4096
+# A full check of the invariants costs a pass over the log. Above this many records and writes
+# (a loaded site) it runs only at the phase boundaries that rebuild the log (takeover, reconcile,
+# resync), not after every step; the checks in add/resolve run always.
+FULL_CHECK_RECORDS_MAX = 256
 
 
 @dataclass(slots=True)
