@@ -298,7 +298,21 @@ def test_invariants_stay_on_without_assert_statements() -> None:
     core = reach(Role.SYNC)
     core.replication.key_pending[b"ghost"] = 1  # a key blocked by no record
     with pytest.raises(InvariantViolation, match="key_pending"):
-        core.step(ev.TimePassed(), core.now_ms + 1.0, 1_000)
+        core.replication.check()  # as every whole-log commit and resync drop does
+    del core.replication.key_pending[b"ghost"]
+    # The paired check at every change: a record resolves once.
+    core.step(ev.WriteRequested(7, b"r7", (Operation(b"k7", b"v"),)), core.now_ms, 1_000)
+    record = next(iter(core.replication.records.values()))
+    core.replication.resolve(record)
+    with pytest.raises(InvariantViolation, match="resolved but not unresolved"):
+        core.replication.resolve(record)
+
+
+def test_a_takeover_checks_the_whole_log() -> None:
+    # reach(SOLO) goes through a takeover whose log held a write: the check ran and passed, and
+    # nothing is left unresolved.
+    core = reach(Role.SOLO)
+    assert not core.replication.records and not core.replication.unresolved
 
 
 def test_the_durable_persist_id_never_passes_the_next_one() -> None:

@@ -47,7 +47,10 @@ class DedupTable:
 
     def prune(self, wall_ms: int) -> None:
         """Forget entries older than the age bound; rebuild the heap when it is mostly stale."""
-        if len(self.entries) > PRUNE_BY_AGE_ABOVE_ENTRIES:
+        entries = len(self.entries)
+        if entries <= PRUNE_BY_AGE_ABOVE_ENTRIES and len(self.expiry) <= 2 * entries + HEAP_SLACK_ENTRIES:
+            return  # the common case, at every step: nothing to do
+        if entries > PRUNE_BY_AGE_ABOVE_ENTRIES:
             horizon = wall_ms - self.age_ms
             while self.expiry and wall_ms_of(self.expiry[0][0]) < horizon:
                 self._pop_oldest()

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 
 from replicator.core import events as ev
-from replicator.core.errors import ProtocolError, ProtocolErrorKind, invariant
+from replicator.core.errors import InvariantViolation, ProtocolError, ProtocolErrorKind, invariant
 from replicator.core.records import Record, RecordId, Versioned
 
 Meta = tuple[tuple[str, int | bytes | str], ...]
@@ -62,7 +62,8 @@ class Effects:
 
     def after(self, persist_id: int, continuation: Callable[[], None]) -> None:
         """Run `continuation` once `persist_id` is durable (at once if it already is)."""
-        invariant(persist_id < self.next_persist_id, f"a continuation on persist {persist_id}, never issued")
+        if not (persist_id < self.next_persist_id):
+            raise InvariantViolation(f"a continuation on persist {persist_id}, never issued")
         if persist_id <= self.durable_persist_id:
             continuation()
             return
@@ -70,10 +71,8 @@ class Effects:
             not self.after_durable or self.after_durable[-1][0] <= persist_id,
             "continuations must be parked in persist-id order",
         )
-        invariant(
-            len(self.after_durable) < self.continuations_max,
-            f"more than continuations_max={self.continuations_max} continuations wait for persists",
-        )
+        if len(self.after_durable) >= self.continuations_max:
+            raise InvariantViolation(f"more than continuations_max={self.continuations_max} continuations wait")
         self.after_durable.append((persist_id, continuation))
 
     def durable(self, persist_id: int) -> None:

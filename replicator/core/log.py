@@ -11,7 +11,7 @@
   that is in the log (a retry at the other site, say).
 - `key_pending`: key -> how many unresolved records write it; a read of such a key waits.
 
-Invariant (checked by `check`, after every step of the core): `key_pending` counts
+Invariant (checked by `check` at the phase boundaries, and pairwise at every change): `key_pending` counts
 exactly the keys of the unresolved records, which are the log's records not
 committed here plus the alone writes in flight; every pending non-alone write is
 in the log; `pending_by_request` points at pending writes only.
@@ -22,13 +22,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from replicator.core.errors import invariant
+from replicator.core.errors import InvariantViolation, invariant
 from replicator.core.records import Record, RecordId
-
-# A full check of the invariants costs a pass over the log. Above this many records and writes
-# (a loaded site) it runs only at the phase boundaries that rebuild the log (takeover, reconcile,
-# resync), not after every step; the checks in add/resolve run always.
-FULL_CHECK_RECORDS_MAX = 256
 
 
 @dataclass(slots=True)
@@ -53,17 +48,25 @@ class ReplicationLog:
         self.waiters: dict[bytes, list[int]] = {}
         self.waiters_max = waiters_max
         self.waiting = 0
+        self.unresolved: set[RecordId] = set()  # the records whose keys key_pending counts
 
     # ------------------------------------------------------------ keys
     def _block(self, record: Record) -> None:
+        if not (record.id not in self.unresolved):
+            raise InvariantViolation(f"record {record.id} blocks its keys twice")
+        self.unresolved.add(record.id)
         for key in record.keys():
             self.key_pending[key] = self.key_pending.get(key, 0) + 1
 
     def resolve(self, record: Record) -> None:
         """The record is committed here: it no longer blocks reads (it may stay in the log)."""
+        if record.id not in self.unresolved:
+            raise InvariantViolation(f"record {record.id} resolved but not unresolved")
+        self.unresolved.discard(record.id)
         for key in record.keys():
             count = self.key_pending.get(key, 0) - 1
-            invariant(count >= 0, f"key {key!r} resolved more often than it was blocked")
+            if not (count >= 0):
+                raise InvariantViolation(f"key {key!r} resolved more often than it was blocked")
             if count > 0:
                 self.key_pending[key] = count
             else:
@@ -74,7 +77,8 @@ class ReplicationLog:
 
     # ------------------------------------------------------------ records
     def add(self, record: Record) -> None:
-        invariant(record.id not in self.records, f"record {record.id} logged twice")
+        if not (record.id not in self.records):
+            raise InvariantViolation(f"record {record.id} logged twice")
         self.records[record.id] = record
         self._block(record)
 
@@ -132,12 +136,13 @@ class ReplicationLog:
         """Every record of the log was resolved (whole-log commit): only alone writes still block."""
         self.records.clear()
         self.key_pending.clear()
+        self.unresolved.clear()
         for pending in self.pending.values():  # SOLO writes in flight keep their keys blocked
             if pending.alone:
                 self._block(pending.record)
         self.peer_records.clear()
         self.committed_unconfirmed.clear()
-        self.check(full=True)
+        self.check()
 
     def drop_all(self) -> None:
         """A resync target drops its log and every write in flight (their outcome: unknown)."""
@@ -145,25 +150,33 @@ class ReplicationLog:
         self.pending_by_request.clear()
         self.records.clear()
         self.key_pending.clear()
+        self.unresolved.clear()
         self.peer_records.clear()
         self.committed_unconfirmed.clear()
-        self.check(full=True)
+        self.check()
 
-    def check(self, *, full: bool = False) -> None:
-        """The invariants of the module docstring."""
-        if not full and len(self.records) + len(self.pending) > FULL_CHECK_RECORDS_MAX:
-            return
+    def check(self) -> None:
+        """The invariants of the module docstring, in full: a pass over the log, so it runs at the
+        phase boundaries that rebuild the log (a whole-log commit, a resync target's drop); the
+        paired checks in `_block`/`resolve` (each record blocks its keys once and resolves once,
+        against the set of unresolved ids) run at every change, at O(1)."""
         unresolved: Counter[bytes] = Counter()
+        ids: set[RecordId] = set()
         for record in self.records.values():
             committed = self.committed_unconfirmed.get(record.id.seq) if record.id.origin == self.site else None
             if committed is None or committed.id != record.id:
                 unresolved.update(record.keys())
+                ids.add(record.id)
         for seq, pending in self.pending.items():
             if pending.alone:
                 unresolved.update(pending.record.keys())
+                ids.add(pending.record.id)
             else:
-                invariant(pending.record.id in self.records, f"pending write {seq} is not in the log")
+                if pending.record.id not in self.records:
+                    raise InvariantViolation(f"pending write {seq} is not in the log")
         invariant(unresolved == Counter(self.key_pending), "key_pending differs from the keys of unresolved records")
+        invariant(ids == self.unresolved, "the unresolved ids differ from the log's unresolved records")
         for request_id, seq in self.pending_by_request.items():
-            invariant(seq in self.pending, f"request {request_id!r} points at seq {seq}, not pending")
+            if seq not in self.pending:
+                raise InvariantViolation(f"request {request_id!r} points at seq {seq}, not pending")
         invariant(self.waiting == sum(map(len, self.waiters.values())), "log waiters miscounted")

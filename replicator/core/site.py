@@ -60,7 +60,6 @@ from replicator.core.errors import (
     ReadError,
     RemoteErrorKind,
     WriteError,
-    invariant,
 )
 from replicator.core.hlc import HybridLogicalClock
 from replicator.core.log import Pending, ReplicationLog
@@ -182,8 +181,6 @@ class SiteCore:
         timers.run(self)
         if self.role is not before and self.role not in row.next_roles:
             raise InvariantViolation(f"{before.name} --{kind.__name__}--> {self.role.name} is not in the transition table")
-        if self.role not in (Role.STOPPED,):  # a stopped site abandoned its writes: nothing to check
-            self.replication.check()
         return self.effects.drain()
 
     # ================================================================ services for the phases
@@ -222,7 +219,8 @@ class SiteCore:
 
     def decide_commit(self, kind: CommitKind) -> None:
         """The one place a commit is decided: only in the roles that may decide it."""
-        invariant(self.role in kind.value, f"a {kind.name} commit decided in {self.role.name}")
+        if self.role not in kind.value:
+            raise InvariantViolation(f"a {kind.name} commit decided in {self.role.name}")
 
     def dirty_keys(self, keys: tuple[bytes, ...]) -> tuple[bytes, ...]:
         """The keys to mark dirty for a write or commit made alone: all of them."""
@@ -238,10 +236,9 @@ class SiteCore:
     def send(self, message: msg.PeerMessage) -> None:
         # The pair assertion of the byte bound: cut where made, checked here, and again by the encoder.
         size = message_bytes(message)
-        invariant(
-            size <= self.config.message_bytes_max or single_item(message),
-            f"{type(message).__name__} of {size} bytes exceeds message_bytes_max {self.config.message_bytes_max}",
-        )
+        if size > self.config.message_bytes_max and not single_item(message):
+            limit = self.config.message_bytes_max
+            raise InvariantViolation(f"{type(message).__name__} of {size} bytes exceeds message_bytes_max {limit}")
         if self.connected:
             self.emit(ev.SendToPeer(message))
 
