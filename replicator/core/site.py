@@ -77,7 +77,6 @@ from replicator.core.takeover import Takeover
 __all__ = ["SiteCore", "ProtocolError", "cut", "message_bytes", "SERVING_WRITES"]
 
 
-
 class SiteCore:
     """One site's pair protocol. Drive it with `start()` then `step(event, now_ms, wall_ms)`."""
 
@@ -127,7 +126,7 @@ class SiteCore:
         self.standing = Standing.GRANT_HOLDER if grant else Standing.RESYNC_TARGET if target else Standing.PEER
         self.synced_epoch = _int(meta, "synced_epoch", 0)
         # We asked the witness to go on alone in this epoch and do not know the
-        # answer: it may have granted us the next epoch (see witness_client.confirm_grant).
+        # answer: it may have granted us the next epoch (see witness_client.ask_again).
         self.asked_epoch = _int(meta, "asked_epoch", 0)
         peer_generation = meta.get("peer_generation", b"")
         self.peer_generation: bytes = peer_generation if isinstance(peer_generation, bytes) else b""
@@ -138,7 +137,7 @@ class SiteCore:
         self.peer_clock_floor = _int(meta, "peer_clock_floor", 0)
         self.peer_clock_floor_saved = self.peer_clock_floor
         full_position = meta.get("resync_full_position", b"")
-        active = _int(meta, "resync_full_active", 0) and isinstance(full_position, bytes)
+        active = bool(_int(meta, "resync_full_active", 0))
         self.resync_full_position: bytes | None = full_position if active and isinstance(full_position, bytes) else None
         self.incarnation = _int(meta, "incarnation", 0) + 1
         self.next_seq = 1
