@@ -85,9 +85,12 @@ def _matrix() -> list[str]:
         if not rows:
             lines.append("Takes no event: every step raises `ProtocolError(STOPPED)`.")
             continue
-        lines += ["| event | handler | may move to |", "|---|---|---|"]
+        timers = table.TIMER_MOVES.get(role, frozenset())
+        lines += [f"The timers, after any event here, may move it to: {_roles(timers)} (and on from there).", ""]
+        lines += ["| event | handler | the handler may move it to | the row's next roles (with the timers) |"]
+        lines += ["|---|---|---|---|"]
         for kind, row in sorted(rows, key=lambda item: _name(item[0])):
-            lines.append(f"| `{_name(kind)}` | {_handler(row)} | {_roles(row.next_roles)} |")
+            lines.append(f"| `{_name(kind)}` | {_handler(row)} | {_roles(row.handler_moves)} | {_roles(row.next_roles)} |")
     return lines
 
 
