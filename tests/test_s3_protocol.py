@@ -27,9 +27,9 @@ import pytest
 from multidict import CIMultiDict
 from s3_support import require
 
+from replicator.api import pieces as layout
 from replicator.api.fake import FakeBackend
 from replicator.config import S3Config
-from replicator.s3 import store as layout
 from replicator.s3.auth import ChunkedBody, RequestHead, authenticate
 from replicator.s3.errors import S3Error
 from replicator.s3.server import S3Server
