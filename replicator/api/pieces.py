@@ -53,6 +53,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import struct
 import time
 import weakref
@@ -61,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from replicator.api.backend import SiteBackend, WriteResult
-from replicator.api.errors import BackendError, InvalidRequest
+from replicator.api.errors import BackendError, Changed, InvalidRequest
 from replicator.api.keys import prefix_end
 from replicator.core.records import Operation, Versioned
 
@@ -86,8 +87,19 @@ class ObjectTooLarge(InvalidRequest):
         self.size_max = size_max
 
 
-class ObjectChanged(BackendError):
+class ObjectChanged(Changed):
     """The object was replaced while it was being read (its pieces are gone): read it again."""
+
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+
+
+def valid_bucket_name(name: str) -> bool:
+    """S3's rule: 3-63 lower-case letters, digits, dots and dashes, DNS-like, not an IPv4 address."""
+    return bool(
+        _BUCKET_NAME.match(name) and ".." not in name and ".-" not in name and "-." not in name and not _IP.match(name)
+    )
 
 
 def bucket_key(bucket: str) -> bytes:
@@ -204,7 +216,9 @@ class Part:
     @classmethod
     def decode(cls, number: int, raw: bytes) -> Part:
         value = json.loads(raw)
-        return cls(number, value["size"], value["md5"], bytes.fromhex(value["data"]), value["piece_bytes"], value["mtime_ms"])
+        return cls(
+            number, value["size"], value["md5"], bytes.fromhex(value["data"]), value["piece_bytes"], value["mtime_ms"]
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +345,6 @@ class PieceStore:
     async def bucket_exists(self, bucket: str) -> bool:
         return await self._read(bucket_key(bucket)) is not None
 
-
     async def read_range(self, manifest: Manifest, start: int, end: int) -> AsyncIterator[bytes]:
         """Yield the bytes [start, end) of the object, piece by piece, reading one piece ahead."""
         assert 0 <= start <= end <= manifest.size, (start, end, manifest.size)
@@ -416,9 +429,9 @@ class PieceStore:
                 more = b""
                 md5.update(pending)
             if inflight:
-                for finished in await asyncio.gather(*inflight, return_exceptions=True):
-                    if isinstance(finished, BaseException):
-                        raise finished
+                for outcome in await asyncio.gather(*inflight, return_exceptions=True):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
                 inflight = set()
             body.finish()
         except BaseException:
@@ -461,6 +474,14 @@ class PieceStore:
         return result
 
     # ------------------------------------------------------------ whole objects
+    async def bucket_record(self, bucket: str, location: str = "") -> bool:
+        """Create the bucket's record unless it exists; True when it was created."""
+        if await self._read(bucket_key(bucket)) is not None:
+            return False
+        value = {"created_ms": now_ms(), "location": location}
+        await self._write([Operation(bucket_key(bucket), json.dumps(value).encode())])
+        return True
+
     async def manifest(self, bucket: str, key: str) -> Manifest | None:
         raw = await self._read(object_key(bucket, key))
         return Manifest.decode(raw) if raw is not None else None
@@ -489,7 +510,9 @@ class PieceStore:
         try:
             if check_md5 is not None:
                 check_md5(md5_hex)
-            manifest = Manifest(size, md5_hex, now_ms(), headers or {}, meta or {}, segments, inline, 0, checksums or {})
+            manifest = Manifest(
+                size, md5_hex, now_ms(), headers or {}, meta or {}, segments, inline, 0, checksums or {}
+            )
             result = await self._commit_manifest(bucket, key, manifest, [], check, request_id)
         except BaseException:
             if segments:
@@ -569,3 +592,19 @@ class PieceStore:
             if part is not None and Part.decode(owner["n"], part).data_id == data_id:
                 return True
         return False
+
+
+async def sweep_forever(
+    store: PieceStore, interval_s: float, serving: Callable[[], bool], freed: Callable[[int], None]
+) -> None:
+    """Run `store.collect_garbage()` every `interval_s` while the site serves; `freed(n)` counts what went."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if not serving():
+            continue
+        try:
+            count = await store.collect_garbage()
+        except (BackendError, TimeoutError):
+            continue
+        if count:
+            freed(count)

@@ -88,12 +88,8 @@ class ObjectStore(PieceStore):
     async def create_bucket(self, bucket: str, location: str = "", recreate_ok: bool = False) -> None:
         """Create `bucket`. Creating one that exists is BucketAlreadyOwnedByYou, except where S3 answers
         success and changes nothing (its default region, us-east-1: `recreate_ok`)."""
-        if await self._read(bucket_key(bucket)) is not None:
-            if recreate_ok:
-                return
+        if not await self.bucket_record(bucket, location) and not recreate_ok:
             raise S3Error("BucketAlreadyOwnedByYou", f"bucket {bucket} exists and is yours", 409)
-        value = {"created_ms": now_ms(), "location": location}
-        await self._write([Operation(bucket_key(bucket), json.dumps(value).encode())])
 
     async def bucket_location(self, bucket: str) -> str:
         raw = await self._read(bucket_key(bucket))
