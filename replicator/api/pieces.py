@@ -247,6 +247,9 @@ class Body:
     async def read(self, size: int) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError
 
+    # Set by finish(): the x-amz-checksum-* values (algorithm -> base64) the body was checked against.
+    verified: dict[str, str] = {}  # noqa: RUF012 - replaced, never mutated
+
     def finish(self) -> None:
         return None
 
@@ -510,9 +513,8 @@ class PieceStore:
         try:
             if check_md5 is not None:
                 check_md5(md5_hex)
-            manifest = Manifest(
-                size, md5_hex, now_ms(), headers or {}, meta or {}, segments, inline, 0, checksums or {}
-            )
+            checksums = {**(checksums or {}), **body.verified}
+            manifest = Manifest(size, md5_hex, now_ms(), headers or {}, meta or {}, segments, inline, 0, checksums)
             result = await self._commit_manifest(bucket, key, manifest, [], check, request_id)
         except BaseException:
             if segments:

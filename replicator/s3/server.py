@@ -808,6 +808,10 @@ class S3Server:
                 start, end = span
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{manifest.size}"
+        if status == 200 and request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED":
+            # The whole object's checksums, as verified when it was PUT (none for multipart objects).
+            for algorithm, value in manifest.checksums.items():
+                headers[f"x-amz-checksum-{algorithm}"] = value
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start
         await response.prepare(request)
