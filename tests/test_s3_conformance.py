@@ -88,13 +88,24 @@ def write_conf(path: Path, endpoint: str) -> None:
 
 
 def run_suite(conf: Path, selection: list[str], junit: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
-    environment = dict(os.environ, S3TEST_CONF=str(conf), PYTHONDONTWRITEBYTECODE="1")
+    # tests/ on the path for the speed-up plugin (tests/s3tests_speedups.py: the suite's data generator
+    # in linear time). --assert=plain: pytest's assertion rewriting of the 20,000-line test_s3.py (no
+    # bytecode cache in the read-only folder) cost 12 s of a profiled run; only failure messages lose detail.
+    environment = dict(
+        os.environ,
+        S3TEST_CONF=str(conf),
+        PYTHONDONTWRITEBYTECODE="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p),
+    )
     command = [
         sys.executable,
         "-m",
         "pytest",
         "-p",
         "no:cacheprovider",
+        "-p",
+        "s3tests_speedups",
+        "--assert=plain",
         "-q",
         "--timeout",
         "60",
