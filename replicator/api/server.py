@@ -59,9 +59,6 @@ class RunningServer:
     _stores: list[PieceStore] = field(default_factory=list)
 
     async def stop(self, grace_s: float | None = 1.0) -> None:
-        for store in self._stores:
-            for task in list(store.background):  # best-effort frees: the sweep finds what they leave
-                task.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -69,6 +66,9 @@ class RunningServer:
                 await task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        for store in self._stores:
+            for task in list(store.background):  # best-effort frees: the sweep finds what they leave
+                task.cancel()
 
 
 def _bind(server: grpc.aio.Server, listen: str, tls: TlsFiles | None) -> tuple[str, int]:
@@ -80,9 +80,7 @@ def _bind(server: grpc.aio.Server, listen: str, tls: TlsFiles | None) -> tuple[s
             port = server.add_secure_port(listen, server_credentials(tls))
     except RuntimeError:
         # grpc says only "Failed to bind"; with SO_REUSEPORT off that is nearly always a taken port.
-        raise ListenError(
-            f"cannot listen on {listen}: the address is in use by another process (or not local)"
-        ) from None
+        raise ListenError(f"cannot listen on {listen}: the address is in use by another process (or not local)") from None
     if port <= 0:  # older grpc versions return 0 instead of raising
         raise ListenError(f"cannot listen on {listen}: the address is in use by another process (or not local)")
     shown_host = f"[{host}]" if ":" in host else host
