@@ -196,6 +196,20 @@ def wait_http(url: str, timeout_s: float) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
+def wait_state(endpoint: str, state: bytes, timeout_s: float) -> None:
+    """Until the site's S3 health check answers 200 naming `state` (SYNC, SOLO)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(endpoint + "/-/health", timeout=1) as answer:
+                if answer.status == 200 and state in answer.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{endpoint} did not report {state.decode()} within {timeout_s} s")
+
+
 def run_seaweedfs(directory: Path, seconds: float, multipart_mib: int) -> dict[str, Any]:
     binary = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(binary).exists():
@@ -252,21 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                 lengthen_timeouts(cluster)
                 cluster.start()
                 endpoint = cluster.cluster["sites"]["a"]["s3"]
+                # Started is not serving: the pair may still be finding each other (503 SlowDown until SYNC).
+                wait_state(endpoint, b"SYNC", 60)
                 access, secret = cluster.s3_credentials()
                 if "pair" in wanted:
                     print("pair (durable at both sites):", flush=True)
                     results["pair"] = asyncio.run(measure(endpoint, access, secret, args.seconds, args.multipart_mib))
                 if "alone" in wanted:
                     cluster.kill("b")
-                    deadline = time.monotonic() + 30
-                    while time.monotonic() < deadline:
-                        try:
-                            with urllib.request.urlopen(endpoint + "/-/health", timeout=1) as answer:
-                                if answer.status == 200 and b"SOLO" in answer.read():
-                                    break
-                        except OSError:
-                            pass
-                        time.sleep(0.2)
+                    wait_state(endpoint, b"SOLO", 30)
                     print("alone (site a SOLO):", flush=True)
                     results["alone"] = asyncio.run(measure(endpoint, access, secret, args.seconds, args.multipart_mib))
         if "seaweedfs" in wanted:
