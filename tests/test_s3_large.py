@@ -3,7 +3,9 @@
 In process (fake sites behind real grpc.aio servers): the refusals (a declared size
 over the limit before any data is read, a body longer or shorter than declared,
 bad names, a second message naming the object) change nothing; a retried PutLarge
-(same request id) is applied once and its second body's pieces are freed.
+(same request id) is applied once and its second body's pieces are freed; a read
+cut by a site's death resumes at the other site where it stopped, pinned to the
+object's etag.
 
 Against a real pair (one deployment for the module, S3 on, s3.object_bytes_max
 cut to 8 MiB): written by the sync client at site a, read over S3 (boto3) and by
@@ -268,3 +270,45 @@ def test_no_reader_sees_half_an_object(pair: LocalCluster) -> None:
         with pytest.raises(OSError, match="planted"):
             writer.put_large("large", "atomic", Lazy(6 * MIB, seed=4, fail_at=3 * MIB))
         assert reader.get_large("large", "atomic") == held.content()
+
+
+def test_a_read_cut_by_a_site_failure_resumes_at_the_other_site_pinned_to_the_etag() -> None:
+    from replicator.api.fake import FakeStore
+
+    with ServerThread() as servers:
+        store = FakeStore()
+        a, b = FakeBackend("a", store, peer="b"), FakeBackend("b", store, peer="a")
+        s3 = S3Config(piece_bytes=PIECE, object_bytes_max=LIMIT)
+        address_a, address_b = servers.start_site(a, None, None, s3), servers.start_site(b, None, None, s3)
+        data = os.urandom(40 * PIECE + 11)
+        retry = RetryPolicy(attempts_max=4, backoff_initial_ms=1, backoff_ms_max=5, call_timeout_ms=5000)
+        pieces_read = {"a": 0, "b": 0}
+
+        def counted(site: FakeBackend, delay_s: float) -> None:
+            inner = site.read
+
+            async def read(key: bytes, timeout_s: float) -> object:
+                if key.startswith(pieces.PIECE):
+                    pieces_read[site.site_name] += 1
+                    await asyncio.sleep(delay_s)  # site a serves slowly: the read is still going when it dies
+                return await inner(key, timeout_s)
+
+            site.read = read  # type: ignore[method-assign]
+
+        counted(a, 0.02)
+        counted(b, 0.0)
+        with Client([address_a, address_b], retry=retry) as client:
+            client.put_large("bkt", "k", data)
+            chunks = client.iter_large("bkt", "k")
+            got = [next(chunks)]
+            servers.stop_site(address_a)  # site a dies with the read in the middle
+            got += list(chunks)
+            assert b"".join(got) == data
+            # b served the rest only: the read resumed where it stopped, not from the start.
+            assert 0 < pieces_read["b"] < 40 and pieces_read["a"] + pieces_read["b"] >= 41, pieces_read
+            # A resumed read names the etag it began with: an object replaced meanwhile is refused (ABORTED).
+            with grpc.insecure_channel(address_b) as channel:
+                stub = objects_pb2_grpc.ObjectServiceStub(channel)
+                with pytest.raises(grpc.RpcError) as caught:
+                    list(stub.GetLarge(objects_pb2.GetLargeRequest(bucket="bkt", key="k", offset=5, etag="0" * 32), timeout=10))
+                assert caught.value.code() == grpc.StatusCode.ABORTED, caught.value
