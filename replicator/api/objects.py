@@ -103,7 +103,8 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
         storage_key = keys.object_key(keys.bucket_bytes(bucket, self.config), keys.object_key_bytes(key, self.config))
         if len(data) > self.config.object_bytes_max:
             raise InvalidRequest(
-                f"object is {len(data)} bytes, the limit (object_bytes_max) is {self.config.object_bytes_max}"
+                f"object is {len(data)} bytes, the limit (object_bytes_max) is {self.config.object_bytes_max}; "
+                "PutLarge (the client's put_large) stores objects of any size"
             )
         return Operation(storage_key, data)
 
