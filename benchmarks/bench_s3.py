@@ -196,20 +196,6 @@ def wait_http(url: str, timeout_s: float) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
-def wait_state(endpoint: str, state: bytes, timeout_s: float) -> None:
-    """Until the site's S3 health check answers 200 naming `state` (SYNC, SOLO)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(endpoint + "/-/health", timeout=1) as answer:
-                if answer.status == 200 and state in answer.read():
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{endpoint} did not report {state.decode()} within {timeout_s} s")
-
-
 def run_seaweedfs(directory: Path, seconds: float, multipart_mib: int) -> dict[str, Any]:
     binary = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(binary).exists():
@@ -242,6 +228,21 @@ def run_seaweedfs(directory: Path, seconds: float, multipart_mib: int) -> dict[s
         log.close()
 
 
+def wait_s3_role(endpoint: str, role: str, timeout_s: float) -> None:
+    """Wait until the site's S3 health page answers 200 naming `role` (SYNC, SOLO)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(endpoint + "/-/health", timeout=1) as answer:
+                if answer.status == 200 and role.encode() in answer.read():
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{endpoint}: not {role} within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 def lengthen_timeouts(cluster: LocalCluster) -> None:
     """Peer timeouts longer than the demo's 500 ms: 32 concurrent 1 MiB PUTs on a loaded 2-core machine
     otherwise starve the heartbeats and the pair fails over mid-run (measured: 503s during PUT 1MiB c=32)."""
@@ -266,15 +267,15 @@ def main(argv: list[str] | None = None) -> int:
                 lengthen_timeouts(cluster)
                 cluster.start()
                 endpoint = cluster.cluster["sites"]["a"]["s3"]
-                # Started is not serving: the pair may still be finding each other (503 SlowDown until SYNC).
-                wait_state(endpoint, b"SYNC", 60)
                 access, secret = cluster.s3_credentials()
+                # Healthy is not serving: a site is STARTING until it has met its peer (or the witness).
+                wait_s3_role(endpoint, "SYNC", 60)
                 if "pair" in wanted:
                     print("pair (durable at both sites):", flush=True)
                     results["pair"] = asyncio.run(measure(endpoint, access, secret, args.seconds, args.multipart_mib))
                 if "alone" in wanted:
                     cluster.kill("b")
-                    wait_state(endpoint, b"SOLO", 30)
+                    wait_s3_role(endpoint, "SOLO", 30)
                     print("alone (site a SOLO):", flush=True)
                     results["alone"] = asyncio.run(measure(endpoint, access, secret, args.seconds, args.multipart_mib))
         if "seaweedfs" in wanted:
