@@ -218,6 +218,9 @@ def test_client_and_s3_read_each_others_large_objects(pair: LocalCluster, tmp_pa
                     info = await client.get_large_to("large", "multi", out)
                 small = b"payload" * 1000
                 await client.put_large("large", "from-async", small)
+                from_file = Lazy(3 * MIB + 1, seed=9)  # read in worker threads, 1 MiB at a time
+                await client.put_large("large", "from-async-file", from_file)
+                assert await client.get_large("large", "from-async-file") == from_file.content()
                 return whole, await client.get_large("large", "from-async"), info.etag
 
         whole, small, etag = asyncio.run(read_async())
