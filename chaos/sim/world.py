@@ -38,7 +38,7 @@ from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import FRAME_SIZE_BYTES_DEFAULT, MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, RecordId, versioned_wire_bytes
+from replicator.core.records import Operation, Record, RecordId, Versioned, versioned_wire_bytes
 from replicator.core.site import SiteCore
 from replicator.core.witness import (
     PairConfig,
@@ -167,6 +167,34 @@ class SimDisk:
         self.durable = DiskState()
         self.current = DiskState()
         self.unsynced.clear()
+
+
+def load_resync_batch(
+    data: dict[bytes, tuple[int, bytes | None]], action: ev.LoadResyncBatch, bytes_max: int
+) -> tuple[tuple[Versioned, ...], bytes | None]:
+    """A shell's answer to LoadResyncBatch from a store's `data`: the versions of the asked keys
+    (absent ones as tombstones at ts 0) or a scan of `limit` keys from `scan_from`, cut to a
+    prefix of at most `bytes_max` bytes (at least one entry), as a real site sends only what fits
+    in one link frame. Returns the entries and, for a scan, where the next one starts."""
+    next_position = None
+    if action.keys:
+        entries = tuple(
+            Versioned(key, data[key][0], data[key][1]) if key in data else Versioned(key, 0, None) for key in action.keys
+        )
+    else:
+        start = action.scan_from or b""
+        keys = sorted(key for key in data if key >= start)[: action.limit]
+        entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
+        next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
+    used = 0
+    for count, entry in enumerate(entries):
+        used += versioned_wire_bytes(entry)
+        if count and used > bytes_max:
+            entries = entries[:count]
+            if not action.keys:
+                next_position = entries[-1].key + b"\x00"
+            break
+    return entries, next_position
 
 
 # ===================================================================== the world
@@ -347,30 +375,9 @@ class SiteProcess:
         self.world.after(self.world.rng.randint(*self.world.params.fsync_us), done)
 
     def _load_resync(self, action: ev.LoadResyncBatch) -> None:
-        data = self.disk.current.data
-        from replicator.core.records import Versioned
-
-        if action.keys:
-            entries = tuple(
-                Versioned(key, data[key][0], data[key][1]) if key in data else Versioned(key, 0, None)
-                for key in action.keys
-            )
-            next_position = None
-        else:
-            start = action.scan_from or b""
-            keys = sorted(key for key in data if key >= start)[: action.limit]
-            entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
-            next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
         # A real site sends only what fits in one link frame: a prefix of what was asked for,
         # cut to the core's byte bound, and sometimes shorter still.
-        used = 0
-        for count, entry in enumerate(entries):
-            used += versioned_wire_bytes(entry)
-            if count and used > self.world.params.message_bytes_max:
-                entries = entries[:count]
-                if not action.keys:
-                    next_position = entries[-1].key + b"\x00"
-                break
+        entries, next_position = load_resync_batch(self.disk.current.data, action, self.world.params.message_bytes_max)
         if len(entries) > 1 and self.world.resync_rng.random() < 0.3:
             entries = entries[: self.world.resync_rng.randint(1, len(entries) - 1)]
             if not action.keys:
