@@ -204,8 +204,9 @@ class Env:
         self.witness_handle = 0
         self.out: list[str] = []
         # Decided by a step, done once its lines are out: a connection drop, a stop.
-        self.disconnect_later = False
+        self.disconnect_later: str | None = None
         self.crash_later: str | None = None
+        self.closing: str | None = None  # the site that closed its end, while its last messages arrive
 
     # ------------------------------------------------------------ output
     def emit(self, line: str) -> None:
@@ -256,7 +257,7 @@ class Env:
             if isinstance(action, ev.Persist):
                 site.disk.write(action)
             elif isinstance(action, ev.SendToPeer):
-                if self.connected:
+                if self.connected and self.closing is None:
                     self.queues[name].append(action.message)
                     if not self.hidden_message(action.message):
                         sends.append(f"{name} sends {show_message(action.message)}")
@@ -284,7 +285,8 @@ class Env:
                 loads.append(action)
             elif isinstance(action, ev.DropPeerConnection):
                 links.append(f"{name} drops the connection")
-                self.disconnect_later = True
+                if self.connected and self.closing is None:
+                    self.disconnect_later = name
             elif isinstance(action, ev.Stop):
                 links.append(f"{name} stops")
                 self.crash_later = name
@@ -298,9 +300,22 @@ class Env:
         if self.crash_later is not None:
             name, self.crash_later = self.crash_later, None
             self.crash(self.sites[name], "stopped")
-        if self.disconnect_later:
-            self.disconnect_later = False
-            self.disconnect()
+        if self.disconnect_later is not None:
+            closer, self.disconnect_later = self.disconnect_later, None
+            self.close(closer)
+
+    def close(self, closer: str) -> None:
+        """`closer` closes its end: what it sent before still arrives, unless held (its FIN goes
+        behind it, as TCP's does); what the peer sends from now on, and had queued, is lost."""
+        if not self.connected or self.closing is not None:
+            return
+        self.closing = closer
+        if closer in self.held:
+            self.queues[closer].clear()
+        while self.queues[closer]:
+            self.deliver_one(closer)
+        self.closing = None
+        self.disconnect()
 
     # ------------------------------------------------------------ the network
     def connect(self) -> None:
@@ -339,7 +354,7 @@ class Env:
 
     def deliver(self, sender: str, count: int | None) -> int:
         delivered = 0
-        while self.connected and self.queues[sender] and (count is None or delivered < count):
+        while self.connected and self.closing is None and self.queues[sender] and (count is None or delivered < count):
             self.deliver_one(sender)
             delivered += 1
         return delivered
