@@ -127,6 +127,10 @@ class Client:
                     finish("ok")
                     return
                 error = answer.error
+                if error == "invalid":
+                    # Every write of the workload is within the clients' limits, which fit the cores'
+                    # byte bound: a core refusing one has its sizes wrong.
+                    world.refused_writes.append(f"{f} of {value} at {target}: {answer.message}")
                 definite = error in ("unavailable", "overloaded", "connection", "invalid")
                 if f != "read" and not definite:
                     state["unknown"] = True
@@ -474,6 +478,7 @@ def run_seed(seed: int, params: SimParams, verbose: bool = False, check_history:
             verdicts.append(lost_writes.check(world.history, state_b, site="b"))
     verdicts.append(split_brain.check(world.site_events))
     result.violations.extend(f"convergence at a sync point: {v}" for v in world.sync_violations[:3])
+    result.violations.extend(f"a write within the clients' limits refused: {v}" for v in world.refused_writes[:3])
     for verdict in verdicts:
         if not verdict.ok:
             result.violations.append(f"{verdict.checker}: {verdict.status}: {verdict.message}")

@@ -519,6 +519,7 @@ class World:
         self.reordered_deliveries = 0  # messages that arrived after a later one on their connection
         self.acknowledged_writes = 0
         self.operations = 0
+        self.refused_writes: list[str] = []  # writes within the clients' limits that a core called invalid
         for site in self.sites.values():
             site.rate = 1.0 + self.rng.uniform(-params.clock_drift, params.clock_drift)
         largest = largest_write_bytes(params)
