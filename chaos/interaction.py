@@ -115,10 +115,12 @@ def show_value(name: str, value: Any) -> str | None:
         if name == "records":
             return "[" + ", ".join(show_record(record) for record in value) + "]"
         if name == "entries":
-            if value and isinstance(value[0], tuple):  # dedup entries: (request id, ts)
-                return "[" + " ".join(entry[0].decode() for entry in value) + "]"
+            if value and isinstance(value[0], tuple):  # dedup entries (request id, ts): a set, sorted
+                return "[" + " ".join(sorted(entry[0].decode() for entry in value)) + "]"
             return "[" + " ".join(f"{entry.key.decode()}={show_bytes(entry.value)}" for entry in value) + "]"
-        return f"{name}=[" + " ".join(show_bytes(item) if isinstance(item, bytes) else str(item) for item in value) + "]"
+        # Key lists (suspect keys) are sets: sorted, so that a core that collects them otherwise passes.
+        shown = sorted(show_bytes(item) if isinstance(item, bytes) else str(item) for item in value)
+        return f"{name}=[" + " ".join(shown) + "]"
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -200,6 +202,7 @@ class Env:
         self.witness: WitnessCore | None = None
         self.witness_state: dict[str, PairState] = {}
         self.witness_up = True
+        self.witness_cut: set[str] = set()  # sites whose requests the witness does not get
         self.witness_waiting: dict[int, tuple[str, msg.WitnessRequest]] = {}
         self.witness_handle = 0
         self.out: list[str] = []
@@ -400,7 +403,6 @@ class Env:
     def crash(self, site: Site, how: str = "crashes") -> None:
         if not site.alive:
             raise ScriptError(f"{site.name} is not running")
-        lost = len(site.disk.unsynced)
         site.disk.crash()
         site.core = None
         site.handles.clear()
@@ -409,7 +411,7 @@ class Env:
         for handle, (name, _) in list(self.witness_waiting.items()):
             if name == site.name:
                 del self.witness_waiting[handle]
-        self.emit(f"{site.name} {how}" + (f", {lost} persist(s) not durable lost" if lost else ""))
+        self.emit(f"{site.name} {how}")
         self.disconnect()
 
     # ------------------------------------------------------------ the witness
@@ -440,7 +442,7 @@ class Env:
         taken = 0
         for name in names:
             site = self.sites[name]
-            while site.alive and site.asks and self.witness is not None:
+            while site.alive and site.asks and self.witness is not None and name not in self.witness_cut:
                 request = site.asks.pop(0)
                 taken += 1
                 self.witness_handle += 1
@@ -602,9 +604,9 @@ def run_command(env: Env, command: Command) -> None:
         env.event(site, f"{site.name} #{env.handle} read {positional[0]}", ev.ReadRequested(env.handle, key))
         env.after_step()
     elif name == "sync":
+        # Silent when nothing moves: how many persists a step makes is the core's own business.
         for site_name in site_names(env, positional):
-            if not env.sync(env.sites[site_name]):
-                env.emit(f"{site_name}: nothing to make durable")
+            env.sync(env.sites[site_name])
     elif name == "fsync-fail":
         site = site_arg()
         env.event(site, f"{site.name} fsync failed", ev.PersistFailed("fsync failed (script)"))
@@ -640,6 +642,18 @@ def run_command(env: Env, command: Command) -> None:
     elif name == "release":
         for sender in [direction(word) for word in positional] or list(SITES):
             env.held.discard(sender)
+    elif name == "partition":
+        # `partition`: the site link goes silent both ways (the connection stays open, as TCP's
+        # does until a side times out); `partition a w`: a's requests no longer reach the witness.
+        if positional in ([], ["a", "b"], ["b", "a"]):
+            env.held.update(SITES)
+        elif len(positional) == 2 and positional[1] == "w" and positional[0] in SITES:
+            env.witness_cut.add(positional[0])
+        else:
+            raise ScriptError("partition [a b] | partition SITE w")
+    elif name == "heal":
+        env.held.clear()
+        env.witness_cut.clear()
     elif name == "tick":
         if not positional:
             raise ScriptError("tick MS [step=MS]")
