@@ -241,6 +241,7 @@ class Env:
                     ev.ResyncBatchLoaded(t, e, n), self.now_ms, self.wall_ms()
                 ),
             )
+        self.after_step()
 
     def wall_ms(self) -> int:
         return WALL_BASE_MS + int(self.now_ms)
@@ -331,7 +332,6 @@ class Env:
         self.emit("connection up")
         for name in SITES:
             self.event(self.sites[name], f"{name} connected", ev.PeerConnected())
-        self.after_step()
 
     def disconnect(self) -> None:
         if not self.connected:
@@ -344,7 +344,6 @@ class Env:
             site = self.sites[name]
             if site.alive:
                 self.event(site, f"{name} disconnected", ev.PeerDisconnected(), quiet=True)
-        self.after_step()
 
     def deliver_one(self, sender: str, index: int = 0) -> None:
         message = self.queues[sender].pop(index)
@@ -353,7 +352,6 @@ class Env:
         if index:
             header += f" (overtaking {index} earlier)"
         self.event(receiver, header, ev.PeerSent(message), quiet=self.hidden_message(message))
-        self.after_step()
 
     def deliver(self, sender: str, count: int | None) -> int:
         delivered = 0
@@ -369,7 +367,6 @@ class Env:
         durable = site.disk.sync()
         assert durable is not None
         self.event(site, f"{site.name} durable", ev.Persisted(durable), quiet=True)
-        self.after_step()
         return True
 
     # ------------------------------------------------------------ processes
@@ -398,7 +395,6 @@ class Env:
         site.asks.clear()
         core = site.core
         self.step(site, f"{site.name}: {core.role.name} e{core.epoch}", lambda c: c.start(self.now_ms, self.wall_ms()))
-        self.after_step()
 
     def crash(self, site: Site, how: str = "crashes") -> None:
         if not site.alive:
@@ -436,7 +432,6 @@ class Env:
                     ev.WitnessAnswered(request, action.answer),
                     quiet=self.hidden_message(request),
                 )
-                self.after_step()
 
     def witness_take(self, names: tuple[str, ...]) -> int:
         taken = 0
@@ -457,7 +452,6 @@ class Env:
             for request in asks:
                 if site.alive:
                     self.event(site, f"w-x-{name} {show_message(request)} failed", ev.WitnessFailed(request))
-                    self.after_step()
 
     # ------------------------------------------------------------ time
     def tick(self, ms: float) -> None:
@@ -466,7 +460,6 @@ class Env:
             site = self.sites[name]
             if site.alive:
                 self.event(site, f"{name} tick", ev.TimePassed(), quiet=True)
-                self.after_step()
         if self.witness is not None:
             self.witness_step(self.witness.step(WitnessTick(), self.now_ms))
 
@@ -563,7 +556,7 @@ def run_command(env: Env, command: Command) -> None:
         env.sites = {site: Site(site) for site in SITES}
         env.witness = WitnessCore(
             {PAIR: PairConfig(SITES, settings.witness_preferred, preferred_grace_ms=settings.grace_ms)}, {}
-        )
+        )  # (its persists are durable at once: the witness's own crash safety is tests/test_witness_*)
         for site in SITES:
             env.start_site(env.sites[site])
         return
@@ -593,7 +586,6 @@ def run_command(env: Env, command: Command) -> None:
         site.handles[handle] = shown
         header = f"{site.name} #{handle} {name} {shown}" + (f" id={request_id.decode()}" if "id" in command.text else "")
         env.event(site, header, ev.WriteRequested(handle, request_id, operations))
-        env.after_step()
     elif name == "read":
         site = site_arg()
         if not site.alive or len(positional) != 1:
@@ -602,7 +594,6 @@ def run_command(env: Env, command: Command) -> None:
         key = positional[0].encode()
         site.reads[env.handle] = key
         env.event(site, f"{site.name} #{env.handle} read {positional[0]}", ev.ReadRequested(env.handle, key))
-        env.after_step()
     elif name == "sync":
         # Silent when nothing moves: how many persists a step makes is the core's own business.
         for site_name in site_names(env, positional):
@@ -610,7 +601,6 @@ def run_command(env: Env, command: Command) -> None:
     elif name == "fsync-fail":
         site = site_arg()
         env.event(site, f"{site.name} fsync failed", ev.PersistFailed("fsync failed (script)"))
-        env.after_step()
     elif name == "connect":
         env.connect()
     elif name == "disconnect":
@@ -680,8 +670,20 @@ def run_command(env: Env, command: Command) -> None:
         elif action in ("down", "up"):
             env.witness_up = action == "up"
             env.emit(f"witness {action}")
+        elif action == "crash":
+            # Its state is durable before it answers (it persists at once here): only the
+            # requests it holds are lost; the sites' own timeouts (`witness fail`) follow.
+            env.witness = None
+            env.witness_waiting.clear()
+            env.emit("witness crashes")
+        elif action == "restart":
+            settings = env.settings
+            pairs = {PAIR: PairConfig(SITES, settings.witness_preferred, preferred_grace_ms=settings.grace_ms)}
+            env.witness = WitnessCore(pairs, dict(env.witness_state))
+            state = env.witness_state.get(PAIR, PairState())
+            env.emit(f"witness restarts: {state.mode.name} e{state.epoch}" + (f" {state.holder}" if state.holder else ""))
         else:
-            raise ScriptError(f"witness {action}: answer, fail, down or up")
+            raise ScriptError(f"witness {action}: answer, fail, down, up, crash or restart")
     elif name == "hide":
         env.hidden.update(positional)
     elif name == "show":
@@ -722,7 +724,6 @@ def run_command(env: Env, command: Command) -> None:
         message = kind(**{key: int(value) for key, value in named.items()})
         receiver = env.sites[other(sender)]
         env.event(receiver, f"{sender}->{receiver.name} {show_message(message)} (forged)", ev.PeerSent(message))
-        env.after_step()
     else:
         raise ScriptError(f"unknown command {name!r}")
 
