@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from replicator.local import LocalCluster, free_ports
+from replicator.local import PATIENT_PEER_TIMEOUTS, LocalCluster, free_ports
 
 MIB = 1024 * 1024
 SEAWEED_KEY = ("benchaccess", "benchsecret")
@@ -229,15 +228,25 @@ def run_seaweedfs(directory: Path, seconds: float, multipart_mib: int) -> dict[s
         log.close()
 
 
+def wait_s3_role(endpoint: str, role: str, timeout_s: float) -> None:
+    """Wait until the site's S3 health page answers 200 naming `role` (SYNC, SOLO)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(endpoint + "/-/health", timeout=1) as answer:
+                if answer.status == 200 and role.encode() in answer.read():
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{endpoint}: not {role} within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 def lengthen_timeouts(cluster: LocalCluster) -> None:
     """Peer timeouts longer than the demo's 500 ms: 32 concurrent 1 MiB PUTs on a loaded 2-core machine
     otherwise starve the heartbeats and the pair fails over mid-run (measured: 503s during PUT 1MiB c=32)."""
-    for site in ("a", "b"):
-        path = cluster.config_path(site)
-        text = path.read_text()
-        for key, value in (("peer_timeout_ms", 3000), ("lease_ms", 4000), ("heartbeat_ms", 200)):
-            text = re.sub(rf"^{key} = \d+$", f"{key} = {value}", text, count=1, flags=re.M)
-        path.write_text(text)
+    cluster.set_site_values("site", PATIENT_PEER_TIMEOUTS)
     cluster.configure()
 
 
@@ -259,20 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.start()
                 endpoint = cluster.cluster["sites"]["a"]["s3"]
                 access, secret = cluster.s3_credentials()
+                # Healthy is not serving: a site is STARTING until it has met its peer (or the witness).
+                wait_s3_role(endpoint, "SYNC", 60)
                 if "pair" in wanted:
                     print("pair (durable at both sites):", flush=True)
                     results["pair"] = asyncio.run(measure(endpoint, access, secret, args.seconds, args.multipart_mib))
                 if "alone" in wanted:
                     cluster.kill("b")
-                    deadline = time.monotonic() + 30
-                    while time.monotonic() < deadline:
-                        try:
-                            with urllib.request.urlopen(endpoint + "/-/health", timeout=1) as answer:
-                                if answer.status == 200 and b"SOLO" in answer.read():
-                                    break
-                        except OSError:
-                            pass
-                        time.sleep(0.2)
+                    wait_s3_role(endpoint, "SOLO", 30)
                     print("alone (site a SOLO):", flush=True)
                     results["alone"] = asyncio.run(measure(endpoint, access, secret, args.seconds, args.multipart_mib))
         if "seaweedfs" in wanted:

@@ -7,6 +7,7 @@
 | Unavailable      | UNAVAILABLE        | this site cannot serve; nothing applied; try the other |
 | OutcomeUnknown   | DEADLINE_EXCEEDED  | may or may not be applied: retry with the same id      |
 | Corrupt          | DATA_LOSS          | a stored value failed its checksum, not repairable now |
+| Changed          | ABORTED            | a large object changed while being read: read it again |
 
 Raising any of these promises that the call left no partial effect, except
 OutcomeUnknown, whose whole point is that the write may have been applied
@@ -61,3 +62,7 @@ class Corrupt(BackendError):
 
 class AlreadyExists(BackendError):
     """The name is taken (CreateVolume of an existing volume by another request)."""
+
+
+class Changed(BackendError):
+    """A large object was replaced while it was being read, or is not the one a resumed read named."""
