@@ -215,7 +215,16 @@ class LocalCluster:
         stop_timeout_s: float = 10.0,
         python: str = sys.executable,
         tls: bool = False,
+        peer_timeout_ms: int | None = None,
     ) -> None:
+        """`peer_timeout_ms` replaces the demo's 500 ms in both sites (a loaded machine needs more:
+        a site that misses the peer's heartbeats that long suspends)."""
+        if peer_timeout_ms is not None and peer_timeout_ms <= 2 * DEMO_SITE_SETTINGS["heartbeat_ms"]:
+            raise LocalClusterError(
+                f"peer_timeout_ms must be more than twice the heartbeat ({DEMO_SITE_SETTINGS['heartbeat_ms']} ms), "
+                f"got {peer_timeout_ms}"
+            )
+        self.peer_timeout_ms = peer_timeout_ms
         self.directory = Path(directory).resolve()
         self.health_timeout_s = health_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -375,7 +384,10 @@ class LocalCluster:
                     peer_address=listens[peer].link,
                     peer_grpc_address=listens[peer].grpc,
                     preferred_site=SITE_NAMES[0],
-                    **DEMO_SITE_SETTINGS,
+                    **(
+                        DEMO_SITE_SETTINGS
+                        | ({"peer_timeout_ms": self.peer_timeout_ms} if self.peer_timeout_ms is not None else {})
+                    ),
                 ),
                 listen=listens[name],
                 nbd=NbdConfig(listen=f"{host}:{next(ports)}"),
@@ -677,7 +689,11 @@ class _Stop(Exception):
 
 def _up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
-        args.dir, health_timeout_s=args.health_timeout, stop_timeout_s=args.stop_timeout, tls=args.tls
+        args.dir,
+        health_timeout_s=args.health_timeout,
+        stop_timeout_s=args.stop_timeout,
+        tls=args.tls,
+        peer_timeout_ms=args.peer_timeout_ms,
     )
 
     def on_term(signum: int, frame: object) -> None:
@@ -803,6 +819,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="mutual TLS on every link (gRPC, site link, witness): a CA and certificates in DIR/tls/",
     )
     up.add_argument("--health-timeout", type=float, default=30.0, help="seconds to wait for each process")
+    up.add_argument(
+        "--peer-timeout-ms",
+        type=int,
+        default=None,
+        help=f"the sites' peer timeout (default {DEMO_SITE_SETTINGS['peer_timeout_ms']} ms; more on a loaded machine)",
+    )
     up.add_argument("--stop-timeout", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     down = commands.add_parser("down", help="stop the processes recorded in DIR/cluster.json")
     down.add_argument("--dir", required=True)

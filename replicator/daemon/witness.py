@@ -401,16 +401,25 @@ class WitnessDaemon:
         known = set(self._durable) | fresh | (self.declared & set(self.core.states) if self.core is not None else set())
         names = sorted(known) if pair is None else [pair] if pair in known else []
         return [
-            ApiPairState(name, 0, PairMode.SYNC, "")
+            ApiPairState(name, 0, PairMode.SYNC, "", self._preferred(name))
             if name in fresh or name not in self._durable
             else ApiPairState(
                 name,
                 self._durable[name].state.epoch,
                 PairMode[self._durable[name].state.mode.name],
                 self._durable[name].state.holder,
+                self._preferred(name),
             )
             for name in names
         ]
+
+    def _preferred(self, pair: str) -> str:
+        """The preferred site as this witness applies it: a switchover's, else the declared one ("" none)."""
+        stored = self._durable.get(pair)
+        if stored is not None and stored.state.preferred:
+            return stored.state.preferred
+        config = self.core.pairs.get(pair) if self.core is not None else None
+        return config.preferred if config is not None and config.preferred_grace_ms > 0 else ""
 
     async def _request(self, request: Arbitrate | MarkSynced | SetPreferred) -> ArbitrationOutcome:
         if self.failed.is_set():
