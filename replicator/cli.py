@@ -19,11 +19,16 @@ Exit codes:
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# Before grpc is imported: its C core's own lines ("I1202 ... Handshake failed") would mix with ours;
+# the errors reach the operator as replicatorctl's messages (with hints) instead.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import argparse  # noqa: E402
 import base64
 import dataclasses
 import json
-import os
 import re
 import sys
 import time

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import replicator
+from replicator import __version__
 from replicator.config import (
     ListenConfig,
     NbdConfig,
@@ -809,6 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="replicator-local", description="Run a witness and two sites on 127.0.0.1 (demo, tests)."
     )
+    parser.add_argument("--version", action="version", version=f"replicator-local {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="configure (or reuse) DIR, start everything, stay in the foreground")
     up.add_argument("--dir", required=True, help="directory for configs, data, logs and cluster.json")

@@ -41,7 +41,7 @@ from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_fail
 from replicator.daemon.logs import add_listener, configure, log, remove_listener
 from replicator.daemon.metrics import Registry, start_metrics_server
 from replicator.daemon.ops import EventBus, ResyncProgress
-from replicator.daemon.runner import Shutdown, run
+from replicator.daemon.runner import Shutdown, quiet_grpc_core, run, sd_notify
 from replicator.daemon.wire import Decoder, Encoder
 from replicator.nbd.server import NbdServer, start_nbd_server
 from replicator.storage import GroupCommitter, Store, StoreOptions
@@ -1072,23 +1072,33 @@ async def _main(config: SiteConfig, stop: asyncio.Event) -> int:
         log("start_failed", level="critical", site=config.site.name, error=str(error))
         await daemon.abort_start()
         return 1
+    sd_notify(f"READY=1\nSTATUS=site {daemon.name} started, {daemon.core.role.name}")
     stopped = asyncio.create_task(daemon.stopped.wait())
     signalled = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    sd_notify("STOPPING=1")
     await daemon.stop()
     return 1 if daemon.stopped.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="replicatord", description="Run one site of a Replicator pair.")
+    parser.add_argument("--version", action="version", version=f"replicatord {__version__}")
     parser.add_argument("--config", required=True, help="the site's TOML configuration")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error", "critical"],
+        default=None,
+        help="minimum log level (default: REPLICATOR_LOG_LEVEL, else info)",
+    )
     args = parser.parse_args(argv)
+    quiet_grpc_core()
     try:
         config = load_site_config(args.config)
     except (ConfigError, OSError) as error:
         print(f"replicatord: {args.config}: {error}", file=sys.stderr)
         return 2
-    configure("replicatord", config.site.name)
+    configure("replicatord", config.site.name, level=args.log_level)
     return run(lambda stop: _main(config, stop))
 
 
