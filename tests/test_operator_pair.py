@@ -159,3 +159,25 @@ def test_a_lone_site_is_not_ready_and_health_says_not_serving(
     status, body = http(metrics_a, "/readyz")
     assert status == 503 and "not_serving" in body
     cluster.send_signal("a", signal.SIGTERM)
+
+
+def test_a_full_resync_reports_its_progress(cluster: LocalCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """A wiped site gets a full resync; the source counts every key it ships (finding 8)."""
+    import shutil
+
+    a, b = start_synced(cluster)
+    with Client([a]) as client:
+        for batch in range(4):
+            client.put_batch("bk", {f"key-{batch}-{i}": b"v" * 100 for i in range(500)})
+    cluster.stop_process("b")
+    wait_for(lambda: state(a) == "SOLO", 60, "site a SOLO after b stopped")
+    shutil.rmtree(cluster.directory / "data" / "b")
+    cluster.start_process("b")
+    wait_for(lambda: state(a) == "SYNC" and state(b) == "SYNC", 120, "the wiped site back in SYNC")
+    code, out, _ = ctl(capsys, "--endpoint", a, "events", "--history", "--no-follow", "--event", "resync_done")
+    assert code == EXIT_OK
+    done = json.loads(out.splitlines()[-1])
+    assert done["kind"] == "full" and done["outcome"] == "done"
+    assert done["done"] == done["total"] >= 2000, done
+    code, out, _ = ctl(capsys, "--endpoint", b, "events", "--history", "--no-follow", "--event", "resync_started")
+    assert json.loads(out.splitlines()[-1])["kind"] == "target"
