@@ -181,3 +181,28 @@ def test_a_full_resync_reports_its_progress(cluster: LocalCluster, capsys: pytes
     assert done["done"] == done["total"] >= 2000, done
     code, out, _ = ctl(capsys, "--endpoint", b, "events", "--history", "--no-follow", "--event", "resync_started")
     assert json.loads(out.splitlines()[-1])["kind"] == "target"
+
+
+def test_daemons_tell_systemd_when_they_are_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Type=notify units (packaging/systemd): READY=1 once serving requests can begin, STOPPING=1 at stop."""
+    import socket
+
+    path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(60)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    try:
+        with LocalCluster(tmp_path / "deploy", peer_timeout_ms=PEER_TIMEOUT_MS) as deployment:
+            deployment.start(sites=True)
+            messages = set()
+            while len([m for m in messages if m.startswith("READY=1")]) < 3:
+                messages.add(receiver.recv(4096).decode())
+            assert any("STATUS=witness started" in m for m in messages)
+            assert any("STATUS=site a started" in m for m in messages)
+            deployment.stop_process("b")
+            assert receiver.recv(4096).decode() == "STOPPING=1"
+    finally:
+        receiver.close()
