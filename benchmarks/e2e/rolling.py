@@ -1,12 +1,13 @@
 """A rolling restart of both sites under load: the write pause and the client errors it costs.
 
-    python -m benchmarks.e2e.rolling --dir D [--writers 4] [--no-drain] [--production-timeouts]
+    python -m benchmarks.e2e.rolling --dir D [--writers 4] [--no-drain | --kill] [--production-timeouts]
 
 Starts a witness and sites a and b on 127.0.0.1 (`replicator.local.LocalCluster`), runs `writers`
 threads that each write objects without pause through a `Client([a, b])` with the DEFAULT retry
 policy, then restarts b and then a the way docs/operations.md ("Upgrades and rolling restarts")
 says: `replicatorctl drain` the site, stop it (SIGTERM), start it again, wait for SYNC. With
---no-drain the sites are stopped without draining (the trial's procedure, for comparison). With
+--no-drain the sites are stopped without draining (the trial's procedure, for comparison); with
+--kill they are killed (SIGKILL: an unplanned failover, the failover time with these settings). With
 --production-timeouts the sites and the witness run with the configuration defaults instead of the
 launcher's short demo timeouts.
 
@@ -132,6 +133,7 @@ def measure_rolling_restart(
     *,
     writers: int = 4,
     drain: bool = True,
+    kill: bool = False,
     production_timeouts: bool = False,
     peer_timeout_ms: int | None = 2000,
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
@@ -151,13 +153,16 @@ def measure_rolling_restart(
                 index, other_endpoint = "ab".index(name), endpoints["ab".index(other)]
                 started = time.monotonic()
                 errors_before = len(load.errors)
-                if drain:
+                if drain and not kill:
                     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the result
                         code = replicatorctl(["--endpoint", endpoints[index], "drain"])
                     if code != 0:
                         raise RuntimeError(f"replicatorctl drain of {name} exited {code}")
                 drained = time.monotonic()
-                cluster.stop_process(name)
+                if kill:
+                    cluster.kill(name)
+                else:
+                    cluster.stop_process(name)
                 stopped = time.monotonic()
                 _wait(lambda endpoint=other_endpoint: _state(endpoint)[0] == "SOLO", 60, f"site {other} SOLO")
                 solo = time.monotonic()
@@ -189,7 +194,8 @@ def measure_rolling_restart(
                     except ClientError as error:
                         lost.append(f"{key} at {endpoint}: {error.message[:100]}")
         return {
-            "drain": drain,
+            "drain": drain and not kill,
+            "kill": kill,
             "production_timeouts": production_timeouts,
             "settings": settings,
             "writers": writers,
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True, type=Path, help="a new or empty directory for the deployment")
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--no-drain", action="store_true", help="stop each site without draining it first")
+    parser.add_argument("--kill", action="store_true", help="SIGKILL each site instead (unplanned failovers)")
     parser.add_argument("--production-timeouts", action="store_true", help="the configuration defaults, not the demo's")
     parser.add_argument("--peer-timeout-ms", type=int, default=2000, help="with the demo timeouts (default 2000)")
     args = parser.parse_args(argv)
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dir,
         writers=args.writers,
         drain=not args.no_drain,
+        kill=args.kill,
         production_timeouts=args.production_timeouts,
         peer_timeout_ms=args.peer_timeout_ms,
     )
