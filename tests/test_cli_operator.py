@@ -175,3 +175,26 @@ def test_health_json_and_witness_unknown_pair(
         code, _, err = run(capsys, "--witness", address, "witness", "status", "--pair", "nope")
         assert code == EXIT_FAILED and "does not know pair 'nope'" in err
     assert os.environ.get("GRPC_VERBOSITY") == "NONE"  # set by the CLI before grpc was imported
+
+
+def test_every_daemon_has_version_and_replicatord_a_log_level(capsys: pytest.CaptureFixture[str]) -> None:
+    from replicator.daemon import site as site_daemon
+    from replicator.daemon import witness as witness_daemon
+
+    for entry, name in ((site_daemon.main, "replicatord"), (witness_daemon.main, "replicator-witness")):
+        with pytest.raises(SystemExit) as caught:
+            entry(["--version"])
+        assert caught.value.code == 0 and capsys.readouterr().out.strip() == f"{name} {__version__}"
+    with pytest.raises(SystemExit) as caught:
+        site_daemon.main(["--config", "x.toml", "--log-level", "loud"])
+    assert caught.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_a_site_command_at_the_witness_names_the_mistake(capsys: pytest.CaptureFixture[str]) -> None:
+    with ServerThread() as thread:
+        witness = thread.start_witness(FakeWitnessBackend())
+        site = thread.start_site(FakeBackend())
+        code, _, err = run(capsys, "--endpoint", witness, "object", "ls", "bk")
+        assert code == EXIT_FAILED and "not a Replicator site" in err and "the witness?" in err
+        code, _, err = run(capsys, "--witness", site, "witness", "status")
+        assert code == EXIT_FAILED and "not a Replicator witness" in err

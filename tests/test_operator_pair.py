@@ -206,3 +206,59 @@ def test_daemons_tell_systemd_when_they_are_ready(
             assert receiver.recv(4096).decode() == "STOPPING=1"
     finally:
         receiver.close()
+
+
+def test_over_tls_the_logs_stay_json_and_the_cli_hints_at_certificates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Findings 17, 26, 27: a client without a certificate gets a TLS hint; gRPC's C core writes no
+    line of its own into the daemons' JSON logs; the witness's port named as a site's is recognised."""
+    with LocalCluster(tmp_path / "deploy", tls=True, peer_timeout_ms=PEER_TIMEOUT_MS) as deployment:
+        deployment.start(sites=True)
+        a, witness = site(deployment, "a")["grpc"], deployment.cluster["witness"]["grpc"]
+        code, _, err = ctl(capsys, "--endpoint", a, "--timeout-ms", "2000", "status", "--local")
+        assert code == EXIT_UNREACHABLE and "may require mutual TLS" in err and "REPLICATOR_CERT" in err
+        files = deployment.tls_files("client")
+        tls = ["--ca", str(files.ca_file), "--cert", str(files.cert_file), "--key", str(files.key_file)]
+        code, _, err = ctl(capsys, "--endpoint", witness, *tls, "status", "--local")
+        assert code == EXIT_UNREACHABLE and "not a Replicator site" in err and "the witness?" in err
+        wait_for(
+            lambda: {s["state"] for s in json.loads(ctl(capsys, "--endpoint", a, *tls, "--json", "status")[1])["sites"]}
+            == {"SYNC"},
+            60,
+            "both sites SYNC over TLS",
+        )
+        metrics = http(site(deployment, "a")["metrics"], "/metrics")[1]
+        assert f'replicator_build_info{{version="{__version__}"' in metrics
+        assert "replicator_start_time_seconds" in metrics and "replicator_role_changes_total" in metrics
+        for name in ("witness", "a", "b"):
+            lines = deployment.processes[name].log.read_text(errors="replace").splitlines()
+            foreign = [line for line in lines if line.strip() and not line.startswith("{")]
+            assert not foreign, (name, foreign[:3])
+
+
+def test_start_up_failures_of_the_data_dir_are_one_line(tmp_path: Path) -> None:
+    """Finding 25: a data_dir that is a file, or under a missing parent that cannot be made."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from replicator.config import load_site_config
+
+    cluster = LocalCluster(tmp_path / "deploy")
+    cluster.configure()
+    base = load_site_config(cluster.config_path("a"))
+    (tmp_path / "a-file").write_text("not a directory")
+    for data_dir in (tmp_path / "a-file", Path("/proc/no-such-dir/data")):
+        config = dataclasses.replace(base, site=dataclasses.replace(base.site, data_dir=data_dir))
+        path = tmp_path / "bad.toml"
+        path.write_text(config.to_toml())
+        done = subprocess.run(
+            [sys.executable, "-m", "replicator.daemon.site", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        (line,) = [json.loads(x) for x in done.stderr.splitlines() if '"start_failed"' in x]
+        assert str(data_dir) in line["error"] and line["level"] == "critical"
