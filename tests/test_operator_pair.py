@@ -181,6 +181,8 @@ def test_a_full_resync_reports_its_progress(cluster: LocalCluster, capsys: pytes
     assert done["done"] == done["total"] >= 2000, done
     code, out, _ = ctl(capsys, "--endpoint", b, "events", "--history", "--no-follow", "--event", "resync_started")
     assert json.loads(out.splitlines()[-1])["kind"] == "target"
+    code, out, _ = ctl(capsys, "--endpoint", b, "events", "--history", "--no-follow", "--event", "resync_cleared")
+    assert json.loads(out.splitlines()[-1])["keys"] == 0  # wiped: nothing of its own was thrown away
 
 
 def test_daemons_tell_systemd_when_they_are_ready(

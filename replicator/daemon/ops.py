@@ -45,6 +45,7 @@ EVENTS = frozenset(
         "resync_started",
         "resync_progress",
         "resync_done",
+        "resync_cleared",
         "admin",
         "drain",
         "start_failed",

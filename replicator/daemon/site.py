@@ -488,13 +488,24 @@ class SiteDaemon:
         if persist.clear_data:
             # A full resync's target starts empty: erase every key, page by page, in this one batch.
             start = b""
+            erased = 0
             while True:
                 page = self.store.scan(start, None, CLEAR_PAGE_KEYS)
                 for version in page:
                     batch.erase(version.key)
+                erased += len(page)
                 if len(page) < CLEAR_PAGE_KEYS:
                     break
                 start = page[-1].key + b"\x00"
+            # Say what a full resync throws away: among these are whatever this site wrote alone
+            # in an epoch the peer superseded (a forced failover at the peer), lost from now on.
+            log(
+                "resync_cleared",
+                level="warning" if erased else "info",
+                keys=erased,
+                dirty_keys=len(self.core.dirty),
+                reason="full resync: this site's copy is replaced by the peer's",
+            )
         for record_id in persist.log_delete:
             batch.delete_record(record_id)
         for record in persist.log_put:
