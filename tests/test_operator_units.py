@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,50 @@ def test_default_retry_budget_outlasts_the_default_failover() -> None:
     )
     assert no_jitter / 2 > failover_ms, (no_jitter, failover_ms)
     assert least * 1000 >= no_jitter / 2
+
+
+def test_grpc_server_certificates_rotate_without_a_restart(tmp_path: Path) -> None:
+    """certificates.md: new files in place are used for new connections; a set that does not belong
+    together is refused and the previous one stays."""
+    import os
+    import shutil
+
+    from replicator import tlsutil
+    from replicator.api.fake import FakeBackend, ServerThread
+    from replicator.client import Client, ClientError, RetryPolicy
+    from replicator.config import TlsFiles
+
+    def pki(name: str) -> Path:
+        directory = tmp_path / name
+        ca = tlsutil.make_ca(directory)
+        tlsutil.make_certificate(directory, "server", ca)
+        tlsutil.make_certificate(directory, "client", ca, server=False)
+        return directory
+
+    old, new = pki("old"), pki("new")
+    live = tmp_path / "live"
+    live.mkdir()
+
+    def install(source: Path, cert: str = "server", key: str = "server") -> None:
+        for name, target in (("ca.pem", "ca.pem"), (f"{cert}.pem", "server.pem"), (f"{key}.key", "server.key")):
+            shutil.copy(source / name, live / f".{target}")
+            os.replace(live / f".{target}", live / target)  # by rename, as a rotation should
+
+    def works(directory: Path) -> bool:
+        tls = TlsFiles(directory / "ca.pem", directory / "client.pem", directory / "client.key")
+        try:
+            with Client([address], tls=tls, retry=RetryPolicy(attempts_max=1, call_timeout_ms=3000)) as client:
+                client.status()
+        except ClientError:
+            return False
+        return True
+
+    install(old)
+    with ServerThread() as thread:
+        address = thread.start_site(FakeBackend(), None, TlsFiles(live / "ca.pem", live / "server.pem", live / "server.key"))
+        assert works(old) and not works(new)
+        install(new)
+        assert works(new) and not works(old)
+        # A certificate with another's key: refused, the new set stays in use.
+        shutil.copy(old / "client.key", live / "server.key")
+        assert works(new)
