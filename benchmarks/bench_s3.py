@@ -229,6 +229,21 @@ def run_seaweedfs(directory: Path, seconds: float, multipart_mib: int) -> dict[s
         log.close()
 
 
+def wait_s3_role(endpoint: str, role: str, timeout_s: float) -> None:
+    """Wait until the site's S3 health page answers 200 naming `role` (SYNC, SOLO)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(endpoint + "/-/health", timeout=1) as answer:
+                if answer.status == 200 and role.encode() in answer.read():
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{endpoint}: not {role} within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 def lengthen_timeouts(cluster: LocalCluster) -> None:
     """Peer timeouts longer than the demo's 500 ms: 32 concurrent 1 MiB PUTs on a loaded 2-core machine
     otherwise starve the heartbeats and the pair fails over mid-run (measured: 503s during PUT 1MiB c=32)."""
@@ -259,20 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.start()
                 endpoint = cluster.cluster["sites"]["a"]["s3"]
                 access, secret = cluster.s3_credentials()
+                # Healthy is not serving: a site is STARTING until it has met its peer (or the witness).
+                wait_s3_role(endpoint, "SYNC", 60)
                 if "pair" in wanted:
                     print("pair (durable at both sites):", flush=True)
                     results["pair"] = asyncio.run(measure(endpoint, access, secret, args.seconds, args.multipart_mib))
                 if "alone" in wanted:
                     cluster.kill("b")
-                    deadline = time.monotonic() + 30
-                    while time.monotonic() < deadline:
-                        try:
-                            with urllib.request.urlopen(endpoint + "/-/health", timeout=1) as answer:
-                                if answer.status == 200 and b"SOLO" in answer.read():
-                                    break
-                        except OSError:
-                            pass
-                        time.sleep(0.2)
+                    wait_s3_role(endpoint, "SOLO", 30)
                     print("alone (site a SOLO):", flush=True)
                     results["alone"] = asyncio.run(measure(endpoint, access, secret, args.seconds, args.multipart_mib))
         if "seaweedfs" in wanted:
