@@ -795,10 +795,14 @@ class SiteDaemon:
         return handle, future
 
     def _unavailable(self, what: str) -> errors.Unavailable:
-        return errors.Unavailable(
-            f"site {self.name} cannot {what}: it is {self.core.role.name}; try site {self.peer}",
-            self.config.site.peer_grpc_address,
-        )
+        # The servicer adds "site 'a' cannot serve (...); try site 'b' at ADDRESS": say only why here.
+        role = self.core.role.name
+        why = f"{what} refused while {role}"
+        if role == "SYNC" and not self.core._session_up():
+            why += ", the peer just became unreachable (a failover is under way)"
+        elif role in ("SUSPENDED", "FENCED", "STARTING"):
+            why += f"; {self.state_reason}" if self.state_reason else ""
+        return errors.Unavailable(why, self.config.site.peer_grpc_address)
 
     def _refuse_if_draining(self, counter: Any) -> None:
         if self.draining:
