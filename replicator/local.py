@@ -796,13 +796,23 @@ def _status(args: argparse.Namespace) -> int:
     for name, entry in entries:
         running = bool(entry.get("pid")) and same_process(entry["pid"], entry["config"])
         health = grpc_health(entry["grpc"], timeout_s=1.0, tls=tls) if running else "-"
-        rows.append({"name": name, "pid": entry.get("pid"), "running": running, "health": health, **entry})
+        # Liveness above; readiness: whether a site serves data (its ObjectService health).
+        ready = "-"
+        if running and name != WITNESS:
+            data = grpc_health(entry["grpc"], timeout_s=1.0, service="replicator.v1.ObjectService", tls=tls)
+            ready = "ready" if data == "SERVING" else "not-ready"
+        rows.append(
+            {"name": name, "pid": entry.get("pid"), "running": running, "health": health, "ready": ready, **entry}
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
             state = "running" if row["running"] else "stopped"
-            print(f"{row['name']:<8} pid {row['pid']!s:<7} {state:<8} {row['health']:<12} grpc {row['grpc']}")
+            print(
+                f"{row['name']:<8} pid {row['pid']!s:<7} {state:<8} {row['health']:<12} {row['ready']:<10} "
+                f"grpc {row['grpc']}"
+            )
     return 0 if rows and all(r["running"] and r["health"] == "SERVING" for r in rows) else 1
 
 

@@ -158,6 +158,12 @@ def test_a_lone_site_is_not_ready_and_health_says_not_serving(
     assert http(metrics_a, "/healthz")[0] == 200
     status, body = http(metrics_a, "/readyz")
     assert status == 503 and "not_serving" in body
+    from replicator.local import main as local_main
+
+    capsys.readouterr()
+    local_main(["status", "--dir", str(cluster.directory), "--json"])
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["a"]["health"] == "SERVING" and rows["a"]["ready"] == "not-ready"  # alive, not serving
     cluster.send_signal("a", signal.SIGTERM)
 
 
