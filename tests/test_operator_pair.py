@@ -133,6 +133,14 @@ def test_health_exit_codes_and_readiness_follow_the_pair(
     done = [e for e in lines if e["event"] == "resync_done"]
     assert started and started[-1]["kind"] == "incremental" and started[-1]["keys"] >= 50
     assert done and done[-1]["outcome"] == "done" and done[-1]["done"] == done[-1]["total"] >= 50
+    metrics = http(metrics_a, "/metrics")[1]
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")
+    }
+    # Up at start, down when b stopped, up when it returned (more if the link flapped on a loaded machine).
+    ups, downs = values["replicator_link_up_total"], values["replicator_link_down_total"]
+    assert ups >= 2 and downs >= 1 and ups == downs + 1, (ups, downs)
+    assert values['replicator_role_changes_total{role="SOLO"}'] >= 1
     roles = [(e["old"], e["new"]) for e in lines if e["event"] == "role"]
     assert ("SYNC", "SUSPENDED") in roles and ("RESYNC_SOURCE", "SYNC") in roles
     # The admin action of the other test shape: a verify is audited with the caller.

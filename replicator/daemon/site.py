@@ -169,6 +169,11 @@ class SiteDaemon:
             "replicator_role_changes_total", "role changes of this site, by the new role", ["role"]
         )
         self.m_draining = self.metrics.gauge("replicator_draining", "1 while drained for maintenance")
+        self.m_link_ups = self.metrics.counter("replicator_link_up_total", "sessions with the peer established")
+        self.m_link_downs = self.metrics.counter("replicator_link_down_total", "sessions with the peer lost")
+        self.m_link_refusals = self.metrics.counter(
+            "replicator_link_refused_total", "link handshakes refused by either end (wrong peer, pair, certificate)"
+        )
 
     # ------------------------------------------------------------ start-up
     async def start(self) -> None:
@@ -301,7 +306,8 @@ class SiteDaemon:
         return status.serving, text + "".join(f"\n{reason}" for reason in reasons)
 
     def _on_link_refused(self, reason: str) -> None:
-        """A link handshake refused by either end: logged, at most once per reason every 10 s."""
+        """A link handshake refused by either end: counted, logged at most once per reason every 10 s."""
+        self.m_link_refusals.inc()
         now = time.monotonic()
         if now - self.link_refusals_logged.get(reason, -1e9) < 10.0:
             return
@@ -620,9 +626,11 @@ class SiteDaemon:
             self.peer_witness_id = bytes(event.peer.extras).decode(errors="replace")
             if self._witnesses_differ():
                 self._log_witness_mismatch()
+            self.m_link_ups.inc()
             log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
             self.step(ev.PeerConnected())
         elif isinstance(event, LinkDown):
+            self.m_link_downs.inc()
             log("link_down", reason=event.reason)
             self.step(ev.PeerDisconnected())
 
