@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from replicator.local import LocalCluster, free_ports
+from replicator.local import PATIENT_PEER_TIMEOUTS, LocalCluster, free_ports
 
 MIB = 1024 * 1024
 SEAWEED_KEY = ("benchaccess", "benchsecret")
@@ -247,12 +246,7 @@ def wait_s3_role(endpoint: str, role: str, timeout_s: float) -> None:
 def lengthen_timeouts(cluster: LocalCluster) -> None:
     """Peer timeouts longer than the demo's 500 ms: 32 concurrent 1 MiB PUTs on a loaded 2-core machine
     otherwise starve the heartbeats and the pair fails over mid-run (measured: 503s during PUT 1MiB c=32)."""
-    for site in ("a", "b"):
-        path = cluster.config_path(site)
-        text = path.read_text()
-        for key, value in (("peer_timeout_ms", 3000), ("lease_ms", 4000), ("heartbeat_ms", 200)):
-            text = re.sub(rf"^{key} = \d+$", f"{key} = {value}", text, count=1, flags=re.M)
-        path.write_text(text)
+    cluster.set_site_values("site", PATIENT_PEER_TIMEOUTS)
     cluster.configure()
 
 

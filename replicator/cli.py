@@ -736,6 +736,9 @@ def cmd_volume_delete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LARGE_HINT = " (objects larger than that go through the large-object API, PutLarge / put_large, or S3)"
+
+
 def cmd_object_put(args: argparse.Namespace) -> int:
     with _client(args) as client:
         limit, site = _limit(client, "object_bytes_max", MESSAGE_BYTES_MAX - 64 * 1024)
@@ -747,7 +750,8 @@ def cmd_object_put(args: argparse.Namespace) -> int:
                 raise UsageError(f"cannot read {str(args.file)!r}: {error.strerror}") from None
             if size > limit:
                 raise RequestFailed(
-                    "invalid_argument", f"object is {size} bytes, the limit (api.object_bytes_max{where}) is {limit}"
+                    "invalid_argument",
+                    f"object is {size} bytes, the limit (api.object_bytes_max{where}) is {limit}" + LARGE_HINT,
                 )
         if args.data is None and args.file is None:
             if sys.stdin.isatty():
@@ -756,14 +760,15 @@ def cmd_object_put(args: argparse.Namespace) -> int:
             if len(data) > limit:
                 raise RequestFailed(
                     "invalid_argument",
-                    f"standard input holds more than the limit (api.object_bytes_max{where}) of {limit} bytes",
+                    f"standard input holds more than the limit (api.object_bytes_max{where}) of {limit} bytes"
+                    + LARGE_HINT,
                 )
         else:
             data = _read_input(args.file, args.data)
             if len(data) > limit:
                 raise RequestFailed(
                     "invalid_argument",
-                    f"object is {len(data)} bytes, the limit (api.object_bytes_max{where}) is {limit}",
+                    f"object is {len(data)} bytes, the limit (api.object_bytes_max{where}) is {limit}" + LARGE_HINT,
                 )
         ts = client.put(args.bucket, args.key, data)
     _emit(

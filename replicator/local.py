@@ -73,6 +73,7 @@ from replicator.config import (
 
 __all__ = [
     "DEMO_SITE_SETTINGS",
+    "PATIENT_PEER_TIMEOUTS",
     "DEMO_WITNESS_SETTINGS",
     "PAIR_ID",
     "SITE_MODULE",
@@ -107,6 +108,9 @@ DEMO_SITE_SETTINGS: dict[str, Any] = {
     "reconnect_backoff_ms_max": 200,
     "shutdown_stage_timeout_ms": 2000,
 }
+# For runs that are not about failover (the s3-tests suite, benchmarks): on a loaded 2-core machine the
+# demo's 500 ms peer timeout makes the pair fail over (and answer 503) in the middle of them.
+PATIENT_PEER_TIMEOUTS: dict[str, int | str | bool] = {"peer_timeout_ms": 3000, "lease_ms": 4000, "heartbeat_ms": 200}
 DEMO_WITNESS_SETTINGS: dict[str, Any] = {
     "preferred_grace_ms": 300,
     "request_timeout_ms": 2000,
@@ -336,6 +340,30 @@ class LocalCluster:
         return TlsFiles(
             *(Path(TLS_DIR) / f"{stem}.{suffix}" for stem, suffix in ((TLS_CA, "pem"), (name, "pem"), (name, "key")))
         )
+
+    def set_site_values(self, section: str, values: dict[str, int | str | bool]) -> None:
+        """Set `key = value` in [section] of both sites' configuration files (written by configure()
+        if missing), then prove they still load. For tests and benchmarks that need other limits."""
+        if not self.config_path(SITE_NAMES[0]).exists():
+            self.configure()
+        for name in SITE_NAMES:
+            path = self.config_path(name)
+            lines = path.read_text().splitlines()
+            header = f"[{section}]"
+            if header not in lines:
+                lines += ["", header]
+            start = lines.index(header) + 1
+            end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
+            for key, value in values.items():
+                rendered = f"{key} = {json.dumps(value)}"
+                found = [i for i in range(start, end) if lines[i].split("=", 1)[0].strip() == key]
+                if found:
+                    lines[found[0]] = rendered
+                else:
+                    lines.insert(end, rendered)
+                    end += 1
+            _write_atomically(path, "\n".join(lines) + "\n")
+            load_site_config(path)
 
     @property
     def s3_credentials_file(self) -> Path:

@@ -9,7 +9,6 @@ directory. `.venv/bin/python tests/s3tests_full.py` runs the whole suite (docs/s
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from s3_support import require
 
-from replicator.local import LocalCluster
+from replicator.local import PATIENT_PEER_TIMEOUTS, LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = Path(os.environ.get("S3TESTS_DIR", ROOT.parent / "shared" / "third_party" / "s3-tests"))
@@ -50,15 +49,9 @@ def allow_list() -> list[str]:
 def start_pair(directory: Path) -> LocalCluster:
     """A pair whose S3 endpoints know every key the suite uses."""
     cluster = LocalCluster(directory, stop_timeout_s=5)
-    cluster.configure()
     # The suite is not about failover: longer peer timeouts than the demo's, so that a loaded
     # 2-core machine does not make the pair fail over (and answer 503) in the middle of it.
-    for site in ("a", "b"):
-        path = cluster.config_path(site)
-        text = path.read_text()
-        for key, value in (("peer_timeout_ms", 3000), ("lease_ms", 4000), ("heartbeat_ms", 200)):
-            text = re.sub(rf"^{key} = \d+$", f"{key} = {value}", text, count=1, flags=re.M)
-        path.write_text(text)
+    cluster.set_site_values("site", PATIENT_PEER_TIMEOUTS)
     cluster.configure()
     cluster.s3_credentials_file.write_text(
         "".join(f'[[credentials]]\naccess_key = "{a}"\nsecret_key = "{s}"\n' for a, s in USERS.values())
@@ -95,13 +88,24 @@ def write_conf(path: Path, endpoint: str) -> None:
 
 
 def run_suite(conf: Path, selection: list[str], junit: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
-    environment = dict(os.environ, S3TEST_CONF=str(conf), PYTHONDONTWRITEBYTECODE="1")
+    # tests/ on the path for the speed-up plugin (tests/s3tests_speedups.py: the suite's data generator
+    # in linear time). --assert=plain: pytest's assertion rewriting of the 20,000-line test_s3.py (no
+    # bytecode cache in the read-only folder) cost 12 s of a profiled run; only failure messages lose detail.
+    environment = dict(
+        os.environ,
+        S3TEST_CONF=str(conf),
+        PYTHONDONTWRITEBYTECODE="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p),
+    )
     command = [
         sys.executable,
         "-m",
         "pytest",
         "-p",
         "no:cacheprovider",
+        "-p",
+        "s3tests_speedups",
+        "--assert=plain",
         "-q",
         "--timeout",
         "60",

@@ -27,9 +27,9 @@ import pytest
 from multidict import CIMultiDict
 from s3_support import require
 
+from replicator.api import pieces as layout
 from replicator.api.fake import FakeBackend
 from replicator.config import S3Config
-from replicator.s3 import store as layout
 from replicator.s3.auth import ChunkedBody, RequestHead, authenticate
 from replicator.s3.errors import S3Error
 from replicator.s3.server import S3Server
@@ -469,3 +469,55 @@ def test_s3_configuration_is_checked_when_built(tmp_path: Path) -> None:
         {"site": site, "s3": {"enabled": True, "credentials_file": "good.toml"}}, tmp_path
     )
     assert config.s3.credentials_file == str(tmp_path / "good.toml")  # relative to the file's directory
+
+
+def crc64_b64(data: bytes, flip: int = 0) -> str:
+    from replicator.checksum import crc64nvme
+
+    return base64.b64encode((crc64nvme(data) ^ flip).to_bytes(8, "big")).decode()
+
+
+def test_crc64nvme_checksums_verified_on_put_part_and_trailer_and_returned_when_asked(s3: Running) -> None:
+    data = bytes(range(256)) * (3 * PIECE // 256) + b"tail"  # in pieces
+    before = s3.snapshot()
+    status, body, _ = s3.raw("PUT", "/bkt/c64", data, {"x-amz-checksum-crc64nvme": crc64_b64(data, 1)})
+    assert (status, xml_code(body)) == (400, "BadDigest")
+    trailer_headers = {
+        "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+        "Content-Encoding": "aws-chunked",
+        "x-amz-trailer": "x-amz-checksum-crc64nvme",
+        "x-amz-decoded-content-length": str(len(data)),
+    }
+
+    def trailer_body(value: str) -> bytes:
+        framed = b"".join(f"{len(data[i : i + 40_000]):x}\r\n".encode() + data[i : i + 40_000] + b"\r\n" for i in range(0, len(data), 40_000))
+        return framed + b"0\r\nx-amz-checksum-crc64nvme:" + value.encode() + b"\r\n\r\n"
+
+    status, body, _ = s3.raw("PUT", "/bkt/c64", trailer_body(crc64_b64(data, 1 << 63)), trailer_headers)
+    assert (status, xml_code(body)) == (400, "BadDigest")
+    upload = s3.client().create_multipart_upload(Bucket="bkt", Key="c64-multi")["UploadId"]
+    status, body, _ = s3.raw(
+        "PUT", f"/bkt/c64-multi?partNumber=1&uploadId={upload}", data, {"x-amz-checksum-crc64nvme": crc64_b64(data, 2)}
+    )
+    assert (status, xml_code(body)) == (400, "BadDigest")
+    s3.call(s3.server.store.collect_garbage())
+    assert s3.snapshot() == {**before, **{k: v for k, v in s3.snapshot().items() if k.startswith(layout.UPLOAD)}}
+    # The right values are accepted, echoed, kept, and returned on GET and HEAD with x-amz-checksum-mode.
+    status, body, answer = s3.raw("PUT", "/bkt/c64", data, {"x-amz-checksum-crc64nvme": crc64_b64(data)})
+    assert status == 200 and answer["x-amz-checksum-crc64nvme"] == crc64_b64(data), (status, body)
+    status, body, answer = s3.raw("PUT", "/bkt/c64-trailer", trailer_body(crc64_b64(data)), trailer_headers)
+    assert status == 200, body
+    status, body, answer = s3.raw(
+        "PUT", f"/bkt/c64-multi?partNumber=1&uploadId={upload}", data, {"x-amz-checksum-crc64nvme": crc64_b64(data)}
+    )
+    assert status == 200 and answer["x-amz-checksum-crc64nvme"] == crc64_b64(data), (status, body)
+    for key in ("c64", "c64-trailer"):
+        for method in ("GET", "HEAD"):
+            status, body, answer = s3.raw(method, f"/bkt/{key}", b"", {"x-amz-checksum-mode": "ENABLED"})
+            assert status == 200 and answer.get("x-amz-checksum-crc64nvme") == crc64_b64(data), (key, method, answer)
+            status, body, answer = s3.raw(method, f"/bkt/{key}")
+            assert "x-amz-checksum-crc64nvme" not in answer, answer
+        status, body, answer = s3.raw("GET", f"/bkt/{key}", b"", {"x-amz-checksum-mode": "ENABLED", "Range": "bytes=0-9"})
+        assert status == 206 and "x-amz-checksum-crc64nvme" not in answer, answer  # a part's bytes: no full-object checksum
+        assert s3.client().get_object(Bucket="bkt", Key=key)["Body"].read() == data
+    s3.client().abort_multipart_upload(Bucket="bkt", Key="c64-multi", UploadId=upload)

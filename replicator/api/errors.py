@@ -8,6 +8,7 @@
 | OutcomeUnknown   | DEADLINE_EXCEEDED  | may or may not be applied: retry with the same id      |
 | Corrupt          | DATA_LOSS          | a stored value failed its checksum, not repairable now |
 | Refused          | FAILED_PRECONDITION| an admin action refused in this state; do not retry    |
+| Changed          | ABORTED            | a large object changed while being read: read it again |
 
 Raising any of these promises that the call left no partial effect, except
 OutcomeUnknown, whose whole point is that the write may have been applied
@@ -66,3 +67,7 @@ class Refused(BackendError):
 
 class AlreadyExists(BackendError):
     """The name is taken (CreateVolume of an existing volume by another request)."""
+
+
+class Changed(BackendError):
+    """A large object was replaced while it was being read, or is not the one a resumed read named."""

@@ -246,10 +246,10 @@ class ServerThread:
         """Run a coroutine on the servers' loop and return its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)  # type: ignore[arg-type]
 
-    def start_site(self, backend: FakeBackend, config: object = None, tls: object = None) -> str:
+    def start_site(self, backend: FakeBackend, config: object = None, tls: object = None, s3: object = None) -> str:
         from replicator.api.server import start_site_server
 
-        server = self.call(start_site_server(backend, "127.0.0.1:0", config, tls))  # type: ignore[arg-type]
+        server = self.call(start_site_server(backend, "127.0.0.1:0", config, tls, s3))  # type: ignore[arg-type]
         self._servers.append(server)
         return server.address  # type: ignore[attr-defined,no-any-return]
 

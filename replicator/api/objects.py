@@ -1,4 +1,10 @@
-"""ObjectService servicer: bucket/key -> bytes over a SiteBackend (layout in keys.py)."""
+"""ObjectService servicer: bucket/key -> bytes over a SiteBackend.
+
+Small objects (Put, Get, ...) are one record each under b"o" (keys.py). Objects
+of any size (PutLarge, GetLarge, HeadLarge, DeleteLarge) use the S3 endpoint's
+layout (pieces.py): the body in pieces, the manifest written last, in the
+namespace S3 serves, so either API reads what the other wrote.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from replicator.api import keys
+from replicator.api import keys, pieces
 from replicator.api._handling import (
     OPERATING_ERRORS,
     PipelinedStream,
@@ -14,18 +20,81 @@ from replicator.api._handling import (
     item_error,
     timeout_s,
     translate_errors,
+    translate_stream_errors,
 )
 from replicator.api.backend import SiteBackend
-from replicator.api.errors import InvalidRequest, NotFound
-from replicator.config import ApiConfig
+from replicator.api.errors import Changed, InvalidRequest, NotFound
+from replicator.config import ApiConfig, S3Config
 from replicator.core.records import Operation, Versioned
 from replicator.v1 import objects_pb2, objects_pb2_grpc
 
+CHUNK_BYTES = 1024 * 1024  # GetLarge answers in chunks of at most this (the client sends the same)
+
+
+def large_limits(s3: S3Config, api: ApiConfig) -> pieces.StoreLimits:
+    """The layout's limits, one set for both front-ends (the [s3] section holds them)."""
+    return pieces.StoreLimits(
+        piece_bytes=s3.piece_bytes,
+        object_bytes_max=s3.object_bytes_max,
+        part_bytes_min=s3.part_bytes_min,
+        parts_max=s3.parts_max,
+        pieces_inflight_max=s3.pieces_inflight_max,
+        garbage_age_ms=s3.garbage_age_ms,
+        timeout_s=api.request_timeout_ms / 1000,
+        key_bytes_max=api.key_bytes_max,
+    )
+
+
+class _StreamBody(pieces.Body):
+    """The body of a PutLarge: the first message's data, then the data of the others, exactly `declared` bytes."""
+
+    def __init__(self, first: objects_pb2.PutLargeRequest, rest: AsyncIterator[objects_pb2.PutLargeRequest]) -> None:
+        self.declared = first.size_bytes
+        self.rest = rest
+        self.buffer = bytearray(first.data)
+        self.received = len(first.data)
+        self.ended = False
+        self._check_count()
+
+    def _check_count(self) -> None:
+        if self.received > self.declared:
+            raise InvalidRequest(f"PutLarge sent more than the {self.declared} bytes its size_bytes declared")
+
+    async def read(self, size: int) -> bytes:
+        while len(self.buffer) < size and not self.ended:
+            try:
+                message = await anext(self.rest)
+            except StopAsyncIteration:
+                self.ended = True
+                break
+            if message.bucket or message.key or message.request_id or message.size_bytes:
+                raise InvalidRequest("only the first PutLarge message names the object (bucket, key, size, id)")
+            self.received += len(message.data)
+            self._check_count()
+            self.buffer += message.data
+        chunk = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return chunk
+
+    def finish(self) -> None:
+        if self.received != self.declared:
+            raise InvalidRequest(f"PutLarge declared {self.declared} bytes (size_bytes) and sent {self.received}")
+
+
+def _info(manifest: pieces.Manifest) -> objects_pb2.LargeInfo:
+    return objects_pb2.LargeInfo(
+        size_bytes=manifest.size,
+        etag=manifest.etag,
+        mtime_ms=manifest.mtime_ms,
+        content_type=manifest.headers.get("content-type", ""),
+    )
+
 
 class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
-    def __init__(self, backend: SiteBackend, config: ApiConfig) -> None:
+    def __init__(self, backend: SiteBackend, config: ApiConfig, s3: S3Config | None = None) -> None:
         self.backend = backend
         self.config = config
+        self.large = pieces.PieceStore(backend, large_limits(s3 or S3Config(), config))
 
     # ---- validation: everything is checked before the backend is called,
     # so a refused request has no effect at all.
@@ -34,7 +103,8 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
         storage_key = keys.object_key(keys.bucket_bytes(bucket, self.config), keys.object_key_bytes(key, self.config))
         if len(data) > self.config.object_bytes_max:
             raise InvalidRequest(
-                f"object is {len(data)} bytes, the limit (object_bytes_max) is {self.config.object_bytes_max}"
+                f"object is {len(data)} bytes, the limit (object_bytes_max) is {self.config.object_bytes_max}; "
+                "PutLarge (the client's put_large) stores objects of any size"
             )
         return Operation(storage_key, data)
 
@@ -157,3 +227,81 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
         if len(versions) == page_size:
             next_token = keys.object_key_from_storage(bucket, versions[-1].key)
         return objects_pb2.ListResponse(objects=objects, next_page_token=next_token)
+
+    # ---- objects of any size (pieces.py)
+
+    def _large_names(self, bucket: str, key: str) -> None:
+        if not pieces.valid_bucket_name(bucket):
+            raise InvalidRequest(
+                f"bucket name {bucket!r} is invalid for large objects (they live in the S3 namespace): use 3-63 "
+                "lower-case letters, digits, '.' and '-', starting and ending with a letter or digit"
+            )
+        encoded = key.encode("utf-8", errors="surrogatepass")
+        if not encoded:
+            raise InvalidRequest("object key is empty")
+        if len(encoded) > self.large.limits.key_bytes_max:
+            raise InvalidRequest(
+                f"object key is {len(encoded)} bytes, the limit (key_bytes_max) is {self.large.limits.key_bytes_max}"
+            )
+        if "\x00" in key:
+            raise InvalidRequest("object key contains a NUL character")
+
+    async def _large_manifest(self, bucket: str, key: str) -> pieces.Manifest:
+        self._large_names(bucket, key)
+        manifest = await self.large.manifest(bucket, key)
+        if manifest is None:
+            raise NotFound(f"object {bucket}/{key} not found")
+        return manifest
+
+    @translate_errors
+    async def PutLarge(
+        self, request_iterator: AsyncIterator[objects_pb2.PutLargeRequest], context: grpc.aio.ServicerContext
+    ) -> objects_pb2.PutResponse:
+        try:
+            first = await anext(request_iterator)
+        except StopAsyncIteration:
+            raise InvalidRequest("PutLarge sent no message") from None
+        self._large_names(first.bucket, first.key)
+        request_id = keys.check_request_id(first.request_id, self.config)
+        size_max = self.large.limits.object_bytes_max
+        # Refused on the declaration, before any more of the body is read.
+        if first.size_bytes > size_max:
+            raise InvalidRequest(f"object is {first.size_bytes} bytes, the limit (s3.object_bytes_max) is {size_max}")
+        body = _StreamBody(first, request_iterator)
+        await self.large.bucket_record(first.bucket)
+        headers = {"content-type": first.content_type} if first.content_type else {}
+        _, result = await self.large.put_object(
+            first.bucket, first.key, body, size_max, headers=headers, request_id=request_id
+        )
+        return objects_pb2.PutResponse(ack=ack(result))
+
+    @translate_stream_errors
+    async def GetLarge(
+        self, request: objects_pb2.GetLargeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[objects_pb2.GetLargeResponse]:
+        manifest = await self._large_manifest(request.bucket, request.key)
+        if request.etag and request.etag != manifest.etag:
+            raise Changed(f"object {request.bucket}/{request.key} is no longer the one with etag {request.etag}")
+        if request.offset > manifest.size:
+            raise InvalidRequest(f"offset {request.offset} is past the end of the object ({manifest.size} bytes)")
+        end = manifest.size if request.length == 0 else min(manifest.size, request.offset + request.length)
+        yield objects_pb2.GetLargeResponse(info=_info(manifest))
+        async for chunk in self.large.read_range(manifest, request.offset, end):
+            for start in range(0, len(chunk), CHUNK_BYTES):
+                yield objects_pb2.GetLargeResponse(data=chunk[start : start + CHUNK_BYTES])
+
+    @translate_errors
+    async def HeadLarge(
+        self, request: objects_pb2.HeadRequest, context: grpc.aio.ServicerContext
+    ) -> objects_pb2.LargeInfo:
+        return _info(await self._large_manifest(request.bucket, request.key))
+
+    @translate_errors
+    async def DeleteLarge(
+        self, request: objects_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> objects_pb2.DeleteResponse:
+        self._large_names(request.bucket, request.key)
+        request_id = keys.check_request_id(request.request_id, self.config)
+        result = await self.large.delete_object(request.bucket, request.key, request_id)
+        assert result is not None  # with a request id, a tombstone is always written
+        return objects_pb2.DeleteResponse(ack=ack(result))

@@ -26,8 +26,9 @@ from replicator.api.admin import AdminServicer
 from replicator.api.backend import SiteBackend
 from replicator.api.blocks import BlockServicer
 from replicator.api.objects import ObjectServicer
+from replicator.api.pieces import PieceStore, sweep_forever
 from replicator.api.witness import WitnessBackend, WitnessServicer
-from replicator.config import ApiConfig, TlsFiles, parse_address
+from replicator.config import ApiConfig, S3Config, TlsFiles, parse_address
 from replicator.daemon.logs import log
 from replicator.v1 import admin_pb2_grpc, blocks_pb2_grpc, objects_pb2_grpc, witness_pb2_grpc
 
@@ -102,6 +103,7 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stores: list[PieceStore] = field(default_factory=list)
 
     async def stop(self, grace_s: float | None = 1.0) -> None:
         for task in self._tasks:
@@ -111,6 +113,9 @@ class RunningServer:
                 await task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        for store in self._stores:
+            for task in list(store.background):  # best-effort frees: the sweep finds what they leave
+                task.cancel()
 
 
 def _bind(server: grpc.aio.Server, listen: str, tls: TlsFiles | None) -> tuple[str, int]:
@@ -134,15 +139,19 @@ async def start_site_server(
     listen: str = "127.0.0.1:0",
     config: ApiConfig | None = None,
     tls: TlsFiles | None = None,
+    s3: S3Config | None = None,
 ) -> RunningServer:
+    """`s3` holds the large objects' limits; when S3 is not enabled, this server sweeps their garbage."""
     config = config or ApiConfig()
+    s3 = s3 or S3Config()
     options = [
         EXCLUSIVE_PORT,
         ("grpc.max_receive_message_length", config.message_bytes_max),
         ("grpc.max_send_message_length", config.message_bytes_max),
     ]
     server = grpc.aio.server(options=options)
-    objects_pb2_grpc.add_ObjectServiceServicer_to_server(ObjectServicer(backend, config), server)
+    objects = ObjectServicer(backend, config, s3)
+    objects_pb2_grpc.add_ObjectServiceServicer_to_server(objects, server)
     blocks_pb2_grpc.add_BlockServiceServicer_to_server(BlockServicer(backend, config), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(backend, config), server)
     health_servicer = health.aio.HealthServicer()
@@ -154,7 +163,17 @@ async def start_site_server(
     await server.start()
     running = RunningServer(server, address, port, health_servicer)
     running._tasks.append(asyncio.create_task(_follow_health(health_servicer, backend, config.health_refresh_ms)))
+    running._stores.append(objects.large)
+    if not s3.enabled:  # else the S3 endpoint sweeps the same keys
+        sweep = sweep_forever(
+            objects.large, s3.garbage_sweep_interval_ms / 1000, lambda: backend.status().serving, _ignore
+        )
+        running._tasks.append(asyncio.create_task(sweep, name="large-object-garbage-sweep"))
     return running
+
+
+def _ignore(count: int) -> None:
+    return None
 
 
 async def _set_data_health(health_servicer: health.aio.HealthServicer, backend: SiteBackend) -> None:

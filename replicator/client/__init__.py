@@ -9,7 +9,7 @@
 as coroutines. See docs/api.md.
 """
 
-from replicator.client._common import ObjectInfo, RetryPolicy, VerifyResult, VolumeInfo
+from replicator.client._common import LargeInfo, ObjectInfo, RetryPolicy, VerifyResult, VolumeInfo
 from replicator.client.aio import AsyncClient
 from replicator.client.errors import (
     AlreadyExists,
@@ -32,6 +32,7 @@ __all__ = [
     "ClientError",
     "DataLoss",
     "InvalidArgument",
+    "LargeInfo",
     "NotFound",
     "ObjectInfo",
     "OutcomeUnknown",

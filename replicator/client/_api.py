@@ -9,15 +9,71 @@ that loop over pages or streams are written in each flavour.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import io
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
-from replicator.client._common import ObjectInfo, RequestIds, VolumeInfo, status_from_message
+from replicator.client._common import LargeInfo, ObjectInfo, RequestIds, VolumeInfo, status_from_message
 from replicator.v1 import admin_pb2, blocks_pb2, objects_pb2
 
 OBJECTS, BLOCKS, ADMIN = "objects", "blocks", "admin"
 LIST_PAGE_SIZE = 1000
+LARGE_CHUNK_BYTES = 1024 * 1024  # one PutLarge message's data
+# A large transfer's deadline: the call timeout plus its size at this rate (a slow, loaded pair).
+LARGE_BYTES_PER_S_MIN = 1024 * 1024
+
+
+def large_timeout_s(call_timeout_s: float, size: int) -> float:
+    return call_timeout_s + size / LARGE_BYTES_PER_S_MIN
+
+
+class LargeSource:
+    """What put_large sends: bytes, or a binary file read from its current position to its end.
+
+    `chunks()` starts again from the beginning each time (a retry re-sends the body), so a
+    file must be seekable; nothing is read before the server accepted the declared size.
+    """
+
+    def __init__(self, source: bytes | bytearray | memoryview | BinaryIO) -> None:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.data: memoryview | None = memoryview(source).cast("B")
+            self.file: BinaryIO | None = None
+            self.start = 0
+            self.size = len(self.data)
+            return
+        if not hasattr(source, "read") or not source.seekable():
+            raise TypeError("put_large takes bytes or a seekable binary file")
+        self.data = None
+        self.file = source
+        self.start = source.tell()
+        self.size = source.seek(0, io.SEEK_END) - self.start
+        source.seek(self.start)
+
+    def chunks(self) -> Iterator[bytes]:
+        if self.data is not None:
+            for offset in range(0, self.size, LARGE_CHUNK_BYTES):
+                yield bytes(self.data[offset : offset + LARGE_CHUNK_BYTES])
+            return
+        assert self.file is not None
+        self.file.seek(self.start)
+        left = self.size
+        while left > 0:
+            chunk = self.file.read(min(LARGE_CHUNK_BYTES, left))
+            if not chunk:
+                raise ValueError(f"the file ended {left} bytes before the size it had when put_large began")
+            left -= len(chunk)
+            yield chunk
+
+
+def large_first(bucket: str, key: str, size: int, request_id: bytes, content_type: str) -> objects_pb2.PutLargeRequest:
+    return objects_pb2.PutLargeRequest(
+        bucket=bucket, key=key, size_bytes=size, request_id=request_id, content_type=content_type
+    )
+
+
+def large_info(key: str, message: objects_pb2.LargeInfo) -> LargeInfo:
+    return LargeInfo(key, message.size_bytes, message.etag, message.mtime_ms, message.content_type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +131,16 @@ class _Api:
         """Delete bucket/key (succeeds if it is already missing); returns the commit timestamp."""
         request = objects_pb2.DeleteRequest(bucket=bucket, key=key, request_id=self._ids.next())
         return self._run(_Call(OBJECTS, "Delete", request, lambda r: r.ack.ts))
+
+    def head_large(self, bucket: str, key: str) -> Any:
+        """A large (any size, S3 namespace) object's size, etag, mtime and content type; raises NotFound."""
+        request = objects_pb2.HeadRequest(bucket=bucket, key=key)
+        return self._run(_Call(OBJECTS, "HeadLarge", request, lambda r: large_info(key, r)))
+
+    def delete_large(self, bucket: str, key: str) -> Any:
+        """Delete a large object (succeeds if it is already missing); returns the commit timestamp."""
+        request = objects_pb2.DeleteRequest(bucket=bucket, key=key, request_id=self._ids.next())
+        return self._run(_Call(OBJECTS, "DeleteLarge", request, lambda r: r.ack.ts))
 
     # ---- volumes and blocks
 

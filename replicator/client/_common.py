@@ -202,6 +202,17 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class LargeInfo:
+    """An object of the large-object calls (the S3 namespace): etag as S3 shows it, without quotes."""
+
+    key: str
+    size_bytes: int
+    etag: str
+    mtime_ms: int
+    content_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class VolumeInfo:
     name: str
     size_bytes: int
@@ -209,4 +220,4 @@ class VolumeInfo:
     block_count: int
 
 
-__all__ = ["ObjectInfo", "RetryPolicy", "VerifyReport", "VerifyResult", "VolumeInfo"]
+__all__ = ["LargeInfo", "ObjectInfo", "RetryPolicy", "VerifyReport", "VerifyResult", "VolumeInfo"]

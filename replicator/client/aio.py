@@ -5,16 +5,29 @@ from __future__ import annotations
 import asyncio
 import builtins
 import math
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import grpc
 
-from replicator.client._api import ADMIN, BLOCKS, LIST_PAGE_SIZE, OBJECTS, _Api, _Call, _items, _volume
+from replicator.client._api import (
+    ADMIN,
+    BLOCKS,
+    LIST_PAGE_SIZE,
+    OBJECTS,
+    LargeSource,
+    _Api,
+    _Call,
+    _items,
+    _volume,
+    large_first,
+    large_timeout_s,
+)
 from replicator.client._common import (
     CHANNEL_OPTIONS,
     RETRYABLE,
     SAME_SITE_DEADLINES_MAX,
+    LargeInfo,
     ObjectInfo,
     RequestIds,
     RetryPolicy,
@@ -85,6 +98,14 @@ class AsyncClient(_Api):
                 return call.parse(await stub(call.request, timeout=self._timeout_s))
             except grpc.RpcError as error:
                 raise failure(error, self.endpoints[0], [self.endpoints[0]]) from None
+
+        async def invoke(stubs: dict[str, Any]) -> Any:
+            return call.parse(await getattr(stubs[call.service], call.method)(call.request, timeout=self._timeout_s))
+
+        return await self._retrying(invoke)
+
+    async def _retrying(self, invoke: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
+        """`await invoke(stubs of one site)`, retried by the rule in _common.py."""
         tried: builtins.list[str] = []
         deadlines = 0  # consecutive DEADLINE_EXCEEDED at the current site
         for attempt in range(self.retry.attempts_max):
@@ -93,14 +114,95 @@ class AsyncClient(_Api):
                 await asyncio.sleep(delay)
             index = self._rotation.current
             tried.append(self.endpoints[index])
-            stub = getattr(self._stubs[index][call.service], call.method)
             try:
-                return call.parse(await stub(call.request, timeout=self._timeout_s))
+                return await invoke(self._stubs[index])
             except grpc.RpcError as error:
                 if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
                     raise failure(error, self.endpoints[index], tried) from None
                 deadlines = deadlines + 1 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
         raise AssertionError("unreachable")
+
+    # ---- objects of any size (the S3 namespace); see Client for the rules
+
+    async def put_large(
+        self, bucket: str, key: str, source: bytes | bytearray | memoryview | BinaryIO, content_type: str = ""
+    ) -> int:
+        """Store an object of any size (see Client.put_large); a file is read in a worker thread."""
+        body = LargeSource(source)
+        request_id = self._ids.next()
+        timeout = large_timeout_s(self._timeout_s, body.size)
+
+        source_errors: builtins.list[Exception] = []
+
+        async def messages() -> AsyncIterator[objects_pb2.PutLargeRequest]:
+            yield large_first(bucket, key, body.size, request_id, content_type)
+            chunks = body.chunks()
+            while True:
+                try:
+                    chunk = next(chunks, None) if body.file is None else await asyncio.to_thread(next, chunks, None)
+                except Exception as error:  # gRPC would report it as CANCELLED: the caller gets the source's error
+                    source_errors.append(error)
+                    raise
+                if chunk is None:
+                    return
+                yield objects_pb2.PutLargeRequest(data=chunk)
+
+        async def invoke(stubs: dict[str, Any]) -> int:
+            try:
+                return int((await stubs[OBJECTS].PutLarge(messages(), timeout=timeout)).ack.ts)
+            except grpc.RpcError:
+                if source_errors:
+                    raise source_errors[0] from None
+                raise
+
+        return int(await self._retrying(invoke))
+
+    async def iter_large(self, bucket: str, key: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
+        """The bytes [offset, offset + length) of a large object, chunk by chunk (see Client.iter_large)."""
+        info: LargeInfo = await self.head_large(bucket, key)
+        async for chunk in self._iter_large(bucket, key, info, offset, length):
+            yield chunk
+
+    async def _iter_large(
+        self, bucket: str, key: str, info: LargeInfo, offset: int, length: int
+    ) -> AsyncIterator[bytes]:
+        end = info.size_bytes if length == 0 else min(info.size_bytes, offset + length)
+        position = offset
+        timeout = large_timeout_s(self._timeout_s, max(0, end - offset))
+        tried: builtins.list[str] = []
+        attempt = 0  # failures since the last byte received
+        while position < end:
+            delay = self._rotation.delay_s(attempt)
+            if delay:
+                await asyncio.sleep(delay)
+            index = self._rotation.current
+            tried.append(self.endpoints[index])
+            request = objects_pb2.GetLargeRequest(
+                bucket=bucket, key=key, offset=position, length=end - position, etag=info.etag
+            )
+            try:
+                async for message in self._stubs[index][OBJECTS].GetLarge(request, timeout=timeout):
+                    if message.data:
+                        position += len(message.data)
+                        attempt = 0
+                        yield message.data
+            except grpc.RpcError as error:
+                if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
+                    raise failure(error, self.endpoints[index], tried) from None
+                attempt += 1
+                continue
+            if position < end:
+                raise ClientError(f"GetLarge ended at byte {position} of {end}", None, self.endpoints[index])
+
+    async def get_large(self, bucket: str, key: str) -> bytes:
+        return b"".join([chunk async for chunk in self.iter_large(bucket, key)])
+
+    async def get_large_to(self, bucket: str, key: str, file: BinaryIO) -> LargeInfo:
+        """Write a large object to a binary file (written in a worker thread); returns its LargeInfo."""
+        info: LargeInfo = await self.head_large(bucket, key)
+        async for chunk in self._iter_large(bucket, key, info, 0, 0):
+            await asyncio.to_thread(file.write, chunk)
+        return info
 
     async def list_objects(self, bucket: str, prefix: str = "") -> builtins.list[ObjectInfo]:
         found: builtins.list[ObjectInfo] = []

@@ -5,16 +5,29 @@ from __future__ import annotations
 import builtins
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import grpc
 
-from replicator.client._api import ADMIN, BLOCKS, LIST_PAGE_SIZE, OBJECTS, _Api, _Call, _items, _volume
+from replicator.client._api import (
+    ADMIN,
+    BLOCKS,
+    LIST_PAGE_SIZE,
+    OBJECTS,
+    LargeSource,
+    _Api,
+    _Call,
+    _items,
+    _volume,
+    large_first,
+    large_timeout_s,
+)
 from replicator.client._common import (
     CHANNEL_OPTIONS,
     RETRYABLE,
     SAME_SITE_DEADLINES_MAX,
+    LargeInfo,
     ObjectInfo,
     RequestIds,
     RetryPolicy,
@@ -91,6 +104,12 @@ class Client(_Api):
                 return call.parse(stub(call.request, timeout=self._timeout_s))
             except grpc.RpcError as error:
                 raise failure(error, self.endpoints[0], [self.endpoints[0]]) from None
+        return self._retrying(
+            lambda stubs: call.parse(getattr(stubs[call.service], call.method)(call.request, timeout=self._timeout_s))
+        )
+
+    def _retrying(self, invoke: Callable[[dict[str, Any]], Any]) -> Any:
+        """`invoke(stubs of one site)`, retried by the rule in _common.py."""
         tried: builtins.list[str] = []
         deadlines = 0  # consecutive DEADLINE_EXCEEDED at the current site
         for attempt in range(self.retry.attempts_max):
@@ -99,14 +118,96 @@ class Client(_Api):
                 time.sleep(delay)
             index = self._rotation.current
             tried.append(self.endpoints[index])
-            stub = getattr(self._stubs[index][call.service], call.method)
             try:
-                return call.parse(stub(call.request, timeout=self._timeout_s))
+                return invoke(self._stubs[index])
             except grpc.RpcError as error:
                 if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
                     raise failure(error, self.endpoints[index], tried) from None
                 deadlines = deadlines + 1 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
         raise AssertionError("unreachable")
+
+    # ---- objects of any size (the S3 namespace)
+
+    def put_large(
+        self, bucket: str, key: str, source: bytes | bytearray | memoryview | BinaryIO, content_type: str = ""
+    ) -> int:
+        """Store an object of any size from bytes or a seekable binary file (read from its current
+        position, in 1 MiB chunks, never whole); returns the commit timestamp.
+
+        It becomes visible, at both sites, only once all of it is durable at both; S3 reads it as
+        s3://bucket/key. Retried like any write (the body is sent again, with the same request id).
+        """
+        body = LargeSource(source)
+        request_id = self._ids.next()
+        timeout = large_timeout_s(self._timeout_s, body.size)
+
+        source_errors: builtins.list[Exception] = []
+
+        def messages() -> Iterator[objects_pb2.PutLargeRequest]:
+            yield large_first(bucket, key, body.size, request_id, content_type)
+            try:
+                yield from (objects_pb2.PutLargeRequest(data=chunk) for chunk in body.chunks())
+            except Exception as error:  # gRPC would report it as CANCELLED: the caller gets the source's error
+                source_errors.append(error)
+                raise
+
+        def invoke(stubs: dict[str, Any]) -> int:
+            try:
+                return int(stubs[OBJECTS].PutLarge(messages(), timeout=timeout).ack.ts)
+            except grpc.RpcError:
+                if source_errors:
+                    raise source_errors[0] from None
+                raise
+
+        return int(self._retrying(invoke))
+
+    def iter_large(self, bucket: str, key: str, offset: int = 0, length: int = 0) -> Iterator[bytes]:
+        """The bytes [offset, offset + length) of a large object (length 0: to the end), chunk by chunk.
+
+        A read cut by a site failure resumes where it stopped, at the other site, pinned to the
+        object's etag: if the object was replaced meanwhile, the read ends with ClientError (ABORTED).
+        """
+        return self._iter_large(bucket, key, self.head_large(bucket, key), offset, length)
+
+    def _iter_large(self, bucket: str, key: str, info: LargeInfo, offset: int, length: int) -> Iterator[bytes]:
+        end = info.size_bytes if length == 0 else min(info.size_bytes, offset + length)
+        position = offset
+        timeout = large_timeout_s(self._timeout_s, max(0, end - offset))
+        tried: builtins.list[str] = []
+        attempt = 0  # failures since the last byte received
+        while position < end:
+            delay = self._rotation.delay_s(attempt)
+            if delay:
+                time.sleep(delay)
+            index = self._rotation.current
+            tried.append(self.endpoints[index])
+            request = objects_pb2.GetLargeRequest(
+                bucket=bucket, key=key, offset=position, length=end - position, etag=info.etag
+            )
+            try:
+                for message in self._stubs[index][OBJECTS].GetLarge(request, timeout=timeout):
+                    if message.data:
+                        position += len(message.data)
+                        attempt = 0
+                        yield message.data
+            except grpc.RpcError as error:
+                if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
+                    raise failure(error, self.endpoints[index], tried) from None
+                attempt += 1
+                continue
+            if position < end:
+                raise ClientError(f"GetLarge ended at byte {position} of {end}", None, self.endpoints[index])
+
+    def get_large(self, bucket: str, key: str) -> bytes:
+        """A large object's bytes, whole (iter_large or get_large_to keep memory bounded)."""
+        return b"".join(self.iter_large(bucket, key))
+
+    def get_large_to(self, bucket: str, key: str, file: BinaryIO) -> LargeInfo:
+        """Write a large object to a binary file, chunk by chunk; returns what head_large says of it."""
+        info: LargeInfo = self.head_large(bucket, key)
+        for chunk in self._iter_large(bucket, key, info, 0, 0):
+            file.write(chunk)
+        return info
 
     # ---- paginated and streaming calls
 

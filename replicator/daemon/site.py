@@ -257,7 +257,9 @@ class SiteDaemon:
         self.tasks.append(asyncio.create_task(self._sender(), name="link-sender"))
         self.tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
         self.tasks.append(asyncio.create_task(self._probe_witness(), name="witness-probe"))
-        self.server = await start_site_server(self, self.config.listen.grpc, self.config.api, self.config.tls.grpc)
+        self.server = await start_site_server(
+            self, self.config.listen.grpc, self.config.api, self.config.tls.grpc, self.config.s3
+        )
         try:
             self.metrics_server = await start_metrics_server(
                 self.metrics, self.config.listen.metrics, ready=self._readiness

@@ -33,7 +33,7 @@ from pathlib import Path
 from time import strptime
 from urllib.parse import quote, unquote
 
-from replicator.checksum import crc32c
+from replicator.checksum import crc32c, crc64nvme
 from replicator.s3.errors import S3Error, access_denied, invalid_argument
 from replicator.s3.store import Body
 
@@ -385,16 +385,19 @@ class Checksum:
             self.crc = zlib.crc32(data, self.crc)
         elif self.algorithm == "crc32c":
             self.crc = crc32c(data, self.crc)
+        elif self.algorithm == "crc64nvme":
+            self.crc = crc64nvme(data, self.crc)
         elif self.hash is not None:
             self.hash.update(data)
 
-    def value(self) -> str | None:
-        """Base64 of the digest, or None when this server does not compute the algorithm (CRC64NVME)."""
+    def value(self) -> str:
+        """Base64 of the digest (big-endian for the CRCs), as the x-amz-checksum-* headers carry it."""
         if self.algorithm in ("crc32", "crc32c"):
             return base64.b64encode(self.crc.to_bytes(4, "big")).decode()
-        if self.hash is not None:
-            return base64.b64encode(self.hash.digest()).decode()
-        return None
+        if self.algorithm == "crc64nvme":
+            return base64.b64encode(self.crc.to_bytes(8, "big")).decode()
+        assert self.hash is not None, self.algorithm
+        return base64.b64encode(self.hash.digest()).decode()
 
 
 def bad_checksum(algorithm: str) -> S3Error:
@@ -441,9 +444,9 @@ class PlainBody(Body):
                 "XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header does not match what was computed.", 400
             )
         if self.checksum is not None:
-            value = self.checksum.value()
-            if value is not None and value != self.expected_checksum:
+            if self.checksum.value() != self.expected_checksum:
                 raise bad_checksum(self.checksum.algorithm)
+            self.verified = {self.checksum.algorithm: self.expected_checksum}
 
 
 def _incomplete(what: str) -> S3Error:
@@ -580,6 +583,7 @@ class ChunkedBody(Body):
         expected = self.expected_checksum or self.trailers.get(f"x-amz-checksum-{self.checksum.algorithm}", "")
         if self.trailer_name and not expected:
             raise S3Error("MalformedTrailerError", f"the trailer {self.trailer_name} is missing", 400)
-        value = self.checksum.value()
-        if expected and value is not None and value != expected:
+        if expected and self.checksum.value() != expected:
             raise bad_checksum(self.checksum.algorithm)
+        if expected:
+            self.verified = {self.checksum.algorithm: expected}

@@ -37,6 +37,7 @@ from aiohttp import web
 
 from replicator.api import errors
 from replicator.api.backend import SiteBackend
+from replicator.api.pieces import sweep_forever, valid_bucket_name
 from replicator.config import S3Config, TlsFiles, parse_address
 from replicator.s3.auth import (
     Authenticated,
@@ -62,8 +63,6 @@ DEFAULT_CONTENT_TYPE = "binary/octet-stream"
 XML_BYTES_MAX = 2 * 1024 * 1024  # CompleteMultipartUpload of 10,000 parts fits
 DELETE_OBJECTS_MAX = 1000
 HEALTH_PATH = "/-/health"
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 UNSUPPORTED = frozenset(
     "versioning policy cors lifecycle website tagging logging notification replication encryption object-lock retention "
     "legal-hold requestPayment accelerate analytics inventory metrics intelligent-tiering ownershipControls "
@@ -77,7 +76,7 @@ OPERATIONS = (
 
 
 def _check_bucket(name: str) -> str:
-    if not _BUCKET.match(name) or ".." in name or ".-" in name or "-." in name or _IP.match(name):
+    if not valid_bucket_name(name):
         raise S3Error("InvalidBucketName", f"The specified bucket is not valid: {name!r}", 400, resource=name)
     return name
 
@@ -216,16 +215,13 @@ class S3Server:
             task.cancel()
 
     async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.garbage_sweep_interval_ms / 1000)
-            if not self.backend.status().serving:
-                continue
-            try:
-                freed = await self.store.collect_garbage()
-            except (errors.BackendError, TimeoutError):
-                continue
-            if freed and self.m_requests is not None:
-                self.m_garbage.inc(freed)
+        def freed(count: int) -> None:
+            if self.m_requests is not None:
+                self.m_garbage.inc(count)
+
+        await sweep_forever(
+            self.store, self.config.garbage_sweep_interval_ms / 1000, lambda: self.backend.status().serving, freed
+        )
 
     # ------------------------------------------------------------ the one route
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -812,6 +808,10 @@ class S3Server:
                 start, end = span
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{manifest.size}"
+        if status == 200 and request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED":
+            # The whole object's checksums, as verified when it was PUT (none for multipart objects).
+            for algorithm, value in manifest.checksums.items():
+                headers[f"x-amz-checksum-{algorithm}"] = value
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start
         await response.prepare(request)
