@@ -244,7 +244,12 @@ class ListenConfig:
 @dataclass(frozen=True, slots=True)
 class WitnessClientConfig:
     address: str = _field("127.0.0.1:7600", check=_check_address, doc="the witness's gRPC address")
-    timeout_ms: int = _field(1000, check=_check_positive_int, doc="deadline of one witness call")
+    # Longer than the witness's preferred_grace_ms (default 2000): the witness holds a non-preferred
+    # site's Arbitrate that long before it answers, and a shorter deadline turns every such failover
+    # into a `witness_failed Deadline Exceeded` and a retry.
+    timeout_ms: int = _field(
+        3000, check=_check_positive_int, doc="deadline of one witness call (longer than the witness's grace)"
+    )
     retry_interval_ms: int = _field(200, check=_check_positive_int, doc="wait between witness attempts")
 
 

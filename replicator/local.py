@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import replicator
+from replicator import __version__
 from replicator.config import (
     ListenConfig,
     NbdConfig,
@@ -219,7 +220,16 @@ class LocalCluster:
         stop_timeout_s: float = 10.0,
         python: str = sys.executable,
         tls: bool = False,
+        peer_timeout_ms: int | None = None,
     ) -> None:
+        """`peer_timeout_ms` replaces the demo's 500 ms in both sites (a loaded machine needs more:
+        a site that misses the peer's heartbeats that long suspends)."""
+        if peer_timeout_ms is not None and peer_timeout_ms <= 2 * DEMO_SITE_SETTINGS["heartbeat_ms"]:
+            raise LocalClusterError(
+                f"peer_timeout_ms must be more than twice the heartbeat ({DEMO_SITE_SETTINGS['heartbeat_ms']} ms), "
+                f"got {peer_timeout_ms}"
+            )
+        self.peer_timeout_ms = peer_timeout_ms
         self.directory = Path(directory).resolve()
         self.health_timeout_s = health_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -403,7 +413,10 @@ class LocalCluster:
                     peer_address=listens[peer].link,
                     peer_grpc_address=listens[peer].grpc,
                     preferred_site=SITE_NAMES[0],
-                    **DEMO_SITE_SETTINGS,
+                    **(
+                        DEMO_SITE_SETTINGS
+                        | ({"peer_timeout_ms": self.peer_timeout_ms} if self.peer_timeout_ms is not None else {})
+                    ),
                 ),
                 listen=listens[name],
                 nbd=NbdConfig(listen=f"{host}:{next(ports)}"),
@@ -705,7 +718,11 @@ class _Stop(Exception):
 
 def _up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
-        args.dir, health_timeout_s=args.health_timeout, stop_timeout_s=args.stop_timeout, tls=args.tls
+        args.dir,
+        health_timeout_s=args.health_timeout,
+        stop_timeout_s=args.stop_timeout,
+        tls=args.tls,
+        peer_timeout_ms=args.peer_timeout_ms,
     )
 
     def on_term(signum: int, frame: object) -> None:
@@ -807,13 +824,23 @@ def _status(args: argparse.Namespace) -> int:
     for name, entry in entries:
         running = bool(entry.get("pid")) and same_process(entry["pid"], entry["config"])
         health = grpc_health(entry["grpc"], timeout_s=1.0, tls=tls) if running else "-"
-        rows.append({"name": name, "pid": entry.get("pid"), "running": running, "health": health, **entry})
+        # Liveness above; readiness: whether a site serves data (its ObjectService health).
+        ready = "-"
+        if running and name != WITNESS:
+            data = grpc_health(entry["grpc"], timeout_s=1.0, service="replicator.v1.ObjectService", tls=tls)
+            ready = "ready" if data == "SERVING" else "not-ready"
+        rows.append(
+            {"name": name, "pid": entry.get("pid"), "running": running, "health": health, "ready": ready, **entry}
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
             state = "running" if row["running"] else "stopped"
-            print(f"{row['name']:<8} pid {row['pid']!s:<7} {state:<8} {row['health']:<12} grpc {row['grpc']}")
+            print(
+                f"{row['name']:<8} pid {row['pid']!s:<7} {state:<8} {row['health']:<12} {row['ready']:<10} "
+                f"grpc {row['grpc']}"
+            )
     return 0 if rows and all(r["running"] and r["health"] == "SERVING" for r in rows) else 1
 
 
@@ -821,6 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="replicator-local", description="Run a witness and two sites on 127.0.0.1 (demo, tests)."
     )
+    parser.add_argument("--version", action="version", version=f"replicator-local {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="configure (or reuse) DIR, start everything, stay in the foreground")
     up.add_argument("--dir", required=True, help="directory for configs, data, logs and cluster.json")
@@ -831,6 +859,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="mutual TLS on every link (gRPC, site link, witness): a CA and certificates in DIR/tls/",
     )
     up.add_argument("--health-timeout", type=float, default=30.0, help="seconds to wait for each process")
+    up.add_argument(
+        "--peer-timeout-ms",
+        type=int,
+        default=None,
+        help=f"the sites' peer timeout (default {DEMO_SITE_SETTINGS['peer_timeout_ms']} ms; more on a loaded machine)",
+    )
     up.add_argument("--stop-timeout", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     down = commands.add_parser("down", help="stop the processes recorded in DIR/cluster.json")
     down.add_argument("--dir", required=True)

@@ -466,7 +466,8 @@ def test_status_and_admin_actions() -> None:
         await site.admin.Failover(admin_pb2.FailoverRequest(force=True))
         assert site.backend.actions == [("resync", True), ("switchover", True), ("failover", True)]
         site.backend.state = "SOLO"
-        await expect(grpc.StatusCode.UNAVAILABLE, site.admin.Switchover(admin_pb2.SwitchoverRequest()), "SYNC")
+        # A refusal in this state, not an outage: FAILED_PRECONDITION (replicatorctl exits 1, not 3).
+        await expect(grpc.StatusCode.FAILED_PRECONDITION, site.admin.Switchover(admin_pb2.SwitchoverRequest()), "SYNC")
 
     with_site(test)
 

@@ -33,8 +33,11 @@ def test_status_human_and_json(site: tuple[FakeBackend, str, ServerThread], caps
         assert fragment in out
     code, out, _ = run(capsys, "status", "--endpoint", endpoint, "--json")  # options after the command too
     assert code == EXIT_OK
-    status = json.loads(out)
+    sites = json.loads(out)["sites"]
+    status = sites[0]
     assert (status["site"], status["state"], status["epoch"], status["witness_reachable"]) == ("a", "SYNC", 3, True)
+    # The peer the site names (nothing listens there) is shown as unreachable beside it.
+    assert sites[1]["address"] == "127.0.0.1:7999" and "error" in sites[1]
 
 
 def test_objects(
@@ -74,8 +77,8 @@ def test_volumes_and_blocks(
     data.write_bytes(b"\x07" * 100)
     code, _, err = run(capsys, "--endpoint", endpoint, "block", "write", "disk", "1", "--file", str(data))
     assert code == EXIT_FAILED and "not a whole number" in err
-    assert run(capsys, "--endpoint", endpoint, "volume", "delete", "disk")[0] == EXIT_OK
-    code, _, err = run(capsys, "--endpoint", endpoint, "--json", "volume", "delete", "disk")
+    assert run(capsys, "--endpoint", endpoint, "volume", "delete", "disk", "--yes")[0] == EXIT_OK
+    code, _, err = run(capsys, "--endpoint", endpoint, "--json", "volume", "delete", "disk", "--yes")
     assert code == EXIT_FAILED and json.loads(err)["error"] == "not_found"
 
 
@@ -107,7 +110,7 @@ def test_resync_switchover_failover(
     assert backend.actions[-1] == ("failover", True)
     backend.state = "SOLO"
     code, _, err = run(capsys, "--endpoint", endpoint, "switchover")
-    assert code == EXIT_UNREACHABLE and "SYNC" in err
+    assert code == EXIT_FAILED and "SYNC" in err and "try site" not in err  # a refusal, not an outage
 
 
 def test_witness_status(capsys: pytest.CaptureFixture[str]) -> None:
@@ -120,7 +123,7 @@ def test_witness_status(capsys: pytest.CaptureFixture[str]) -> None:
         code, out, _ = run(capsys, "witness", "status", "--witness", address)
         assert code == EXIT_OK and "pair-1" in out and "SOLO" in out
         code, out, _ = run(capsys, "--json", "--witness", address, "witness", "status")
-        assert json.loads(out) == [{"pair": "pair-1", "epoch": 2, "mode": "SOLO", "holder": "a"}]
+        assert json.loads(out) == [{"pair": "pair-1", "epoch": 2, "mode": "SOLO", "holder": "a", "preferred": ""}]
 
 
 def test_unreachable_endpoint_exits_3(capsys: pytest.CaptureFixture[str]) -> None:

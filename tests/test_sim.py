@@ -115,3 +115,37 @@ def test_cli_fault_mix_and_resumable_long_runs(tmp_path: os.PathLike[str]) -> No
     assert os.path.exists(os.path.join(out, "summary.md"))
     planted = sim("--seeds", "61196", "--small-values", "--reorder", "--plant", "accept_gaps", "--out", os.path.join(tmp_path, "p"))
     assert planted.returncode == 1 and "61196" in planted.stdout
+
+
+def test_the_workload_goes_up_to_the_clients_size_limits() -> None:
+    """Values up to object_bytes_max and batches up to batch_items_max / batch_bytes_max, some
+    exactly at each limit, never over; the largest write fits the cores' byte bound."""
+    from chaos.sim.run import Client
+    from chaos.sim.world import World, largest_write_bytes
+
+    params = SimParams()
+    assert largest_write_bytes(params) <= params.message_bytes_max
+    client = Client(World(1, params), 1)
+    writes = [client.sized("k1", f"v1-{count}") for count in range(4000)]
+    singles = [len(items[0][1] or "") for items in writes if len(items) == 1]
+    batches = [items for items in writes if len(items) > 1]
+    assert max(singles) == params.object_bytes_max and singles.count(params.object_bytes_max) > 10
+    assert sum(size > 100 for size in singles) > 200  # about one write in ten is large
+    assert max(len(items) for items in batches) == params.batch_items_max
+    totals = [sum(len(k) + len(v or "") for k, v in items) for items in batches]
+    assert max(totals) == params.batch_bytes_max and totals.count(params.batch_bytes_max) > 10
+    assert all(len({k for k, _ in items}) == len(items) for items in batches)  # distinct keys, as PutBatch
+    assert len(batches) > 100
+    with pytest.raises(ValueError, match="exceeds message_bytes_max"):
+        World(1, replace(params, object_bytes_max=params.message_bytes_max))
+
+
+def test_a_core_refusing_a_write_within_the_limits_is_a_violation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check that the byte bound is not too tight: with values over what the cores take (the
+    World's own check switched off), the refusals show as violations."""
+    import chaos.sim.world as world
+
+    monkeypatch.setattr(world, "largest_write_bytes", lambda params: 0)
+    result = run_seed(2, SimParams(safety_ms=3000, faults=False, object_bytes_max=900, large_value_fraction=0.5))
+    assert not result.ok
+    assert any("refused" in v and "exceeds message_bytes_max" in v for v in result.violations), result.violations

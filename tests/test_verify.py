@@ -241,3 +241,18 @@ def test_verify_over_mutual_tls(tmp_path: Path) -> None:
         with Client([endpoints[1]], tls=tls) as client:
             report = client.verify()
         assert report.differing_count == 0 and report.keys_compared >= 200
+
+
+def test_a_never_written_tombstone_left_by_a_resync_is_no_difference() -> None:
+    """Operator trial finding 7: after a forced failover and a full resync the target held a ts-0
+    tombstone (a dirty key the source never had) and verify reported it forever. It reads as absent
+    and loses to every write: verify treats it as no entry. A real tombstone still differs."""
+    a, b = MemoryStore(), MemoryStore()
+    fill(a, 1000)
+    fill(b, 1000)
+    put(b, b"solo-b", 0, None)
+    outcome, _ = run_verify(a, Peer(b))
+    assert outcome.differing_keys == []  # type: ignore[attr-defined]
+    put(b, b"solo-b2", 5, None)  # a tombstone of a real delete, at b only
+    outcome, _ = run_verify(a, Peer(b))
+    assert outcome.differing_keys == [b"solo-b2"]  # type: ignore[attr-defined]

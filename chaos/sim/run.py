@@ -71,12 +71,17 @@ class Client:
         roll = rng.random()
         f = "read" if roll < 0.5 else "write" if roll < 0.9 else "delete"
         value = f"v{self.number}-{self.count}" if f == "write" else None
-        if value is not None and world.params.large_value_fraction:
-            # A large value: the byte bounds where the cores make messages are tested by seed
-            # (sizes drawn from a stream of their own, so without them a seed keeps its old schedule).
-            if world.size_rng.random() < world.params.large_value_fraction:
-                value += ":" + "x" * world.size_rng.randint(1, world.params.large_value_bytes)
-        handle = world.history.invoke(self.process, f, key, value, time=world.now_us * 1000)
+        items: list[tuple[str, str | None]] = [(key, value)]
+        if value is not None:
+            items = self.sized(key, value)
+        # A batch is one atomic write of several keys; the checkers see one write per key (each
+        # key's register on its own), made by processes of their own with the batch's times.
+        handles = [
+            world.history.invoke(self.process if len(items) == 1 else f"{self.process}.{index}", f, k, v, time=world.now_us * 1000)
+            for index, (k, v) in enumerate(items)
+        ]
+        if len(items) > 1:
+            value = f"batch of {len(items)}: " + " ".join(k for k, _ in items)
         world.operations += 1
         request_id = f"c{self.number}-{self.count}".encode()
         state: dict[str, Any] = {"unknown": False, "done": False, "attempt": 0}
@@ -90,16 +95,19 @@ class Client:
                     f" (attempts {state['attempt']}, last at {state.get('site')})"
                 )
             now_ns = world.now_us * 1000
-            if status == "ok":
-                if f == "read":
-                    world.history.ok(handle, read_value, time=now_ns)
+            for handle in handles:
+                if status == "ok":
+                    if f == "read":
+                        world.history.ok(handle, read_value, time=now_ns)
+                    else:
+                        world.history.ok(handle, time=now_ns)
+                elif status == "fail":
+                    world.history.fail(handle, time=now_ns)
                 else:
-                    world.history.ok(handle, time=now_ns)
-                    world.acknowledged_writes += 1
-            elif status == "fail":
-                world.history.fail(handle, time=now_ns)
-            else:
-                world.history.info(handle, time=now_ns)
+                    world.history.info(handle, time=now_ns)
+            if status == "ok" and f != "read":
+                world.acknowledged_writes += 1
+            elif status == "info":
                 self.generation += 1  # the info op stays open: go on as a new process
             world.after(rng.randint(1, 30) * MS, self.run)
 
@@ -119,6 +127,10 @@ class Client:
                     finish("ok")
                     return
                 error = answer.error
+                if error == "invalid":
+                    # Every write of the workload is within the clients' limits, which fit the cores'
+                    # byte bound: a core refusing one has its sizes wrong.
+                    world.refused_writes.append(f"{f} of {value} at {target}: {answer.message}")
                 definite = error in ("unavailable", "overloaded", "connection", "invalid")
                 if f != "read" and not definite:
                     state["unknown"] = True
@@ -137,7 +149,7 @@ class Client:
             if f == "read":
                 world.submit(target, lambda h: ev.ReadRequested(h, key.encode()), on_answer)
             else:
-                ops = make_operations(key.encode(), value.encode() if value is not None else None)
+                ops = make_operations(items)
                 world.submit(target, lambda h: ev.WriteRequested(h, request_id, ops), on_answer)
             world.after(world.params.client_timeout_ms * MS, on_timeout)
 
@@ -152,6 +164,34 @@ class Client:
             world.after(rng.randint(50, 300) * MS, lambda: attempt(target))
 
         attempt(site)
+
+    def sized(self, key: str, value: str) -> list[tuple[str, str | None]]:
+        """A write's keys and values: mostly the one small value, else a large value or a batch,
+        up to the clients' limits (SimParams.object_bytes_max, batch_items_max, batch_bytes_max)
+        and at times exactly at them. Drawn from the world's size stream only, so that without
+        sizes (SMALL_VALUES) a seed keeps the schedule it had before sizes were simulated."""
+        params = self.world.params
+        sizes = self.world.size_rng
+        if params.batch_fraction and sizes.random() < params.batch_fraction:
+            at_limit = sizes.random() < params.at_limit_fraction
+            count = min(params.batch_items_max if at_limit else sizes.randint(2, params.batch_items_max), params.keys)
+            others = sizes.sample([f"k{n}" for n in range(params.keys) if f"k{n}" != key], count - 1)
+            keys = [key, *others]
+            values = [f"{value}.{index}" for index in range(count)]
+            floor = sum(len(k) + len(v) for k, v in zip(keys, values, strict=True))
+            total = params.batch_bytes_max if at_limit else sizes.randint(floor, max(floor, params.batch_bytes_max))
+            share, rest = divmod(max(0, total - floor), count)
+            return [(k, padded(v, share + int(index < rest))) for index, (k, v) in enumerate(zip(keys, values, strict=True))]
+        if params.large_value_fraction and sizes.random() < params.large_value_fraction:
+            at_limit = sizes.random() < params.at_limit_fraction
+            size = params.object_bytes_max if at_limit else sizes.randint(len(value) + 1, params.object_bytes_max)
+            return [(key, padded(value, size - len(value)))]
+        return [(key, value)]
+
+
+def padded(value: str, extra: int) -> str:
+    """`value` made `extra` characters longer (`v1-7:xxxx`), so it stays unique and readable."""
+    return value + (":" + "x" * (extra - 1) if extra > 0 else "")
 
 
 class FaultInjector:
@@ -438,6 +478,7 @@ def run_seed(seed: int, params: SimParams, verbose: bool = False, check_history:
             verdicts.append(lost_writes.check(world.history, state_b, site="b"))
     verdicts.append(split_brain.check(world.site_events))
     result.violations.extend(f"convergence at a sync point: {v}" for v in world.sync_violations[:3])
+    result.violations.extend(f"a write within the clients' limits refused: {v}" for v in world.refused_writes[:3])
     for verdict in verdicts:
         if not verdict.ok:
             result.violations.append(f"{verdict.checker}: {verdict.status}: {verdict.message}")

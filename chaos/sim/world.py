@@ -38,7 +38,15 @@ from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import FRAME_SIZE_BYTES_DEFAULT, MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, RecordId, versioned_wire_bytes
+from replicator.core.records import (
+    OPERATION_OVERHEAD_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    Operation,
+    Record,
+    RecordId,
+    Versioned,
+    versioned_wire_bytes,
+)
 from replicator.core.site import SiteCore
 from replicator.core.witness import (
     PairConfig,
@@ -80,11 +88,19 @@ class SimParams:
     plants: frozenset[str] = frozenset()
     # A fault no TCP connection makes: messages held by a black hole overtake each other.
     reorder_within_connection: bool = False
-    # The cores' byte bound, small so that the workload's large values (up to large_value_bytes)
-    # make every cut by bytes happen: reconcile shipments, resync batches, dedup and suspect keys.
+    # The cores' byte bound, small so that the workload's sizes make every cut by bytes happen:
+    # reconcile shipments, resync batches, dedup entries and suspect keys.
     message_bytes_max: int = 800  # SMALL_VALUES below: the link's own bound, no large values
-    large_value_bytes: int = 480
-    large_value_fraction: float = 0.1
+    # The clients' limits, scaled to the cores' bound as the daemon's api.object_bytes_max,
+    # batch_bytes_max and batch_items_max are to its frame: the largest write a client may make
+    # is one record that fits in one message (World checks it), and the workload goes up to them.
+    object_bytes_max: int = 600  # the longest value
+    batch_items_max: int = 8  # the most keys in one atomic write
+    batch_bytes_max: int = 540  # keys and values of one batch
+    large_value_fraction: float = 0.1  # writes with a value of up to object_bytes_max
+    batch_fraction: float = 0.05  # writes of 2 to batch_items_max keys, up to batch_bytes_max
+    # Of the large values and batches, those made exactly at their limit (bounds break at the edge).
+    at_limit_fraction: float = 0.25
     # Fault kinds and their weights (None: every kind of chaos.sim.run.FAULTS, equally likely).
     fault_weights: tuple[tuple[str, float], ...] | None = None
     # Retry a write whose outcome is unknown with the same request id (at the
@@ -92,9 +108,11 @@ class SimParams:
     retry_unknown_writes: bool = True
 
 
-# The workload before sizes were simulated: tiny values, the link's own byte bound.
+# The workload before sizes were simulated: tiny values, single-key writes, the link's own byte
+# bound (the schedules of seeds run before, and of those the tests pin, replay with it).
 SMALL_VALUES: dict[str, Any] = {
     "large_value_fraction": 0.0,
+    "batch_fraction": 0.0,
     "message_bytes_max": FRAME_SIZE_BYTES_DEFAULT - MESSAGE_HEADROOM_BYTES,
 }
 
@@ -167,6 +185,45 @@ class SimDisk:
         self.durable = DiskState()
         self.current = DiskState()
         self.unsynced.clear()
+
+
+KEY_BYTES_MAX = 4  # the workload's keys: k0 .. k<keys-1>
+REQUEST_ID_BYTES_MAX = 16  # c<client>-<count>
+
+
+def largest_write_bytes(params: SimParams) -> int:
+    """The largest record a client of the workload can make (as the link encodes it)."""
+    single = OPERATION_OVERHEAD_BYTES + KEY_BYTES_MAX + params.object_bytes_max
+    batch = params.batch_items_max * OPERATION_OVERHEAD_BYTES + params.batch_bytes_max
+    return RECORD_OVERHEAD_BYTES + len("a") + REQUEST_ID_BYTES_MAX + max(single, batch)
+
+
+def load_resync_batch(
+    data: dict[bytes, tuple[int, bytes | None]], action: ev.LoadResyncBatch, bytes_max: int
+) -> tuple[tuple[Versioned, ...], bytes | None]:
+    """A shell's answer to LoadResyncBatch from a store's `data`: the versions of the asked keys
+    (absent ones as tombstones at ts 0) or a scan of `limit` keys from `scan_from`, cut to a
+    prefix of at most `bytes_max` bytes (at least one entry), as a real site sends only what fits
+    in one link frame. Returns the entries and, for a scan, where the next one starts."""
+    next_position = None
+    if action.keys:
+        entries = tuple(
+            Versioned(key, data[key][0], data[key][1]) if key in data else Versioned(key, 0, None) for key in action.keys
+        )
+    else:
+        start = action.scan_from or b""
+        keys = sorted(key for key in data if key >= start)[: action.limit]
+        entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
+        next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
+    used = 0
+    for count, entry in enumerate(entries):
+        used += versioned_wire_bytes(entry)
+        if count and used > bytes_max:
+            entries = entries[:count]
+            if not action.keys:
+                next_position = entries[-1].key + b"\x00"
+            break
+    return entries, next_position
 
 
 # ===================================================================== the world
@@ -347,30 +404,9 @@ class SiteProcess:
         self.world.after(self.world.rng.randint(*self.world.params.fsync_us), done)
 
     def _load_resync(self, action: ev.LoadResyncBatch) -> None:
-        data = self.disk.current.data
-        from replicator.core.records import Versioned
-
-        if action.keys:
-            entries = tuple(
-                Versioned(key, data[key][0], data[key][1]) if key in data else Versioned(key, 0, None)
-                for key in action.keys
-            )
-            next_position = None
-        else:
-            start = action.scan_from or b""
-            keys = sorted(key for key in data if key >= start)[: action.limit]
-            entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
-            next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
         # A real site sends only what fits in one link frame: a prefix of what was asked for,
         # cut to the core's byte bound, and sometimes shorter still.
-        used = 0
-        for count, entry in enumerate(entries):
-            used += versioned_wire_bytes(entry)
-            if count and used > self.world.params.message_bytes_max:
-                entries = entries[:count]
-                if not action.keys:
-                    next_position = entries[-1].key + b"\x00"
-                break
+        entries, next_position = load_resync_batch(self.disk.current.data, action, self.world.params.message_bytes_max)
         if len(entries) > 1 and self.world.resync_rng.random() < 0.3:
             entries = entries[: self.world.resync_rng.randint(1, len(entries) - 1)]
             if not action.keys:
@@ -483,8 +519,15 @@ class World:
         self.reordered_deliveries = 0  # messages that arrived after a later one on their connection
         self.acknowledged_writes = 0
         self.operations = 0
+        self.refused_writes: list[str] = []  # writes within the clients' limits that a core called invalid
         for site in self.sites.values():
             site.rate = 1.0 + self.rng.uniform(-params.clock_drift, params.clock_drift)
+        largest = largest_write_bytes(params)
+        if largest > params.message_bytes_max:
+            raise ValueError(
+                f"the workload's largest write ({largest} bytes as a record) exceeds message_bytes_max "
+                f"{params.message_bytes_max}: lower object_bytes_max or batch_bytes_max"
+            )
 
     # ------------------------------------------------------------- scheduling
     def after(self, delay_us: int, callback: Callable[[], None]) -> None:
@@ -750,5 +793,5 @@ class World:
         self.after(self.delay(), arrive)
 
 
-def make_operations(key: bytes, value: bytes | None) -> tuple[Operation, ...]:
-    return (Operation(key, value),)
+def make_operations(items: list[tuple[str, str | None]]) -> tuple[Operation, ...]:
+    return tuple(Operation(key.encode(), value.encode() if value is not None else None) for key, value in items)

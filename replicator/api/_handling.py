@@ -35,6 +35,7 @@ _CODES: dict[type[errors.BackendError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.OutcomeUnknown: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Corrupt: grpc.StatusCode.DATA_LOSS,
+    errors.Refused: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Changed: grpc.StatusCode.ABORTED,
 }
 

@@ -9,15 +9,17 @@ import grpc
 
 from replicator.api._handling import translate_errors, translate_stream_errors
 from replicator.api.backend import RangeEntry, SiteBackend, SiteStatus, VerifyReport
-from replicator.api.errors import InvalidRequest
+from replicator.api.errors import InvalidRequest, Refused
 from replicator.config import ApiConfig
+from replicator.daemon.logs import log
 from replicator.v1 import admin_pb2, admin_pb2_grpc
 
 FAILOVER_REFUSAL = (
-    "forced failover refused without force=true: it makes this site go on alone WITHOUT the witness's "
-    "grant; if the other site is in fact alive and serving, the two copies diverge (split brain) and "
-    "writes acknowledged by the other site since the split are lost. Use it only when the witness "
-    "cannot decide and you know the other site is down."
+    "forced failover refused without force=true: it makes this site go on alone although the witness "
+    "did not choose it (the witness, which must be reachable, grants the next epoch whatever its state); "
+    "if the other site is in fact alive and serving, the two copies diverge (split brain) and what the "
+    "other site acknowledged since the split is lost when it returns. Use it only when you know the "
+    "other site is down and the witness will not let this site go on by itself."
 )
 
 
@@ -64,7 +66,35 @@ def status_message(status: SiteStatus) -> admin_pb2.SiteStatus:
         preferred_site=status.preferred,
         peer_address=status.peer_address,
         details=status.details,
+        state_reason=status.state_reason,
+        state_since_ms=status.state_since_ms,
+        started_ms=status.started_ms,
+        version=status.version,
+        resync_kind=status.resync_kind,
+        resync_rate_keys_per_s=status.resync_rate_keys_per_s,
+        resync_eta_s=status.resync_eta_s,
+        witness_preferred=status.witness_preferred,
+        draining=status.draining,
     )
+
+
+def client_identity(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """Who called: the peer address and, over mutual TLS, the client certificate's names (for the audit log)."""
+    identity = {"client": str(context.peer() or "")}
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # noqa: BLE001 - an insecure channel has no auth context to speak of
+        auth = {}
+    for field, name in (("x509_common_name", "client_cn"), ("x509_subject_alternative_name", "client_san")):
+        values = [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in auth.get(field, ())]
+        if values:
+            identity[name] = ",".join(values)
+    return identity
+
+
+def audit(action: str, context: grpc.aio.ServicerContext, **fields: object) -> None:
+    """One `admin` log event (and event-stream entry) per operator action, with the caller's identity."""
+    log("admin", action=action, **client_identity(context), **fields)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -91,6 +121,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             latest[:] = [(done, total)]
             changed.set()
 
+        audit("verify", context, repair=request.repair)
         verification = asyncio.create_task(self.backend.verify(request.repair, progress))
         try:
             while not verification.done():
@@ -124,6 +155,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def Resync(
         self, request: admin_pb2.ResyncRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ResyncResponse:
+        audit("resync", context, full=request.full)
         await self.backend.resync(request.full)
         return admin_pb2.ResyncResponse()
 
@@ -131,6 +163,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def Switchover(
         self, request: admin_pb2.SwitchoverRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SwitchoverResponse:
+        audit("switchover", context)
         await self.backend.switchover()
         return admin_pb2.SwitchoverResponse()
 
@@ -138,6 +171,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def Failover(
         self, request: admin_pb2.FailoverRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.FailoverResponse:
+        audit("failover", context, force=request.force)
         if not request.force:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, FAILOVER_REFUSAL)
         await self.backend.failover(force=True)
@@ -170,6 +204,24 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             start, end = key_range(request.range)
             entries = await self.backend.range_entries(start, end, limit)
         return admin_pb2.RangeEntriesResponse(entries=[entry_message(e) for e in entries])
+
+    @translate_stream_errors
+    async def Events(
+        self, request: admin_pb2.EventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.EventLine]:
+        follow_events = getattr(self.backend, "follow_events", None)
+        if follow_events is None:
+            raise Refused("this site keeps no event stream")
+        async for line in follow_events(request.history, not request.no_follow):
+            yield admin_pb2.EventLine(json=line)
+
+    @translate_errors
+    async def Drain(self, request: admin_pb2.DrainRequest, context: grpc.aio.ServicerContext) -> admin_pb2.DrainResponse:
+        drain = getattr(self.backend, "drain", None)
+        if drain is None:
+            raise Refused("this site cannot be drained")
+        audit("drain", context, undo=request.undo)
+        return admin_pb2.DrainResponse(in_flight=await drain(request.undo))
 
 
 __all__ = ["AdminServicer", "FAILOVER_REFUSAL", "InvalidRequest", "status_message"]

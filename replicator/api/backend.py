@@ -66,7 +66,17 @@ from typing import Protocol, runtime_checkable
 
 from replicator.core.records import Operation, Versioned
 
-__all__ = ["RangeEntry", "SiteBackend", "SiteStatus", "VerifyReport", "WriteResult"]
+__all__ = [
+    "DEGRADED",
+    "HEALTHY",
+    "NOT_SERVING",
+    "RangeEntry",
+    "SiteBackend",
+    "SiteStatus",
+    "VerifyReport",
+    "WriteResult",
+    "health_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +104,47 @@ class SiteStatus:
     preferred: str = ""  # name of the preferred site, "" if none
     peer_address: str = ""  # the peer's gRPC address, when known
     details: dict[str, str] = field(default_factory=dict)
+    # Why the site is in `state` (the reason of its last role change) and since when (Unix ms).
+    state_reason: str = ""
+    state_since_ms: int = 0
+    started_ms: int = 0  # when the process started (Unix ms)
+    version: str = ""  # the daemon's software version
+    # The resync this site takes part in: "incremental" or "full" ("" none), its rate and estimated end.
+    resync_kind: str = ""
+    resync_rate_keys_per_s: float = 0.0
+    resync_eta_s: float = 0.0
+    # The preferred site as the witness holds it (a switchover changes it), "" if not heard or none.
+    witness_preferred: str = ""
+    draining: bool = False  # `replicatorctl drain`: the site refuses new client requests
 
     @property
     def serving(self) -> bool:
-        """Whether the data API should report SERVING in health checks."""
-        return self.state in ("SYNC", "SOLO")
+        """Whether the data API should report SERVING in health checks (RESYNC_SOURCE serves too)."""
+        return self.state in ("SYNC", "SOLO", "RESYNC_SOURCE") and not self.draining
+
+
+HEALTHY, DEGRADED, NOT_SERVING = "healthy", "degraded", "not_serving"
+
+
+def health_of(status: SiteStatus) -> tuple[str, list[str]]:
+    """Classify a site for health checks: (HEALTHY | DEGRADED | NOT_SERVING, the reasons).
+
+    HEALTHY: serving in SYNC with the peer and the witness reachable. DEGRADED: serving, but
+    without redundancy or without the witness (SOLO, a resync running, the witness unreachable),
+    so one more fault stops service. NOT_SERVING: clients get UNAVAILABLE from this site."""
+    reasons: list[str] = []
+    if not status.serving:
+        why = f"site {status.site} is {status.state}" + (f" ({status.state_reason})" if status.state_reason else "")
+        if status.draining:
+            why = f"site {status.site} is draining (planned maintenance)"
+        return NOT_SERVING, [why]
+    if status.state != "SYNC":
+        reasons.append(f"site {status.site} is {status.state}: the pair has one up-to-date copy")
+    if not status.peer_reachable:
+        reasons.append(f"peer {status.peer} unreachable")
+    if not status.witness_reachable:
+        reasons.append("witness unreachable: no failover is possible")
+    return (DEGRADED if reasons else HEALTHY), reasons
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@
 | Unavailable      | UNAVAILABLE        | this site cannot serve; nothing applied; try the other |
 | OutcomeUnknown   | DEADLINE_EXCEEDED  | may or may not be applied: retry with the same id      |
 | Corrupt          | DATA_LOSS          | a stored value failed its checksum, not repairable now |
+| Refused          | FAILED_PRECONDITION| an admin action refused in this state; do not retry    |
 | Changed          | ABORTED            | a large object changed while being read: read it again |
 
 Raising any of these promises that the call left no partial effect, except
@@ -58,6 +59,10 @@ class OutcomeUnknown(BackendError):
 
 class Corrupt(BackendError):
     """A stored value failed its checksum and could not be repaired from the peer."""
+
+
+class Refused(BackendError):
+    """An operator's action refused in the site's current state (not an outage: retrying will not help)."""
 
 
 class AlreadyExists(BackendError):

@@ -139,7 +139,7 @@ class FakeBackend:
 
     async def switchover(self) -> None:
         if self.state != "SYNC":
-            raise errors.Unavailable("switchover needs both sites in SYNC", self.peer_address)
+            raise errors.Refused("switchover needs both sites in SYNC")
         self.actions.append(("switchover", True))
 
     async def failover(self, force: bool) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import ssl
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,6 +29,7 @@ from replicator.api.objects import ObjectServicer
 from replicator.api.pieces import PieceStore, sweep_forever
 from replicator.api.witness import WitnessBackend, WitnessServicer
 from replicator.config import ApiConfig, S3Config, TlsFiles, parse_address
+from replicator.daemon.logs import log
 from replicator.v1 import admin_pb2_grpc, blocks_pb2_grpc, objects_pb2_grpc, witness_pb2_grpc
 
 # A port belongs to one process (CONVENTIONS.md, "The daemon"): gRPC turns SO_REUSEPORT on by
@@ -43,10 +46,54 @@ ADMIN_SERVICE = "replicator.v1.AdminService"
 WITNESS_SERVICE = "replicator.v1.WitnessService"
 
 
-def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    """mTLS: present our certificate and require one signed by `tls.ca_file` from every client."""
+def _stamp(tls: TlsFiles) -> tuple[tuple[int, int], ...]:
+    stamps = []
+    for path in (tls.ca_file, tls.cert_file, tls.key_file):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            stamps.append((-1, -1))
+        else:
+            stamps.append((stat.st_mtime_ns, stat.st_size))
+    return tuple(stamps)
+
+
+def _checked(tls: TlsFiles) -> tuple[bytes, bytes, bytes]:
+    """The three files, read and checked to belong together (the key matches the certificate)."""
     ca, cert, key = tls.read()
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    context.load_verify_locations(cadata=ca.decode())
+    return ca, cert, key
+
+
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """mTLS: present our certificate and require one signed by `tls.ca_file` from every client.
+
+    Certificate rotation without a restart: before each new connection's handshake gRPC asks for the
+    current configuration, and the files are read again when their modification time or size changed
+    (a new certificate, key or CA bundle put in place, ideally by rename). A set that does not load
+    together (a key that does not match, a bad file) is refused with `tls_reload_failed` and the
+    previous one stays in use; a set taken is logged `tls_reloaded`. Connections already open keep
+    the certificate they were made with."""
+    ca, cert, key = tls.read()
+    seen = {"stamp": _stamp(tls)}
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        stamp = _stamp(tls)
+        if stamp == seen["stamp"]:
+            return None
+        seen["stamp"] = stamp
+        try:
+            new_ca, new_cert, new_key = _checked(tls)
+        except (OSError, ValueError, ssl.SSLError) as error:
+            log("tls_reload_failed", level="error", cert_file=tls.cert_file, error=error)
+            return None
+        log("tls_reloaded", cert_file=tls.cert_file, ca_file=tls.ca_file)
+        return grpc.ssl_server_certificate_configuration([(new_key, new_cert)], root_certificates=new_ca)
+
+    initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+    return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
 
 
 @dataclass

@@ -41,6 +41,7 @@ class PairState:
     epoch: int
     mode: PairMode
     holder: str
+    preferred: str = ""  # the preferred site as the witness holds it (a switchover changes it); "" none
 
 
 @runtime_checkable
@@ -151,7 +152,10 @@ class WitnessServicer(witness_pb2_grpc.WitnessServiceServicer):
         states = self.backend.status(request.pair or None)
         return witness_pb2.WitnessStatusResponse(
             pairs=[
-                witness_pb2.PairState(pair=s.pair, epoch=s.epoch, mode=s.mode.value, holder=s.holder) for s in states
+                witness_pb2.PairState(
+                    pair=s.pair, epoch=s.epoch, mode=s.mode.value, holder=s.holder, preferred=s.preferred
+                )
+                for s in states
             ],
             witness_id=str(getattr(self.backend, "witness_id", "")),
         )

@@ -66,9 +66,13 @@ CHANNEL_OPTIONS = [
 WITNESS_CHANNEL_OPTIONS = reconnect_options(WITNESS_RECONNECT_BACKOFF_MS_MAX)
 
 
+# The default retry budget outlasts a failover with the default settings (docs/operations.md,
+# "Failover time"): 16 attempts over two sites wait 20, 40, ... 640 ms and then 1 s eight times, with
+# a jitter of 0.5-1.0, so at least 4.6 s (at most 9.3 s) of retrying against a failover of about 3 s
+# (4 s when the non-preferred site survives and waits out the preferred site's grace).
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    attempts_max: int = 6
+    attempts_max: int = 16
     backoff_initial_ms: int = 20
     backoff_ms_max: int = 1000
     call_timeout_ms: int = 5000
@@ -157,6 +161,15 @@ def status_from_message(message: admin_pb2.SiteStatus) -> SiteStatus:
         preferred=message.preferred_site,
         peer_address=message.peer_address,
         details=dict(message.details),
+        state_reason=message.state_reason,
+        state_since_ms=message.state_since_ms,
+        started_ms=message.started_ms,
+        version=message.version,
+        resync_kind=message.resync_kind,
+        resync_rate_keys_per_s=message.resync_rate_keys_per_s,
+        resync_eta_s=message.resync_eta_s,
+        witness_preferred=message.witness_preferred,
+        draining=message.draining,
     )
 
 

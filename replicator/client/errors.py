@@ -51,6 +51,8 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: Refused,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: OutcomeUnknown,
+    # A site that stops cancels the calls still running there: their outcome is unknown.
+    grpc.StatusCode.CANCELLED: OutcomeUnknown,
     grpc.StatusCode.DATA_LOSS: DataLoss,
 }
 

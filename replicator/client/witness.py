@@ -65,14 +65,14 @@ class AsyncWitnessClient:
             response = await self._stub.Status(request, timeout=self.timeout_s)
         except grpc.RpcError as error:
             raise failure(error, self.address, [self.address]) from None
-        return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder) for p in response.pairs], response.witness_id
+        return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder, p.preferred) for p in response.pairs], response.witness_id
 
     async def status(self, pair: str = "") -> list[PairState]:
         try:
             response = await self._stub.Status(witness_pb2.WitnessStatusRequest(pair=pair), timeout=self.timeout_s)
         except grpc.RpcError as error:
             raise failure(error, self.address, [self.address]) from None
-        return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder) for p in response.pairs]
+        return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder, p.preferred) for p in response.pairs]
 
 
 def witness_status(
@@ -89,4 +89,4 @@ def witness_status(
         raise failure(error, address, [address]) from None
     finally:
         channel.close()
-    return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder) for p in response.pairs]
+    return [PairState(p.pair, p.epoch, PairMode(p.mode), p.holder, p.preferred) for p in response.pairs]

@@ -15,7 +15,10 @@ exposition format 0.0.4.
     server.address                       # "127.0.0.1:PORT"
     await server.stop()
 
-The server answers GET (and HEAD) `/metrics` and `/healthz` only, reads at
+The server answers GET (and HEAD) `/metrics`, `/healthz` (liveness: 200 while
+the process runs, even when the site does not serve) and, when given a
+`ready` callable, `/readyz` (readiness: 200 while the site serves clients,
+503 otherwise, with the reason in the body) only, reads at
 most `REQUEST_BYTES_MAX` bytes of request head within `REQUEST_TIMEOUT_S`,
 and closes every connection after one answer.
 """
@@ -365,6 +368,7 @@ async def _handle(
     writer: asyncio.StreamWriter,
     registry: Registry,
     health: Callable[[], bool] | None,
+    ready: Callable[[], tuple[bool, str]] | None = None,
 ) -> None:
     try:
         try:
@@ -393,6 +397,9 @@ async def _handle(
                 elif path == b"/healthz":
                     healthy = True if health is None else bool(health())
                     status, body = (200, b"ok\n") if healthy else (503, b"unhealthy\n")
+                elif path == b"/readyz" and ready is not None:
+                    serving, text = ready()
+                    status, body = (200 if serving else 503), (text.rstrip("\n") + "\n").encode()
                 else:
                     status = 404
         if status != 200 and not body:
@@ -414,12 +421,17 @@ async def _handle(
 
 
 async def start_metrics_server(
-    registry: Registry, listen: str = "127.0.0.1:0", health: Callable[[], bool] | None = None
+    registry: Registry,
+    listen: str = "127.0.0.1:0",
+    health: Callable[[], bool] | None = None,
+    ready: Callable[[], tuple[bool, str]] | None = None,
 ) -> MetricsServer:
-    """Serve `/metrics` and `/healthz` on `listen` ("host:port"; port 0 picks one)."""
+    """Serve `/metrics`, `/healthz` (liveness: the process answers) and, given `ready`, `/readyz`
+    (readiness: 200 while `ready()` says serving, else 503; the body says why) on `listen`
+    ("host:port"; port 0 picks one)."""
     host, port = parse_address(listen)
     server = await asyncio.start_server(
-        lambda r, w: _handle(r, w, registry, health), host, port, limit=REQUEST_BYTES_MAX * 2
+        lambda r, w: _handle(r, w, registry, health, ready), host, port, limit=REQUEST_BYTES_MAX * 2
     )
     bound_port = server.sockets[0].getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host

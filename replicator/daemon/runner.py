@@ -42,9 +42,37 @@ from typing import Any
 
 from replicator.daemon.logs import log
 
-__all__ = ["STOP_SIGNALS", "Shutdown", "Stage", "install_uvloop", "loop_factory", "run"]
+__all__ = ["STOP_SIGNALS", "Shutdown", "Stage", "install_uvloop", "loop_factory", "quiet_grpc_core", "run", "sd_notify"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify units) where the daemon is: "READY=1", "STOPPING=1", "STATUS=...".
+
+    A datagram to $NOTIFY_SOCKET (an abstract socket when it starts with "@"); nothing when the
+    variable is unset (not started by systemd). True if sent."""
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError:
+        return False
+    return True
+
+
+def quiet_grpc_core() -> None:
+    """Keep gRPC's C core from writing its own (non-JSON) lines to our log stream: errors it would
+    print there (a refused TLS handshake, ...) reach the operator as our own structured events or as
+    the client's error instead. GRPC_VERBOSITY set in the environment still wins (debugging)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # also set on import of replicator.daemon
 
 
 def stderr_file() -> str | None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from replicator import framing
+from replicator import __version__, framing
 from replicator.api import errors
 from replicator.api.backend import RangeEntry, SiteStatus, VerifyReport, WriteResult
 from replicator.api.server import ListenError, start_site_server
@@ -38,9 +38,10 @@ from replicator.core.records import Operation, Record, Versioned, record_wire_by
 from replicator.core.site import SiteCore
 from replicator.daemon.clock import WallClock
 from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_failure
-from replicator.daemon.logs import configure, log
+from replicator.daemon.logs import add_listener, configure, log, remove_listener
 from replicator.daemon.metrics import Registry, start_metrics_server
-from replicator.daemon.runner import Shutdown, run
+from replicator.daemon.ops import EventBus, ResyncProgress
+from replicator.daemon.runner import Shutdown, quiet_grpc_core, run, sd_notify
 from replicator.daemon.wire import Decoder, Encoder
 from replicator.nbd.server import NbdServer, start_nbd_server
 from replicator.storage import GroupCommitter, Store, StoreOptions
@@ -51,6 +52,7 @@ from replicator.transport.link import Link, LocalHello
 TICK_S = 0.01
 WITNESS_REPORT_S = 1.0  # how often a site reports where it is to the witness
 CLEAR_PAGE_KEYS = 10_000
+RESYNC_PROGRESS_LOG_S = 5.0  # a running resync logs (and streams) its progress this often
 
 
 def encode_meta(value: int | bytes | str) -> bytes:
@@ -147,6 +149,31 @@ class SiteDaemon:
             "replicator_witness_epochs_behind", "how many epochs the witness is behind this site (0: not behind)"
         )
         self.wall_clock = WallClock.from_environment()  # REPLICATOR_CLOCK_FAULTS: the chaos suite's clock jumps
+        # For the operator: since when and why the site is in its state, resync progress, events.
+        self.started_ms = int(time.time() * 1000)
+        self.state_since_ms = self.started_ms
+        self.state_reason = "started"
+        self.resync_progress = ResyncProgress()
+        self.witness_preferred = ""  # as the witness holds it, from its answers to our reports
+        self.draining = False
+        self.events = EventBus()
+        add_listener(self.events.on_log)
+        self.m_build = self.metrics.gauge(
+            "replicator_build_info", "always 1; the labels name the running software", ["version", "python"]
+        )
+        self.m_build.labels(__version__, sys.version.split()[0]).set(1)
+        self.metrics.gauge("replicator_start_time_seconds", "when the site process started (Unix time)").set(
+            self.started_ms / 1000
+        )
+        self.m_role_changes = self.metrics.counter(
+            "replicator_role_changes_total", "role changes of this site, by the new role", ["role"]
+        )
+        self.m_draining = self.metrics.gauge("replicator_draining", "1 while drained for maintenance")
+        self.m_link_ups = self.metrics.counter("replicator_link_up_total", "sessions with the peer established")
+        self.m_link_downs = self.metrics.counter("replicator_link_down_total", "sessions with the peer lost")
+        self.m_link_refusals = self.metrics.counter(
+            "replicator_link_refused_total", "link handshakes refused by either end (wrong peer, pair, certificate)"
+        )
 
     # ------------------------------------------------------------ start-up
     async def start(self) -> None:
@@ -235,7 +262,9 @@ class SiteDaemon:
             self, self.config.listen.grpc, self.config.api, self.config.tls.grpc, self.config.s3
         )
         try:
-            self.metrics_server = await start_metrics_server(self.metrics, self.config.listen.metrics)
+            self.metrics_server = await start_metrics_server(
+                self.metrics, self.config.listen.metrics, ready=self._readiness
+            )
         except OSError as error:
             raise listen_failure(self.config.listen.metrics, error) from None
         self.nbd: NbdServer | None = None
@@ -270,8 +299,18 @@ class SiteDaemon:
             exposed=self.config.exposed_addresses() if hasattr(self.config, "exposed_addresses") else [],
         )
 
+    def _readiness(self) -> tuple[bool, str]:
+        """GET /readyz: ready while the site serves clients (a load balancer's check), with why not."""
+        from replicator.api.backend import health_of
+
+        status = self.status()
+        level, reasons = health_of(status)
+        text = f"{level} {status.site} {status.state} epoch {status.epoch}"
+        return status.serving, text + "".join(f"\n{reason}" for reason in reasons)
+
     def _on_link_refused(self, reason: str) -> None:
-        """A link handshake refused by either end: logged, at most once per reason every 10 s."""
+        """A link handshake refused by either end: counted, logged at most once per reason every 10 s."""
+        self.m_link_refusals.inc()
         now = time.monotonic()
         if now - self.link_refusals_logged.get(reason, -1e9) < 10.0:
             return
@@ -287,6 +326,7 @@ class SiteDaemon:
         return (int.from_bytes(self.core.generation[:3], "big") << 40) | self.core.incarnation
 
     async def stop(self) -> None:
+        remove_listener(self.events.on_log)
         shutdown = Shutdown()
         timeout = self.config.site.shutdown_stage_timeout_ms / 1000
         if getattr(self, "nbd", None) is not None:
@@ -394,6 +434,10 @@ class SiteDaemon:
             elif isinstance(action, ev.RoleChanged):
                 if action.new is Role.SYNC:
                     self.witness_report_now.set()
+                self.state_since_ms = int(time.time() * 1000)
+                self.state_reason = action.reason
+                self.m_role_changes.labels(action.new.name).inc()
+                self._resync_role_changed(action.old, action.new)
                 log(
                     "role",
                     old=action.old.name,
@@ -453,13 +497,24 @@ class SiteDaemon:
         if persist.clear_data:
             # A full resync's target starts empty: erase every key, page by page, in this one batch.
             start = b""
+            erased = 0
             while True:
                 page = self.store.scan(start, None, CLEAR_PAGE_KEYS)
                 for version in page:
                     batch.erase(version.key)
+                erased += len(page)
                 if len(page) < CLEAR_PAGE_KEYS:
                     break
                 start = page[-1].key + b"\x00"
+            # Say what a full resync throws away: among these are whatever this site wrote alone
+            # in an epoch the peer superseded (a forced failover at the peer), lost from now on.
+            log(
+                "resync_cleared",
+                level="warning" if erased else "info",
+                keys=erased,
+                dirty_keys=len(self.core.dirty),
+                reason="full resync: this site's copy is replaced by the peer's",
+            )
         for record_id in persist.log_delete:
             batch.delete_record(record_id)
         for record in persist.log_put:
@@ -523,6 +578,8 @@ class SiteDaemon:
                 entries.append(entry)
                 used += size
             loaded = ev.ResyncBatchLoaded(action.token, tuple(entries), None)
+            if self.resync_progress.kind == "full":
+                self.resync_progress.advance(len(entries))
         else:
             versions = self.store.scan(action.scan_from or b"", None, action.limit)
             next_position = versions[-1].key + b"\x00" if len(versions) == action.limit else None
@@ -534,6 +591,8 @@ class SiteDaemon:
                     next_position = versions[-1].key + b"\x00"
                     break
             loaded = ev.ResyncBatchLoaded(action.token, tuple(versions), next_position)
+            if self.resync_progress.kind == "full":
+                self.resync_progress.advance(len(versions))
         asyncio.get_running_loop().call_soon(self.step, loaded)
 
     async def _ask_witness(self, request: msg.WitnessRequest) -> None:
@@ -570,9 +629,11 @@ class SiteDaemon:
             self.peer_witness_id = bytes(event.peer.extras).decode(errors="replace")
             if self._witnesses_differ():
                 self._log_witness_mismatch()
+            self.m_link_ups.inc()
             log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
             self.step(ev.PeerConnected())
         elif isinstance(event, LinkDown):
+            self.m_link_downs.inc()
             log("link_down", reason=event.reason)
             self.step(ev.PeerDisconnected())
 
@@ -620,6 +681,8 @@ class SiteDaemon:
                 )
                 self.witness_reachable = True
                 self._check_witness_epoch(states)
+                ours = [state for state in states if state.pair == self.config.site.pair_id]
+                self.witness_preferred = ours[0].preferred if ours else ""
                 if identity and identity != self.witness_id:
                     log("witness_identity", witness=self.config.witness.address, witness_id=identity)
                     self.witness_id = identity
@@ -682,6 +745,43 @@ class SiteDaemon:
         while True:
             await asyncio.sleep(TICK_S)
             self.step(ev.TimePassed())
+            progress = self.resync_progress
+            if progress.active and time.monotonic() - progress.last_logged >= RESYNC_PROGRESS_LOG_S:
+                self._update_resync_progress()
+                progress.last_logged = time.monotonic()
+                log("resync_progress", peer=self.peer, **progress.fields())
+
+    # ------------------------------------------------------------ resync progress (for status and events)
+    def _resync_role_changed(self, old: Role, new: Role) -> None:
+        progress = self.resync_progress
+        if new is Role.RESYNC_SOURCE and old is not Role.RESYNC_SOURCE:
+            full = getattr(self.core, "resync_full_position", None)
+            kind = "full" if full is not None else "incremental"
+            progress.begin(kind, len(self.core.dirty))
+            log("resync_started", kind=kind, peer=self.peer, keys=progress.total, epoch=self.core.epoch)
+            if kind == "full":
+                asyncio.get_running_loop().create_task(self._count_full_resync(full))
+        elif new is Role.RESYNC_TARGET and old is not Role.RESYNC_TARGET:
+            progress.begin("target", 0)
+            log("resync_started", kind="target", source=self.peer, epoch=self.core.epoch)
+        elif progress.active and new not in (Role.RESYNC_SOURCE, Role.RESYNC_TARGET):
+            self._update_resync_progress()
+            fields = progress.fields()
+            seconds = round(time.monotonic() - progress.started, 3)
+            outcome = "done" if new is Role.SYNC else f"stopped ({new.name})"
+            log("resync_done", outcome=outcome, seconds=seconds, **fields)
+            progress.end()
+
+    async def _count_full_resync(self, position: bytes) -> None:
+        """A full resync's total: the keys from its scan position on (counted off the event loop)."""
+        count, _ = await asyncio.to_thread(self.store.range_digest, position or b"", None)
+        if self.resync_progress.kind == "full":
+            self.resync_progress.total = max(self.resync_progress.total, count + len(self.core.dirty))
+
+    def _update_resync_progress(self) -> None:
+        progress = self.resync_progress
+        if progress.kind == "incremental":
+            progress.set_remaining(len(self.core.dirty))
 
     def _collect(self) -> None:
         core = self.core
@@ -706,12 +806,22 @@ class SiteDaemon:
         return handle, future
 
     def _unavailable(self, what: str) -> errors.Unavailable:
-        return errors.Unavailable(
-            f"site {self.name} cannot {what}: it is {self.core.role.name}; try site {self.peer}",
-            self.config.site.peer_grpc_address,
-        )
+        # The servicer adds "site 'a' cannot serve (...); try site 'b' at ADDRESS": say only why here.
+        role = self.core.role.name
+        why = f"{what} refused while {role}"
+        if role == "SYNC" and not self.core._session_up():
+            why += ", the peer just became unreachable (a failover is under way)"
+        elif role in ("SUSPENDED", "FENCED", "STARTING"):
+            why += f"; {self.state_reason}" if self.state_reason else ""
+        return errors.Unavailable(why, self.config.site.peer_grpc_address)
+
+    def _refuse_if_draining(self, counter: Any) -> None:
+        if self.draining:
+            counter.labels("draining").inc()
+            raise errors.Unavailable("drained for maintenance", self.config.site.peer_grpc_address)
 
     async def write(self, operations: Sequence[Operation], request_id: bytes, timeout_s: float) -> WriteResult:
+        self._refuse_if_draining(self.m_writes)
         started = time.perf_counter()
         handle, future = self._handle()
         self.step(ev.WriteRequested(handle, request_id, tuple(operations)))
@@ -734,6 +844,7 @@ class SiteDaemon:
         raise errors.OutcomeUnknown(f"outcome unknown: {answer.message}")
 
     async def read(self, key: bytes, timeout_s: float) -> Versioned | None:
+        self._refuse_if_draining(self.m_reads)
         started = time.perf_counter()
         handle, future = self._handle()
         self.step(ev.ReadRequested(handle, key))
@@ -768,21 +879,48 @@ class SiteDaemon:
 
     def status(self) -> SiteStatus:
         core = self.core
+        progress = self.resync_progress
+        self._update_resync_progress()
+        role = ""
+        if core.role in (Role.SOLO, Role.RESYNC_SOURCE):
+            role = "source"
+        elif core.role is Role.RESYNC_TARGET:
+            role = "target"
         return SiteStatus(
             site=self.name,
             peer=self.peer,
             state=core.role.name,
             epoch=core.epoch,
             pair=self.config.site.pair_id,
-            role="source" if core.role in (Role.SOLO, Role.RESYNC_SOURCE) else "",
+            role=role,
             peer_reachable=core._session_up(),
             witness_reachable=self.witness_reachable,
             lag_records=len(core.log),
             dirty_keys=len(core.dirty),
-            preferred=core.config.preferred,
+            resync_progress=(progress.done, progress.total) if progress.kind != "target" else (0, 0),
+            preferred=self.config.site.preferred_site,
             peer_address=self.config.site.peer_grpc_address,
-            details={"incarnation": str(core.incarnation), "pending_writes": str(len(core.pending))}
+            details={
+                "incarnation": str(core.incarnation),
+                "pending_writes": str(len(core.pending)),
+                "tie_break_site": core.config.preferred,
+                "witness": self.config.witness.address,
+                # The request limits, so that a client can refuse an oversized input before reading it.
+                "object_bytes_max": str(self.config.api.object_bytes_max),
+                "block_write_bytes_max": str(self.config.api.block_write_bytes_max),
+                "block_read_bytes_max": str(self.config.api.block_read_bytes_max),
+                "trim_blocks_max": str(self.config.api.trim_blocks_max),
+            }
             | self._nbd_details(),
+            state_reason=self.state_reason,
+            state_since_ms=self.state_since_ms,
+            started_ms=self.started_ms,
+            version=__version__,
+            resync_kind=progress.kind,
+            resync_rate_keys_per_s=round(progress.rate(), 1) if progress.kind != "target" else 0.0,
+            resync_eta_s=round(progress.eta_s(), 1) if progress.kind != "target" else 0.0,
+            witness_preferred=self.witness_preferred,
+            draining=self.draining,
         )
 
     def _nbd_details(self) -> dict[str, str]:
@@ -817,18 +955,45 @@ class SiteDaemon:
         )
         return VerifyReport(outcome.keys_compared, tuple(outcome.differing_keys), repaired)
 
+    # ------------------------------------------------------------ operator: drain, events
+    async def drain(self, undo: bool) -> int:
+        """Planned maintenance: refuse new client requests (UNAVAILABLE naming the peer, so clients
+        move there at once, and health checks answer NOT_SERVING) and wait, up to the request
+        timeout, for the requests in flight. Returns how many were still in flight. The pair stays
+        SYNC: the site keeps replicating the peer's writes until it is stopped."""
+        if undo:
+            self.draining = False
+            self.m_draining.set(0)
+            log("drain", action="undone", site=self.name)
+            return 0
+        if self.core.role not in (Role.SYNC,):
+            raise errors.Refused(
+                f"drain needs the pair in SYNC (the peer must be able to serve alone); site {self.name} is "
+                f"{self.core.role.name}"
+            )
+        self.draining = True
+        self.m_draining.set(1)
+        log("drain", action="started", site=self.name, in_flight=len(self.handles))
+        deadline = time.monotonic() + self.config.api.request_timeout_ms / 1000
+        while self.handles and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        log("drain", action="drained", site=self.name, in_flight=len(self.handles))
+        return len(self.handles)
+
+    def follow_events(self, history: bool, follow: bool) -> Any:
+        return self.events.follow(history, follow)
+
     async def resync(self, full: bool) -> None:
         role = self.core.role
         if full:
-            raise errors.Unavailable(
+            raise errors.Refused(
                 "a full resync on demand is not supported: the core starts one by itself when the peer's "
                 "generation changed (its data directory was wiped or replaced); to force one, stop the "
-                "site to be rebuilt, empty its data_dir and start it again",
-                "",
+                "site to be rebuilt, empty its data_dir and start it again"
             )
         if role in (Role.RESYNC_SOURCE, Role.RESYNC_TARGET):
             return  # already running; `status` shows it
-        raise errors.Unavailable(
+        raise errors.Refused(
             f"no resync to start: resync is automatic (it starts when a granted site meets its peer again) "
             f"and site {self.name} is {role.name}"
             + (
@@ -837,8 +1002,7 @@ class SiteDaemon:
                 else f"; it starts when site {self.peer} connects"
                 if role is Role.SOLO
                 else ""
-            ),
-            "",
+            )
         )
 
     async def switchover(self) -> None:
@@ -846,15 +1010,13 @@ class SiteDaemon:
         both sites are SYNC either one serves reads and writes; what changes is who wins when the
         link between them fails and both ask the witness at once."""
         if self.core.role is not Role.SYNC:
-            raise errors.Unavailable(
-                f"switchover needs the pair in SYNC; site {self.name} is {self.core.role.name}", ""
-            )
+            raise errors.Refused(f"switchover needs the pair in SYNC; site {self.name} is {self.core.role.name}")
         try:
             outcome = await self.witness.set_preferred(self.config.site.pair_id, self.name, self.peer)
         except Exception as error:
-            raise errors.Unavailable(f"switchover: the witness did not answer: {error}", "") from None
+            raise errors.Refused(f"switchover: the witness did not answer: {error}") from None
         if not outcome.granted:
-            raise errors.Unavailable(f"switchover: the witness refused to prefer site {self.peer}", "")
+            raise errors.Refused(f"switchover: the witness refused to prefer site {self.peer}")
         log("switchover", preferred=self.peer)
 
     async def failover(self, force: bool) -> None:
@@ -866,18 +1028,16 @@ class SiteDaemon:
             raise errors.InvalidRequest("a forced failover needs force=True (replicatorctl failover --force)")
         core = self.core
         if core.role not in (Role.FENCED, Role.SUSPENDED, Role.STARTING):
-            raise errors.Unavailable(
+            raise errors.Refused(
                 f"forced failover is only for a site that is FENCED, SUSPENDED or STARTING with the peer "
-                f"unreachable; site {self.name} is {core.role.name}",
-                "",
+                f"unreachable; site {self.name} is {core.role.name}"
             )
         if core._session_up():
-            raise errors.Unavailable(f"forced failover refused: the peer site {self.peer} is reachable", "")
+            raise errors.Refused(f"forced failover refused: the peer site {self.peer} is reachable")
         if core.is_target:
-            raise errors.Unavailable(
+            raise errors.Refused(
                 f"forced failover refused: site {self.name} was being resynchronised and lacks data; "
-                f"bring site {self.peer} back instead",
-                "",
+                f"bring site {self.peer} back instead"
             )
         log("failover_forced", level="warning", site=self.name, epoch=core.epoch)
         self.step(ev.FailoverForced())
@@ -886,9 +1046,9 @@ class SiteDaemon:
             if core.role is Role.SOLO and core.grant_epoch is None:
                 return
             await asyncio.sleep(0.05)
-        raise errors.Unavailable(
-            f"forced failover did not complete: site {self.name} is {core.role.name} (is the witness reachable?)",
-            "",
+        raise errors.Refused(
+            f"forced failover did not complete: site {self.name} is {core.role.name} (is the witness "
+            f"reachable? a forced failover needs its grant: it is never taken without the witness)"
         )
 
     # ------------------------------------------------------------ verify (helpers, and the peer's side)
@@ -938,23 +1098,33 @@ async def _main(config: SiteConfig, stop: asyncio.Event) -> int:
         log("start_failed", level="critical", site=config.site.name, error=str(error))
         await daemon.abort_start()
         return 1
+    sd_notify(f"READY=1\nSTATUS=site {daemon.name} started, {daemon.core.role.name}")
     stopped = asyncio.create_task(daemon.stopped.wait())
     signalled = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    sd_notify("STOPPING=1")
     await daemon.stop()
     return 1 if daemon.stopped.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="replicatord", description="Run one site of a Replicator pair.")
+    parser.add_argument("--version", action="version", version=f"replicatord {__version__}")
     parser.add_argument("--config", required=True, help="the site's TOML configuration")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error", "critical"],
+        default=None,
+        help="minimum log level (default: REPLICATOR_LOG_LEVEL, else info)",
+    )
     args = parser.parse_args(argv)
+    quiet_grpc_core()
     try:
         config = load_site_config(args.config)
     except (ConfigError, OSError) as error:
         print(f"replicatord: {args.config}: {error}", file=sys.stderr)
         return 2
-    configure("replicatord", config.site.name)
+    configure("replicatord", config.site.name, level=args.log_level)
     return run(lambda stop: _main(config, stop))
 
 

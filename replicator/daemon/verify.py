@@ -264,8 +264,8 @@ class Verifier:
                 upto = local[-1].key
             if len(remote) >= self.page and (upto is None or remote[-1].key < upto):
                 upto = remote[-1].key
-            mine = {e.key: e.identity for e in local if upto is None or e.key <= upto}
-            theirs = {e.key: e.identity for e in remote if upto is None or e.key <= upto}
+            mine = {e.key: e.identity for e in local if (upto is None or e.key <= upto) and not _never_written(e)}
+            theirs = {e.key: e.identity for e in remote if (upto is None or e.key <= upto) and not _never_written(e)}
             for key in mine.keys() | theirs.keys():
                 if mine.get(key) != theirs.get(key):
                     self.candidates.add(key)
@@ -287,11 +287,17 @@ class Verifier:
             for index in range(0, len(keys), ENTRIES_LIMIT_MAX):
                 chunk = keys[index : index + ENTRIES_LIMIT_MAX]
                 local, remote = await asyncio.gather(self.local.key_entries(chunk), self.peer.key_entries(chunk))
-                mine = {e.key: e.identity for e in local}
-                theirs = {e.key: e.identity for e in remote}
+                mine = {e.key: e.identity for e in local if not _never_written(e)}
+                theirs = {e.key: e.identity for e in remote if not _never_written(e)}
                 still.extend(key for key in chunk if mine.get(key) != theirs.get(key))
             keys = still
         return keys
+
+
+def _never_written(entry: RangeEntry) -> bool:
+    """A tombstone at ts 0: what a resync ships for a dirty key the source never held. It loses to
+    every write (last writer wins on ts) and reads as absent, so it is the same as no entry at all."""
+    return entry.tombstone and entry.ts == 0 and not entry.corrupt
 
 
 __all__ = [

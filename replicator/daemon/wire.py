@@ -22,6 +22,7 @@ from replicator import framing
 from replicator.core import messages as msg
 from replicator.core.messages import Role
 from replicator.core.records import Record
+from replicator.transport.link import GOODBYE_CLOSING
 
 Kind = framing.ResyncKind
 FT = framing.FrameType
@@ -61,6 +62,11 @@ def _unpack_dedup(blob: bytes) -> tuple[tuple[bytes, int], ...]:
     if position != len(blob):
         raise framing.MalformedFrame("bad dedup list")
     return tuple(entries)
+
+
+# Goodbye frames the link itself sends on a clean close (replicator/transport/link.py, Link.close).
+LINK_GOODBYE_REASONS = frozenset({GOODBYE_CLOSING})
+LINK_GOODBYE_MESSAGES = frozenset({"closing"})
 
 
 @dataclass
@@ -176,6 +182,10 @@ class Decoder:
         if frame.type == FT.RESYNC_DATA:
             return msg.ResyncData(epoch, body.batch_seq, tuple(entry.materialise() for entry in body.entries))
         if frame.type == FT.GOODBYE:
+            if body.reason in LINK_GOODBYE_REASONS and body.message in LINK_GOODBYE_MESSAGES:
+                # The link's own goodbye (a clean close), whose code 1 the core's STALE_EPOCH also uses:
+                # told apart by its fixed message, so a peer that shuts down is not taken for "you are behind".
+                return msg.Goodbye(epoch, msg.GoodbyeReason.SHUTDOWN, f"peer closed the link ({body.message})")
             try:
                 reason = msg.GoodbyeReason(body.reason)
             except ValueError:

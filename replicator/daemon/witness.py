@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from replicator import __version__
 from replicator.api import errors
 from replicator.api.server import RunningServer, start_witness_server
 from replicator.api.witness import ArbitrationOutcome, PairMode
@@ -80,7 +81,7 @@ from replicator.core.witness import (
 from replicator.daemon import logs
 from replicator.daemon.logs import log
 from replicator.daemon.metrics import MetricsServer, Registry, start_metrics_server
-from replicator.daemon.runner import Shutdown, run
+from replicator.daemon.runner import Shutdown, quiet_grpc_core, run, sd_notify
 
 __all__ = ["STATE_FILE", "StateError", "StateStore", "StoredPair", "WitnessDaemon", "main"]
 
@@ -401,16 +402,25 @@ class WitnessDaemon:
         known = set(self._durable) | fresh | (self.declared & set(self.core.states) if self.core is not None else set())
         names = sorted(known) if pair is None else [pair] if pair in known else []
         return [
-            ApiPairState(name, 0, PairMode.SYNC, "")
+            ApiPairState(name, 0, PairMode.SYNC, "", self._preferred(name))
             if name in fresh or name not in self._durable
             else ApiPairState(
                 name,
                 self._durable[name].state.epoch,
                 PairMode[self._durable[name].state.mode.name],
                 self._durable[name].state.holder,
+                self._preferred(name),
             )
             for name in names
         ]
+
+    def _preferred(self, pair: str) -> str:
+        """The preferred site as this witness applies it: a switchover's, else the declared one ("" none)."""
+        stored = self._durable.get(pair)
+        if stored is not None and stored.state.preferred:
+            return stored.state.preferred
+        config = self.core.pairs.get(pair) if self.core is not None else None
+        return config.preferred if config is not None and config.preferred_grace_ms > 0 else ""
 
     async def _request(self, request: Arbitrate | MarkSynced | SetPreferred) -> ArbitrationOutcome:
         if self.failed.is_set():
@@ -628,11 +638,13 @@ async def _amain(config: WitnessConfig, stop: asyncio.Event) -> int:
         learned_pairs=sorted(set(daemon.core.pairs) - daemon.declared) if daemon.core else [],
         tls=config.tls.grpc is not None,
     )
+    sd_notify(f"READY=1\nSTATUS=witness started, {len(daemon.declared)} declared pairs")
     stop_wait = asyncio.ensure_future(stop.wait())
     fail_wait = asyncio.ensure_future(daemon.failed.wait())
     await asyncio.wait({stop_wait, fail_wait}, return_when=asyncio.FIRST_COMPLETED)
     stop_wait.cancel()
     fail_wait.cancel()
+    sd_notify("STOPPING=1")
     await daemon.shutdown()
     failed = daemon.failed.is_set()
     log("stopped", exit_code=1 if failed else 0)
@@ -643,9 +655,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="replicator-witness", description="The witness: arbitrates which site of a pair goes on alone."
     )
+    parser.add_argument("--version", action="version", version=f"replicator-witness {__version__}")
     parser.add_argument("--config", required=True, help="witness TOML configuration file")
     parser.add_argument("--log-level", choices=sorted(logs.LEVELS), default=None, help="minimum log level")
     args = parser.parse_args(argv)
+    quiet_grpc_core()
     try:
         config = load_witness_config(args.config)
     except ConfigError as error:

@@ -50,6 +50,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from replicator import __version__
 from replicator.nbd import protocol as p
 from replicator.nbd.client import ExportInfo, NbdClientError, SiteConnection, client_ssl_context, list_exports
 
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="replicator-nbd-multipath",
         description="One NBD device over both sites' exports: local-preferred or round-robin, resending on failover.",
     )
+    parser.add_argument("--version", action="version", version=f"replicator-nbd-multipath {__version__}")
     parser.add_argument("--sites", nargs="+", required=True, metavar="HOST:PORT", help="the sites' NBD addresses, preferred first")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--listen", default="127.0.0.1:10809", help="loopback HOST:PORT to serve the host on")
