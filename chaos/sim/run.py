@@ -262,7 +262,7 @@ class FaultInjector:
         attempts = [0]
 
         def restore() -> None:
-            if self.held_for is None and settled_pair(world) and site.alive:
+            if self.held_for is None and settled_pair(world) and no_fault_active(world) and site.alive:
                 world.trace(f"{name} stopped, its disk restored from the older copy")
                 site.crash("stopped to restore an older copy of its disk")
                 site.disk.durable = copy.copy()
@@ -412,6 +412,18 @@ def settled_pair(world: World) -> bool:
     witness_epoch = state.epoch if state is not None else 1
     witness_sync = state is None or state.mode.name == "SYNC"
     return witness_sync and witness_epoch == core.epoch and not any(c.asked_epoch for c in cores if c)
+
+
+def no_fault_active(world: World) -> bool:
+    """No link black-holed, no site paused, the witness up: what an operator checks before
+    restoring a site (a settled pair whose peer is paused or cut from the witness is not
+    healthy: simulator seed 1612 restored b while a was both, and b won the next epoch with
+    its old disk)."""
+    return (
+        not world.links
+        and world.witness.alive
+        and all(site.alive and site.paused_until_us <= world.now_us for site in world.sites.values())
+    )
 
 
 def visible_state(world: World, name: str) -> dict[str, str]:
