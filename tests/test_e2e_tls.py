@@ -165,6 +165,35 @@ def test_writes_at_either_site_are_readable_at_both(endpoints: dict[str, str], c
             assert sorted(one.list(BUCKET)) == sorted(written)
 
 
+def test_metrics_show_sync_times_disk_use_and_certificate_expiry(deployment: LocalCluster, client_tls: TlsFiles) -> None:
+    """Trial finding 42: the sync latency, the data directory's size and free space, and when each
+    certificate expires (compared with openssl's reading of the same file)."""
+    import datetime
+    import urllib.request
+
+    site = load_site_config(deployment.config_path("a"))
+    with client(deployment.cluster["sites"]["a"]["grpc"], client_tls) as one:
+        one.put(BUCKET, "metrics-probe", b"x" * 4096)
+    with urllib.request.urlopen(f"http://{deployment.cluster['sites']['a']['metrics']}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert samples["replicator_sync_seconds_count"] >= 1 and samples["replicator_sync_seconds_sum"] > 0
+    assert samples["replicator_data_dir_bytes"] > 4096 and samples["replicator_data_dir_free_bytes"] > 0
+    for channel in ("grpc", "link", "witness"):
+        cert_file = getattr(site.tls, channel).cert_file
+        end = subprocess.run(
+            ["openssl", "x509", "-in", str(cert_file), "-noout", "-enddate"], capture_output=True, text=True, check=True
+        ).stdout.strip().split("=", 1)[1]
+        not_after = datetime.datetime.strptime(end, "%b %d %H:%M:%S %Y %Z").replace(tzinfo=datetime.UTC)
+        shown = samples[f'replicator_certificate_expiry_timestamp_seconds{{channel="{channel}"}}']
+        assert shown == not_after.timestamp(), channel
+        assert 0 < samples[f'replicator_certificate_expiry_seconds{{channel="{channel}"}}'] <= shown
+
+
 # ---------------------------------------------------------------- refusals
 
 

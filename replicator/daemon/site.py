@@ -38,6 +38,7 @@ from replicator.core.records import Operation, Record, Versioned, record_wire_by
 from replicator.core.site import SiteCore
 from replicator.daemon.clock import WallClock
 from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_failure
+from replicator.daemon.hostmetrics import add_host_metrics
 from replicator.daemon.logs import add_listener, configure, log, remove_listener
 from replicator.daemon.metrics import Registry, start_metrics_server
 from replicator.daemon.ops import EventBus, ResyncProgress
@@ -220,6 +221,7 @@ class SiteDaemon:
         )
         self.core = SiteCore(core_config, core_recovered)
         self.committer = GroupCommitter(self.store)
+        add_host_metrics(self.metrics, data_dir, self.config.tls, self.committer)
         self.committer.start()
         self.witness = AsyncWitnessClient(
             self.config.witness.address, tls=self.config.tls.witness, timeout_ms=self.config.witness.timeout_ms

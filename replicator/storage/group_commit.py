@@ -27,6 +27,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from replicator.storage.base import BaseStore
 from replicator.storage.batch import Batch
@@ -71,6 +72,8 @@ class GroupCommitter:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: StorageFailed | None = None
+        # Called in the syncing thread with each sync's seconds (a metric), when set.
+        self.on_sync: Callable[[float], None] | None = None
         # Counters for metrics (read them from the loop).
         self.commit_count = 0
         self.write_stall_count = 0
@@ -222,6 +225,8 @@ class GroupCommitter:
             self.sync_seconds_total += elapsed
             if elapsed > self.sync_seconds_max:
                 self.sync_seconds_max = elapsed
+            if self.on_sync is not None:
+                self.on_sync(elapsed)  # in this thread: keep it cheap (a histogram observe)
             # Let the loop resolve the commits just made durable and run their writers, which usually
             # commit again at once, before the next sync starts: otherwise that sync would carry only the
             # few commits written meanwhile and the next one the rest (half-empty syncs). Bounded wait.
