@@ -41,6 +41,18 @@ def health(endpoint: str) -> int:
         return 0
 
 
+def in_sync(pair: LocalCluster) -> bool:
+    """Both sites' S3 health pages name SYNC (a site still resyncing its peer serves alone)."""
+    for name in ("a", "b"):
+        try:
+            with urllib.request.urlopen(pair.cluster["sites"][name]["s3"] + "/-/health", timeout=2) as answer:
+                if b"SYNC" not in answer.read().split():
+                    return False
+        except OSError:
+            return False
+    return True
+
+
 HAPROXY_CONFIG = """global
     maxconn 512
 defaults
@@ -200,6 +212,9 @@ def test_a_site_that_cannot_serve_answers_503_slowdown(pair: LocalCluster, hapro
     b_url = pair.cluster["sites"]["b"]["s3"]
     b = Endpoint(pair, "b", tmp_path / "b").boto3(retries={"max_attempts": 1}, read_timeout=30)
     b.create_bucket(Bucket="alone")
+    # The test before restarts a; until its resync is over b is the resync source, holds the grant
+    # and serves alone without the witness: only a pair in SYNC needs the witness to go on.
+    wait_for(lambda: in_sync(pair), 60, "the pair in SYNC")
     pair.stop_process("witness")
     pair.kill("a")
     # b loses its peer and cannot reach the witness: it must stop serving.
