@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 SEEDS ?= 1-2000
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-fast lint docs sim sim-long chaos bench demo clean tools-nbd tools-s3 tools-haproxy
+.PHONY: all venv build test test-fast lint tools-bench docs sim sim-long chaos bench demo clean tools-nbd tools-s3 tools-haproxy
 
 all: build
 
@@ -43,6 +43,21 @@ tools-haproxy:
 	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy)
 
+# The baselines the benchmark tests start (etcd, Redis: Debian packages) and the redis client, when missing.
+REDIS_CLIENT := $(VENV)/.redis-client
+$(REDIS_CLIENT): $(INSTALLED)
+	$(PY) -m pip install -q 'redis>=5.0.1'
+	touch $@
+
+tools-bench: $(REDIS_CLIENT)
+	@missing=""; for tool in etcd redis-server; do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "tools-bench: missing$$missing; installing etcd-server redis-server"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server redis-server \
+	    || echo "tools-bench: apt-get failed; the baseline tests will skip (or fail under CI=true)" >&2; \
+	fi
+
 lint: build
 	$(PY) -m ruff check replicator chaos tests benchmarks
 	$(PY) -m mypy replicator/core
@@ -67,7 +82,7 @@ tools-nbd:
 	    || echo "tools-nbd: apt-get failed; the NBD tests will skip (or fail under CI=true)" >&2; \
 	fi
 
-test: build lint tools-nbd tools-s3 tools-haproxy
+test: build lint tools-nbd tools-s3 tools-haproxy tools-bench
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 sim: build

@@ -1,7 +1,9 @@
 """The end-to-end benchmark's baselines: raw RocksDB, etcd and Redis on loopback (benchmarks/e2e/baselines.py).
 
-The etcd and Redis tests run only where the binaries are installed (`python -m
-benchmarks.e2e.baselines install etcd|redis` installs them); they never install anything.
+The etcd and Redis tests need the binaries and the redis client (`make tools-bench`, a
+dependency of `make test`, installs them; so does `python -m benchmarks.e2e.baselines install
+etcd|redis`); the tests never install anything. Without them a test skips, and under CI=true
+it fails: a missing tool never turns CI's run into a skip.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +24,25 @@ from benchmarks.e2e.common import DriverSpec, SystemUnavailable, open_driver
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_CLIENT = importlib.util.find_spec("redis") is not None
 
-needs_etcd = pytest.mark.skipif(
-    baselines.find_binary("etcd") is None,
-    reason="etcd is not installed (apt-get install -y etcd-server, or python -m benchmarks.e2e.baselines install etcd)",
+ETCD_MISSING = (
+    "etcd is not installed (make tools-bench, apt-get install -y etcd-server, "
+    "or python -m benchmarks.e2e.baselines install etcd)"
+    if baselines.find_binary("etcd") is None
+    else ""
 )
-needs_redis = pytest.mark.skipif(
-    baselines.find_binary("redis") is None or not REDIS_CLIENT,
-    reason="redis-server or the redis Python client is missing "
-    "(apt-get install -y redis-server; pip install -e '.[bench]')",
+REDIS_MISSING = (
+    "redis-server or the redis Python client is missing (make tools-bench)"
+    if baselines.find_binary("redis") is None or not REDIS_CLIENT
+    else ""
 )
+
+
+def require(missing: str) -> None:
+    """Skip when a tool is missing, or fail under CI=true (where `make test` installed it)."""
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {missing}")
+        pytest.skip(missing)
 
 
 def _gone(pid: int) -> bool:
@@ -145,9 +158,9 @@ async def _round_trip(spec: DriverSpec, workers: int) -> None:
             await driver.close()
 
 
-@needs_etcd
 @pytest.mark.timeout(60)
 def test_etcd_cluster_round_trip_and_stop(tmp_path: Path) -> None:
+    require(ETCD_MISSING)
     cluster = baselines.EtcdCluster(tmp_path, install=False)
     try:
         cluster.start()
@@ -166,9 +179,9 @@ def test_etcd_cluster_round_trip_and_stop(tmp_path: Path) -> None:
     cluster.stop()
 
 
-@needs_redis
 @pytest.mark.timeout(60)
 def test_redis_pair_round_trip_and_stop(tmp_path: Path) -> None:
+    require(REDIS_MISSING)
     import redis
 
     pair = baselines.RedisPair(tmp_path, install=False)
