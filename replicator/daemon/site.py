@@ -18,7 +18,6 @@ import contextlib
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, Versioned, record_wire_bytes, versioned_wire_bytes
+from replicator.core.records import Operation, Versioned
 from replicator.core.site import SiteCore
 from replicator.daemon.clock import WallClock
 from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_failure
@@ -42,8 +41,10 @@ from replicator.daemon.hostmetrics import add_host_metrics
 from replicator.daemon.logs import add_listener, configure, log, remove_listener
 from replicator.daemon.metrics import Registry, start_metrics_server
 from replicator.daemon.ops import EventBus, ResyncProgress
+from replicator.daemon.peer import PeerOutbox
 from replicator.daemon.runner import Shutdown, quiet_grpc_core, run, sd_notify
 from replicator.daemon.wire import Decoder, Encoder
+from replicator.driver import Host, SiteDriver, recover
 from replicator.nbd.server import NbdServer, start_nbd_server
 from replicator.storage import GroupCommitter, Store, StoreOptions
 from replicator.storage.errors import CorruptValue, StorageFailed
@@ -52,45 +53,95 @@ from replicator.transport.link import Link, LocalHello
 
 TICK_S = 0.01
 WITNESS_REPORT_S = 1.0  # how often a site reports where it is to the witness
-CLEAR_PAGE_KEYS = 10_000
 RESYNC_PROGRESS_LOG_S = 5.0  # a running resync logs (and streams) its progress this often
-
-
-def encode_meta(value: int | bytes | str) -> bytes:
-    if isinstance(value, bool) or isinstance(value, int):
-        return b"i" + str(int(value)).encode()
-    if isinstance(value, bytes):
-        return b"b" + value
-    return b"s" + value.encode()
-
-
-def decode_meta(raw: bytes) -> int | bytes | str:
-    tag, body = raw[:1], raw[1:]
-    if tag == b"i":
-        return int(body)
-    if tag == b"b":
-        return bytes(body)
-    if tag == b"s":
-        return body.decode()
-    raise ValueError(f"bad meta value {raw[:16]!r}")
-
-
-def encode_record(record: Record) -> bytes:
-    out = bytearray()
-    framing.encode_records(out, record.epoch, [record])
-    return bytes(out)
-
-
-def decode_record(raw: bytes) -> Record:
-    frame = framing.decode_frame(raw)
-    (view,) = frame.body.records
-    record: Record = view.materialise()
-    return record
 
 
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+class _DaemonHost(Host):
+    """The driver's host in the daemon: client futures, logs, metrics, the event loop."""
+
+    def __init__(self, daemon: SiteDaemon) -> None:
+        self.daemon = daemon
+
+    def later(self, driver: SiteDriver, event: ev.Event) -> None:
+        asyncio.get_running_loop().call_soon(driver.step, event)
+
+    def resync_loaded(self, driver: SiteDriver, loaded: ev.ResyncBatchLoaded) -> None:
+        if self.daemon.resync_progress.kind == "full":
+            self.daemon.resync_progress.advance(len(loaded.entries))
+        self.later(driver, loaded)
+
+    def write_waits(self, driver: SiteDriver) -> None:
+        self.daemon.follow_durability()
+
+    def _answer(self, handle: int, answer: Any) -> None:
+        future = self.daemon.handles.pop(handle, None)
+        if future is not None and not future.done():
+            future.set_result(answer)
+
+    def write_answered(self, answer: ev.AnswerWrite) -> None:
+        self._answer(answer.handle, answer)
+
+    def read_rejected(self, reject: ev.RejectRead) -> None:
+        self._answer(reject.handle, reject)
+
+    def read_served(self, handle: int, key: bytes, version: Versioned | None, error: CorruptValue | None) -> None:
+        future = self.daemon.handles.pop(handle, None)
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(version)
+            return
+        self.daemon.m_checksum.inc()
+        log("corrupt_value", level="error", key=key)
+        future.set_exception(errors.Corrupt(str(error)))
+
+    def role_changed(self, change: ev.RoleChanged) -> None:
+        daemon = self.daemon
+        if change.new is Role.SYNC:
+            daemon.witness_report_now.set()
+        daemon.state_since_ms = int(time.time() * 1000)
+        daemon.state_reason = change.reason
+        daemon.m_role_changes.labels(change.new.name).inc()
+        daemon._resync_role_changed(change.old, change.new)
+        log(
+            "role",
+            old=change.old.name,
+            new=change.new.name,
+            epoch=change.epoch,
+            reason=change.reason,
+            mono_ns=time.monotonic_ns(),
+        )
+
+    def committed(self, commit: ev.Committed) -> None:
+        if self.daemon.config.chaos.log_commits:
+            log(
+                "commit",
+                record=str(commit.record_id),
+                epoch=commit.epoch,
+                role=commit.role.name,
+                alone=commit.alone,
+                mono_ns=time.monotonic_ns(),
+            )
+
+    def stopping(self, reason: str) -> None:
+        log("stopping", level="error", reason=reason)
+        self.daemon.stopped.set()
+
+    def cleared(self, erased: int, dirty: int) -> None:
+        # Say what a full resync throws away: among these are whatever this site wrote alone
+        # in an epoch the peer superseded (a forced failover at the peer), lost from now on.
+        log(
+            "resync_cleared",
+            level="warning" if erased else "info",
+            keys=erased,
+            dirty_keys=dirty,
+            reason="full resync: this site's copy is replaced by the peer's",
+        )
 
 
 class SiteDaemon:
@@ -103,11 +154,6 @@ class SiteDaemon:
         self.peer = section.peer_name
         self.site_name = section.name  # SiteBackend
         self.handles: dict[int, asyncio.Future[Any]] = {}
-        self.outbox: msg.ShipRecords | None = None  # records of this turn of the loop, not yet encoded
-        self.outbox_bytes = 0
-        self.outbox_bytes_max = max(section.frame_size_bytes_max // 4, 1)
-        self.outbox_scheduled = False
-        self.unsynced: deque[tuple[int, int]] = deque()  # (store sequence, persist id) not yet durable
         self.durability_follower: asyncio.Task[None] | None = None
         self.next_handle = 1
         self.metrics = Registry()
@@ -130,10 +176,9 @@ class SiteDaemon:
         self.metrics.add_collector(self._collect)
         self.witness_reachable = False
         self.stopped = asyncio.Event()
-        # Frames for the peer, each with the link session it was made for (see _on_link_state).
-        self.send_queue: asyncio.Queue[tuple[int, bytearray] | None] = asyncio.Queue()
-        self.link_session = 0
-        self.encoder = Encoder(self.name, frame_bytes_max=section.frame_size_bytes_max)
+        self.peer_port = PeerOutbox(
+            Encoder(self.name, frame_bytes_max=section.frame_size_bytes_max), section.frame_size_bytes_max // 4
+        )
         self.decoder = Decoder(section.pair_id, self.peer)
         self.tasks: list[asyncio.Task[Any]] = []
         self.link: Link | None = None
@@ -185,22 +230,7 @@ class SiteDaemon:
         self.directory_lock.acquire()
         # REPLICATOR_STORAGE_FAULTS (a test hook of the chaos suite) is read by the store itself.
         self.store = Store.open(data_dir / "store", StoreOptions(dedup_entries_max=section.dedup_entries_max))
-        recovered = self.store.load()
-        meta = {name: decode_meta(raw) for name, raw in recovered.meta.items()}
-        if "generation" not in meta:
-            generation = os.urandom(16)
-            batch = self.store.batch()
-            batch.put_meta("generation", encode_meta(generation))
-            self.store.write(batch)
-            self.store.sync()
-            meta["generation"] = generation
-            log("generation", generation=generation)
-        core_recovered = ev.Recovered(
-            meta=meta,
-            log=[decode_record(raw) for raw in recovered.log.values()],
-            dirty=set(recovered.dirty),
-            dedup={request_id: int(entry.outcome) for request_id, entry in recovered.dedup.items()},
-        )
+        core_recovered = recover(self.store, self._new_generation)
         plants = frozenset({self.config.chaos.test_plant}) if self.config.chaos.test_plant else frozenset()
         core_config = CoreConfig(
             site=self.name,
@@ -221,6 +251,9 @@ class SiteDaemon:
         )
         self.core = SiteCore(core_config, core_recovered)
         self.committer = GroupCommitter(self.store)
+        self.driver = SiteDriver(
+            self.core, self.store, self.peer_port, self, self, _DaemonHost(self), write=self.committer.write_now
+        )
         add_host_metrics(self.metrics, data_dir, self.config.tls, self.committer)
         self.committer.start()
         self.witness = AsyncWitnessClient(
@@ -252,12 +285,13 @@ class SiteDaemon:
             resume=False,  # every connection is a new session for the core: old frames would be stale
             on_refused=self._on_link_refused,
         )
-        self._execute(self.core.start(self._mono_ms(), self._wall_ms()))
+        self.peer_port.link = self.link
+        self.driver.start()
         try:
             await self.link.start()
         except OSError as error:
             raise listen_failure(self.config.listen.link, error) from None
-        self.tasks.append(asyncio.create_task(self._sender(), name="link-sender"))
+        self.tasks.append(asyncio.create_task(self.peer_port.run_sender(), name="link-sender"))
         self.tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
         self.tasks.append(asyncio.create_task(self._probe_witness(), name="witness-probe"))
         self.server = await start_site_server(
@@ -389,213 +423,46 @@ class SiteDaemon:
         await self.metrics_server.stop()
         await self.witness.close()
 
-    # ------------------------------------------------------------ the core driver
-    def _mono_ms(self) -> float:
+    # ------------------------------------------------------------ the driver's ports (Clock, WitnessPort)
+    def mono_ms(self) -> float:
         return time.monotonic() * 1000.0
 
-    def _wall_ms(self) -> int:
+    def wall_ms(self) -> int:
         return self.wall_clock.now_ms()
 
+    def _new_generation(self) -> bytes:
+        generation = os.urandom(16)
+        log("generation", generation=generation)
+        return generation
+
     def step(self, event: ev.Event) -> None:
-        if self.core.role is Role.STOPPED:
+        self.driver.step(event)
+
+    def ask(self, request: msg.WitnessRequest) -> None:
+        if self._witness_mismatch(request):
+            # As if the witness could not be reached: no grant from a witness the peer does not use.
+            asyncio.get_running_loop().call_soon(self.step, ev.WitnessFailed(request))
             return
-        self._execute(self.core.step(event, self._mono_ms(), self._wall_ms()))
+        asyncio.get_running_loop().create_task(self._ask_witness(request))
 
-    def _execute(self, actions: list[ev.Action]) -> None:
-        for action in actions:
-            if isinstance(action, ev.Persist):
-                self._persist(action)
-            elif isinstance(action, ev.SendToPeer):
-                self._send_to_peer(action.message)
-            elif isinstance(action, ev.DropPeerConnection):
-                self._flush_outbox()
-                log("peer_drop", reason=action.reason)
-                if self.link is not None:
-                    self.link.reset(action.reason)
-            elif isinstance(action, ev.AnswerWrite | ev.RejectRead):
-                future = self.handles.pop(action.handle, None)
-                if future is not None and not future.done():
-                    future.set_result(action)
-            elif isinstance(action, ev.ServeRead):
-                future = self.handles.pop(action.handle, None)
-                if future is not None and not future.done():
-                    try:
-                        future.set_result(self.store.get(action.key))
-                    except CorruptValue as error:
-                        self.m_checksum.inc()
-                        log("corrupt_value", level="error", key=action.key)
-                        future.set_exception(errors.Corrupt(str(error)))
-            elif isinstance(action, ev.AskWitness):
-                if self._witness_mismatch(action.request):
-                    # As if the witness could not be reached: no grant from a witness the peer does not use.
-                    asyncio.get_running_loop().call_soon(self.step, ev.WitnessFailed(action.request))
-                    continue
-                asyncio.get_running_loop().create_task(self._ask_witness(action.request))
-            elif isinstance(action, ev.LoadResyncBatch):
-                self._load_resync(action)
-            elif isinstance(action, ev.RoleChanged):
-                if action.new is Role.SYNC:
-                    self.witness_report_now.set()
-                self.state_since_ms = int(time.time() * 1000)
-                self.state_reason = action.reason
-                self.m_role_changes.labels(action.new.name).inc()
-                self._resync_role_changed(action.old, action.new)
-                log(
-                    "role",
-                    old=action.old.name,
-                    new=action.new.name,
-                    epoch=action.epoch,
-                    reason=action.reason,
-                    mono_ns=time.monotonic_ns(),
-                )
-            elif isinstance(action, ev.Committed):
-                if self.config.chaos.log_commits:
-                    log(
-                        "commit",
-                        record=str(action.record_id),
-                        epoch=action.epoch,
-                        role=action.role.name,
-                        alone=action.alone,
-                        mono_ns=time.monotonic_ns(),
-                    )
-            elif isinstance(action, ev.Stop):
-                log("stopping", level="error", reason=action.reason)
-                self.stopped.set()
-
-    def _send_to_peer(self, message: msg.PeerMessage) -> None:
-        """Hand a core message to the link sender, in order. The records of the writes started in
-        one turn of the loop go out as one RECORDS frame (one ShipRecords for the peer's core: one
-        persist and one ack there), up to OUTBOX_BYTES_MAX; any other message sends them first."""
-        if isinstance(message, msg.ShipRecords) and not message.reconcile:
-            size = sum(record_wire_bytes(record) for record in message.records)
-            held = self.outbox
-            if held is not None and (held.epoch != message.epoch or self.outbox_bytes + size > self.outbox_bytes_max):
-                self._flush_outbox()
-                held = None
-            if held is None:
-                self.outbox = message
-                self.outbox_bytes = size
-                if not self.outbox_scheduled:
-                    self.outbox_scheduled = True
-                    asyncio.get_running_loop().call_soon(self._flush_outbox)
-            else:
-                self.outbox = msg.ShipRecords(held.epoch, held.records + message.records)
-                self.outbox_bytes += size
-            return
-        self._flush_outbox()
-        for frame in self.encoder.encode(message):
-            self.send_queue.put_nowait((self.link_session, frame))
-
-    def _flush_outbox(self) -> None:
-        self.outbox_scheduled = False
-        held = self.outbox
-        if held is not None:
-            self.outbox = None
-            for frame in self.encoder.encode(held):
-                self.send_queue.put_nowait((self.link_session, frame))
-
-    def _persist(self, persist: ev.Persist) -> None:
-        batch = self.store.batch()
-        if persist.clear_data:
-            # A full resync's target starts empty: erase every key, page by page, in this one batch.
-            start = b""
-            erased = 0
-            while True:
-                page = self.store.scan(start, None, CLEAR_PAGE_KEYS)
-                for version in page:
-                    batch.erase(version.key)
-                erased += len(page)
-                if len(page) < CLEAR_PAGE_KEYS:
-                    break
-                start = page[-1].key + b"\x00"
-            # Say what a full resync throws away: among these are whatever this site wrote alone
-            # in an epoch the peer superseded (a forced failover at the peer), lost from now on.
-            log(
-                "resync_cleared",
-                level="warning" if erased else "info",
-                keys=erased,
-                dirty_keys=len(self.core.dirty),
-                reason="full resync: this site's copy is replaced by the peer's",
-            )
-        for record_id in persist.log_delete:
-            batch.delete_record(record_id)
-        for record in persist.log_put:
-            batch.put_record(record.id, encode_record(record))
-        for version in persist.apply:
-            batch.apply(version.key, version.ts, version.value)
-        for key in persist.dirty_add:
-            batch.add_dirty(key)
-        for key in persist.dirty_remove:
-            batch.discard_dirty(key)
-        now_ms = self._wall_ms()
-        for request_id, ts in persist.dedup_put:
-            batch.put_dedup(request_id, str(ts).encode(), now_ms)
-        for name, value in persist.meta:
-            batch.put_meta(name, encode_meta(value))
-        try:
-            sequence = self.committer.write_now(batch)
-        except StorageFailed as error:
-            # Not from inside this step's actions: the rest of them go out first, in order (a commit
-            # decided before the failure is logged before the stop).
-            asyncio.get_running_loop().call_soon(self.step, ev.PersistFailed(str(error)))
-            return
-        self.unsynced.append((sequence, persist.persist_id))
+    def follow_durability(self) -> None:
         if self.durability_follower is None:
             self.durability_follower = asyncio.get_running_loop().create_task(self._follow_durability())
 
     async def _follow_durability(self) -> None:
-        """Report `Persisted` for the highest persist id made durable by each sync (one step per
-        sync, not one per persist: events.py rule 2), while persists wait for their sync."""
-        unsynced = self.unsynced
+        """Report each sync's durable sequence to the driver (one Persisted per sync: events.py
+        rule 2), while persists wait for their sync."""
+        driver = self.driver
         try:
-            while unsynced:
+            while (sequence := driver.first_unsynced_sequence) is not None:
                 try:
-                    await self.committer.wait_durable(unsynced[0][0])
+                    await self.committer.wait_durable(sequence)
                 except StorageFailed as error:
-                    unsynced.clear()
-                    self.step(ev.PersistFailed(str(error)))
+                    driver.sync_failed(str(error))
                     return
-                durable = self.store.durable_sequence
-                persist_id = 0
-                while unsynced and unsynced[0][0] <= durable:
-                    persist_id = unsynced.popleft()[1]
-                if persist_id:
-                    self.step(ev.Persisted(persist_id))
+                driver.durable(self.store.durable_sequence)
         finally:
             self.durability_follower = None
-
-    def _load_resync(self, action: ev.LoadResyncBatch) -> None:
-        """Load a resync batch, as much of it as fits in one link frame (at least one entry)."""
-        # The core's byte bound: it checks the batch again when it makes the ResyncData of it.
-        budget = self.core.config.message_bytes_max
-        if action.keys:
-            entries = []
-            used = 0
-            for key in action.keys:
-                version = self.store.get(key)
-                entry = version if version is not None else Versioned(key, 0, None)
-                size = versioned_wire_bytes(entry)
-                if entries and used + size > budget:
-                    break
-                entries.append(entry)
-                used += size
-            loaded = ev.ResyncBatchLoaded(action.token, tuple(entries), None)
-            if self.resync_progress.kind == "full":
-                self.resync_progress.advance(len(entries))
-        else:
-            versions = self.store.scan(action.scan_from or b"", None, action.limit)
-            next_position = versions[-1].key + b"\x00" if len(versions) == action.limit else None
-            used = 0
-            for count, version in enumerate(versions):
-                used += versioned_wire_bytes(version)
-                if count and used > budget:
-                    versions = versions[:count]
-                    next_position = versions[-1].key + b"\x00"
-                    break
-            loaded = ev.ResyncBatchLoaded(action.token, tuple(versions), next_position)
-            if self.resync_progress.kind == "full":
-                self.resync_progress.advance(len(versions))
-        asyncio.get_running_loop().call_soon(self.step, loaded)
 
     async def _ask_witness(self, request: msg.WitnessRequest) -> None:
         try:
@@ -623,9 +490,8 @@ class SiteDaemon:
 
     # ------------------------------------------------------------ link
     def _on_link_state(self, event: Any) -> None:
-        self._flush_outbox()  # records held for the connection that just ended: queued, then dropped as stale
         # Whatever the core queued for the connection that just ended (or for none) is stale from now on.
-        self.link_session += 1
+        self.peer_port.new_session()
         if isinstance(event, LinkUp):
             self.decoder.reset()
             self.peer_witness_id = bytes(event.peer.extras).decode(errors="replace")
@@ -649,23 +515,6 @@ class SiteDaemon:
             return
         if message is not None:
             self.step(ev.PeerSent(message))
-
-    async def _sender(self) -> None:
-        assert self.link is not None
-        while True:
-            item = await self.send_queue.get()
-            if item is None:
-                return
-            session, frame = item
-            if session != self.link_session:
-                continue  # made for a connection that is gone: the core starts over with Hello
-            try:
-                await self.link.send(frame)
-            except (ValueError, OSError) as error:
-                # A frame the link refuses (a bug: everything is cut to fit) must not kill the sender
-                # silently: say so, drop the session, and let the core start over from a clean state.
-                log("link_send_failed", level="error", error=error, frame_bytes=len(frame))
-                self.link.reset(f"send failed: {error}")
 
     async def _probe_witness(self) -> None:
         """Report where this site is to the witness every second, and at once when the pair is SYNC
