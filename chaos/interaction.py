@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.sim.world import SimDisk, load_resync_batch
+from chaos.sim.disk import SimDisk
 from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import CoreConfig
@@ -55,6 +55,7 @@ from replicator.core.witness import (
     WitnessRequested,
     WitnessTick,
 )
+from replicator.driver import Host, SiteDriver, recover
 
 SITES = ("a", "b")
 PAIR = "p"
@@ -155,10 +156,96 @@ def show_answer(answer: msg.WitnessAnswer) -> str:
 
 
 @dataclass
+class Reactions:
+    """What one step did, by kind (printed in this order of kinds)."""
+
+    roles: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    sends: list[str] = field(default_factory=list)
+    asks: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    loads: list[ev.ResyncBatchLoaded] = field(default_factory=list)
+    later: list[ev.Event] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return self.roles + self.answers + self.sends + self.asks + self.links
+
+
+class SiteHost(Host):
+    """The driver's ports at one site of the script's environment: they record what the step did."""
+
+    def __init__(self, env: Env, site: Site) -> None:
+        self.env = env
+        self.site = site
+        self.now = Reactions()
+
+    # Clock
+    def mono_ms(self) -> float:
+        return self.env.now_ms
+
+    def wall_ms(self) -> int:
+        return self.env.wall_ms()
+
+    # PeerPort
+    def send(self, message: msg.PeerMessage) -> None:
+        env, name = self.env, self.site.name
+        if env.connected and env.closing is None:
+            env.queues[name].append(message)
+            if not env.hidden_message(message):
+                self.now.sends.append(f"{name} sends {show_message(message)}")
+        elif not env.hidden_message(message):
+            self.now.sends.append(f"{name} sends {show_message(message)} (no connection: lost)")
+
+    def drop(self, reason: str) -> None:
+        env, name = self.env, self.site.name
+        self.now.links.append(f"{name} drops the connection")
+        if env.connected and env.closing is None:
+            env.disconnect_later = name
+
+    # WitnessPort
+    def ask(self, request: msg.WitnessRequest) -> None:
+        self.site.asks.append(request)
+        if not self.env.hidden_message(request):
+            self.now.asks.append(f"{self.site.name} asks the witness {show_message(request)}")
+
+    # Host
+    def later(self, driver: SiteDriver, event: ev.Event) -> None:
+        self.now.later.append(event)
+
+    def resync_loaded(self, driver: SiteDriver, request: ev.LoadResyncBatch, loaded: ev.ResyncBatchLoaded) -> None:
+        self.now.loads.append(loaded)
+
+    def role_changed(self, change: ev.RoleChanged) -> None:
+        self.now.roles.append(f"{self.site.name}: {change.new.name} e{change.epoch}")
+
+    def write_answered(self, answer: ev.AnswerWrite) -> None:
+        name = self.site.name
+        self.site.handles.pop(answer.handle, None)
+        if answer.ok:
+            self.now.answers.append(f"{name} answers #{answer.handle} ok" + (" (duplicate)" if answer.duplicate else ""))
+        else:
+            self.now.answers.append(f"{name} answers #{answer.handle} {answer.error or 'failed'}")
+
+    def read_served(self, handle: int, key: bytes, version: Any, error: Exception | None) -> None:
+        self.site.reads.pop(handle, None)
+        value = None if version is None else version.value
+        self.now.answers.append(f"{self.site.name} serves #{handle} {key.decode()}={show_bytes(value)}")
+
+    def read_rejected(self, reject: ev.RejectRead) -> None:
+        self.site.reads.pop(reject.handle, None)
+        self.now.answers.append(f"{self.site.name} rejects read #{reject.handle} {reject.error}")
+
+    def stopping(self, reason: str) -> None:
+        self.now.links.append(f"{self.site.name} stops")
+        self.env.crash_later = self.site.name
+
+
+@dataclass
 class Site:
     name: str
     disk: SimDisk = field(default_factory=SimDisk)
     core: SiteCore | None = None
+    driver: SiteDriver | None = None
     handles: dict[int, str] = field(default_factory=dict)  # handle -> what the client asked
     reads: dict[int, bytes] = field(default_factory=dict)  # handle -> key
     asks: list[msg.WitnessRequest] = field(default_factory=list)  # not yet taken by the witness
@@ -169,8 +256,7 @@ class Site:
         return self.core is not None
 
     def value(self, key: bytes) -> bytes | None:
-        stored = self.disk.current.data.get(key)
-        return None if stored is None else stored[1]
+        return self.disk.value(key)
 
 
 @dataclass
@@ -219,85 +305,36 @@ class Env:
         return type(message).__name__ in self.hidden
 
     # ------------------------------------------------------------ driving a core
-    def step(self, site: Site, header: str, make: Callable[[SiteCore], list[ev.Action]], quiet: bool = False) -> None:
-        """Run one event at `site`; print `header` and its reactions (unless `quiet` and none)."""
-        assert site.core is not None
-        actions = make(site.core)
-        lines, loads = self.execute(site, actions)
+    def step(self, site: Site, header: str, run: Callable[[SiteDriver], object], quiet: bool = False) -> None:
+        """Run one event at `site` (through its driver); print `header` and its reactions (unless
+        `quiet` and none), then step the resync batches it loaded."""
+        assert site.driver is not None
+        host = site.driver.host
+        assert isinstance(host, SiteHost)
+        host.now = reactions = Reactions()
+        run(site.driver)
+        lines = reactions.lines()
         if lines or not quiet:
             if header:
                 self.emit(header)
             self.out.extend(f"  {line}" for line in lines)
-        for load in loads:
-            if site.core is None:
+        for event in reactions.later:
+            if site.driver is None:
                 break
-            entries, next_position = load_resync_batch(site.disk.current.data, load, self.settings.message_bytes_max)
-            shown = " ".join(entry.key.decode() for entry in entries)
-            more = f" next={show_bytes(next_position)}" if next_position is not None else ""
-            self.step(
-                site,
-                f"{site.name} loads [{shown}]{more}",
-                lambda core, t=load.token, e=entries, n=next_position: core.step(
-                    ev.ResyncBatchLoaded(t, e, n), self.now_ms, self.wall_ms()
-                ),
-            )
+            self.step(site, "", lambda driver, e=event: driver.step(e), quiet=True)
+        for loaded in reactions.loads:
+            if site.driver is None:
+                break
+            shown = " ".join(entry.key.decode() for entry in loaded.entries)
+            more = f" next={show_bytes(loaded.next_position)}" if loaded.next_position is not None else ""
+            self.step(site, f"{site.name} loads [{shown}]{more}", lambda driver, e=loaded: driver.step(e))
         self.after_step()
 
     def wall_ms(self) -> int:
         return WALL_BASE_MS + int(self.now_ms)
 
     def event(self, site: Site, header: str, event: ev.Event, quiet: bool = False) -> None:
-        self.step(site, header, lambda core: core.step(event, self.now_ms, self.wall_ms()), quiet=quiet)
-
-    def execute(self, site: Site, actions: list[ev.Action]) -> tuple[list[str], list[ev.LoadResyncBatch]]:
-        roles: list[str] = []
-        answers: list[str] = []
-        sends: list[str] = []
-        asks: list[str] = []
-        links: list[str] = []
-        loads: list[ev.LoadResyncBatch] = []
-        name = site.name
-        for action in actions:
-            if isinstance(action, ev.Persist):
-                site.disk.write(action)
-            elif isinstance(action, ev.SendToPeer):
-                if self.connected and self.closing is None:
-                    self.queues[name].append(action.message)
-                    if not self.hidden_message(action.message):
-                        sends.append(f"{name} sends {show_message(action.message)}")
-                elif not self.hidden_message(action.message):
-                    sends.append(f"{name} sends {show_message(action.message)} (no connection: lost)")
-            elif isinstance(action, ev.RoleChanged):
-                roles.append(f"{name}: {action.new.name} e{action.epoch}")
-            elif isinstance(action, ev.AnswerWrite):
-                site.handles.pop(action.handle, None)
-                if action.ok:
-                    answers.append(f"{name} answers #{action.handle} ok" + (" (duplicate)" if action.duplicate else ""))
-                else:
-                    answers.append(f"{name} answers #{action.handle} {action.error or 'failed'}")
-            elif isinstance(action, ev.ServeRead):
-                site.reads.pop(action.handle, None)
-                answers.append(f"{name} serves #{action.handle} {action.key.decode()}={show_bytes(site.value(action.key))}")
-            elif isinstance(action, ev.RejectRead):
-                site.reads.pop(action.handle, None)
-                answers.append(f"{name} rejects read #{action.handle} {action.error}")
-            elif isinstance(action, ev.AskWitness):
-                site.asks.append(action.request)
-                if not self.hidden_message(action.request):
-                    asks.append(f"{name} asks the witness {show_message(action.request)}")
-            elif isinstance(action, ev.LoadResyncBatch):
-                loads.append(action)
-            elif isinstance(action, ev.DropPeerConnection):
-                links.append(f"{name} drops the connection")
-                if self.connected and self.closing is None:
-                    self.disconnect_later = name
-            elif isinstance(action, ev.Stop):
-                links.append(f"{name} stops")
-                self.crash_later = name
-            elif isinstance(action, ev.Committed):
-                pass  # shown by the answers and the data
-        lines = roles + answers + sends + asks + links
-        return lines, loads
+        self.step(site, header, lambda driver: driver.step(event), quiet=quiet)
 
     def after_step(self) -> None:
         """Connection drops and stops decided by a step take effect once its lines are out."""
@@ -362,19 +399,15 @@ class Env:
 
     # ------------------------------------------------------------ disks
     def sync(self, site: Site) -> bool:
-        if not site.alive or not site.disk.unsynced:
+        if site.driver is None or not site.driver.unsynced:
             return False
         durable = site.disk.sync()
-        assert durable is not None
-        self.event(site, f"{site.name} durable", ev.Persisted(durable), quiet=True)
+        self.step(site, f"{site.name} durable", lambda driver: driver.durable(durable), quiet=True)
         return True
 
     # ------------------------------------------------------------ processes
     def start_site(self, site: Site) -> None:
-        generation = site.name.encode() * 4
-        site.disk.durable.meta.setdefault("generation", generation)
-        site.disk.current.meta.setdefault("generation", generation)
-        durable = site.disk.durable
+        recovered = recover(site.disk.store, lambda: site.name.encode() * 4)
         settings = self.settings
         config = CoreConfig(
             site=site.name,
@@ -388,19 +421,21 @@ class Env:
             message_bytes_max=settings.message_bytes_max,
             plants=settings.plants | self.extra_plants,
         )
-        recovered = ev.Recovered(
-            dict(durable.meta), sorted(durable.log.values(), key=lambda r: r.id), set(durable.dirty), dict(durable.dedup)
-        )
         site.core = SiteCore(config, recovered)
+        host = SiteHost(self, site)
+        site.driver = SiteDriver(site.core, site.disk.store, host, host, host, host)
         site.asks.clear()
         core = site.core
-        self.step(site, f"{site.name}: {core.role.name} e{core.epoch}", lambda c: c.start(self.now_ms, self.wall_ms()))
+        self.step(site, f"{site.name}: {core.role.name} e{core.epoch}", lambda driver: driver.start())
 
     def crash(self, site: Site, how: str = "crashes") -> None:
         if not site.alive:
             raise ScriptError(f"{site.name} is not running")
         site.disk.crash()
+        if site.driver is not None:
+            site.driver.close()
         site.core = None
+        site.driver = None
         site.handles.clear()
         site.reads.clear()
         site.asks.clear()
@@ -696,19 +731,19 @@ def run_command(env: Env, command: Command) -> None:
         env.emit(f"{site.name}: data directory wiped")
     elif name == "copy-disk":
         site = site_arg()
-        site.copy = site.disk.durable.copy()
+        site.copy = site.disk.image()
         env.emit(f"{site.name}: disk copied")
     elif name == "restore-disk":
         site = site_arg()
         if site.alive or site.copy is None:
             raise ScriptError("restore-disk: the site must be down and its disk copied before")
-        site.disk.durable, site.disk.current = site.copy.copy(), site.copy.copy()
+        site.disk.restore(site.copy)
         env.emit(f"{site.name}: disk restored from the copy")
     elif name == "state":
         show_state(env)
     elif name == "data":
         for site_name in site_names(env, positional):
-            data = env.sites[site_name].disk.current.data
+            data = env.sites[site_name].disk.data()
             shown = " ".join(f"{k.decode()}={show_bytes(v)}" for k, (_, v) in sorted(data.items()) if v is not None)
             env.emit(f"{site_name}: {shown or '(empty)'}")
     elif name == "agree":
@@ -730,7 +765,7 @@ def run_command(env: Env, command: Command) -> None:
 
 def show_agreement(env: Env) -> None:
     """Whether both sites' stores hold the same visible values (and how many keys)."""
-    data = {name: env.sites[name].disk.current.data for name in SITES}
+    data = {name: env.sites[name].disk.data() for name in SITES}
     visible = {name: {k: v for k, (_, v) in items.items() if v is not None} for name, items in data.items()}
     differ = sorted(key for key in set(visible["a"]) | set(visible["b"]) if visible["a"].get(key) != visible["b"].get(key))
     if not differ:

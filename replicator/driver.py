@@ -32,6 +32,7 @@ from typing import Protocol
 from replicator import framing
 from replicator.core import events as ev
 from replicator.core import messages as msg
+from replicator.core.errors import ReadError
 from replicator.core.messages import Role
 from replicator.core.records import Record, Versioned, versioned_wire_bytes
 from replicator.core.site import SiteCore
@@ -155,7 +156,7 @@ class Host:
     def later(self, driver: SiteDriver, event: ev.Event) -> None:
         raise NotImplementedError
 
-    def resync_loaded(self, driver: SiteDriver, loaded: ev.ResyncBatchLoaded) -> None:
+    def resync_loaded(self, driver: SiteDriver, request: ev.LoadResyncBatch, loaded: ev.ResyncBatchLoaded) -> None:
         """A loaded resync batch, to step later (a shell may cut it shorter still: a prefix is valid)."""
         self.later(driver, loaded)
 
@@ -264,12 +265,20 @@ class SiteDriver:
                     version = self.store.get(action.key)
                 except CorruptValue as error:
                     host.read_served(action.handle, action.key, None, error)
+                except StorageFailed as error:
+                    # The store fail-stopped (a write or sync failed; PersistFailed is on its way):
+                    # the read is refused, the rest of the step's actions still go out.
+                    host.read_rejected(ev.RejectRead(action.handle, ReadError.STOPPED, str(error)))
                 else:
                     host.read_served(action.handle, action.key, version, None)
             elif isinstance(action, ev.AskWitness):
                 self.witness.ask(action.request)
             elif isinstance(action, ev.LoadResyncBatch):
-                host.resync_loaded(self, load_resync_batch(self.store, action, self.resync_bytes_max))
+                try:
+                    loaded = load_resync_batch(self.store, action, self.resync_bytes_max)
+                except StorageFailed:
+                    continue  # the store fail-stopped: the site stops (PersistFailed is on its way)
+                host.resync_loaded(self, action, loaded)
             elif isinstance(action, ev.RoleChanged):
                 host.role_changed(action)
             elif isinstance(action, ev.Committed):
@@ -279,6 +288,17 @@ class SiteDriver:
 
     def _persist(self, persist: ev.Persist) -> None:
         """The Persist interpreter: one atomic batch, its fields in the order events.Persist gives."""
+        try:
+            sequence = self.write(self._batch_of(persist))
+        except StorageFailed as error:
+            # Not from inside this step's actions: the rest of them go out first, in order (a commit
+            # decided before the failure is logged before the stop).
+            self.host.later(self, ev.PersistFailed(str(error)))
+            return
+        self.unsynced.append((sequence, persist.persist_id))
+        self.host.write_waits(self)
+
+    def _batch_of(self, persist: ev.Persist) -> Batch:
         store = self.store
         batch = store.batch()
         if persist.clear_data:
@@ -310,12 +330,4 @@ class SiteDriver:
                 batch.put_dedup(request_id, str(ts).encode(), now_ms)
         for name, value in persist.meta:
             batch.put_meta(name, encode_meta(value))
-        try:
-            sequence = self.write(batch)
-        except StorageFailed as error:
-            # Not from inside this step's actions: the rest of them go out first, in order (a commit
-            # decided before the failure is logged before the stop).
-            self.host.later(self, ev.PersistFailed(str(error)))
-            return
-        self.unsynced.append((sequence, persist.persist_id))
-        self.host.write_waits(self)
+        return batch

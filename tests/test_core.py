@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 
+from chaos.sim.manual import ManualSite, connect, settle
 from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import CoreConfig
@@ -39,11 +40,11 @@ def config(site: str = "a") -> CoreConfig:
 
 
 def fresh(site: str = "a") -> SiteCore:
-    core = SiteCore(config(site), ev.Recovered(meta={"generation": site.encode() * 4}))
-    for action in core.start(0.0, 1_000):
-        if isinstance(action, ev.Persist):
-            core.step(ev.Persisted(action.persist_id), 0.0, 1_000)
-    return core
+    """A started core whose start-up persist is durable (driven by the one SiteDriver)."""
+    manual = ManualSite(site, config=config(site), wall=1_000)
+    manual.start()
+    assert manual.core is not None
+    return manual.core
 
 
 def test_config_is_validated() -> None:
@@ -76,42 +77,27 @@ def test_starting_site_refuses_writes_and_reads() -> None:
     assert isinstance(out[0], ev.RejectRead) and out[0].error == "unavailable"
 
 
-def pump(a: SiteCore, b: SiteCore, first: list[ev.Action], second: list[ev.Action], now: float = 5.0) -> dict[str, list]:
-    """Deliver sends and make persists durable until both cores are quiet."""
-    seen: dict[str, list] = {"a": [], "b": []}
-    queues = {"a": list(first), "b": list(second)}
-    cores = {"a": a, "b": b}
-    for _ in range(200):
-        moved = False
-        for name in ("a", "b"):
-            actions, queues[name] = queues[name], []
-            for action in actions:
-                moved = True
-                seen[name].append(action)
-                core = cores[name]
-                if isinstance(action, ev.SendToPeer):
-                    peer = "b" if name == "a" else "a"
-                    queues[peer] += cores[peer].step(ev.PeerSent(action.message), now, 1_000)
-                elif isinstance(action, ev.Persist):
-                    queues[name] += core.step(ev.Persisted(action.persist_id), now, 1_000)
-        if not moved:
-            return seen
-    raise AssertionError("did not settle")
-
-
 def test_two_fresh_sites_reconcile_and_replicate_a_write() -> None:
-    a, b = fresh("a"), fresh("b")
-    seen = pump(a, b, a.step(ev.PeerConnected(), 1.0, 1_000), b.step(ev.PeerConnected(), 1.0, 1_000))
-    assert a.role is Role.SYNC and b.role is Role.SYNC
-    assert any(isinstance(x, ev.RoleChanged) and x.new is Role.SYNC for x in seen["a"])
-    out = a.step(ev.WriteRequested(9, b"req", (Operation(b"k", b"v"),)), 6.0, 1_000)
-    seen = pump(a, b, out, [])
-    answers = [x for x in seen["a"] if isinstance(x, ev.AnswerWrite)]
+    a, b = (ManualSite(name, config=config(name), wall=1_000, trace=[]) for name in "ab")
+    a.start()
+    b.start()
+    a.now = b.now = 1.0
+    connect(a, b)
+    assert a.core is not None and b.core is not None and a.trace is not None and b.trace is not None
+    assert a.core.role is Role.SYNC and b.core.role is Role.SYNC
+    assert any(isinstance(x, ev.RoleChanged) and x.new is Role.SYNC for x in a.trace)
+    a.trace.clear()
+    b.trace.clear()
+    a.now = b.now = 6.0
+    a.step(ev.WriteRequested(9, b"req", (Operation(b"k", b"v"),)))
+    settle(a, b)
+    answers = [x for x in a.trace if isinstance(x, ev.AnswerWrite)]
     assert len(answers) == 1 and answers[0].ok and answers[0].handle == 9
-    applied_b = [v for x in seen["b"] if isinstance(x, ev.Persist) for v in x.apply]
+    applied_b = [v for x in b.trace if isinstance(x, ev.Persist) for v in x.apply]
     assert [(v.key, v.value) for v in applied_b] == [(b"k", b"v")]
+    assert b.value(b"k") == b"v"
     # A retry of the same request id is answered from the dedup table, not applied again.
-    out = b.step(ev.WriteRequested(10, b"req", (Operation(b"k", b"v"),)), 7.0, 1_000)
+    out = b.core.step(ev.WriteRequested(10, b"req", (Operation(b"k", b"v"),)), 7.0, 1_000)
     assert out == [ev.AnswerWrite(10, True, ts=answers[0].ts, duplicate=True)]
 
 

@@ -7,131 +7,15 @@ few steps, whatever the random fault mix of the simulator finds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 
-from chaos.sim.world import SimDisk
+from chaos.sim.manual import ManualSite as Site
+from chaos.sim.manual import ask_witness, connect, deliver, settle
 from replicator.core import events as ev
 from replicator.core import messages as msg
-from replicator.core.config import CoreConfig
 from replicator.core.messages import Role
 from replicator.core.records import Operation
-from replicator.core.site import SiteCore
-from replicator.core.witness import PairConfig, WitnessCore, WitnessPersisted, WitnessReply, WitnessRequested
-
-
-@dataclass
-class Site:
-    name: str
-    plants: frozenset[str]
-    disk: SimDisk = field(default_factory=SimDisk)
-    core: SiteCore | None = None
-    outbox: list[msg.PeerMessage] = field(default_factory=list)
-    asks: list[msg.WitnessRequest] = field(default_factory=list)
-    answers: list[ev.AnswerWrite] = field(default_factory=list)
-    now: float = 0.0
-    message_bytes_max: int = CoreConfig.__dataclass_fields__["message_bytes_max"].default
-
-    def start(self) -> None:
-        self.disk.durable.meta.setdefault("generation", self.name.encode() * 4)
-        self.disk.current.meta.setdefault("generation", self.name.encode() * 4)
-        durable = self.disk.durable
-        config = CoreConfig(
-            site=self.name,
-            peer="b" if self.name == "a" else "a",
-            pair="p",
-            preferred="a",
-            lease_ms=1000,
-            peer_timeout_ms=500,
-            heartbeat_interval_ms=100,
-            message_bytes_max=self.message_bytes_max,
-            plants=self.plants,
-        )
-        recovered = ev.Recovered(dict(durable.meta), sorted(durable.log.values(), key=lambda r: r.id), set(durable.dirty), dict(durable.dedup))
-        self.core = SiteCore(config, recovered)
-        self.run(self.core.start(self.now, 0))
-        self.sync()
-
-    def step(self, event: ev.Event) -> None:
-        assert self.core is not None
-        self.run(self.core.step(event, self.now, 0))
-
-    def run(self, actions: list[ev.Action]) -> None:
-        for action in actions:
-            if isinstance(action, ev.Persist):
-                self.disk.write(action)
-            elif isinstance(action, ev.SendToPeer):
-                self.outbox.append(action.message)
-            elif isinstance(action, ev.AskWitness):
-                self.asks.append(action.request)
-            elif isinstance(action, ev.AnswerWrite):
-                self.answers.append(action)
-            elif isinstance(action, ev.LoadResyncBatch):
-                data = self.disk.current.data
-                from replicator.core.records import Versioned
-
-                next_position = None
-                if action.keys:
-                    entries = tuple(
-                        Versioned(key, data[key][0], data[key][1]) if key in data else Versioned(key, 0, None)
-                        for key in action.keys
-                    )
-                else:  # a full resync's scan
-                    start = action.scan_from or b""
-                    keys = sorted(key for key in data if key >= start)[: action.limit]
-                    entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
-                    next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
-                self.step(ev.ResyncBatchLoaded(action.token, entries, next_position))
-
-    def sync(self) -> None:
-        durable = self.disk.sync()
-        if durable:
-            self.step(ev.Persisted(durable))
-
-    def crash(self) -> None:
-        self.disk.crash()
-        self.core = None
-        self.outbox.clear()
-
-    def value(self, key: bytes) -> bytes | None:
-        stored = self.disk.current.data.get(key)
-        return None if stored is None else stored[1]
-
-
-def deliver(source: Site, target: Site, keep: type | None = None) -> None:
-    """Deliver everything `source` sent, except messages of type `keep` (held back, lost)."""
-    messages, source.outbox = source.outbox, []
-    for message in messages:
-        if keep is not None and isinstance(message, keep):
-            continue
-        target.step(ev.PeerSent(message))
-
-
-def settle(a: Site, b: Site, rounds: int = 30) -> None:
-    for _ in range(rounds):
-        a.sync()
-        b.sync()
-        deliver(a, b)
-        deliver(b, a)
-
-
-def ask_witness(site: Site, witness: WitnessCore) -> None:
-    requests, site.asks = site.asks, []
-    for request in requests:
-        actions = witness.step(WitnessRequested(1, request), site.now)
-        persisted = [x.persist_id for x in actions if hasattr(x, "persist_id")]
-        if persisted:
-            actions += witness.step(WitnessPersisted(max(persisted)), site.now)
-        for action in actions:
-            if isinstance(action, WitnessReply):
-                site.step(ev.WitnessAnswered(request, action.answer))
-
-
-def connect(a: Site, b: Site) -> None:
-    a.step(ev.PeerConnected())
-    b.step(ev.PeerConnected())
-    settle(a, b)
+from replicator.core.witness import PairConfig, WitnessCore
 
 
 @pytest.mark.parametrize("plant", [frozenset(), frozenset({"forget_suspect_keys"})])
@@ -156,7 +40,7 @@ def test_seed_115_target_lost_the_apply_of_its_own_committed_record(plant: froze
     a.sync()
     a.outbox.clear()  # a's CommitConfirm is lost: b keeps its log entry
     b.crash()  # b loses the unsynced apply
-    assert a.value(b"k") == b"v1" and b.disk.current.data.get(b"k") is None
+    assert a.value(b"k") == b"v1" and b.disk.value(b"k") is None
 
     a.now += 2000  # the peer is silent: a suspends, asks, gets the grant, waits out the lease
     a.step(ev.PeerDisconnected())
@@ -281,7 +165,7 @@ def test_cumulative_messages_beyond_what_was_sent_are_protocol_errors() -> None:
         connect(a, b)
         assert a.core is not None and b.core is not None
         epoch = a.core.epoch
-        before = dict(a.disk.current.data)
+        before = a.disk.data()
         if bad == "ack":
             a.step(ev.WriteRequested(1, b"r1", (Operation(b"k", b"v"),)))
             a.outbox.clear()
@@ -299,7 +183,7 @@ def test_cumulative_messages_beyond_what_was_sent_are_protocol_errors() -> None:
             deliver(b, a)
         assert a.core.protocol_errors == 1, bad
         assert not a.core._session_up(), bad
-        assert a.disk.current.data == before, bad
+        assert a.disk.data() == before, bad
 
 
 def test_large_values_reconcile_in_messages_cut_to_the_byte_bound() -> None:
@@ -353,12 +237,12 @@ def test_a_site_restored_from_an_older_copy_meets_its_peer_in_the_same_epoch(pla
     b.start()
     connect(a, b)
     assert a.core is not None and b.core is not None and a.core.role is Role.SYNC is b.core.role
-    copy = b.disk.durable.copy()
+    copy = b.disk.image()
     a.step(ev.WriteRequested(1, b"req-1", (Operation(b"k1", b"v1"),)))
     settle(a, b)
     assert [x.ok for x in a.answers if x.handle == 1] == [True] and b.value(b"k1") == b"v1"
     b.crash()
-    b.disk.durable, b.disk.current = copy.copy(), copy.copy()
+    b.disk.restore(copy)
     a.step(ev.PeerDisconnected())
     b.start()
     connect(a, b)

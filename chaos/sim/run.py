@@ -9,6 +9,7 @@ from chaos.checkers import convergence, linearizability, lost_writes, split_brai
 from chaos.sim.world import MS, SITES, SimParams, SiteProcess, World, make_operations, other
 from replicator.core import events as ev
 from replicator.core import messages as msg
+from replicator.core.errors import ProtocolError
 from replicator.core.messages import Role
 
 FAULTS = (
@@ -257,16 +258,15 @@ class FaultInjector:
         resync, plant skip_rollback_check)."""
         world = self.world
         site = world.sites[name]
-        copy = site.disk.durable.copy()
-        world.trace(f"{name} disk copied (epoch {copy.meta.get('epoch', 1)})")
+        copy = site.disk.image()
+        world.trace(f"{name} disk copied (epoch {copy.meta('epoch') or 1})")
         attempts = [0]
 
         def restore() -> None:
             if self.held_for is None and settled_pair(world) and no_fault_active(world) and site.alive:
                 world.trace(f"{name} stopped, its disk restored from the older copy")
                 site.crash("stopped to restore an older copy of its disk")
-                site.disk.durable = copy.copy()
-                site.disk.current = copy.copy()
+                site.disk.restore(copy)
                 # The operator restores a site of a healthy pair: no other fault until the restored
                 # site has met its peer (the fact that its disk is old lives at the peer only; the
                 # witness does not hold it, docs/design.md "A disk restored from an older copy").
@@ -393,8 +393,8 @@ def settled(world: World) -> bool:
         and not b.log
         and not a.dirty
         and not b.dirty
-        and not world.sites["a"].disk.unsynced
-        and not world.sites["b"].disk.unsynced
+        and not world.sites["a"].unsynced
+        and not world.sites["b"].unsynced
     )
 
 
@@ -427,7 +427,7 @@ def no_fault_active(world: World) -> bool:
 
 
 def visible_state(world: World, name: str) -> dict[str, str]:
-    data = world.sites[name].disk.current.data
+    data = world.sites[name].disk.data()
     return {key.decode(): value.decode() for key, (ts, value) in data.items() if value is not None}
 
 
@@ -472,6 +472,9 @@ def run_seed(seed: int, params: SimParams, verbose: bool = False, check_history:
             world.run_until(world.now_us + 200 * MS)
     except AssertionError as error:
         result.violations.append(f"assertion in core: {error}")
+        result.converged = False
+    except ProtocolError as error:  # a local protocol error: a shell handed the core something wrong
+        result.violations.append(f"protocol error in core: {error}")
         result.converged = False
     result.protocol_errors = world.protocol_errors_of_dead_cores + sum(
         s.core.protocol_errors for s in world.sites.values() if s.core

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chaos.checkers.history import History
+from chaos.sim.disk import SimDisk
+from replicator import framing
 from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import FRAME_SIZE_BYTES_DEFAULT, MESSAGE_HEADROOM_BYTES, CoreConfig
@@ -42,10 +44,7 @@ from replicator.core.records import (
     OPERATION_OVERHEAD_BYTES,
     RECORD_OVERHEAD_BYTES,
     Operation,
-    Record,
-    RecordId,
     Versioned,
-    versioned_wire_bytes,
 )
 from replicator.core.site import SiteCore
 from replicator.core.witness import (
@@ -58,6 +57,9 @@ from replicator.core.witness import (
     WitnessRequested,
     WitnessTick,
 )
+from replicator.daemon.wire import Decoder, Encoder
+from replicator.driver import Host, SiteDriver, recover
+from replicator.storage.errors import StorageFailed
 
 MS = 1000  # the world's time unit is the microsecond
 SITES = ("a", "b")
@@ -117,76 +119,6 @@ SMALL_VALUES: dict[str, Any] = {
 }
 
 
-# ===================================================================== disk
-
-
-@dataclass
-class DiskState:
-    meta: dict[str, Any] = field(default_factory=dict)
-    log: dict[RecordId, Record] = field(default_factory=dict)
-    data: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
-    dirty: set[bytes] = field(default_factory=set)
-    dedup: dict[bytes, int] = field(default_factory=dict)
-
-    def copy(self) -> DiskState:
-        return DiskState(dict(self.meta), dict(self.log), dict(self.data), set(self.dirty), dict(self.dedup))
-
-    def apply(self, persist: ev.Persist) -> None:
-        if persist.clear_data:
-            self.data.clear()
-        for record_id in persist.log_delete:
-            self.log.pop(record_id, None)
-        for record in persist.log_put:
-            self.log[record.id] = record
-        for version in persist.apply:
-            current = self.data.get(version.key)
-            if current is None or version.ts > current[0]:
-                self.data[version.key] = (version.ts, version.value)
-        self.dirty.update(persist.dirty_add)
-        self.dirty.difference_update(persist.dirty_remove)
-        for request_id, ts in persist.dedup_put:
-            self.dedup[request_id] = ts
-        for name, value in persist.meta:
-            self.meta[name] = value
-
-
-class SimDisk:
-    """Visible at once, durable in order after a simulated fsync."""
-
-    def __init__(self) -> None:
-        self.durable = DiskState()
-        self.current = DiskState()
-        self.unsynced: list[ev.Persist] = []
-        self.fail_next_sync = False
-        self.full = False
-
-    def write(self, persist: ev.Persist) -> None:
-        self.current.apply(persist)
-        self.unsynced.append(persist)
-
-    def sync(self) -> int | None:
-        """Make everything written durable; returns the highest persist id, None on failure."""
-        if self.fail_next_sync or self.full:
-            self.fail_next_sync = False
-            return None
-        if not self.unsynced:
-            return 0
-        for persist in self.unsynced:
-            self.durable.apply(persist)
-        last = self.unsynced[-1].persist_id
-        self.unsynced.clear()
-        return last
-
-    def crash(self) -> None:
-        self.unsynced.clear()
-        self.current = self.durable.copy()
-
-    def wipe(self) -> None:
-        self.durable = DiskState()
-        self.current = DiskState()
-        self.unsynced.clear()
-
-
 KEY_BYTES_MAX = 4  # the workload's keys: k0 .. k<keys-1>
 REQUEST_ID_BYTES_MAX = 16  # c<client>-<count>
 
@@ -196,34 +128,6 @@ def largest_write_bytes(params: SimParams) -> int:
     single = OPERATION_OVERHEAD_BYTES + KEY_BYTES_MAX + params.object_bytes_max
     batch = params.batch_items_max * OPERATION_OVERHEAD_BYTES + params.batch_bytes_max
     return RECORD_OVERHEAD_BYTES + len("a") + REQUEST_ID_BYTES_MAX + max(single, batch)
-
-
-def load_resync_batch(
-    data: dict[bytes, tuple[int, bytes | None]], action: ev.LoadResyncBatch, bytes_max: int
-) -> tuple[tuple[Versioned, ...], bytes | None]:
-    """A shell's answer to LoadResyncBatch from a store's `data`: the versions of the asked keys
-    (absent ones as tombstones at ts 0) or a scan of `limit` keys from `scan_from`, cut to a
-    prefix of at most `bytes_max` bytes (at least one entry), as a real site sends only what fits
-    in one link frame. Returns the entries and, for a scan, where the next one starts."""
-    next_position = None
-    if action.keys:
-        entries = tuple(
-            Versioned(key, data[key][0], data[key][1]) if key in data else Versioned(key, 0, None) for key in action.keys
-        )
-    else:
-        start = action.scan_from or b""
-        keys = sorted(key for key in data if key >= start)[: action.limit]
-        entries = tuple(Versioned(key, data[key][0], data[key][1]) for key in keys)
-        next_position = keys[-1] + b"\x00" if len(keys) == action.limit else None
-    used = 0
-    for count, entry in enumerate(entries):
-        used += versioned_wire_bytes(entry)
-        if count and used > bytes_max:
-            entries = entries[:count]
-            if not action.keys:
-                next_position = entries[-1].key + b"\x00"
-            break
-    return entries, next_position
 
 
 # ===================================================================== the world
@@ -239,14 +143,35 @@ class Connection:
     # By sender: how many messages were sent / delivered on this connection (the order check).
     sent: dict[str, int] = field(default_factory=lambda: {site: 0 for site in SITES})
     delivered: dict[str, int] = field(default_factory=lambda: {site: 0 for site in SITES})
+    # By sender: the daemon's encoder at the sender and decoder at the receiver of this connection.
+    wire: dict[str, tuple[Encoder, Decoder]] = field(default_factory=dict)
+
+    def round_trip(self, sender: str, message: msg.PeerMessage, frame_bytes_max: int) -> list[msg.PeerMessage]:
+        """`message` as the peer's core gets it: made into frames by the daemon's encoder (within
+        the link's frame limit), each frame's bytes decoded by the framing codec and the daemon's
+        decoder (frames the core does not see, such as a reconcile's start, give nothing)."""
+        codec = self.wire.get(sender)
+        if codec is None:
+            codec = self.wire[sender] = (Encoder(sender, frame_bytes_max=frame_bytes_max), Decoder(PAIR, sender))
+        encoder, decoder = codec
+        out = []
+        for frame in encoder.encode(message):
+            decoded = decoder.decode(framing.decode_frame(bytes(frame)))
+            if decoded is not None:
+                out.append(decoded)
+        return out
 
 
-class SiteProcess:
+class SiteProcess(Host):
+    """One site's process: its core driven by the one SiteDriver over the simulated disk, and the
+    world's network, witness and clock as the driver's ports."""
+
     def __init__(self, world: World, name: str) -> None:
         self.world = world
         self.name = name
         self.disk = SimDisk()
         self.core: SiteCore | None = None
+        self.driver: SiteDriver | None = None
         self.alive = False
         self.paused_until_us = 0
         self.deferred: list[Callable[[], None]] = []
@@ -254,11 +179,11 @@ class SiteProcess:
         self.rate = 1.0
         self.wall_offset_ms = 0
         self.connection: Connection | None = None
-        self.handles: dict[int, Callable[[ev.Action], None]] = {}
+        self.handles: dict[int, Callable[[Any], None]] = {}
         self.sync_scheduled = False
         self.stop_reason = ""
 
-    # clocks
+    # clocks (the driver's Clock port)
     def mono_ms(self) -> float:
         return self.world.now_us * self.rate / MS
 
@@ -270,17 +195,7 @@ class SiteProcess:
         self.incarnation += 1
         self.alive = True
         self.stop_reason = ""
-        if "generation" not in self.disk.durable.meta:
-            generation = world.rng.randbytes(8)
-            self.disk.durable.meta["generation"] = generation
-            self.disk.current.meta["generation"] = generation
-        durable = self.disk.durable
-        recovered = ev.Recovered(
-            meta=dict(durable.meta),
-            log=sorted(durable.log.values(), key=lambda record: record.id),
-            dirty=set(durable.dirty),
-            dedup=dict(durable.dedup),
-        )
+        recovered = recover(self.disk.store, lambda: world.rng.randbytes(8))
         config = CoreConfig(
             site=self.name,
             peer=other(self.name),
@@ -296,8 +211,9 @@ class SiteProcess:
             plants=world.params.plants,
         )
         self.core = SiteCore(config, recovered)
+        self.driver = SiteDriver(self.core, self.disk.store, self, self, self, self)
         world.trace(f"{self.name} start incarnation={self.core.incarnation} epoch={self.core.epoch}")
-        self.execute(self.core.start(self.mono_ms(), self.wall_ms()))
+        self.driver.start()
         world.site_event(self.name, Role.STARTING, self.core.epoch)
 
     def crash(self, reason: str) -> None:
@@ -307,7 +223,10 @@ class SiteProcess:
         self.alive = False
         if self.core is not None:
             self.world.protocol_errors_of_dead_cores += self.core.protocol_errors
+        if self.driver is not None:
+            self.driver.close()
         self.core = None
+        self.driver = None
         self.incarnation += 1
         self.disk.crash()
         self.deferred.clear()
@@ -319,6 +238,11 @@ class SiteProcess:
             self.world.after(self.world.delay(), lambda cb=callback, h=handle: cb(ev.AnswerWrite(h, False, error="unknown")))
         self.world.site_event(self.name, Role.STOPPED, -1)
 
+    @property
+    def unsynced(self) -> bool:
+        """Whether persists wait for a sync."""
+        return self.driver is not None and bool(self.driver.unsynced)
+
     # delivering events to the core
     def deliver(self, make_event: Callable[[], ev.Event | None]) -> None:
         if not self.alive:
@@ -327,60 +251,68 @@ class SiteProcess:
             self.deferred.append(lambda: self.deliver(make_event))
             return
         event = make_event()
-        if event is None or self.core is None:
+        if event is None or self.driver is None:
             return
-        actions = self.core.step(event, self.mono_ms(), self.wall_ms())
-        self.execute(actions)
+        self.driver.step(event)
+
+    def _when_running(self, callback: Callable[[SiteDriver], None]) -> None:
+        """Run `callback` with the driver now, or once the process is resumed (SIGSTOP)."""
+        if not self.alive:
+            return
+        if self.world.now_us < self.paused_until_us:
+            self.deferred.append(lambda: self._when_running(callback))
+            return
+        if self.driver is not None:
+            callback(self.driver)
 
     def resume(self) -> None:
         deferred, self.deferred = self.deferred, []
         for callback in deferred:
             callback()
 
-    def execute(self, actions: list[ev.Action]) -> None:
-        world = self.world
-        for action in actions:
-            if not self.alive:
-                return
-            if isinstance(action, ev.Persist):
-                if self.disk.full:
-                    self._storage_failed("disk full")
-                    return
-                self.disk.write(action)
-                self._schedule_sync()
-            elif isinstance(action, ev.SendToPeer):
-                world.send_peer(self, action.message)
-            elif isinstance(action, ev.DropPeerConnection):
-                world.trace(f"{self.name} drops the connection: {action.reason}")
-                world.close_connection(self, notify_self=False)
-            elif isinstance(action, ev.AnswerWrite | ev.RejectRead):
-                callback = self.handles.pop(action.handle, None)
-                if callback is not None:
-                    world.after(world.delay(), lambda cb=callback, a=action: cb(a))
-            elif isinstance(action, ev.ServeRead):
-                callback = self.handles.pop(action.handle, None)
-                stored = self.disk.current.data.get(action.key)
-                value = stored[1] if stored is not None else None
-                if callback is not None:
-                    result = ("read", value)
-                    world.after(world.delay(), lambda cb=callback, r=result: cb(r))  # type: ignore[arg-type]
-            elif isinstance(action, ev.AskWitness):
-                world.ask_witness(self, action.request)
-            elif isinstance(action, ev.LoadResyncBatch):
-                self._load_resync(action)
-            elif isinstance(action, ev.RoleChanged):
-                world.trace(f"{self.name} {action.old.name} -> {action.new.name} epoch={action.epoch}: {action.reason}")
-                world.site_event(self.name, action.new, action.epoch)
-            elif isinstance(action, ev.Committed):
-                world.commit_event(self.name, action)
-            elif isinstance(action, ev.Stop):
-                self.stop_reason = action.reason
-                world.trace(f"{self.name} STOP: {action.reason}")
-                self.crash(action.reason)
-                return
+    # ---------------------------------------------------------- the driver's ports
+    def send(self, message: msg.PeerMessage) -> None:
+        self.world.send_peer(self, message)
 
-    def _storage_failed(self, reason: str) -> None:
-        self.deliver(lambda: ev.PersistFailed(reason))
+    def drop(self, reason: str) -> None:
+        self.world.trace(f"{self.name} drops the connection: {reason}")
+        self.world.close_connection(self, notify_self=False)
+
+    def ask(self, request: msg.WitnessRequest) -> None:
+        self.world.ask_witness(self, request)
+
+    def later(self, driver: SiteDriver, event: ev.Event) -> None:
+        self.world.after(0, self._guarded(lambda: self.deliver(lambda: event)))
+
+    def write_waits(self, driver: SiteDriver) -> None:
+        self._schedule_sync()
+
+    def write_answered(self, answer: ev.AnswerWrite) -> None:
+        self._answer(answer.handle, answer)
+
+    def read_rejected(self, reject: ev.RejectRead) -> None:
+        self._answer(reject.handle, reject)
+
+    def _answer(self, handle: int, answer: Any) -> None:
+        callback = self.handles.pop(handle, None)
+        if callback is not None:
+            self.world.after(self.world.delay(), lambda: callback(answer))
+
+    def read_served(self, handle: int, key: bytes, version: Versioned | None, error: Exception | None) -> None:
+        assert error is None, f"simulated disk: {error}"
+        self._answer(handle, ("read", version.value if version is not None else None))
+
+    def role_changed(self, change: ev.RoleChanged) -> None:
+        self.world.trace(f"{self.name} {change.old.name} -> {change.new.name} epoch={change.epoch}: {change.reason}")
+        self.world.site_event(self.name, change.new, change.epoch)
+
+    def committed(self, commit: ev.Committed) -> None:
+        self.world.commit_event(self.name, commit)
+
+    def stopping(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.world.trace(f"{self.name} STOP: {reason}")
+        self.crash(reason)
 
     def _schedule_sync(self) -> None:
         if self.sync_scheduled:
@@ -392,29 +324,30 @@ class SiteProcess:
             if self.incarnation != incarnation or not self.alive:
                 return
             self.sync_scheduled = False
-            result = self.disk.sync()
-            if result is None:
-                self._storage_failed("fsync failed")
+            try:
+                durable = self.disk.sync()
+            except StorageFailed as error:
+                reason = str(error)
+                self._when_running(lambda driver: driver.sync_failed(reason))
                 return
-            if result:
-                self.deliver(lambda: ev.Persisted(result))
-            if self.disk.unsynced:
+            self._when_running(lambda driver: driver.durable(durable))
+            if self.unsynced:
                 self._schedule_sync()
 
         self.world.after(self.world.rng.randint(*self.world.params.fsync_us), done)
 
-    def _load_resync(self, action: ev.LoadResyncBatch) -> None:
-        # A real site sends only what fits in one link frame: a prefix of what was asked for,
-        # cut to the core's byte bound, and sometimes shorter still.
-        entries, next_position = load_resync_batch(self.disk.current.data, action, self.world.params.message_bytes_max)
+    def resync_loaded(self, driver: SiteDriver, request: ev.LoadResyncBatch, loaded: ev.ResyncBatchLoaded) -> None:
+        # A real site sends only what fits in one link frame (the driver cut it to the core's byte
+        # bound), and sometimes shorter still: any prefix of at least one entry is valid.
+        entries, next_position = loaded.entries, loaded.next_position
         if len(entries) > 1 and self.world.resync_rng.random() < 0.3:
             entries = entries[: self.world.resync_rng.randint(1, len(entries) - 1)]
-            if not action.keys:
+            if not request.keys:
                 next_position = entries[-1].key + b"\x00"
-        token = action.token
+        event = ev.ResyncBatchLoaded(loaded.token, entries, next_position)
         self.world.after(
             self.world.rng.randint(100, 1000),
-            self._guarded(lambda: self.deliver(lambda: ev.ResyncBatchLoaded(token, entries, next_position))),
+            self._guarded(lambda: self.deliver(lambda: event)),
         )
 
     def _guarded(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -522,6 +455,7 @@ class World:
         self.refused_writes: list[str] = []  # writes within the clients' limits that a core called invalid
         for site in self.sites.values():
             site.rate = 1.0 + self.rng.uniform(-params.clock_drift, params.clock_drift)
+        self.frame_bytes_max = params.message_bytes_max + MESSAGE_HEADROOM_BYTES  # the daemon's link frame
         largest = largest_write_bytes(params)
         if largest > params.message_bytes_max:
             raise ValueError(
@@ -591,7 +525,7 @@ class World:
         for core in (a.core, b.core):
             for record in core.log.values():
                 busy.update(record.keys())
-        data_a, data_b = a.disk.current.data, b.disk.current.data
+        data_a, data_b = a.disk.data(), b.disk.data()
         for key in set(data_a) | set(data_b):
             if key in busy:
                 continue
@@ -669,6 +603,10 @@ class World:
         connection = sender.connection
         if connection is None:
             return
+        for wired in connection.round_trip(sender.name, message, self.frame_bytes_max):
+            self._send_one(sender, connection, wired)
+
+    def _send_one(self, sender: SiteProcess, connection: Connection, message: msg.PeerMessage) -> None:
         receiver = self.sites[other(sender.name)]
         connection.sent[sender.name] += 1
         number = connection.sent[sender.name]

@@ -70,7 +70,7 @@ class _DaemonHost(Host):
     def later(self, driver: SiteDriver, event: ev.Event) -> None:
         asyncio.get_running_loop().call_soon(driver.step, event)
 
-    def resync_loaded(self, driver: SiteDriver, loaded: ev.ResyncBatchLoaded) -> None:
+    def resync_loaded(self, driver: SiteDriver, request: ev.LoadResyncBatch, loaded: ev.ResyncBatchLoaded) -> None:
         if self.daemon.resync_progress.kind == "full":
             self.daemon.resync_progress.advance(len(loaded.entries))
         self.later(driver, loaded)
