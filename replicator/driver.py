@@ -25,6 +25,7 @@ the daemon.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -126,6 +127,36 @@ def load_resync_batch(store: BaseStore, action: ev.LoadResyncBatch, bytes_max: i
     return ev.ResyncBatchLoaded(action.token, tuple(versions), next_position)
 
 
+# ------------------------------------------------------------------ plants in the shell
+
+
+class ShellPlant(enum.Enum):
+    """Deliberate bugs in the driver, as replicator/core/plants.py has in the core: each is checked
+    at exactly one place in this module (a test counts them), to show the simulator catches them."""
+
+    # value: (what the plant does, the rule it breaks)
+    RESYNC_UNCUT = (
+        "answer a resync load with the whole asked batch, not cut to what fits in one frame",
+        "load_resync_batch: a batch is cut to the core's byte bound (one link frame, at least one entry)",
+    )
+
+    @property
+    def name_in_config(self) -> str:
+        return self.name.lower()
+
+    @property
+    def description(self) -> str:
+        return str(self.value[0])
+
+
+SHELL_PLANTS = {plant.name_in_config: plant.description for plant in ShellPlant}
+
+
+def shell_plants_of(names: frozenset[str]) -> frozenset[ShellPlant]:
+    """The shell plants among `names` (the others are the core's)."""
+    return frozenset(plant for plant in ShellPlant if plant.name_in_config in names)
+
+
 # ------------------------------------------------------------------ ports
 
 
@@ -192,6 +223,7 @@ class SiteDriver:
         clock: Clock,
         host: Host,
         write: Callable[[Batch], int] | None = None,
+        plants: frozenset[ShellPlant] = frozenset(),
     ) -> None:
         self.core = core
         self.store = store
@@ -205,6 +237,8 @@ class SiteDriver:
         self.closed = False  # the process is gone: nothing more is executed
         self.trace: list[ev.Action] | None = None  # when a list: every action executed (tests)
         self.resync_bytes_max = core.config.message_bytes_max
+        if ShellPlant.RESYNC_UNCUT in plants:
+            self.resync_bytes_max = 1 << 62  # nothing is ever cut
 
     # ---------------------------------------------------------- driving
     def start(self) -> list[ev.Action]:

@@ -178,3 +178,23 @@ def test_dedup_table_is_bounded_by_count_as_the_store_is() -> None:
     assert set(core.dedup) == {f"r{i}".encode() for i in range(30, 50)}  # the oldest went first
     core.dedup_table.put(b"newest", 2_000 << 22)
     assert len(core.dedup) == 20 and b"newest" in core.dedup and b"r30" not in core.dedup
+
+
+def test_witness_learns_an_undeclared_pair_from_the_sites_it_sees() -> None:
+    from replicator.core.witness import PairLearned, PairNotLearned, SiteSeen
+
+    core = WitnessCore({"p": PairConfig(sites=("a", "b"), preferred="a")}, learned_pairs_max=1)
+    assert core.step(SiteSeen("p", "c"), 0.0) == []  # a declared pair is never changed
+    assert answers(core.step(WitnessRequested(1, msg.Arbitrate("q", "x", 1)), 0.0))[0].epoch == 0  # unknown
+    assert core.step(SiteSeen("q", "x"), 0.0) == [PairLearned("q", ("x", ""))]
+    assert core.step(SiteSeen("q", "y"), 0.0) == [PairLearned("q", ("x", "y"))]
+    assert core.step(SiteSeen("q", "z"), 0.0) == []  # a third name: not one of its sites, denied below
+    assert answers(core.step(WitnessRequested(2, msg.Arbitrate("q", "z", 1)), 0.0))[0].verdict is msg.Verdict.DENIED
+    assert core.step(SiteSeen("r", "x"), 0.0) == [PairNotLearned("r", "x", "too many learned pairs")]
+    assert core.learned_pairs == 1
+    # First come, first served (no preferred site, no grace): y's request is granted at once.
+    core.step(WitnessRequested(3, msg.Arbitrate("q", "y", 1)), 0.0)
+    assert answers(core.step(WitnessPersisted(1), 0.0)) == [msg.WitnessAnswer(msg.Verdict.GRANTED, 2, msg.WitnessMode.SOLO, "y")]
+    # After a restart the learned sites come back from the shell's store.
+    again = WitnessCore({}, {"q": core.states["q"]}, learned={"q": ("x", "y")}, learned_pairs_max=1)
+    assert again.pairs["q"].sites == ("x", "y") and again.learned_pairs == 1

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chaos.sim.manual import ManualSite
 from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import CoreConfig
@@ -29,32 +30,38 @@ def config(site: str) -> CoreConfig:
 
 
 class Pair:
-    """Two cores, a perfect link and instant disks, driven step by step."""
+    """Two sites driven by the one SiteDriver, a perfect link and disks synced as soon as asked."""
 
     def __init__(self) -> None:
         self.now = 0.0
-        self.cores = {name: SiteCore(config(name), ev.Recovered(meta={"generation": name.encode() * 4})) for name in "ab"}
-        self.queues: dict[str, list[ev.Action]] = {name: core.start(0.0, 1_000) for name, core in self.cores.items()}
-        self.asked: dict[str, list[msg.WitnessRequest]] = {"a": [], "b": []}
+        self.sites = {name: ManualSite(name, config=config(name), wall=1_000) for name in "ab"}
+        for site in self.sites.values():
+            site.start()
+        self.cores = {name: site.core for name, site in self.sites.items() if site.core is not None}
         self.settle()
 
-    def step(self, name: str, event: ev.Event) -> None:
-        self.queues[name] += self.cores[name].step(event, self.now, 1_000)
+    @property
+    def asked(self) -> dict[str, list[msg.WitnessRequest]]:
+        return {name: site.asks for name, site in self.sites.items()}
 
-    def settle(self, deliver: bool = True) -> None:
+    def step(self, name: str, event: ev.Event) -> None:
+        site = self.sites[name]
+        site.now = self.now
+        site.step(event)
+
+    def settle(self) -> None:
         for _ in range(500):
             moved = False
-            for name in "ab":
-                actions, self.queues[name] = self.queues[name], []
-                for action in actions:
+            for name, site in self.sites.items():
+                other = "b" if name == "a" else "a"
+                if site.driver is not None and site.driver.unsynced:
                     moved = True
-                    other = "b" if name == "a" else "a"
-                    if isinstance(action, ev.SendToPeer) and deliver:
-                        self.step(other, ev.PeerSent(action.message))
-                    elif isinstance(action, ev.Persist):
-                        self.step(name, ev.Persisted(action.persist_id))
-                    elif isinstance(action, ev.AskWitness):
-                        self.asked[name].append(action.request)
+                    site.now = self.now
+                    site.sync()
+                messages, site.outbox = site.outbox, []
+                for message in messages:
+                    moved = True
+                    self.step(other, ev.PeerSent(message))
             if not moved:
                 return
         raise AssertionError("did not settle")
@@ -90,8 +97,9 @@ def reach(role: Role) -> SiteCore:
     if role is Role.RECONCILE:
         for name in "ab":
             pair.step(name, ev.PeerConnected())
-        hello = next(x.message for x in pair.queues["b"] if isinstance(x, ev.SendToPeer))
-        pair.queues = {"a": [], "b": []}
+        hello = pair.sites["b"].outbox[0]
+        for site in pair.sites.values():
+            site.outbox.clear()
         pair.step("a", ev.PeerSent(hello))
         return a
     pair.connect()

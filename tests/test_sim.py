@@ -13,6 +13,7 @@ import pytest
 from chaos.sim.run import run_seed
 from chaos.sim.world import SMALL_VALUES, SimParams
 from replicator.core.config import PLANTS, SIMULATOR_PLANTS
+from replicator.driver import SHELL_PLANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIM_SEEDS = os.environ.get("REPLICATOR_SIM_SEEDS", "1-300")
@@ -38,8 +39,9 @@ def test_many_seeds_have_no_violation() -> None:
 
 
 # Directed scenarios in tests/test_scenarios.py also replay reconcile_early and
-# forget_suspect_keys step by step.
-@pytest.mark.parametrize("plant", sorted(PLANTS))
+# forget_suspect_keys step by step. The shell's plants (replicator/driver.py) are bugs in the code
+# the daemon runs around its core: the simulator runs that code too, so it must catch them as well.
+@pytest.mark.parametrize("plant", sorted(PLANTS) + sorted(SHELL_PLANTS))
 def test_every_plant_is_caught(plant: str) -> None:
     result = sim("--plant", plant, "--seeds", "1-200", "--stop-after", "1", "--json")
     assert result.returncode == 1, f"plant {plant} was not caught in 200 seeds: {result.stdout[-2000:]}"
@@ -63,7 +65,8 @@ def test_cli_rejects_unknown_plant_and_lists_plants() -> None:
     assert result.returncode == 2 and "unknown plant" in result.stderr
     listed = sim("--list-plants")
     assert listed.returncode == 0
-    assert set(line.split()[0] for line in listed.stdout.splitlines()) == set(PLANTS) | set(SIMULATOR_PLANTS)
+    listed_names = set(line.split()[0] for line in listed.stdout.splitlines())
+    assert listed_names == set(PLANTS) | set(SIMULATOR_PLANTS) | set(SHELL_PLANTS)
 
 
 def test_seed_61196_stale_read_needs_both_a_reordering_link_and_no_gap_check() -> None:

@@ -26,6 +26,7 @@ from dataclasses import asdict, replace
 from chaos.sim.run import FAULTS, RunResult, run_seed
 from chaos.sim.world import SMALL_VALUES, SimParams
 from replicator.core.config import PLANTS, SIMULATOR_PLANTS
+from replicator.driver import SHELL_PLANTS
 
 CHUNK_SEEDS = 500  # seeds per summary file of a long run (--out)
 
@@ -105,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24} {description}")
         for name, description in SIMULATOR_PLANTS.items():
             print(f"{name:24} {description} [simulator only: needs --reorder]")
+        for name, description in SHELL_PLANTS.items():
+            print(f"{name:24} {description} [in the shell: replicator/driver.py]")
         return 0
-    unknown = [plant for plant in args.plant if plant not in PLANTS and plant not in SIMULATOR_PLANTS]
+    known = set(PLANTS) | set(SIMULATOR_PLANTS) | set(SHELL_PLANTS)
+    unknown = [plant for plant in args.plant if plant not in known]
     if unknown:
         parser.error(f"unknown plant(s) {unknown}; see --list-plants")
     if args.seed is not None:

@@ -49,7 +49,10 @@ from replicator.core.records import (
 from replicator.core.site import SiteCore
 from replicator.core.witness import (
     PairConfig,
+    PairLearned,
+    PairNotLearned,
     PairState,
+    SiteSeen,
     WitnessCore,
     WitnessPersist,
     WitnessPersisted,
@@ -58,7 +61,7 @@ from replicator.core.witness import (
     WitnessTick,
 )
 from replicator.daemon.wire import Decoder, Encoder
-from replicator.driver import Host, SiteDriver, recover
+from replicator.driver import SHELL_PLANTS, Host, SiteDriver, recover, shell_plants_of
 from replicator.storage.errors import StorageFailed
 
 MS = 1000  # the world's time unit is the microsecond
@@ -108,6 +111,8 @@ class SimParams:
     # Retry a write whose outcome is unknown with the same request id (at the
     # same site after a timeout, at the other site when this one is gone).
     retry_unknown_writes: bool = True
+    # Of the seeds, those whose witness is not told the pair and learns it from the sites' requests.
+    witness_learns_pair_fraction: float = 0.25
 
 
 # The workload before sizes were simulated: tiny values, single-key writes, the link's own byte
@@ -208,10 +213,11 @@ class SiteProcess(Host):
             read_wait_ms_max=1000,
             resync_batch_keys_max=3,
             message_bytes_max=world.params.message_bytes_max,
-            plants=world.params.plants,
+            plants=world.params.plants - set(SHELL_PLANTS),
         )
         self.core = SiteCore(config, recovered)
-        self.driver = SiteDriver(self.core, self.disk.store, self, self, self, self)
+        shell_plants = shell_plants_of(world.params.plants)
+        self.driver = SiteDriver(self.core, self.disk.store, self, self, self, self, plants=shell_plants)
         world.trace(f"{self.name} start incarnation={self.core.incarnation} epoch={self.core.epoch}")
         self.driver.start()
         world.site_event(self.name, Role.STARTING, self.core.epoch)
@@ -361,10 +367,17 @@ class SiteProcess(Host):
 
 
 class WitnessProcess:
-    def __init__(self, world: World, grace_ms: int) -> None:
+    """The witness: its core, its disk (states durable after a simulated fsync) and, when `learns`,
+    the pair not declared but learned from the sites' requests (SiteSeen), as the witness daemon
+    does for a pair missing from its configuration: no preferred site, first come first served."""
+
+    def __init__(self, world: World, grace_ms: int, learns: bool = False) -> None:
         self.world = world
+        self.learns = learns
         self.durable: dict[str, PairState] = {}
-        self.config = {PAIR: PairConfig(sites=("a", "b"), preferred="a", preferred_grace_ms=grace_ms)}
+        self.durable_sites: dict[str, tuple[str, ...]] = {}  # of learned pairs, stored with their state
+        declared = {PAIR: PairConfig(sites=("a", "b"), preferred="a", preferred_grace_ms=grace_ms)}
+        self.config = {} if learns else declared
         self.core: WitnessCore | None = None
         self.alive = False
         self.incarnation = 0
@@ -375,8 +388,10 @@ class WitnessProcess:
     def start(self) -> None:
         self.alive = True
         self.incarnation += 1
-        self.core = WitnessCore(self.config, dict(self.durable))
-        self.world.trace(f"witness start {self.durable.get(PAIR)}")
+        self.core = WitnessCore(
+            self.config, dict(self.durable), learned=dict(self.durable_sites), learned_pairs_max=1 if self.learns else 0
+        )
+        self.world.trace(f"witness start {self.durable.get(PAIR)}" + (" (learning the pair)" if self.learns else ""))
 
     def crash(self) -> None:
         if not self.alive:
@@ -391,6 +406,13 @@ class WitnessProcess:
     def request(self, request: msg.WitnessRequest, reply: Callable[[msg.WitnessAnswer], None]) -> None:
         if not self.alive or self.core is None:
             return
+        if self.learns:
+            if isinstance(request, msg.Query) and request.pair not in self.core.pairs:
+                # The daemon's status of a pair it does not know: SYNC in the first epoch.
+                reply(msg.WitnessAnswer(msg.Verdict.STATE, 1, msg.WitnessMode.SYNC, ""))
+                return
+            if isinstance(request, msg.Arbitrate | msg.MarkSynced | msg.SetPreferred):
+                self.execute(self.core.step(SiteSeen(request.pair, request.site), self.world.now_us / MS))
         handle = self.next_handle
         self.next_handle += 1
         self.callbacks[handle] = reply
@@ -406,11 +428,15 @@ class WitnessProcess:
                 self.unsynced.append(action)
                 incarnation = self.incarnation
                 persist = action
+                assert self.core is not None
+                sites = tuple(site for site in self.core.pairs[action.pair].sites if site)
 
-                def synced(p: WitnessPersist = persist, inc: int = incarnation) -> None:
+                def synced(p: WitnessPersist = persist, inc: int = incarnation, sites: tuple[str, ...] = sites) -> None:
                     if self.incarnation != inc or not self.alive or self.core is None:
                         return
                     self.durable[p.pair] = p.state
+                    if self.learns:
+                        self.durable_sites[p.pair] = sites
                     if p.state.mode is msg.WitnessMode.SOLO:
                         self.world.grant_event(p.state.holder, p.state.epoch)
                     self.execute(self.core.step(WitnessPersisted(p.persist_id), self.world.now_us / MS))
@@ -420,6 +446,8 @@ class WitnessProcess:
                 callback = self.callbacks.pop(action.handle, None)
                 if callback is not None:
                     callback(action.answer)
+            elif isinstance(action, PairLearned | PairNotLearned):
+                self.world.trace(f"witness: {action}")
 
 
 class World:
@@ -438,7 +466,9 @@ class World:
         self.history = History()
         self.site_events: list[dict[str, Any]] = []
         self.sites = {name: SiteProcess(self, name) for name in SITES}
-        self.witness = WitnessProcess(self, params.preferred_grace_ms)
+        # A stream of its own: whether this seed's witness learns the pair (not declared to it).
+        learns = random.Random(seed * 7727 + 5).random() < params.witness_learns_pair_fraction
+        self.witness = WitnessProcess(self, params.preferred_grace_ms, learns=learns)
         # link state per direction: "up" | "blackhole"
         self.links: dict[tuple[str, str], str] = {}
         self.next_connection_id = 1

@@ -30,6 +30,12 @@ the pair becomes fresh again. Until then Arbitrate is DENIED with epoch 0
 
 Every reply waits until every state change made so far is durable: a reply
 never reveals a state the witness could forget in a crash.
+
+Pair learning. A pair not declared in the configuration is learned from the
+requests (`SiteSeen`, stepped before a request is): the first two site names
+seen for it become its sites (persisted with its state by the shell), it has no
+preferred site and no grace (first come, first served), a third name is denied.
+At most `learned_pairs_max` pairs are learned (0: none).
 """
 
 from __future__ import annotations
@@ -85,7 +91,15 @@ class WitnessTick:
     pass
 
 
-WitnessEvent = WitnessRequested | WitnessPersisted | WitnessTick
+@dataclass(frozen=True, slots=True)
+class SiteSeen:
+    """A site asked about a pair (before its request is stepped): an undeclared pair is learned."""
+
+    pair: str
+    site: str
+
+
+WitnessEvent = WitnessRequested | WitnessPersisted | WitnessTick | SiteSeen
 
 
 # Actions
@@ -102,7 +116,29 @@ class WitnessReply:
     answer: WitnessAnswer
 
 
-WitnessAction = WitnessPersist | WitnessReply
+@dataclass(frozen=True, slots=True)
+class PairLearned:
+    """For the logs: an undeclared pair learned, or its second site."""
+
+    pair: str
+    sites: tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class PairNotLearned:
+    pair: str
+    site: str
+    reason: str
+
+
+WitnessAction = WitnessPersist | WitnessReply | PairLearned | PairNotLearned
+
+
+def learned_config(sites: tuple[str, ...]) -> PairConfig:
+    """The configuration of a learned pair: its known sites ("" for one not seen yet), no
+    preferred site (grace 0, so `preferred` is never consulted)."""
+    padded = (tuple(site for site in sites if site) + ("", ""))[:2]
+    return PairConfig((padded[0], padded[1]), padded[0], 0)
 
 
 @dataclass(slots=True)
@@ -119,13 +155,20 @@ class WitnessCore:
         pairs: dict[str, PairConfig],
         states: dict[str, PairState] | None = None,
         fresh: frozenset[str] | set[str] = frozenset(),
+        learned: dict[str, tuple[str, ...]] | None = None,
+        learned_pairs_max: int = 0,
     ) -> None:
         for name, config in pairs.items():
             if config.preferred not in config.sites or config.sites[0] == config.sites[1]:
                 raise ValueError(f"pair {name}: preferred site must be one of two distinct sites")
             if config.preferred_grace_ms < 0:
                 raise ValueError(f"pair {name}: preferred_grace_ms must be >= 0")
-        self.pairs = pairs
+        self.declared = frozenset(pairs)
+        self.learned_pairs_max = learned_pairs_max
+        self.pairs = dict(pairs)
+        for name, sites in (learned or {}).items():
+            if name not in self.declared:
+                self.pairs[name] = learned_config(sites)
         self.states: dict[str, PairState] = {name: PairState() for name in pairs}
         self.states.update(states or {})
         self._next_persist_id = 1
@@ -148,6 +191,8 @@ class WitnessCore:
             self._durable_persist_id = max(self._durable_persist_id, event.persist_id)
         elif isinstance(event, WitnessTick):
             self._release_held(now_ms, actions)
+        elif isinstance(event, SiteSeen):
+            self._learn(event.pair, event.site, actions)
         else:  # pragma: no cover - the union is closed
             raise WitnessProtocolError(f"unknown event {event!r}")
         self._flush_replies(actions)
@@ -288,6 +333,25 @@ class WitnessCore:
                 self._set_state(pair, seeded, actions)
         shown = PairState(epoch=0, preferred=state.preferred) if pair in self.fresh else self.states[pair]
         self._reply(handle, Verdict.STATE, shown, actions)
+
+    def _learn(self, pair: str, site: str, actions: list[WitnessAction]) -> None:
+        if pair in self.declared:
+            return
+        config = self.pairs.get(pair)
+        if config is None:
+            if self.learned_pairs >= self.learned_pairs_max:
+                actions.append(PairNotLearned(pair, site, "too many learned pairs"))
+                return
+            config = self.pairs[pair] = learned_config((site,))
+            self.states.setdefault(pair, PairState())
+            actions.append(PairLearned(pair, config.sites))
+        elif "" in config.sites and site not in config.sites:
+            config = self.pairs[pair] = learned_config((config.sites[0], site))
+            actions.append(PairLearned(pair, config.sites))
+
+    @property
+    def learned_pairs(self) -> int:
+        return len(self.pairs) - len(self.declared)
 
     # ------------------------------------------------------------ helpers
     def _set_state(self, pair: str, state: PairState, actions: list[WitnessAction]) -> None:

@@ -70,8 +70,12 @@ from replicator.core.messages import (
 )
 from replicator.core.witness import (
     PairConfig,
+    PairLearned,
+    PairNotLearned,
     PairState,
+    SiteSeen,
     WitnessCore,
+    WitnessEvent,
     WitnessPersist,
     WitnessPersisted,
     WitnessReply,
@@ -308,7 +312,7 @@ class WitnessDaemon:
             if stored.state.mode is WitnessMode.SOLO:
                 self.m_holder.labels(name, stored.state.holder).set(1)
         if self.core is not None:
-            self.m_learned.set(len(self.core.pairs) - len(self.declared))
+            self.m_learned.set(self.core.learned_pairs)
 
     # ------------------------------------------------------------ start
     async def start(self) -> None:
@@ -328,24 +332,21 @@ class WitnessDaemon:
         # A declared pair with no stored state may be a pair whose sites are far ahead (this witness
         # replaces a lost one): it learns the pair's epoch from the sites before granting anything.
         fresh = {name for name in pairs if name not in stored}
-        self.core = WitnessCore(pairs, {name: p.state for name, p in stored.items()}, fresh=fresh)
+        self.core = WitnessCore(
+            pairs,
+            {name: p.state for name, p in stored.items()},
+            fresh=fresh,
+            learned={name: p.sites for name, p in stored.items() if name not in self.declared},
+            learned_pairs_max=LEARNED_PAIRS_MAX,
+        )
         for name in sorted(fresh):
             log("pair_learning", pair=name, reason="no stored state: learning the pair's epoch from its sites")
-        for name, previous in stored.items():
-            if name not in self.declared:
-                self.core.pairs[name] = self._learned_config(previous.sites)
         self._durable = self._snapshot()
         self._tasks = [asyncio.create_task(self._persist_loop()), asyncio.create_task(self._tick_loop())]
         self.server = await start_witness_server(self, self.config.listen.grpc, self.config.tls.grpc)
         self.metrics_server = await start_metrics_server(
             self.registry, self.config.listen.metrics, health=lambda: not self.failed.is_set()
         )
-
-    @staticmethod
-    def _learned_config(sites: Sequence[str]) -> PairConfig:
-        padded = (tuple(s for s in sites if s) + ("", ""))[:2]
-        # No preferred site: grace 0, so `preferred` is never consulted.
-        return PairConfig((padded[0], padded[1]), padded[0], 0)
 
     @property
     def grpc_address(self) -> str:
@@ -430,7 +431,7 @@ class WitnessDaemon:
         handle = next(self._handles)
         future: asyncio.Future[WitnessAnswer] = asyncio.get_running_loop().create_future()
         self._waiters[handle] = _Waiter(future, request, time.monotonic())
-        self._learn(request.pair, request.site)
+        self._step(SiteSeen(request.pair, request.site))  # an undeclared pair is learned first
         timeout_ms = self.config.witness.request_timeout_ms
         try:
             self._step(WitnessRequested(handle, request))
@@ -458,24 +459,8 @@ class WitnessDaemon:
             holder=answer.holder,
         )
 
-    def _learn(self, pair: str, site: str) -> None:
-        assert self.core is not None
-        if pair in self.declared:
-            return
-        config = self.core.pairs.get(pair)
-        if config is None:
-            if len(self.core.pairs) - len(self.declared) >= LEARNED_PAIRS_MAX:
-                log("pair_not_learned", level="warning", pair=pair, site=site, reason="too many learned pairs")
-                return
-            self.core.pairs[pair] = self._learned_config((site,))
-            self.core.states.setdefault(pair, PairState())
-            log("pair_learned", pair=pair, site=site)
-        elif "" in config.sites and site not in config.sites:
-            self.core.pairs[pair] = self._learned_config((config.sites[0], site))
-            log("pair_learned", pair=pair, site=site, sites=self.core.pairs[pair].sites)
-
     # ------------------------------------------------------------ driving the core
-    def _step(self, event: WitnessRequested | WitnessPersisted | WitnessTick) -> None:
+    def _step(self, event: WitnessEvent) -> None:
         assert self.core is not None
         for action in self.core.step(event, _now_ms()):
             if isinstance(action, WitnessPersist):
@@ -483,6 +468,11 @@ class WitnessDaemon:
                 self._wake.set()
             elif isinstance(action, WitnessReply):
                 self._on_reply(action)
+            elif isinstance(action, PairLearned):
+                sites = tuple(site for site in action.sites if site)
+                log("pair_learned", pair=action.pair, sites=sites)
+            elif isinstance(action, PairNotLearned):
+                log("pair_not_learned", level="warning", pair=action.pair, site=action.site, reason=action.reason)
 
     def _on_reply(self, reply: WitnessReply) -> None:
         waiter = self._waiters.get(reply.handle)

@@ -1,0 +1,125 @@
+"""The one driver of the core (replicator/driver.py): its rules, its plants, and that it is the only one."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+from chaos.sim.disk import SimDisk
+from chaos.sim.manual import ManualSite, connect, settle
+from replicator.core import events as ev
+from replicator.core.messages import Role
+from replicator.core.records import Operation, versioned_wire_bytes
+from replicator.driver import SHELL_PLANTS, ShellPlant, load_resync_batch
+from replicator.storage.memory import MemoryStore
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DRIVER = ROOT / "replicator" / "driver.py"
+
+
+def test_grep_finds_one_action_executor() -> None:
+    """No function outside replicator/driver.py dispatches on the core's actions (Persist and
+    SendToPeer together): the daemon, the simulator, the scripts and the tests all use the driver."""
+    executors = []
+    for folder in ("replicator", "chaos", "tests", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                checked = {
+                    arg.attr
+                    for call in ast.walk(node)
+                    if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "isinstance"
+                    for arg in ast.walk(call)
+                    if isinstance(arg, ast.Attribute)
+                }
+                if {"Persist", "SendToPeer"} <= checked:
+                    executors.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert executors == ["replicator/driver.py:" + _executor_line() + " execute"]
+
+
+def _executor_line() -> str:
+    for node in ast.walk(ast.parse(DRIVER.read_text())):
+        if isinstance(node, ast.FunctionDef) and node.name == "execute":
+            return str(node.lineno)
+    raise AssertionError("SiteDriver.execute is gone")
+
+
+def test_each_shell_plant_is_checked_at_exactly_one_place() -> None:
+    tree = ast.parse(DRIVER.read_text())
+    uses = [
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ShellPlant"
+    ]
+    assert sorted(uses) == sorted(plant.name for plant in ShellPlant)
+    assert set(SHELL_PLANTS) == {plant.name.lower() for plant in ShellPlant}
+
+
+def test_the_resync_loader_cuts_a_batch_to_the_byte_bound() -> None:
+    store = MemoryStore()
+    batch = store.batch()
+    for number in range(6):
+        batch.apply(f"k{number}".encode(), number + 1, b"v" * 300)
+    store.write(batch)
+    one = versioned_wire_bytes(store.get(b"k0"))  # type: ignore[arg-type]
+    keys = tuple(f"k{number}".encode() for number in range(6)) + (b"absent",)
+    loaded = load_resync_batch(store, ev.LoadResyncBatch(1, keys=keys), 2 * one)
+    assert [entry.key for entry in loaded.entries] == [b"k0", b"k1"] and loaded.next_position is None
+    scan = load_resync_batch(store, ev.LoadResyncBatch(2, scan_from=b"k1", limit=5), 3 * one)
+    assert [entry.key for entry in scan.entries] == [b"k1", b"k2", b"k3"] and scan.next_position == b"k3\x00"
+    whole = load_resync_batch(store, ev.LoadResyncBatch(3, scan_from=b"k4", limit=5), 1 << 30)
+    assert [entry.key for entry in whole.entries] == [b"k4", b"k5"] and whole.next_position is None
+    tiny = load_resync_batch(store, ev.LoadResyncBatch(4, keys=(b"absent", b"k0")), 1)
+    assert [(entry.key, entry.ts, entry.value) for entry in tiny.entries] == [(b"absent", 0, None)]  # at least one
+
+
+def test_durability_is_reported_once_per_sync_and_a_failed_write_stops_the_site() -> None:
+    a, b = ManualSite("a", trace=[]), ManualSite("b")
+    a.start()
+    b.start()
+    connect(a, b)
+    assert a.driver is not None and a.core is not None and a.trace is not None
+    for number in range(3):
+        a.step(ev.WriteRequested(number, f"r{number}".encode(), (Operation(f"k{number}".encode(), b"v"),)))
+    assert len(a.driver.unsynced) == 3
+    a.trace.clear()
+    a.sync()
+    assert not a.driver.unsynced
+    settle(a, b)
+    assert {x.handle for x in a.answers if x.ok} == {0, 1, 2}
+    # A full disk: the write fails, the step's other actions still go out, then the site stops.
+    a.disk.full = True
+    a.step(ev.WriteRequested(9, b"r9", (Operation(b"k9", b"v"),)))
+    assert a.core.role is Role.STOPPED and a.core.stopped_reason.startswith("storage")
+
+
+def test_the_simulated_disk_loses_what_was_not_synced() -> None:
+    disk = SimDisk()
+    batch = disk.store.batch()
+    batch.apply(b"k", 5, b"durable")
+    disk.store.write(batch)
+    disk.sync()
+    batch = disk.store.batch()
+    batch.apply(b"k", 6, b"lost")
+    disk.store.write(batch)
+    assert disk.value(b"k") == b"lost"
+    image = disk.image()
+    disk.crash()
+    assert disk.value(b"k") == b"durable"
+    disk.fail_next_sync = True
+    batch = disk.store.batch()
+    batch.apply(b"k", 7, b"x")
+    disk.store.write(batch)
+    try:
+        disk.sync()
+    except Exception as error:  # noqa: BLE001 - the store's fail-stop error
+        assert "fsync failed" in str(error)
+    else:
+        raise AssertionError("the sync did not fail")
+    disk.crash()
+    assert disk.value(b"k") == b"durable"
+    disk.wipe()
+    assert disk.value(b"k") is None
+    disk.restore(image)
+    assert disk.value(b"k") == b"durable"
