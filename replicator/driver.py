@@ -347,7 +347,7 @@ class SiteDriver:
                 if len(page) < CLEAR_PAGE_KEYS:
                     break
                 start = page[-1].key + b"\x00"
-            self.host.cleared(erased, len(self.core.dirty))
+            self.host.cleared(erased, self.core.snapshot().dirty_keys)
         for record_id in persist.log_delete:
             batch.delete_record(record_id)
         for record in persist.log_put:

@@ -123,3 +123,87 @@ def test_the_simulated_disk_loses_what_was_not_synced() -> None:
     assert disk.value(b"k") is None
     disk.restore(image)
     assert disk.value(b"k") == b"durable"
+
+
+# What a shell (the daemon, the simulator, the scripts) may use of a core: SiteCore's and
+# WitnessCore's public surface. Everything else (sub-machines, tables, sessions, private names)
+# is the core's own; status and metrics come from `SiteCore.snapshot()`, a frozen CoreStatus.
+CORE_PUBLIC = {
+    # SiteCore
+    "start",
+    "step",
+    "snapshot",
+    "unresolved_keys",
+    "config",
+    "role",
+    "epoch",
+    "incarnation",
+    "protocol_errors",
+    "status",
+    # WitnessCore (read only)
+    "pairs",
+    "states",
+    "fresh",
+    "declared",
+    "learned_pairs",
+    "forget_pending",
+}
+
+
+def _is_core(node: ast.AST) -> bool:
+    """An expression naming a core: `core`, `x.core`, `something_core`."""
+    if isinstance(node, ast.Name):
+        return node.id == "core" or node.id.endswith("_core")
+    return isinstance(node, ast.Attribute) and (node.attr == "core" or node.attr.endswith("_core"))
+
+
+def core_misuses(paths: list[pathlib.Path]) -> list[str]:
+    found = []
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _is_core(node.value) and node.attr not in CORE_PUBLIC:
+                found.append(f"{name}:{node.lineno} reads core.{node.attr}")
+            targets: list[ast.AST] = []
+            if isinstance(node, ast.Assign):
+                targets = list(node.targets)
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            elif isinstance(node, ast.Delete):
+                targets = list(node.targets)
+            for target in targets:
+                while isinstance(target, ast.Subscript):
+                    target = target.value
+                if isinstance(target, ast.Attribute) and _is_core(target.value):
+                    found.append(f"{name}:{node.lineno} writes core.{target.attr}")
+    return found
+
+
+def test_no_shell_touches_a_core_attribute_that_is_not_public() -> None:
+    shells = [
+        path
+        for folder in ("replicator", "chaos")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if "core" not in path.relative_to(ROOT / folder).parts[:1]
+    ]
+    assert len(shells) > 50
+    assert core_misuses(shells) == []
+
+
+def test_the_core_attribute_check_catches_what_the_old_shells_did(tmp_path: pathlib.Path) -> None:
+    old = tmp_path / "old_shell.py"
+    old.write_text(
+        "def f(self, site, core):\n"
+        "    up = self.core._session_up()\n"
+        "    waiting = core.grant_epoch is None\n"
+        "    core.pairs['p'] = 1\n"
+        "    site.core.states.setdefault('p', 0)\n"
+        "    return self.core.snapshot().peer_connected, core.role\n"
+    )
+    found = core_misuses([old])
+    assert sorted(line.split(" ", 1)[1] for line in found) == [
+        "reads core._session_up",
+        "reads core.grant_epoch",
+        "writes core.pairs",
+    ], found

@@ -142,7 +142,7 @@ def test_seed_61196_records_that_overtake_an_earlier_one_are_refused(plant: froz
         assert a.value(b"k2") == b"v3-184"  # ... and a serves the older value: a stale read
         return
     assert not acks
-    assert a.core.protocol_errors == 1 and not a.core._session_up()
+    assert a.core.protocol_errors == 1 and not a.core.session_up()
     a.outbox.clear()
     b.step(ev.PeerDisconnected())
     assert not [x for x in b.answers if x.handle in (2, 3)]  # nothing was acknowledged over the gap
@@ -182,7 +182,7 @@ def test_cumulative_messages_beyond_what_was_sent_are_protocol_errors() -> None:
             b.step(ev.WriteRequested(1, b"r1", (Operation(b"k", b"v"),)))
             deliver(b, a)
         assert a.core.protocol_errors == 1, bad
-        assert not a.core._session_up(), bad
+        assert not a.core.session_up(), bad
         assert a.disk.data() == before, bad
 
 

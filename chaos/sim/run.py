@@ -241,7 +241,7 @@ class FaultInjector:
             return False
         core = self.world.sites[self.held_for].core
         met = core is not None and (
-            core.peer_generation == b"" or core.role in (Role.RESYNC_TARGET, Role.SYNC, Role.RECONCILE)
+            core.snapshot().peer_generation == b"" or core.role in (Role.RESYNC_TARGET, Role.SYNC, Role.RECONCILE)
         )
         if met or self.world.now_us >= self.held_until_us:
             self.held_for = None
@@ -379,20 +379,19 @@ def settled(world: World) -> bool:
     cores = [site.core for site in world.sites.values()]
     if any(core is None for core in cores):
         return False
-    a, b = cores
-    assert a is not None and b is not None
+    a, b = (core.snapshot() for core in cores if core is not None)
     return (
         a.role is Role.SYNC
         and b.role is Role.SYNC
         and a.epoch == b.epoch
-        and a._session_up()
-        and b._session_up()
-        and not a.pending
-        and not b.pending
-        and not a.log
-        and not b.log
-        and not a.dirty
-        and not b.dirty
+        and a.peer_connected
+        and b.peer_connected
+        and not a.pending_writes
+        and not b.pending_writes
+        and not a.log_records
+        and not b.log_records
+        and not a.dirty_keys
+        and not b.dirty_keys
         and not world.sites["a"].unsynced
         and not world.sites["b"].unsynced
     )
@@ -411,7 +410,7 @@ def settled_pair(world: World) -> bool:
     state = world.witness.durable.get("pair-1")
     witness_epoch = state.epoch if state is not None else 1
     witness_sync = state is None or state.mode.name == "SYNC"
-    return witness_sync and witness_epoch == core.epoch and not any(c.asked_epoch for c in cores if c)
+    return witness_sync and witness_epoch == core.epoch and not any(c.snapshot().asked_epoch for c in cores if c)
 
 
 def no_fault_active(world: World) -> bool:

@@ -528,7 +528,7 @@ class World:
             self.after(0, self.check_sync_point)
         state = "SYNC" if role is Role.RECONCILE else role.name
         process = self.sites[site]
-        granted = bool(process.core and process.core.holds_grant)
+        granted = bool(process.core and process.core.snapshot().holds_grant)
         self.site_events.append(
             {"site": site, "time": self.now_us * 1000, "event": "state", "epoch": epoch, "state": state, "granted": granted}
         )
@@ -549,12 +549,9 @@ class World:
             return
         if not (a.core.role is b.core.role is Role.SYNC and a.core.epoch == b.core.epoch):
             return
-        if a.core.grant_epoch is not None or b.core.grant_epoch is not None:
+        if a.core.snapshot().takeover_pending or b.core.snapshot().takeover_pending:
             return
-        busy = set(a.core.key_pending) | set(b.core.key_pending)
-        for core in (a.core, b.core):
-            for record in core.log.values():
-                busy.update(record.keys())
+        busy = a.core.unresolved_keys() | b.core.unresolved_keys()
         data_a, data_b = a.disk.data(), b.disk.data()
         for key in set(data_a) | set(data_b):
             if key in busy:

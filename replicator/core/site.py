@@ -45,6 +45,7 @@ module of their phase.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from replicator.core import events as ev
 from replicator.core import messages as msg
@@ -75,6 +76,31 @@ from replicator.core.standing import CommitKind, Standing
 from replicator.core.takeover import Takeover
 
 __all__ = ["SiteCore", "ProtocolError", "cut", "message_bytes", "SERVING_WRITES"]
+
+
+@dataclass(frozen=True, slots=True)
+class CoreStatus:
+    """What the shells may know of a core between steps (status, metrics, logs, checkers):
+    a frozen copy, so no shell reads or writes the core's internals."""
+
+    site: str
+    peer: str
+    role: Role
+    epoch: int
+    incarnation: int
+    generation: bytes
+    peer_generation: bytes  # the peer's generation as last met ("" : none, or forgotten for a full resync)
+    tie_break_site: str  # the configured preferred site (who wins a tie without a witness)
+    peer_connected: bool  # a session with the peer is up
+    holds_grant: bool  # the site holds the witness's grant (SOLO, or a resync source after it)
+    is_target: bool  # the site is (or was, before a restart) a resync target: its data is incomplete
+    takeover_pending: bool  # granted, but still waiting out leases / committing its log to go on alone
+    asked_epoch: int  # the epoch the site durably asked the witness to go on alone in (0: none)
+    log_records: int
+    dirty_keys: int
+    pending_writes: int
+    resync_full_position: bytes | None  # a full resync's scan position while one runs
+    protocol_errors: int
 
 
 class SiteCore:
@@ -341,8 +367,36 @@ class SiteCore:
     def dedup(self) -> dict[bytes, int]:
         return self.dedup_table.entries
 
-    def _session_up(self) -> bool:
-        return self.session_up()
+    def snapshot(self) -> CoreStatus:
+        """The public view of the core for the shells (see CoreStatus)."""
+        return CoreStatus(
+            site=self.config.site,
+            peer=self.config.peer,
+            role=self.role,
+            epoch=self.epoch,
+            incarnation=self.incarnation,
+            generation=self.generation,
+            peer_generation=self.peer_generation,
+            tie_break_site=self.config.preferred,
+            peer_connected=self.session_up(),
+            holds_grant=self.holds_grant,
+            is_target=self.is_target,
+            takeover_pending=self.grant_epoch is not None,
+            asked_epoch=self.asked_epoch,
+            log_records=len(self.replication.records),
+            dirty_keys=len(self.dirty),
+            pending_writes=len(self.replication.pending),
+            resync_full_position=self.resync_full_position,
+            protocol_errors=self.protocol_errors,
+        )
+
+    def unresolved_keys(self) -> frozenset[bytes]:
+        """Keys with a write not yet resolved here (pending, prepared or committed but not confirmed):
+        the simulator's convergence check at sync points leaves them out."""
+        keys = set(self.replication.key_pending)
+        for record in self.replication.records.values():
+            keys.update(record.keys())
+        return frozenset(keys)
 
     def status(self) -> dict[str, object]:
         return {

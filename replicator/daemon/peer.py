@@ -10,12 +10,17 @@ gone (`new_session`), what is still queued for it is stale and dropped.
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
+from replicator import framing
+from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.records import record_wire_bytes
 from replicator.daemon.logs import log
 from replicator.daemon.wire import Encoder
-from replicator.transport.link import Link
+from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
+from replicator.transport.link import Link, LocalHello
 
 
 class PeerOutbox:
@@ -92,3 +97,88 @@ class PeerOutbox:
                 # silently: say so, drop the session, and let the core start over from a clean state.
                 log("link_send_failed", level="error", error=error, frame_bytes=len(frame))
                 link.reset(f"send failed: {error}")
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class PeerLinkMixin:
+    """The link in SiteDaemon: made from the configuration, its callbacks turning frames into core
+    messages and sessions into PeerConnected / PeerDisconnected (its attributes are the daemon's)."""
+
+    def _make_link(self) -> Link:
+        section = self.config.site
+        link_tls = None
+        if self.config.tls.link is not None:
+            files = self.config.tls.link
+            link_tls = TlsConfig(str(files.ca_file), str(files.cert_file), str(files.key_file))
+        dialer = self.name < self.peer
+        return Link(
+            role="connect" if dialer else "accept",
+            pair_id=section.pair_id,
+            local_site=self.name,
+            peer_site=self.peer,
+            address=_address(section.peer_address if dialer else self.config.listen.link),
+            # The extras name our witness: two sites that use different witnesses never go on alone.
+            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), 0, self.witness_id.encode()),
+            on_frame=self._on_frame,
+            on_state=self._on_link_state,
+            limits=LinkLimits(
+                frame_size_bytes_max=section.frame_size_bytes_max,
+                inflight_bytes_max=section.inflight_bytes_max,
+                heartbeat_interval_ms=section.heartbeat_ms,
+                heartbeat_timeout_ms=max(section.peer_timeout_ms, 2 * section.heartbeat_ms + 1),
+                reconnect_backoff_ms_max=section.reconnect_backoff_ms_max,
+            ),
+            tls=link_tls,
+            resume=False,  # every connection is a new session for the core: old frames would be stale
+            on_refused=self._on_link_refused,
+        )
+
+
+    def _on_link_refused(self, reason: str) -> None:
+        """A link handshake refused by either end: counted, logged at most once per reason every 10 s."""
+        self.m_link_refusals.inc()
+        now = time.monotonic()
+        if now - self.link_refusals_logged.get(reason, -1e9) < 10.0:
+            return
+        if len(self.link_refusals_logged) > 64:
+            self.link_refusals_logged.clear()
+        self.link_refusals_logged[reason] = now
+        log("link_refused", level="error", site=self.name, peer=self.peer, reason=reason)
+
+    def _link_incarnation(self) -> int:
+        """The link resumes a session when the peer's incarnation is unchanged, so a wiped site
+        (whose incarnations start again at 1) must not look like the process it replaced: the
+        generation's first bytes make the number unique per data directory."""
+        view = self.core.snapshot()
+        return (int.from_bytes(view.generation[:3], "big") << 40) | view.incarnation
+
+    def _on_link_state(self, event: Any) -> None:
+        # Whatever the core queued for the connection that just ended (or for none) is stale from now on.
+        self.peer_port.new_session()
+        if isinstance(event, LinkUp):
+            self.decoder.reset()
+            self.peer_witness_id = bytes(event.peer.extras).decode(errors="replace")
+            if self._witnesses_differ():
+                self._log_witness_mismatch()
+            self.m_link_ups.inc()
+            log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
+            self.step(ev.PeerConnected())
+        elif isinstance(event, LinkDown):
+            self.m_link_downs.inc()
+            log("link_down", reason=event.reason)
+            self.step(ev.PeerDisconnected())
+
+    def _on_frame(self, frame: framing.Frame) -> None:
+        try:
+            message = self.decoder.decode(frame)
+        except framing.FramingError as error:
+            log("bad_frame", level="warning", error=str(error))
+            if self.link is not None:
+                self.link.reset("bad frame")
+            return
+        if message is not None:
+            self.step(ev.PeerSent(message))

@@ -14,137 +14,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from replicator import __version__, framing
-from replicator.api import errors
-from replicator.api.backend import RangeEntry, SiteStatus, VerifyReport, WriteResult
+from replicator import __version__
 from replicator.api.server import ListenError, start_site_server
-from replicator.api.witness import PairMode, PairState
 from replicator.client.witness import AsyncWitnessClient
 from replicator.config import ConfigError, SiteConfig, load_site_config
 from replicator.core import events as ev
-from replicator.core import messages as msg
 from replicator.core.config import MESSAGE_HEADROOM_BYTES, CoreConfig
-from replicator.core.messages import Role
-from replicator.core.records import Operation, Versioned
 from replicator.core.site import SiteCore
+from replicator.daemon.backend import SiteBackendMixin
 from replicator.daemon.clock import WallClock
 from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_failure
 from replicator.daemon.hostmetrics import add_host_metrics
 from replicator.daemon.logs import add_listener, configure, log, remove_listener
-from replicator.daemon.metrics import Registry, start_metrics_server
+from replicator.daemon.metrics import start_metrics_server
 from replicator.daemon.ops import EventBus, ResyncProgress
-from replicator.daemon.peer import PeerOutbox
+from replicator.daemon.peer import PeerLinkMixin, PeerOutbox
 from replicator.daemon.runner import Shutdown, quiet_grpc_core, run, sd_notify
+from replicator.daemon.site_state import DaemonHost, SiteStateMixin, register_site_metrics
 from replicator.daemon.wire import Decoder, Encoder
-from replicator.driver import Host, SiteDriver, recover
+from replicator.daemon.witness_port import WitnessPortMixin
+from replicator.driver import SiteDriver, recover
 from replicator.nbd.server import NbdServer, start_nbd_server
 from replicator.storage import GroupCommitter, Store, StoreOptions
-from replicator.storage.errors import CorruptValue, StorageFailed
-from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
-from replicator.transport.link import Link, LocalHello
+from replicator.storage.errors import StorageFailed
+from replicator.transport.link import Link
 
 TICK_S = 0.01
-WITNESS_REPORT_S = 1.0  # how often a site reports where it is to the witness
 RESYNC_PROGRESS_LOG_S = 5.0  # a running resync logs (and streams) its progress this often
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-class _DaemonHost(Host):
-    """The driver's host in the daemon: client futures, logs, metrics, the event loop."""
-
-    def __init__(self, daemon: SiteDaemon) -> None:
-        self.daemon = daemon
-
-    def later(self, driver: SiteDriver, event: ev.Event) -> None:
-        asyncio.get_running_loop().call_soon(driver.step, event)
-
-    def resync_loaded(self, driver: SiteDriver, request: ev.LoadResyncBatch, loaded: ev.ResyncBatchLoaded) -> None:
-        if self.daemon.resync_progress.kind == "full":
-            self.daemon.resync_progress.advance(len(loaded.entries))
-        self.later(driver, loaded)
-
-    def write_waits(self, driver: SiteDriver) -> None:
-        self.daemon.follow_durability()
-
-    def _answer(self, handle: int, answer: Any) -> None:
-        future = self.daemon.handles.pop(handle, None)
-        if future is not None and not future.done():
-            future.set_result(answer)
-
-    def write_answered(self, answer: ev.AnswerWrite) -> None:
-        self._answer(answer.handle, answer)
-
-    def read_rejected(self, reject: ev.RejectRead) -> None:
-        self._answer(reject.handle, reject)
-
-    def read_served(self, handle: int, key: bytes, version: Versioned | None, error: CorruptValue | None) -> None:
-        future = self.daemon.handles.pop(handle, None)
-        if future is None or future.done():
-            return
-        if error is None:
-            future.set_result(version)
-            return
-        self.daemon.m_checksum.inc()
-        log("corrupt_value", level="error", key=key)
-        future.set_exception(errors.Corrupt(str(error)))
-
-    def role_changed(self, change: ev.RoleChanged) -> None:
-        daemon = self.daemon
-        if change.new is Role.SYNC:
-            daemon.witness_report_now.set()
-        daemon.state_since_ms = int(time.time() * 1000)
-        daemon.state_reason = change.reason
-        daemon.m_role_changes.labels(change.new.name).inc()
-        daemon._resync_role_changed(change.old, change.new)
-        log(
-            "role",
-            old=change.old.name,
-            new=change.new.name,
-            epoch=change.epoch,
-            reason=change.reason,
-            mono_ns=time.monotonic_ns(),
-        )
-
-    def committed(self, commit: ev.Committed) -> None:
-        if self.daemon.config.chaos.log_commits:
-            log(
-                "commit",
-                record=str(commit.record_id),
-                epoch=commit.epoch,
-                role=commit.role.name,
-                alone=commit.alone,
-                mono_ns=time.monotonic_ns(),
-            )
-
-    def stopping(self, reason: str) -> None:
-        log("stopping", level="error", reason=reason)
-        self.daemon.stopped.set()
-
-    def cleared(self, erased: int, dirty: int) -> None:
-        # Say what a full resync throws away: among these are whatever this site wrote alone
-        # in an epoch the peer superseded (a forced failover at the peer), lost from now on.
-        log(
-            "resync_cleared",
-            level="warning" if erased else "info",
-            keys=erased,
-            dirty_keys=dirty,
-            reason="full resync: this site's copy is replaced by the peer's",
-        )
-
-
-class SiteDaemon:
+class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMixin):
     """Owns the core, the store, the link and the servers of one site."""
 
     def __init__(self, config: SiteConfig) -> None:
@@ -156,25 +62,6 @@ class SiteDaemon:
         self.handles: dict[int, asyncio.Future[Any]] = {}
         self.durability_follower: asyncio.Task[None] | None = None
         self.next_handle = 1
-        self.metrics = Registry()
-        self.m_role = self.metrics.gauge("replicator_role", "1 for the site's current role", ["role"])
-        self.m_epoch = self.metrics.gauge("replicator_epoch", "the site's epoch")
-        self.m_writes = self.metrics.counter("replicator_writes_total", "client writes by outcome", ["outcome"])
-        self.m_reads = self.metrics.counter("replicator_reads_total", "client reads by outcome", ["outcome"])
-        self.m_write_latency = self.metrics.histogram("replicator_write_seconds", "write latency")
-        self.m_read_latency = self.metrics.histogram("replicator_read_seconds", "read latency")
-        self.m_dirty = self.metrics.gauge("replicator_dirty_keys", "keys the peer may lack")
-        self.m_log = self.metrics.gauge("replicator_log_records", "records in the replication log")
-        self.m_inflight = self.metrics.gauge("replicator_link_inflight_bytes", "unacknowledged link bytes")
-        self.m_checksum = self.metrics.counter("replicator_checksum_errors_total", "corrupt values found on read")
-        self.m_witness = self.metrics.gauge("replicator_witness_reachable", "1 if the last witness call answered")
-        self.m_peer = self.metrics.gauge("replicator_peer_connected", "1 while a session with the peer is up")
-        self.m_resync = self.metrics.gauge(
-            "replicator_resync_keys_remaining", "dirty keys still to send while this site is a resync source"
-        )
-        self.m_resync_full = self.metrics.gauge("replicator_resync_full_active", "1 while a full resync scan is running")
-        self.metrics.add_collector(self._collect)
-        self.witness_reachable = False
         self.stopped = asyncio.Event()
         self.peer_port = PeerOutbox(
             Encoder(self.name, frame_bytes_max=section.frame_size_bytes_max), section.frame_size_bytes_max // 4
@@ -183,43 +70,17 @@ class SiteDaemon:
         self.tasks: list[asyncio.Task[Any]] = []
         self.link: Link | None = None
         self.link_refusals_logged: dict[str, float] = {}
-        self.witness_report_now = asyncio.Event()
-        self.witness_id = ""  # our witness's identity (from its answers)
-        self.peer_witness_id = ""  # the peer's, from its link HELLO
-        # Every identity our witness has had: a peer naming one of them is not misconfigured, only
-        # behind us in learning a replaced witness's identity (or its HELLO is older than that).
-        self.witness_ids_seen: set[str] = set()
-        self.witness_mismatch_logged = -1e9
-        self.witness_behind_logged = -1e9
-        self.m_witness_behind = self.metrics.gauge(
-            "replicator_witness_epochs_behind", "how many epochs the witness is behind this site (0: not behind)"
-        )
+        self._init_witness_port()
         self.wall_clock = WallClock.from_environment()  # REPLICATOR_CLOCK_FAULTS: the chaos suite's clock jumps
         # For the operator: since when and why the site is in its state, resync progress, events.
         self.started_ms = int(time.time() * 1000)
         self.state_since_ms = self.started_ms
         self.state_reason = "started"
         self.resync_progress = ResyncProgress()
-        self.witness_preferred = ""  # as the witness holds it, from its answers to our reports
+        register_site_metrics(self)
         self.draining = False
         self.events = EventBus()
         add_listener(self.events.on_log)
-        self.m_build = self.metrics.gauge(
-            "replicator_build_info", "always 1; the labels name the running software", ["version", "python"]
-        )
-        self.m_build.labels(__version__, sys.version.split()[0]).set(1)
-        self.metrics.gauge("replicator_start_time_seconds", "when the site process started (Unix time)").set(
-            self.started_ms / 1000
-        )
-        self.m_role_changes = self.metrics.counter(
-            "replicator_role_changes_total", "role changes of this site, by the new role", ["role"]
-        )
-        self.m_draining = self.metrics.gauge("replicator_draining", "1 while drained for maintenance")
-        self.m_link_ups = self.metrics.counter("replicator_link_up_total", "sessions with the peer established")
-        self.m_link_downs = self.metrics.counter("replicator_link_down_total", "sessions with the peer lost")
-        self.m_link_refusals = self.metrics.counter(
-            "replicator_link_refused_total", "link handshakes refused by either end (wrong peer, pair, certificate)"
-        )
 
     # ------------------------------------------------------------ start-up
     async def start(self) -> None:
@@ -252,39 +113,14 @@ class SiteDaemon:
         self.core = SiteCore(core_config, core_recovered)
         self.committer = GroupCommitter(self.store)
         self.driver = SiteDriver(
-            self.core, self.store, self.peer_port, self, self, _DaemonHost(self), write=self.committer.write_now
+            self.core, self.store, self.peer_port, self, self, DaemonHost(self), write=self.committer.write_now
         )
         add_host_metrics(self.metrics, data_dir, self.config.tls, self.committer)
         self.committer.start()
         self.witness = AsyncWitnessClient(
             self.config.witness.address, tls=self.config.tls.witness, timeout_ms=self.config.witness.timeout_ms
         )
-        link_tls = None
-        if self.config.tls.link is not None:
-            files = self.config.tls.link
-            link_tls = TlsConfig(str(files.ca_file), str(files.cert_file), str(files.key_file))
-        dialer = self.name < self.peer
-        self.link = Link(
-            role="connect" if dialer else "accept",
-            pair_id=section.pair_id,
-            local_site=self.name,
-            peer_site=self.peer,
-            address=_address(section.peer_address if dialer else self.config.listen.link),
-            # The extras name our witness: two sites that use different witnesses never go on alone.
-            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), 0, self.witness_id.encode()),
-            on_frame=self._on_frame,
-            on_state=self._on_link_state,
-            limits=LinkLimits(
-                frame_size_bytes_max=section.frame_size_bytes_max,
-                inflight_bytes_max=section.inflight_bytes_max,
-                heartbeat_interval_ms=section.heartbeat_ms,
-                heartbeat_timeout_ms=max(section.peer_timeout_ms, 2 * section.heartbeat_ms + 1),
-                reconnect_backoff_ms_max=section.reconnect_backoff_ms_max,
-            ),
-            tls=link_tls,
-            resume=False,  # every connection is a new session for the core: old frames would be stale
-            on_refused=self._on_link_refused,
-        )
+        self.link = self._make_link()
         self.peer_port.link = self.link
         self.driver.start()
         try:
@@ -334,32 +170,6 @@ class SiteDaemon:
             nbd=self.nbd.address if self.nbd is not None else "",
             exposed=self.config.exposed_addresses() if hasattr(self.config, "exposed_addresses") else [],
         )
-
-    def _readiness(self) -> tuple[bool, str]:
-        """GET /readyz: ready while the site serves clients (a load balancer's check), with why not."""
-        from replicator.api.backend import health_of
-
-        status = self.status()
-        level, reasons = health_of(status)
-        text = f"{level} {status.site} {status.state} epoch {status.epoch}"
-        return status.serving, text + "".join(f"\n{reason}" for reason in reasons)
-
-    def _on_link_refused(self, reason: str) -> None:
-        """A link handshake refused by either end: counted, logged at most once per reason every 10 s."""
-        self.m_link_refusals.inc()
-        now = time.monotonic()
-        if now - self.link_refusals_logged.get(reason, -1e9) < 10.0:
-            return
-        if len(self.link_refusals_logged) > 64:
-            self.link_refusals_logged.clear()
-        self.link_refusals_logged[reason] = now
-        log("link_refused", level="error", site=self.name, peer=self.peer, reason=reason)
-
-    def _link_incarnation(self) -> int:
-        """The link resumes a session when the peer's incarnation is unchanged, so a wiped site
-        (whose incarnations start again at 1) must not look like the process it replaced: the
-        generation's first bytes make the number unique per data directory."""
-        return (int.from_bytes(self.core.generation[:3], "big") << 40) | self.core.incarnation
 
     async def stop(self) -> None:
         remove_listener(self.events.on_log)
@@ -438,13 +248,6 @@ class SiteDaemon:
     def step(self, event: ev.Event) -> None:
         self.driver.step(event)
 
-    def ask(self, request: msg.WitnessRequest) -> None:
-        if self._witness_mismatch(request):
-            # As if the witness could not be reached: no grant from a witness the peer does not use.
-            asyncio.get_running_loop().call_soon(self.step, ev.WitnessFailed(request))
-            return
-        asyncio.get_running_loop().create_task(self._ask_witness(request))
-
     def follow_durability(self) -> None:
         if self.durability_follower is None:
             self.durability_follower = asyncio.get_running_loop().create_task(self._follow_durability())
@@ -464,134 +267,7 @@ class SiteDaemon:
         finally:
             self.durability_follower = None
 
-    async def _ask_witness(self, request: msg.WitnessRequest) -> None:
-        try:
-            if isinstance(request, msg.Arbitrate):
-                outcome = await self.witness.arbitrate(request.pair, request.site, request.epoch, request.force)
-                verdict = msg.Verdict.GRANTED if outcome.granted else msg.Verdict.DENIED
-            elif isinstance(request, msg.Query):
-                states = [s for s in await self.witness.status(request.pair) if s.pair == request.pair]
-                # A pair the witness never changed is SYNC in its first epoch.
-                outcome = states[0] if states else PairState(request.pair, 1, PairMode.SYNC, "")
-                verdict = msg.Verdict.STATE
-            else:
-                outcome = await self.witness.mark_synced(request.pair, request.site, request.epoch)
-                verdict = msg.Verdict.SYNCED if outcome.granted else msg.Verdict.DENIED
-        except Exception as error:  # the witness unreachable, a deadline, a refused call
-            self.witness_reachable = False
-            log("witness_failed", level="warning", request=type(request).__name__, error=str(error)[:200])
-            self.step(ev.WitnessFailed(request))
-            return
-        self.witness_reachable = True
-        mode = msg.WitnessMode.SOLO if outcome.mode.name == "SOLO" else msg.WitnessMode.SYNC
-        answer = msg.WitnessAnswer(verdict, outcome.epoch, mode, outcome.holder)
-        log("witness_answer", request=type(request).__name__, verdict=verdict.name, epoch=outcome.epoch)
-        self.step(ev.WitnessAnswered(request, answer))
-
     # ------------------------------------------------------------ link
-    def _on_link_state(self, event: Any) -> None:
-        # Whatever the core queued for the connection that just ended (or for none) is stale from now on.
-        self.peer_port.new_session()
-        if isinstance(event, LinkUp):
-            self.decoder.reset()
-            self.peer_witness_id = bytes(event.peer.extras).decode(errors="replace")
-            if self._witnesses_differ():
-                self._log_witness_mismatch()
-            self.m_link_ups.inc()
-            log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
-            self.step(ev.PeerConnected())
-        elif isinstance(event, LinkDown):
-            self.m_link_downs.inc()
-            log("link_down", reason=event.reason)
-            self.step(ev.PeerDisconnected())
-
-    def _on_frame(self, frame: framing.Frame) -> None:
-        try:
-            message = self.decoder.decode(frame)
-        except framing.FramingError as error:
-            log("bad_frame", level="warning", error=str(error))
-            if self.link is not None:
-                self.link.reset("bad frame")
-            return
-        if message is not None:
-            self.step(ev.PeerSent(message))
-
-    async def _probe_witness(self) -> None:
-        """Report where this site is to the witness every second, and at once when the pair is SYNC
-        again (a witness without state for the pair learns its epoch from these before it grants
-        anything); keep `witness_reachable` true to life; warn loudly when the witness is behind."""
-        while True:
-            core = self.core
-            try:
-                states, identity = await self.witness.report(
-                    self.config.site.pair_id,
-                    self.name,
-                    core.epoch,
-                    holds_grant=core.holds_grant and core.role in (Role.SOLO, Role.RESYNC_SOURCE),
-                    in_sync=core.role is Role.SYNC and core._session_up(),
-                )
-                self.witness_reachable = True
-                self._check_witness_epoch(states)
-                ours = [state for state in states if state.pair == self.config.site.pair_id]
-                self.witness_preferred = ours[0].preferred if ours else ""
-                if identity and identity != self.witness_id:
-                    log("witness_identity", witness=self.config.witness.address, witness_id=identity)
-                    self.witness_id = identity
-                    self.witness_ids_seen.add(identity)
-                    if self.link is not None and self.link.up:
-                        self.link.reset("our witness changed: tell the peer in a new HELLO")
-            except Exception:
-                self.witness_reachable = False
-            self.witness_report_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.witness_report_now.wait(), WITNESS_REPORT_S)
-
-    def _witness_mismatch(self, request: msg.WitnessRequest) -> bool:
-        """The two sites use different witnesses (a misconfiguration): going on alone could split the
-        pair (each granted by its own witness), so no Arbitrate goes out, except an operator's forced one."""
-        if not self._witnesses_differ():
-            return False
-        if not isinstance(request, msg.Arbitrate) or request.force:
-            return False
-        self._log_witness_mismatch()
-        return True
-
-    def _witnesses_differ(self) -> bool:
-        return bool(self.witness_id and self.peer_witness_id) and self.peer_witness_id not in self.witness_ids_seen
-
-    def _log_witness_mismatch(self) -> None:
-        if time.monotonic() - self.witness_mismatch_logged >= 10.0:
-            self.witness_mismatch_logged = time.monotonic()
-            log(
-                "witness_mismatch",
-                level="critical",
-                site=self.name,
-                witness=self.config.witness.address,
-                witness_id=self.witness_id,
-                peer_witness_id=self.peer_witness_id,
-                action="not asking to go on alone: the two sites must use the same witness (witness.address)",
-            )
-
-    def _check_witness_epoch(self, states: Sequence[PairState]) -> None:
-        epoch = next((state.epoch for state in states if state.pair == self.config.site.pair_id), 0)
-        behind = max(self.core.epoch - epoch, 0)
-        if epoch == 0 and self.core.epoch == 1:
-            behind = 0  # a new pair: the witness learns epoch 1 once the sites have met
-        self.m_witness_behind.set(behind)
-        if behind and time.monotonic() - self.witness_behind_logged >= 10.0:
-            self.witness_behind_logged = time.monotonic()
-            log(
-                "witness_behind",
-                level="error",
-                site=self.name,
-                epoch=self.core.epoch,
-                witness_epoch=epoch,
-                reason="the witness has no state for the pair (replaced?)"
-                if epoch == 0
-                else "the witness is behind this site (its state lost or restored from an older copy?)",
-                action="the witness learns the pair's epoch from the sites' reports; see docs/operations.md",
-            )
-
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
@@ -603,343 +279,9 @@ class SiteDaemon:
                 log("resync_progress", peer=self.peer, **progress.fields())
 
     # ------------------------------------------------------------ resync progress (for status and events)
-    def _resync_role_changed(self, old: Role, new: Role) -> None:
-        progress = self.resync_progress
-        if new is Role.RESYNC_SOURCE and old is not Role.RESYNC_SOURCE:
-            full = getattr(self.core, "resync_full_position", None)
-            kind = "full" if full is not None else "incremental"
-            progress.begin(kind, len(self.core.dirty))
-            log("resync_started", kind=kind, peer=self.peer, keys=progress.total, epoch=self.core.epoch)
-            if kind == "full":
-                asyncio.get_running_loop().create_task(self._count_full_resync(full))
-        elif new is Role.RESYNC_TARGET and old is not Role.RESYNC_TARGET:
-            progress.begin("target", 0)
-            log("resync_started", kind="target", source=self.peer, epoch=self.core.epoch)
-        elif progress.active and new not in (Role.RESYNC_SOURCE, Role.RESYNC_TARGET):
-            self._update_resync_progress()
-            fields = progress.fields()
-            seconds = round(time.monotonic() - progress.started, 3)
-            outcome = "done" if new is Role.SYNC else f"stopped ({new.name})"
-            log("resync_done", outcome=outcome, seconds=seconds, **fields)
-            progress.end()
-
-    async def _count_full_resync(self, position: bytes) -> None:
-        """A full resync's total: the keys from its scan position on (counted off the event loop)."""
-        count, _ = await asyncio.to_thread(self.store.range_digest, position or b"", None)
-        if self.resync_progress.kind == "full":
-            self.resync_progress.total = max(self.resync_progress.total, count + len(self.core.dirty))
-
-    def _update_resync_progress(self) -> None:
-        progress = self.resync_progress
-        if progress.kind == "incremental":
-            progress.set_remaining(len(self.core.dirty))
-
-    def _collect(self) -> None:
-        core = self.core
-        for role in Role:
-            self.m_role.labels(role.name).set(1 if core.role is role else 0)
-        self.m_epoch.set(core.epoch)
-        self.m_dirty.set(len(core.dirty))
-        self.m_log.set(len(core.log))
-        self.m_witness.set(1 if self.witness_reachable else 0)
-        self.m_peer.set(1 if core._session_up() else 0)
-        self.m_resync.set(len(core.dirty) if core.role is Role.RESYNC_SOURCE else 0)
-        self.m_resync_full.set(1 if core.resync_full_position is not None else 0)
-        if self.link is not None:
-            self.m_inflight.set(self.link.unacknowledged_bytes)
-
     # ------------------------------------------------------------ SiteBackend
-    def _handle(self) -> tuple[int, asyncio.Future[Any]]:
-        handle = self.next_handle
-        self.next_handle += 1
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.handles[handle] = future
-        return handle, future
-
-    def _unavailable(self, what: str) -> errors.Unavailable:
-        # The servicer adds "site 'a' cannot serve (...); try site 'b' at ADDRESS": say only why here.
-        role = self.core.role.name
-        why = f"{what} refused while {role}"
-        if role == "SYNC" and not self.core._session_up():
-            why += ", the peer just became unreachable (a failover is under way)"
-        elif role in ("SUSPENDED", "FENCED", "STARTING"):
-            why += f"; {self.state_reason}" if self.state_reason else ""
-        return errors.Unavailable(why, self.config.site.peer_grpc_address)
-
-    def _refuse_if_draining(self, counter: Any) -> None:
-        if self.draining:
-            counter.labels("draining").inc()
-            raise errors.Unavailable("drained for maintenance", self.config.site.peer_grpc_address)
-
-    async def write(self, operations: Sequence[Operation], request_id: bytes, timeout_s: float) -> WriteResult:
-        self._refuse_if_draining(self.m_writes)
-        started = time.perf_counter()
-        handle, future = self._handle()
-        self.step(ev.WriteRequested(handle, request_id, tuple(operations)))
-        try:
-            answer: ev.AnswerWrite = await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
-            self.m_writes.labels("unknown").inc()
-            raise errors.OutcomeUnknown() from None
-        finally:
-            self.handles.pop(handle, None)
-        if answer.ok:
-            self.m_writes.labels("ok").inc()
-            self.m_write_latency.observe(time.perf_counter() - started)
-            return WriteResult(answer.ts, answer.duplicate)
-        self.m_writes.labels(answer.error or "error").inc()
-        if answer.error in ("unavailable", "overloaded"):
-            raise self._unavailable("write")
-        if answer.error == "invalid":
-            raise errors.InvalidRequest(answer.message)
-        raise errors.OutcomeUnknown(f"outcome unknown: {answer.message}")
-
-    async def read(self, key: bytes, timeout_s: float) -> Versioned | None:
-        self._refuse_if_draining(self.m_reads)
-        started = time.perf_counter()
-        handle, future = self._handle()
-        self.step(ev.ReadRequested(handle, key))
-        try:
-            result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
-            self.m_reads.labels("timeout").inc()
-            raise self._unavailable("read in time") from None
-        finally:
-            self.handles.pop(handle, None)
-        if isinstance(result, ev.RejectRead):
-            self.m_reads.labels(result.error).inc()
-            raise self._unavailable("read")
-        self.m_reads.labels("ok").inc()
-        self.m_read_latency.observe(time.perf_counter() - started)
-        version: Versioned | None = result
-        return version
-
-    async def scan(self, start: bytes, end: bytes | None, limit: int, timeout_s: float) -> list[Versioned]:
-        # Linearizable per key: every key of the range is read through the core. The reads are issued
-        # together: a key with nothing pending is served at once, so a page costs a few turns of the
-        # event loop instead of one per key (a range full of tombstones, as S3 buckets leave, stays cheap).
-        found = self.store.scan(start, end, limit)
-        answers = await asyncio.gather(*(self.read(v.key, timeout_s) for v in found), return_exceptions=True)
-        results = []
-        for answer in answers:
-            if isinstance(answer, BaseException):
-                raise answer
-            if answer is not None:
-                results.append(answer)
-        return results
-
-    def status(self) -> SiteStatus:
-        core = self.core
-        progress = self.resync_progress
-        self._update_resync_progress()
-        role = ""
-        if core.role in (Role.SOLO, Role.RESYNC_SOURCE):
-            role = "source"
-        elif core.role is Role.RESYNC_TARGET:
-            role = "target"
-        return SiteStatus(
-            site=self.name,
-            peer=self.peer,
-            state=core.role.name,
-            epoch=core.epoch,
-            pair=self.config.site.pair_id,
-            role=role,
-            peer_reachable=core._session_up(),
-            witness_reachable=self.witness_reachable,
-            lag_records=len(core.log),
-            dirty_keys=len(core.dirty),
-            resync_progress=(progress.done, progress.total) if progress.kind != "target" else (0, 0),
-            preferred=self.config.site.preferred_site,
-            peer_address=self.config.site.peer_grpc_address,
-            details={
-                "incarnation": str(core.incarnation),
-                "pending_writes": str(len(core.pending)),
-                "tie_break_site": core.config.preferred,
-                "witness": self.config.witness.address,
-                # The request limits, so that a client can refuse an oversized input before reading it.
-                "object_bytes_max": str(self.config.api.object_bytes_max),
-                "block_write_bytes_max": str(self.config.api.block_write_bytes_max),
-                "block_read_bytes_max": str(self.config.api.block_read_bytes_max),
-                "trim_blocks_max": str(self.config.api.trim_blocks_max),
-            }
-            | self._nbd_details(),
-            state_reason=self.state_reason,
-            state_since_ms=self.state_since_ms,
-            started_ms=self.started_ms,
-            version=__version__,
-            resync_kind=progress.kind,
-            resync_rate_keys_per_s=round(progress.rate(), 1) if progress.kind != "target" else 0.0,
-            resync_eta_s=round(progress.eta_s(), 1) if progress.kind != "target" else 0.0,
-            witness_preferred=self.witness_preferred,
-            draining=self.draining,
-        )
-
-    def _nbd_details(self) -> dict[str, str]:
-        """The NBD server's base URI (an export is BASE/VOLUME), for `replicatorctl volume list`."""
-        nbd = getattr(self, "nbd", None)
-        if nbd is None:
-            return {}
-        return {"nbd": f"{'nbds' if self.config.tls.nbd is not None else 'nbd'}://{nbd.address}"}
-
-    async def verify(self, repair: bool, progress: Callable[[int, int], None]) -> VerifyReport:
-        """Online verify against the peer (replicator/daemon/verify.py); repair: this site's version wins."""
-        from replicator.daemon.verify import LocalSide, PeerSide, Verifier
-
-        started = time.perf_counter()
-        peer = PeerSide(self.peer, self.config.site.peer_grpc_address, self.config.tls.grpc)
-        try:
-            outcome = await Verifier(LocalSide(self.store), peer, progress).run()
-        finally:
-            await peer.close()
-        repaired = 0
-        if repair and outcome.differing_keys:
-            repaired = await self._verify_repair(outcome.differing_keys)
-        log(
-            "verify",
-            keys_compared=outcome.keys_compared,
-            entries_compared=outcome.entries_compared,
-            ranges_narrowed=outcome.ranges_narrowed,
-            candidates=outcome.candidates,
-            differing=len(outcome.differing_keys),
-            repaired=repaired,
-            seconds=round(time.perf_counter() - started, 3),
-        )
-        return VerifyReport(outcome.keys_compared, tuple(outcome.differing_keys), repaired)
-
     # ------------------------------------------------------------ operator: drain, events
-    async def drain(self, undo: bool) -> int:
-        """Planned maintenance: refuse new client requests (UNAVAILABLE naming the peer, so clients
-        move there at once, and health checks answer NOT_SERVING) and wait, up to the request
-        timeout, for the requests in flight. Returns how many were still in flight. The pair stays
-        SYNC: the site keeps replicating the peer's writes until it is stopped."""
-        if undo:
-            self.draining = False
-            self.m_draining.set(0)
-            log("drain", action="undone", site=self.name)
-            return 0
-        if self.core.role not in (Role.SYNC,):
-            raise errors.Refused(
-                f"drain needs the pair in SYNC (the peer must be able to serve alone); site {self.name} is "
-                f"{self.core.role.name}"
-            )
-        self.draining = True
-        self.m_draining.set(1)
-        log("drain", action="started", site=self.name, in_flight=len(self.handles))
-        deadline = time.monotonic() + self.config.api.request_timeout_ms / 1000
-        while self.handles and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        log("drain", action="drained", site=self.name, in_flight=len(self.handles))
-        return len(self.handles)
-
-    def follow_events(self, history: bool, follow: bool) -> Any:
-        return self.events.follow(history, follow)
-
-    async def resync(self, full: bool) -> None:
-        role = self.core.role
-        if full:
-            raise errors.Refused(
-                "a full resync on demand is not supported: the core starts one by itself when the peer's "
-                "generation changed (its data directory was wiped or replaced); to force one, stop the "
-                "site to be rebuilt, empty its data_dir and start it again"
-            )
-        if role in (Role.RESYNC_SOURCE, Role.RESYNC_TARGET):
-            return  # already running; `status` shows it
-        raise errors.Refused(
-            f"no resync to start: resync is automatic (it starts when a granted site meets its peer again) "
-            f"and site {self.name} is {role.name}"
-            + (
-                ", the pair is in sync"
-                if role is Role.SYNC
-                else f"; it starts when site {self.peer} connects"
-                if role is Role.SOLO
-                else ""
-            )
-        )
-
-    async def switchover(self) -> None:
-        """Planned switchover: make the peer the preferred site at the witness (durably). While
-        both sites are SYNC either one serves reads and writes; what changes is who wins when the
-        link between them fails and both ask the witness at once."""
-        if self.core.role is not Role.SYNC:
-            raise errors.Refused(f"switchover needs the pair in SYNC; site {self.name} is {self.core.role.name}")
-        try:
-            outcome = await self.witness.set_preferred(self.config.site.pair_id, self.name, self.peer)
-        except Exception as error:
-            raise errors.Refused(f"switchover: the witness did not answer: {error}") from None
-        if not outcome.granted:
-            raise errors.Refused(f"switchover: the witness refused to prefer site {self.peer}")
-        log("switchover", preferred=self.peer)
-
-    async def failover(self, force: bool) -> None:
-        """Forced failover: the operator vouches that the other site is down. This site asks the
-        witness for the next epoch with `force` (granted whatever the witness's state), then goes
-        on alone as after any grant (after the leases it granted ran out). It still needs the
-        witness: a failover without it could not be fenced against the other site later."""
-        if not force:
-            raise errors.InvalidRequest("a forced failover needs force=True (replicatorctl failover --force)")
-        core = self.core
-        if core.role not in (Role.FENCED, Role.SUSPENDED, Role.STARTING):
-            raise errors.Refused(
-                f"forced failover is only for a site that is FENCED, SUSPENDED or STARTING with the peer "
-                f"unreachable; site {self.name} is {core.role.name}"
-            )
-        if core._session_up():
-            raise errors.Refused(f"forced failover refused: the peer site {self.peer} is reachable")
-        if core.is_target:
-            raise errors.Refused(
-                f"forced failover refused: site {self.name} was being resynchronised and lacks data; "
-                f"bring site {self.peer} back instead"
-            )
-        log("failover_forced", level="warning", site=self.name, epoch=core.epoch)
-        self.step(ev.FailoverForced())
-        deadline = time.monotonic() + (self.config.site.lease_ms + 3 * self.config.witness.timeout_ms) / 1000 + 2
-        while time.monotonic() < deadline:
-            if core.role is Role.SOLO and core.grant_epoch is None:
-                return
-            await asyncio.sleep(0.05)
-        raise errors.Refused(
-            f"forced failover did not complete: site {self.name} is {core.role.name} (is the witness "
-            f"reachable? a forced failover needs its grant: it is never taken without the witness)"
-        )
-
     # ------------------------------------------------------------ verify (helpers, and the peer's side)
-    async def _verify_repair(self, keys: Sequence[bytes]) -> int:
-        """Rewrite each key's current version from this site through the replicated write path.
-
-        Only while SYNC (the write then reaches both sites); a fresh ts beats both copies, so this
-        site's version wins. A key this site holds corrupt is left alone (repair from the peer)."""
-        timeout_s = self.config.api.request_timeout_ms / 1000
-        repaired = 0
-        for key in keys:
-            if self.core.role is not Role.SYNC:
-                log("verify_repair_skipped", level="warning", key=key, state=self.core.role.name)
-                continue
-            try:
-                current = await self.read(key, timeout_s)
-                value = None if current is None else current.value
-                await self.write([Operation(key, value)], b"verify-repair:" + os.urandom(16), timeout_s)
-            except (errors.Unavailable, errors.OutcomeUnknown, errors.Corrupt, errors.InvalidRequest) as error:
-                log("verify_repair_failed", level="warning", key=key, error=str(error)[:200])
-                continue
-            repaired += 1
-        return repaired
-
-    async def range_digests(self, ranges: Sequence[tuple[bytes, bytes | None]]) -> list[tuple[int, bytes]]:
-        from replicator.daemon.verify import store_digests
-
-        return await asyncio.to_thread(store_digests, self.store, list(ranges))
-
-    async def range_entries(self, start: bytes, end: bytes | None, limit: int) -> list[RangeEntry]:
-        from replicator.daemon.verify import store_entries
-
-        return await asyncio.to_thread(store_entries, self.store, start, end, limit)
-
-    async def key_entries(self, keys: Sequence[bytes]) -> list[RangeEntry]:
-        from replicator.daemon.verify import store_key_entries
-
-        return await asyncio.to_thread(store_key_entries, self.store, list(keys))
-
-
 async def _main(config: SiteConfig, stop: asyncio.Event) -> int:
     daemon = SiteDaemon(config)
     try:
