@@ -12,9 +12,16 @@ so a seed replays exactly. The world simulates:
   purpose (each held message on its own retransmit timer, as the simulator
   wrongly did before seed 61196 was found), only to show that the cores refuse
   out-of-order records (docs/chaos.md, "Seed 61196");
-- disks: a persist is visible at once and durable after a simulated fsync;
-  durability is in order; a crash loses what was not durable; fsync can fail
-  and the disk can be full (fail-stop);
+- disks: each site runs the real store (`BaseStore` on the memory engine,
+  chaos/sim/disk.py) through the daemon's driver (replicator/driver.py): a
+  persist is visible at once and durable after a simulated fsync; durability
+  is in order; a crash loses what was not durable; fsync can fail and the disk
+  can be full (fail-stop);
+- the wire: every peer message goes through the daemon's encoder, the frame
+  codec and the daemon's decoder (replicator/daemon/wire.py), within the
+  link's frame limit;
+- the witness: the real witness core; in a quarter of the seeds the pair is
+  not declared to it and it learns the pair from the sites' requests;
 - clocks: each site's monotonic clock runs at its own rate (bounded drift),
   its wall clock can jump; a site can be paused (SIGSTOP) for longer than a
   lease, in which case everything sent to it waits in its socket buffers;
