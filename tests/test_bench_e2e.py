@@ -81,7 +81,7 @@ def test_matrix_and_arguments() -> None:
     assert not any(r.op.startswith("block") for r in quick if r.system == "etcd")
     full = matrix(["replicator", "etcd"], quick=False)
     puts = {(r.value_size, r.concurrency) for r in full if r.system == "etcd" and r.op == "put"}
-    assert puts == {(s, c) for s in (1024, 4096, 65536) for c in (1, 8, 32, 128)}
+    assert puts == {(s, c) for s in (1024, 4096, 65536) for c in (1, 8, 32, 128, 256)}
     assert any(r.placement == "one" for r in full if r.system == "replicator")
     production = matrix(["replicator-production"], quick=False)
     assert {(r.op, r.value_size, r.concurrency) for r in production} == {("put", 4096, c) for c in (1, 8, 32, 128, 256)}

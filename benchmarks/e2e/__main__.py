@@ -30,7 +30,7 @@ RESULTS_ROOT = Path(__file__).resolve().parents[1] / "results"
 SYSTEMS = ("replicator", "replicator-production", "replicator-single", "etcd", "redis", "raw")
 OBJECT_SIZES = (1 * KIB, 4 * KIB, 64 * KIB)
 BLOCK_SIZES = (4 * KIB, 64 * KIB, 1 * MIB)
-CONCURRENCY = (1, 8, 32, 128)
+CONCURRENCY = (1, 8, 32, 128, 256)
 BLOCK_CONCURRENCY = (1, 8, 32)
 
 DESCRIPTION = """\
@@ -46,7 +46,7 @@ Everything runs on this machine on 127.0.0.1 and is started (and stopped) by the
   redis              a Redis primary and a replica, appendfsync always, SET + WAIT 1
   raw                synced one-value RocksDB WriteBatches in one thread (the disk's limit, no network)
 
-Object puts and gets of 1 KiB, 4 KiB and 64 KiB at concurrency 1, 8, 32 and 128; block writes and
+Object puts and gets of 1 KiB, 4 KiB and 64 KiB at concurrency 1, 8, 32, 128 and 256; block writes and
 reads of 4 KiB, 64 KiB and 1 MiB at concurrency 1, 8 and 32 (Replicator only); failover time and
 resync throughput (benchmarks/e2e/recovery.py). The load generator is the same for every system:
 worker processes (1 at c=1, else 2) with asyncio coroutines; its CPU use and each server process's
@@ -79,7 +79,7 @@ def matrix(systems: Sequence[str], quick: bool) -> list[Run]:
         if system == "raw":
             continue
         if system == "replicator-production":  # the production timeouts under the heaviest put load
-            runs += [Run(system, "both", "put", 4 * KIB, c) for c in ((1, 32) if quick else (*CONCURRENCY, 256))]
+            runs += [Run(system, "both", "put", 4 * KIB, c) for c in ((1, 32) if quick else CONCURRENCY)]
             continue
         if quick:
             sizes, concurrency = (4 * KIB,), (1, 32)
