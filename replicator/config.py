@@ -377,6 +377,11 @@ class WitnessSection:
     data_dir: Path = _field(check=_check_string, doc="RocksDB directory of arbitration state (required)", path=True)
     name: str = _field("witness", check=_check_name, doc="name in logs and status")
     preferred_grace_ms: int = _field(2000, check=_check_non_negative_int, doc="hold on a non-preferred site's request")
+    preferred_silence_ms: int = _field(
+        1500,
+        check=_check_non_negative_int,
+        doc="end the hold early once the preferred site has sent nothing this long (sites report every 1 s); 0: never",
+    )
     request_timeout_ms: int = _field(5000, check=_check_positive_int, doc="server-side bound on one request")
     shutdown_stage_timeout_ms: int = _field(5000, check=_check_positive_int, doc="bound on each shutdown stage")
 
