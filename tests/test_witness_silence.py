@@ -9,9 +9,8 @@ reporting keeps its head start; a restarted witness watches a whole silence inte
 from __future__ import annotations
 
 from replicator.core import messages as msg
-from replicator.core.witness import PairConfig, WitnessAction, WitnessCore, WitnessPersisted, WitnessReply
+from replicator.core.witness import PairConfig, WitnessAction, WitnessCore, WitnessPersisted, WitnessReply, WitnessTick
 from replicator.core.witness import WitnessRequested as Req
-from replicator.core.witness import WitnessTick
 
 GRACE, SILENCE = 2000, 1500
 
