@@ -543,6 +543,8 @@ class SiteDaemon:
             asyncio.get_running_loop().call_soon(self.step, ev.PersistFailed(str(error)))
             return
         self.unsynced.append((sequence, persist.persist_id))
+        if persist.urgent:
+            self.committer.request_sync()  # else it rides on the next sync (GroupCommitter.wait_durable lazy)
         if self.durability_follower is None:
             self.durability_follower = asyncio.get_running_loop().create_task(self._follow_durability())
 
@@ -553,7 +555,8 @@ class SiteDaemon:
         try:
             while unsynced:
                 try:
-                    await self.committer.wait_durable(unsynced[0][0])
+                    # Lazy: the urgent persists asked for their sync when written; the rest wait for one.
+                    await self.committer.wait_durable(unsynced[0][0], lazy=True)
                 except StorageFailed as error:
                     unsynced.clear()
                     self.step(ev.PersistFailed(str(error)))
