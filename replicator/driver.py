@@ -191,8 +191,9 @@ class Host:
         """A loaded resync batch, to step later (a shell may cut it shorter still: a prefix is valid)."""
         self.later(driver, loaded)
 
-    def write_waits(self, driver: SiteDriver) -> None:
-        """A persist was written and waits for a sync: call `driver.durable` once one is done."""
+    def write_waits(self, driver: SiteDriver, persist: ev.Persist) -> None:
+        """`persist` was written and waits for a sync: call `driver.durable` once one is done (an
+        urgent persist asks for its sync; the others may ride on the next one)."""
 
     def write_answered(self, answer: ev.AnswerWrite) -> None: ...
 
@@ -330,7 +331,7 @@ class SiteDriver:
             self.host.later(self, ev.PersistFailed(str(error)))
             return
         self.unsynced.append((sequence, persist.persist_id))
-        self.host.write_waits(self)
+        self.host.write_waits(self, persist)
 
     def _batch_of(self, persist: ev.Persist) -> Batch:
         store = self.store

@@ -297,7 +297,7 @@ class SiteProcess(Host):
     def later(self, driver: SiteDriver, event: ev.Event) -> None:
         self.world.after(0, self._guarded(lambda: self.deliver(lambda: event)))
 
-    def write_waits(self, driver: SiteDriver) -> None:
+    def write_waits(self, driver: SiteDriver, persist: ev.Persist) -> None:
         self._schedule_sync()
 
     def write_answered(self, answer: ev.AnswerWrite) -> None:

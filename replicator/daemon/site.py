@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from replicator import __version__
+from replicator.api.admission import admitted
 from replicator.api.server import ListenError, start_site_server
 from replicator.client.witness import AsyncWitnessClient
 from replicator.config import ConfigError, SiteConfig, load_site_config
@@ -130,8 +131,10 @@ class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMix
         self.tasks.append(asyncio.create_task(self.peer_port.run_sender(), name="link-sender"))
         self.tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
         self.tasks.append(asyncio.create_task(self._probe_witness(), name="witness-probe"))
+        api = self.config.api  # gRPC and S3 share the site's admission control (api/admission.py)
+        admitted_backend = admitted(self, api.admission_ops_max, api.admission_bytes_max, api.admission_wait_ms)
         self.server = await start_site_server(
-            self, self.config.listen.grpc, self.config.api, self.config.tls.grpc, self.config.s3
+            admitted_backend, self.config.listen.grpc, api, self.config.tls.grpc, self.config.s3
         )
         try:
             self.metrics_server = await start_metrics_server(
@@ -152,7 +155,7 @@ class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMix
             from replicator.s3.server import start_s3_server  # aiohttp is loaded only when S3 is on
 
             self.s3_server = await start_s3_server(
-                self,
+                admitted_backend,
                 self.config.s3,
                 self.config.api.request_timeout_ms / 1000,
                 self.config.tls.s3,
@@ -259,7 +262,8 @@ class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMix
         try:
             while (sequence := driver.first_unsynced_sequence) is not None:
                 try:
-                    await self.committer.wait_durable(sequence)
+                    # Lazy: the urgent persists asked for their sync when written; the rest wait for one.
+                    await self.committer.wait_durable(sequence, lazy=True)
                 except StorageFailed as error:
                     driver.sync_failed(str(error))
                     return

@@ -76,7 +76,9 @@ class DaemonHost(Host):
             self.daemon.resync_progress.advance(len(loaded.entries))
         self.later(driver, loaded)
 
-    def write_waits(self, driver: SiteDriver) -> None:
+    def write_waits(self, driver: SiteDriver, persist: ev.Persist) -> None:
+        if persist.urgent:
+            self.daemon.committer.request_sync()  # else it rides on the next sync (GroupCommitter.wait_durable lazy)
         self.daemon.follow_durability()
 
     def _answer(self, handle: int, answer: Any) -> None:
