@@ -168,7 +168,7 @@ class Connection:
         encoder, decoder = codec
         out = []
         for frame in encoder.encode(message):
-            decoded = decoder.decode(framing.decode_frame(bytes(frame)))
+            decoded = decoder.decode(framing.decode_frame(frame))  # the views keep the fresh frame alive
             if decoded is not None:
                 out.append(decoded)
         return out
