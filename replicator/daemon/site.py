@@ -2,12 +2,13 @@
 
     replicatord --config site.toml
 
-The shell is thin: it turns I/O into core events and core actions into I/O
-(the rules are in replicator/core/events.py). Each core step runs to the
-end on the event loop; persists are written at once (visible to reads) and
-made durable by the group committer's syncing thread, which reports
-`Persisted` in order. Frames to the peer go through one sender task, in
-order, with the link's back-pressure.
+This module assembles adapters and does nothing else. The core is driven by the one
+`SiteDriver` (replicator/driver.py: the actions executed by the rules of
+replicator/core/events.py); its ports here are the group committer over RocksDB (persists
+written at once, made durable by the syncing thread, reported in order), the peer outbox and
+link (daemon/peer.py: one sender task, in order, with the link's back-pressure), the witness
+client (daemon/witness_port.py) and the clocks. The gRPC/S3/NBD backend is daemon/backend.py;
+the driver's host, resync progress and metrics (from `SiteCore.snapshot()`) daemon/site_state.py.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMix
         finally:
             self.durability_follower = None
 
-    # ------------------------------------------------------------ link
+    # ------------------------------------------------------------ time
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
@@ -282,10 +283,8 @@ class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMix
                 progress.last_logged = time.monotonic()
                 log("resync_progress", peer=self.peer, **progress.fields())
 
-    # ------------------------------------------------------------ resync progress (for status and events)
-    # ------------------------------------------------------------ SiteBackend
-    # ------------------------------------------------------------ operator: drain, events
-    # ------------------------------------------------------------ verify (helpers, and the peer's side)
+
+
 async def _main(config: SiteConfig, stop: asyncio.Event) -> int:
     daemon = SiteDaemon(config)
     try:
