@@ -43,7 +43,7 @@ from replicator.daemon.logs import add_listener, configure, log, remove_listener
 from replicator.daemon.metrics import Registry, start_metrics_server
 from replicator.daemon.ops import EventBus, ResyncProgress
 from replicator.daemon.runner import Shutdown, quiet_grpc_core, run, sd_notify
-from replicator.daemon.wire import Decoder, Encoder
+from replicator.daemon.wire import Decoder, Encoder, decode_record, encode_record
 from replicator.nbd.server import NbdServer, start_nbd_server
 from replicator.storage import GroupCommitter, Store, StoreOptions
 from replicator.storage.errors import CorruptValue, StorageFailed
@@ -73,19 +73,6 @@ def decode_meta(raw: bytes) -> int | bytes | str:
     if tag == b"s":
         return body.decode()
     raise ValueError(f"bad meta value {raw[:16]!r}")
-
-
-def encode_record(record: Record) -> bytes:
-    out = bytearray()
-    framing.encode_records(out, record.epoch, [record])
-    return bytes(out)
-
-
-def decode_record(raw: bytes) -> Record:
-    frame = framing.decode_frame(raw)
-    (view,) = frame.body.records
-    record: Record = view.materialise()
-    return record
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -197,7 +184,7 @@ class SiteDaemon:
             log("generation", generation=generation)
         core_recovered = ev.Recovered(
             meta=meta,
-            log=[decode_record(raw) for raw in recovered.log.values()],
+            log=[decode_record(raw, record_id) for record_id, raw in recovered.log.items()],
             dirty=set(recovered.dirty),
             dedup={request_id: int(entry.outcome) for request_id, entry in recovered.dedup.items()},
         )
@@ -238,7 +225,7 @@ class SiteDaemon:
             peer_site=self.peer,
             address=_address(section.peer_address if dialer else self.config.listen.link),
             # The extras name our witness: two sites that use different witnesses never go on alone.
-            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), 0, self.witness_id.encode()),
+            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), self.witness_id.encode()),
             on_frame=self._on_frame,
             on_state=self._on_link_state,
             limits=LinkLimits(
@@ -249,7 +236,6 @@ class SiteDaemon:
                 reconnect_backoff_ms_max=section.reconnect_backoff_ms_max,
             ),
             tls=link_tls,
-            resume=False,  # every connection is a new session for the core: old frames would be stale
             on_refused=self._on_link_refused,
         )
         self._execute(self.core.start(self._mono_ms(), self._wall_ms()))
@@ -632,7 +618,7 @@ class SiteDaemon:
             if self._witnesses_differ():
                 self._log_witness_mismatch()
             self.m_link_ups.inc()
-            log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
+            log("link_up", peer_restarted=event.peer_restarted, frames_dropped=event.frames_dropped)
             self.step(ev.PeerConnected())
         elif isinstance(event, LinkDown):
             self.m_link_downs.inc()

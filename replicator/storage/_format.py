@@ -7,7 +7,11 @@ Column families (indexes into COLUMN_FAMILIES):
              crc32c covers the key, the first 9 header bytes and the value, so
              a flipped bit in the ts, the flag, the value or a value stored
              under the wrong key is caught on read.
-- log:       origin utf-8 + 0x00 + ">QQ" (incarnation, seq) -> crc32c(">I") + encoded record.
+- log:       origin utf-8 + 0x00 + ">QQ" (incarnation, seq) -> the record as a RECORDS frame
+             carries it (docs/wire.md): "<II" body length, crc32c of the body, body.
+             A received record is stored as it came (its CRC is the sender's,
+             checked on receipt and again on load); the record names its own id,
+             which the reader checks against the key (daemon/wire.py decode_record).
              Byte order of these keys is RecordId order (UTF-8 preserves code
              point order, and the 0x00 terminator sorts a prefix first).
 - meta:      b"m" + name utf-8 -> crc32c + value; b"r" -> crc32c + resync position.
@@ -15,7 +19,7 @@ Column families (indexes into COLUMN_FAMILIES):
 - dedup:     request id -> crc32c + ">Q" time_ms + outcome.
 - dedup_age: ">Q" time_ms + request id -> b"" (the age index used to prune and bound).
 
-Every framed value's crc32c starts from the crc32c of its key.
+Every framed value's crc32c starts from the crc32c of its key (log values carry their own).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ TOMBSTONE_BIT = 0x01
 TS_MAX = (1 << 64) - 1
 
 _CRC = struct.Struct(">I")
+_LOG_PREFIX = struct.Struct("<II")  # body length, crc32c of the body (the wire's record prefix)
 _U64 = struct.Struct(">Q")
 _U64_PAIR = struct.Struct(">QQ")
 
@@ -91,6 +96,20 @@ def unframe(key: bytes, stored: bytes) -> bytes | None:
     if crc32c(view[4:], crc32c(key)) != _CRC.unpack_from(stored)[0]:
         return None
     return stored[4:]
+
+
+def log_value(body: bytes) -> bytes:
+    """A log value around `body` (what the wire codec's encode_record makes of a record's body)."""
+    return _LOG_PREFIX.pack(len(body), crc32c(body)) + body
+
+
+def check_log_value(stored: bytes) -> bool:
+    """Whether a stored log value is whole: its length and its body's crc32c."""
+    if len(stored) < _LOG_PREFIX.size:
+        return False
+    length, checksum = _LOG_PREFIX.unpack_from(stored)
+    view = memoryview(stored)
+    return length == len(stored) - _LOG_PREFIX.size and crc32c(view[_LOG_PREFIX.size :]) == checksum
 
 
 def record_key(record_id: RecordId) -> bytes:
