@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from replicator.core.records import RecordId
-from replicator.storage._format import log_value
+from replicator.storage._format import log_value_of
 from replicator.storage import (
     BaseStore,
     FaultInjector,
@@ -36,7 +36,7 @@ def make_store(request, tmp_path):
 
 def record_batch(store: BaseStore, writer: int, seq: int):  # type: ignore[no-untyped-def]
     batch = store.batch()
-    batch.put_record(RecordId("w", writer, seq), log_value(b"x" * 100))
+    batch.put_record(RecordId("w", writer, seq), log_value_of(b"x" * 100))
     batch.apply(b"key-%d" % writer, seq + 1, b"%d" % seq)
     return batch
 

@@ -223,3 +223,25 @@ def test_a_corrupted_record_in_a_frame_is_refused_and_stores_nothing() -> None:
     frame[-1] ^= 1  # the last byte of the record's value
     with pytest.raises(framing.ChecksumMismatch):
         framing.decode_frame(bytes(frame))
+
+
+def test_a_log_entry_of_the_release_before_is_read() -> None:
+    """Before protocol version 2 the log held crc32c(key, frame) + a version-1 RECORDS frame of the
+    record; a site upgraded with records in its log reads them (the record is the same bytes)."""
+    from replicator.checksum import crc32c
+    from replicator.storage import _format as fmt
+
+    record_bytes = encode_record(RECORD)
+    payload = struct.pack("<I", 1) + record_bytes
+    header = struct.pack("<4sBBHIIQQQI", b"RPLF", 1, 2, 0, len(payload), 0, RECORD.epoch, 0, 0, 0)
+    old_frame = header + struct.pack("<I", crc32c(header)) + payload
+    key = fmt.record_key(RECORD.id)
+    store = MemoryStore()
+    store.raw_put("log", key, fmt.frame(key, old_frame))
+    assert store.get_record(RECORD.id) == record_bytes
+    assert decode_record(store.load().log[RECORD.id], RECORD.id) == RECORD
+    corrupt = bytearray(fmt.frame(key, old_frame))
+    corrupt[-1] ^= 1
+    store.raw_put("log", key, bytes(corrupt))
+    with pytest.raises(Exception, match="corrupt"):
+        store.load()

@@ -297,3 +297,14 @@ def decode_record(raw: bytes, record_id: RecordId | None = None) -> Record:
     if record_id is not None and record.id != record_id:
         raise framing.MalformedFrame(f"the log entry {record_id} holds record {record.id}")
     return record
+
+
+def schema_table_markdown() -> str:
+    """The core frames as docs/wire.md shows them (a test checks the page against this table)."""
+    lines = ["| type | frame | core message | fields after the header's epoch |", "|---:|---|---|---|"]
+    for layout in SCHEMA:
+        described = ", ".join(f"`{name}` {kind.value}" for name, kind in layout.fields) or "none"
+        if layout.context:
+            described += "; " + ", ".join(f"`{name}`" for name in layout.context) + " from the LINK_HELLO"
+        lines.append(f"| 0x{int(layout.frame_type):02X} | {layout.frame_type.name} | `{layout.message.__name__}` | {described} |")
+    return "\n".join(lines)

@@ -98,7 +98,7 @@ def unframe(key: bytes, stored: bytes) -> bytes | None:
     return stored[4:]
 
 
-def log_value(body: bytes) -> bytes:
+def log_value_of(body: bytes) -> bytes:
     """A log value around `body` (what the wire codec's encode_record makes of a record's body)."""
     return _LOG_PREFIX.pack(len(body), crc32c(body)) + body
 
@@ -110,6 +110,24 @@ def check_log_value(stored: bytes) -> bool:
     length, checksum = _LOG_PREFIX.unpack_from(stored)
     view = memoryview(stored)
     return length == len(stored) - _LOG_PREFIX.size and crc32c(view[_LOG_PREFIX.size :]) == checksum
+
+
+# The log value of the releases before link protocol version 2: crc32c(key, payload) + payload, the
+# payload a whole version-1 RECORDS frame of one record (48-byte header, u32 count = 1, the record).
+_LEGACY_RECORDS_HEADER = b"RPLF\x01\x02\x00\x00"  # magic, version 1, type RECORDS, no flags
+_LEGACY_RECORD_AT = 48 + 4
+
+
+def log_value(key: bytes, stored: bytes) -> bytes | None:
+    """The record a stored log value holds, in today's form (None when it fails its checks). A
+    value an older release wrote is read too (its record is the same bytes, inside a frame)."""
+    if check_log_value(stored):
+        return stored
+    legacy = unframe(key, stored)
+    if legacy is None or legacy[:8] != _LEGACY_RECORDS_HEADER or legacy[48:52] != b"\x01\x00\x00\x00":
+        return None
+    record = legacy[_LEGACY_RECORD_AT:]
+    return record if check_log_value(record) else None
 
 
 def record_key(record_id: RecordId) -> bytes:

@@ -418,9 +418,10 @@ class BaseStore:
         return None if stored is None else self._checked_log_value(key, stored)
 
     def _checked_log_value(self, key: bytes, stored: bytes) -> bytes:
-        if not fmt.check_log_value(stored):
+        record = fmt.log_value(key, stored)
+        if record is None:
             raise CorruptValue(key, fmt.COLUMN_FAMILIES[fmt.LOG])
-        return stored
+        return record
 
     def get_meta(self, name: str) -> bytes | None:
         key = fmt.meta_key(name)
