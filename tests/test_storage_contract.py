@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator.core.records import RecordId, Versioned
-from replicator.storage._format import log_value_of
 from replicator.storage import (
     BaseStore,
     CorruptValue,
@@ -21,6 +20,7 @@ from replicator.storage import (
     Store,
     StoreOptions,
 )
+from replicator.storage._format import log_value_of
 
 
 @pytest.fixture(params=["rocks", "memory"])

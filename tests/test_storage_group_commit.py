@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from replicator.core.records import RecordId
-from replicator.storage._format import log_value_of
 from replicator.storage import (
     BaseStore,
     FaultInjector,
@@ -18,6 +17,7 @@ from replicator.storage import (
     StoreOptions,
     WriteStalled,
 )
+from replicator.storage._format import log_value_of
 
 
 @pytest.fixture(params=["rocks", "memory"])

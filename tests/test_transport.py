@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import struct
 import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path

@@ -142,9 +142,9 @@ def _persist(store: Any, log_put: tuple[Any, ...] = (), apply: tuple[Any, ...] =
 def child(mode: str, value_bytes: int) -> dict[str, Any]:
     if mode == "crc":
         # The pure framing twin (its CRCs are Python calls), the native checksum (fast).
-        from replicator import _select
-
         import importlib
+
+        from replicator import _select
 
         native_or_pure = _select.native_or_pure
 

@@ -34,7 +34,7 @@ from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, Versioned, record_wire_bytes, versioned_wire_bytes
+from replicator.core.records import Operation, Versioned, record_wire_bytes, versioned_wire_bytes
 from replicator.core.site import SiteCore
 from replicator.daemon.clock import WallClock
 from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_failure
