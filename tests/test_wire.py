@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -58,6 +59,11 @@ def test_the_schema_covers_every_core_message_once() -> None:
     for layout in SCHEMA:
         names = {"epoch", *layout.context, *(name for name, _ in layout.fields)}
         assert names == {f.name for f in fields(layout.message)}, layout.message
+
+
+def test_docs_show_the_schema_as_it_is() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "wire.md").read_text()
+    assert wire.schema_table_markdown() in page, "docs/wire.md: paste wire.schema_table_markdown()"
 
 
 def test_link_and_core_frames_have_separate_code_spaces() -> None:
