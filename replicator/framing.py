@@ -8,11 +8,15 @@ and return its size; `encode_record` appends one record alone (the form the
 log stores); `stamp_link` writes the link sequence number and acknowledgement
 into an encoded frame. Decoding: `FrameDecoder` (a stream, cut anywhere),
 `decode_frame` (exactly one frame) and `decode_record` (exactly one record).
+`record_to_log` / `record_from_log`: a record's form in the log (the same bytes
+as in a RECORDS frame; a received record is stored as it came).
 Errors from the wire are `FramingError`s. REPLICATOR_NO_EXTENSIONS=1 forces
 the pure twin; `IMPLEMENTATION` says which one is in use ("cython" or "python").
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from replicator._pure.framing import (
     BULK_FRAME_TYPES,
@@ -46,6 +50,7 @@ from replicator._pure.framing import (
     UnsupportedVersion,
 )
 from replicator._select import native_or_pure
+from replicator.core.records import Record, RecordId
 
 _module = native_or_pure("framing")
 
@@ -64,6 +69,26 @@ encode_record = _module.encode_record
 encode_records = _module.encode_records
 encode_resync_data = _module.encode_resync_data
 stamp_link = _module.stamp_link
+
+
+def record_to_log(record: Record) -> bytes:
+    """What the log stores for a record: the record as a RECORDS frame carries it (u32 body length,
+    u32 body CRC32C, body). A record that came encoded (from the peer, or from the log) is stored
+    as it came; only a record made here is encoded."""
+    if record.wire is not None:
+        return record.wire
+    out = bytearray()
+    encode_record(out, record)
+    return bytes(out)
+
+
+def record_from_log(raw: bytes, record_id: RecordId | None = None) -> Record:
+    """A record the log stored (its CRC checked again); `record_id` is the log key it was under,
+    which it must name (a record stored under another key is refused: MalformedFrame)."""
+    record: Record = dataclasses.replace(decode_record(raw).materialise(), wire=bytes(raw))
+    if record_id is not None and record.id != record_id:
+        raise MalformedFrame(f"the log entry {record_id} holds record {record.id}")
+    return record
 
 __all__ = [
     "BULK_FRAME_TYPES",
@@ -109,5 +134,7 @@ __all__ = [
     "encode_record",
     "encode_records",
     "encode_resync_data",
+    "record_from_log",
+    "record_to_log",
     "stamp_link",
 ]

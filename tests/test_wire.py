@@ -18,7 +18,8 @@ from replicator.core import messages as msg
 from replicator.core.messages import GoodbyeReason, Role
 from replicator.core.records import Operation, Record, RecordId, Versioned
 from replicator.daemon import wire
-from replicator.daemon.wire import SCHEMA, Decoder, Encoder, decode_record, encode_record
+from replicator.daemon.wire import SCHEMA, Decoder, Encoder
+from replicator.framing import record_from_log, record_to_log
 from replicator.storage import MemoryStore
 from replicator.storage._format import check_log_value
 
@@ -194,16 +195,16 @@ def test_a_received_record_is_stored_as_it_came() -> None:
     # The record's bytes in the frame: after the 48-byte header and the u32 record count.
     in_frame = bytes(frame[framing.HEADER_BYTES + 4 :])
     assert received.wire == in_frame
-    assert encode_record(received) is received.wire  # not encoded again
+    assert record_to_log(received) is received.wire  # not encoded again
     store = MemoryStore()
     batch = store.batch()
-    batch.put_record(received.id, encode_record(received))
+    batch.put_record(received.id, record_to_log(received))
     store.write(batch)
     stored = store.get_record(received.id)
     assert stored == in_frame
-    assert decode_record(stored, received.id) == record
+    assert record_from_log(stored, received.id) == record
     # A record made here is encoded, to the same bytes.
-    assert encode_record(record) == in_frame
+    assert record_to_log(record) == in_frame
 
 
 @pytest.mark.parametrize("twin", TWINS)
@@ -219,9 +220,9 @@ def test_a_corrupted_stored_record_is_refused(twin) -> None:  # type: ignore[no-
 
 
 def test_a_record_stored_under_another_key_is_refused() -> None:
-    wire_bytes = encode_record(RECORD)
+    wire_bytes = record_to_log(RECORD)
     with pytest.raises(framing.MalformedFrame, match="holds record"):
-        decode_record(wire_bytes, RecordId("a", 3, 8))
+        record_from_log(wire_bytes, RecordId("a", 3, 8))
 
 
 def test_a_corrupted_record_in_a_frame_is_refused_and_stores_nothing() -> None:
@@ -237,7 +238,7 @@ def test_a_log_entry_of_the_release_before_is_read() -> None:
     from replicator.checksum import crc32c
     from replicator.storage import _format as fmt
 
-    record_bytes = encode_record(RECORD)
+    record_bytes = record_to_log(RECORD)
     payload = struct.pack("<I", 1) + record_bytes
     header = struct.pack("<4sBBHIIQQQI", b"RPLF", 1, 2, 0, len(payload), 0, RECORD.epoch, 0, 0, 0)
     old_frame = header + struct.pack("<I", crc32c(header)) + payload
@@ -245,7 +246,7 @@ def test_a_log_entry_of_the_release_before_is_read() -> None:
     store = MemoryStore()
     store.raw_put("log", key, fmt.frame(key, old_frame))
     assert store.get_record(RECORD.id) == record_bytes
-    assert decode_record(store.load().log[RECORD.id], RECORD.id) == RECORD
+    assert record_from_log(store.load().log[RECORD.id], RECORD.id) == RECORD
     corrupt = bytearray(fmt.frame(key, old_frame))
     corrupt[-1] ^= 1
     store.raw_put("log", key, bytes(corrupt))

@@ -6,7 +6,7 @@ One put of one operation with a large value goes through the code the daemons ru
 one process, with the real store (RocksDB and its journal, in a temporary directory) at each
 site and the real codec and link framing between them:
 
-  origin a: the log put (Persist.log_put: `encode_record`, `Batch.put_record`, store write and
+  origin a: the log put (Persist.log_put: `framing.record_to_log`, `Batch.put_record`, store write and
             sync), the RECORDS frame to the peer (`daemon.wire.Encoder`, `stamp_link`), the
             commit (Persist.apply of the value) and the log delete;
   peer b:   the frame read into the link's receive buffer (`FrameDecoder.get_buffer` /
@@ -126,13 +126,13 @@ def _install_crc_counter(counters: _Counters) -> None:
 
 def _persist(store: Any, log_put: tuple[Any, ...] = (), apply: tuple[Any, ...] = (), log_delete: tuple[Any, ...] = ()) -> None:
     """What the daemon's Persist executor does with these fields (daemon/site.py `_persist`)."""
-    from replicator.daemon.site import encode_record
+    from replicator.framing import record_to_log
 
     batch = store.batch()
     for record_id in log_delete:
         batch.delete_record(record_id)
     for record in log_put:
-        batch.put_record(record.id, encode_record(record))
+        batch.put_record(record.id, record_to_log(record))
     for version in apply:
         batch.apply(version.key, version.ts, version.value)
     store.write(batch)

@@ -83,8 +83,9 @@ CORE_FRAME_TYPES = frozenset(set(FrameType) - LINK_FRAME_TYPES)
 # every other core frame's payload is laid out by the schema and handed over as `Fields`.
 BULK_FRAME_TYPES = frozenset({FrameType.RECORDS, FrameType.RESYNC_DATA})
 # Frame types the link numbers and acknowledges (its window of bytes in flight): the core's,
-# but the heartbeats, which are meaningless once late (a lease is about now).
-SEQUENCED_TYPES = frozenset(CORE_FRAME_TYPES - {FrameType.HEARTBEAT, FrameType.HEARTBEAT_ACK})
+# but the heartbeats, which are meaningless once late (a lease is about now), and GOODBYE, which
+# goes out at once (it ends the session: it must not wait behind a full window).
+SEQUENCED_TYPES = frozenset(CORE_FRAME_TYPES - {FrameType.HEARTBEAT, FrameType.HEARTBEAT_ACK, FrameType.GOODBYE})
 _FRAME_TYPE_VALUES = frozenset(int(frame_type) for frame_type in FrameType)
 
 

@@ -43,7 +43,7 @@ from replicator.daemon.logs import add_listener, configure, log, remove_listener
 from replicator.daemon.metrics import Registry, start_metrics_server
 from replicator.daemon.ops import EventBus, ResyncProgress
 from replicator.daemon.runner import Shutdown, quiet_grpc_core, run, sd_notify
-from replicator.daemon.wire import Decoder, Encoder, decode_record, encode_record
+from replicator.daemon.wire import Decoder, Encoder
 from replicator.nbd.server import NbdServer, start_nbd_server
 from replicator.storage import GroupCommitter, Store, StoreOptions
 from replicator.storage.errors import CorruptValue, StorageFailed
@@ -184,7 +184,7 @@ class SiteDaemon:
             log("generation", generation=generation)
         core_recovered = ev.Recovered(
             meta=meta,
-            log=[decode_record(raw, record_id) for record_id, raw in recovered.log.items()],
+            log=[framing.record_from_log(raw, record_id) for record_id, raw in recovered.log.items()],
             dirty=set(recovered.dirty),
             dedup={request_id: int(entry.outcome) for request_id, entry in recovered.dedup.items()},
         )
@@ -506,7 +506,7 @@ class SiteDaemon:
         for record_id in persist.log_delete:
             batch.delete_record(record_id)
         for record in persist.log_put:
-            batch.put_record(record.id, encode_record(record))
+            batch.put_record(record.id, framing.record_to_log(record))
         for version in persist.apply:
             batch.apply(version.key, version.ts, version.value)
         for key in persist.dirty_add:

@@ -17,7 +17,6 @@ the log stores it, and a reconcile ships it, as it came (no second encoding, no 
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import struct
 from dataclasses import dataclass, fields
@@ -26,7 +25,6 @@ from typing import Any
 from replicator import framing
 from replicator.core import messages as msg
 from replicator.core.messages import GoodbyeReason, Role
-from replicator.core.records import Record, RecordId
 
 FT = framing.FrameType
 ROLES = list(Role)
@@ -273,30 +271,6 @@ class Decoder:
             values.update(site=self.peer, pair=self.pair)
         message: msg.PeerMessage = layout.message(epoch=frame.epoch, **values)
         return message
-
-
-# ------------------------------------------------------------------ the log's form of a record
-
-
-def encode_record(record: Record) -> bytes:
-    """What the log stores for a record: the record as a RECORDS frame carries it (u32 body length,
-    u32 body CRC32C, body). A record that came encoded (from the peer, or from the log) is stored
-    as it came; only a record made here is encoded."""
-    if record.wire is not None:
-        return record.wire
-    out = bytearray()
-    framing.encode_record(out, record)
-    return bytes(out)
-
-
-def decode_record(raw: bytes, record_id: RecordId | None = None) -> Record:
-    """A record the log stored (its CRC checked again); `record_id` is the log key it was under,
-    which it must name (a record stored under another key is refused)."""
-    view = framing.decode_record(raw)
-    record = dataclasses.replace(view.materialise(), wire=bytes(raw))
-    if record_id is not None and record.id != record_id:
-        raise framing.MalformedFrame(f"the log entry {record_id} holds record {record.id}")
-    return record
 
 
 def schema_table_markdown() -> str:

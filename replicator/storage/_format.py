@@ -11,7 +11,7 @@ Column families (indexes into COLUMN_FAMILIES):
              carries it (docs/wire.md): "<II" body length, crc32c of the body, body.
              A received record is stored as it came (its CRC is the sender's,
              checked on receipt and again on load); the record names its own id,
-             which the reader checks against the key (daemon/wire.py decode_record).
+             which the reader checks against the key (framing.record_from_log).
              Byte order of these keys is RecordId order (UTF-8 preserves code
              point order, and the 0x00 terminator sorts a prefix first).
 - meta:      b"m" + name utf-8 -> crc32c + value; b"r" -> crc32c + resync position.
@@ -99,7 +99,7 @@ def unframe(key: bytes, stored: bytes) -> bytes | None:
 
 
 def log_value_of(body: bytes) -> bytes:
-    """A log value around `body` (what the wire codec's encode_record makes of a record's body)."""
+    """A log value around `body` (what framing.encode_record makes of a record's body)."""
     return _LOG_PREFIX.pack(len(body), crc32c(body)) + body
 
 

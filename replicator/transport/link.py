@@ -341,11 +341,10 @@ class Link:
             self._next_seq += 1
             self._queue.append((seq, size))
             self._unacknowledged_bytes += size
-            if connection is not None:
-                stamp_link(frame, 0, seq, self._received_seq)
-                self._ack_sent = self._received_seq
-                connection.write(frame)
-                self.stats.frames_sent += 1
+            stamp_link(frame, 0, seq, self._received_seq)
+            self._ack_sent = self._received_seq
+            connection.write(frame)
+            self.stats.frames_sent += 1
 
     async def close(self, reason: int = GOODBYE_CLOSING, message: str = "closing") -> None:
         """Say goodbye, close every connection and stop; waiting senders get LinkClosed."""
