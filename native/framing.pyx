@@ -363,10 +363,21 @@ cdef uint32_t _write_record(_Writer writer, object record, list origin_cache, ui
     """Write one record; return the payload CRC extended over its prefix (length and CRC)."""
     cdef object wire = getattr(record, "wire", None)
     cdef Py_ssize_t wire_at
+    cdef const unsigned char *fixed
     if wire is not None:
-        # Encoded already (received from the peer, or read from the log): copied as it is, not re-encoded.
+        # Encoded already (received from the peer, or read from the log): copied as it is, not re-encoded,
+        # once its fixed fields are seen to be the record's (a record changed but not its wire is refused).
         wire_at = writer.position
         writer.put_buffer(wire)
+        fixed = writer.data + wire_at + 8
+        if (
+            writer.position - wire_at < 8 + C_RECORD_FIXED_BYTES
+            or rf_load64(fixed) != _u64(record.id.incarnation, "incarnation")
+            or rf_load64(fixed + 8) != _u64(record.id.seq, "seq")
+            or rf_load64(fixed + 16) != _u64(record.epoch, "epoch")
+            or rf_load64(fixed + 24) != _u64(record.ts, "ts")
+        ):
+            raise ValueError(f"record {record.id} carries the encoding of another record")
         return crc32c_extend(payload_crc, writer.data + wire_at, 8)
     cdef object record_id = record.id
     cdef bytes origin = _cached_origin(record_id.origin, origin_cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -434,6 +435,9 @@ def test_one_record_alone_is_what_the_frame_carries(module, record):
     assert again == alone
     with pytest.raises(pure.MalformedFrame):
         module.decode_record(bytes(alone) + b"\x00")
+    changed = dataclasses.replace(kept, ts=(kept.ts + 1) % 2**64)  # its wire is another record's now
+    with pytest.raises(ValueError, match="encoding of another record"):
+        module.encode_record(bytearray(), changed)
 
 
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)

@@ -421,8 +421,13 @@ def encode_record(out: bytearray, record: Any) -> int:
 def _encode_record(out: bytearray, record: Any) -> None:
     wire = getattr(record, "wire", None)
     if wire is not None:
-        # Encoded already (received from the peer, or read from the log): copied as it is, not re-encoded.
-        out += _blob(wire, "wire", 0xFFFFFFFF)
+        # Encoded already (received from the peer, or read from the log): copied as it is, not re-encoded,
+        # once its fixed fields are seen to be the record's (a record changed but not its wire is refused).
+        view = _blob(wire, "wire", 0xFFFFFFFF)
+        fixed = (record.id.incarnation, record.id.seq, record.epoch, record.ts)
+        if len(view) < _RECORD_PREFIX.size + RECORD_FIXED_BYTES or struct.unpack_from("<QQQQ", view, 8) != fixed:
+            raise ValueError(f"record {record.id} carries the encoding of another record")
+        out += view
         return
     record_id = record.id
     origin = _name(record_id.origin, "origin")
