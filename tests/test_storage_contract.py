@@ -225,6 +225,13 @@ def test_a_value_moved_to_another_key_is_reported(store) -> None:
         store.get(b"b")
 
 
+def test_a_log_value_not_in_the_log_form_is_refused(store) -> None:
+    batch = store.batch()
+    with pytest.raises(ValueError, match="log's form"):
+        batch.put_record(RecordId("o", 1, 1), b"RPLF a whole frame, not a record")
+    assert len(batch) == 0
+
+
 def test_corrupt_log_and_meta_entries_are_reported_by_load(store) -> None:
     write(store, lambda b: b.put_record(RecordId("o", 1, 1), log_value_of(b"record")))
     key = next(iter(store.load().log))

@@ -103,6 +103,11 @@ def log_value_of(body: bytes) -> bytes:
     return _LOG_PREFIX.pack(len(body), crc32c(body)) + body
 
 
+def log_value_shaped(encoded: bytes) -> bool:
+    """Whether `encoded` has the log's form by its length prefix (no CRC pass: that is load's)."""
+    return len(encoded) >= _LOG_PREFIX.size and _LOG_PREFIX.unpack_from(encoded)[0] == len(encoded) - _LOG_PREFIX.size
+
+
 def check_log_value(stored: bytes) -> bool:
     """Whether a stored log value is whole: its length and its body's crc32c."""
     if len(stored) < _LOG_PREFIX.size:
