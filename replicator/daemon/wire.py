@@ -43,7 +43,7 @@ class Kind(enum.Enum):
     OPTIONAL_U64 = "u8 0 (absent) or 1 + u64"
     KEYS = "u32 count + (u32 length + bytes) each"
     DEDUP = "u32 count + (u32 length, u64 ts, bytes) each"
-    RECORDS = "the codec's RECORDS payload (FLAG_RECONCILE for `reconcile`)"
+    RECORDS = "the codec's RECORDS payload"
     VERSIONED = "the codec's RESYNC_DATA payload"
     RECONCILE_FLAG = "the RECORDS frame's FLAG_RECONCILE"
 
