@@ -35,7 +35,7 @@ from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.errors import ReadError
 from replicator.core.messages import Role
-from replicator.core.records import Record, Versioned, versioned_wire_bytes
+from replicator.core.records import Versioned, versioned_wire_bytes
 from replicator.core.site import SiteCore
 from replicator.storage.base import BaseStore
 from replicator.storage.batch import Batch
@@ -66,19 +66,6 @@ def decode_meta(raw: bytes) -> int | bytes | str:
     raise ValueError(f"bad meta value {raw[:16]!r}")
 
 
-def encode_record(record: Record) -> bytes:
-    out = bytearray()
-    framing.encode_records(out, record.epoch, [record])
-    return bytes(out)
-
-
-def decode_record(raw: bytes) -> Record:
-    frame = framing.decode_frame(raw)
-    (view,) = frame.body.records
-    record: Record = view.materialise()
-    return record
-
-
 def recover(store: BaseStore, new_generation: Callable[[], bytes]) -> ev.Recovered:
     """What the core finds on the store's disk at start-up; a store without a generation (a new
     or wiped data directory) gets `new_generation()`, durably, first."""
@@ -93,7 +80,7 @@ def recover(store: BaseStore, new_generation: Callable[[], bytes]) -> ev.Recover
         meta["generation"] = generation
     return ev.Recovered(
         meta=meta,
-        log=[decode_record(raw) for raw in recovered.log.values()],
+        log=[framing.record_from_log(raw, record_id) for record_id, raw in recovered.log.items()],
         dirty=set(recovered.dirty),
         dedup={request_id: int(entry.outcome) for request_id, entry in recovered.dedup.items()},
     )
@@ -352,7 +339,7 @@ class SiteDriver:
         for record_id in persist.log_delete:
             batch.delete_record(record_id)
         for record in persist.log_put:
-            batch.put_record(record.id, encode_record(record))
+            batch.put_record(record.id, framing.record_to_log(record))
         for version in persist.apply:
             batch.apply(version.key, version.ts, version.value)
         for key in persist.dirty_add:

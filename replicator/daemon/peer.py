@@ -122,7 +122,7 @@ class PeerLinkMixin:
             peer_site=self.peer,
             address=_address(section.peer_address if dialer else self.config.listen.link),
             # The extras name our witness: two sites that use different witnesses never go on alone.
-            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), 0, self.witness_id.encode()),
+            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), self.witness_id.encode()),
             on_frame=self._on_frame,
             on_state=self._on_link_state,
             limits=LinkLimits(
@@ -133,7 +133,6 @@ class PeerLinkMixin:
                 reconnect_backoff_ms_max=section.reconnect_backoff_ms_max,
             ),
             tls=link_tls,
-            resume=False,  # every connection is a new session for the core: old frames would be stale
             on_refused=self._on_link_refused,
         )
 
@@ -165,7 +164,7 @@ class PeerLinkMixin:
             if self._witnesses_differ():
                 self._log_witness_mismatch()
             self.m_link_ups.inc()
-            log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
+            log("link_up", peer_restarted=event.peer_restarted, frames_dropped=event.frames_dropped)
             self.step(ev.PeerConnected())
         elif isinstance(event, LinkDown):
             self.m_link_downs.inc()
