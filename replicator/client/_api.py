@@ -182,7 +182,9 @@ class _Api:
         return self._run(_Call(ADMIN, "Resync", request, lambda r: None, pinned=True, write=True))
 
     def switchover(self) -> Any:
-        return self._run(_Call(ADMIN, "Switchover", admin_pb2.SwitchoverRequest(), lambda r: None, pinned=True, write=True))
+        return self._run(
+            _Call(ADMIN, "Switchover", admin_pb2.SwitchoverRequest(), lambda r: None, pinned=True, write=True)
+        )
 
     def failover(self, force: bool = False) -> Any:
         """Forced failover of the first endpoint's site; the server refuses it unless force=True."""

@@ -263,4 +263,3 @@ class Client(_Api, RetryingShell):
         except grpc.RpcError as error:
             raise failure(error, self.endpoints[0], [self.endpoints[0]]) from None
         raise ClientError("verify stream ended without a report", None, self.endpoints[0])
-
