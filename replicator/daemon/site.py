@@ -29,13 +29,13 @@ from replicator.api.backend import RangeEntry, SiteStatus, VerifyReport, WriteRe
 from replicator.api.server import ListenError, start_site_server
 from replicator.api.witness import PairMode, PairState
 from replicator.client.witness import AsyncWitnessClient
-from replicator.config import ConfigError, SiteConfig, load_site_config
+from replicator.config import ConfigError, SiteConfig, derive, load_site_config
 from replicator.core import events as ev
 from replicator.core import messages as msg
-from replicator.core.config import MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.messages import Role
 from replicator.core.records import Operation, Record, Versioned, record_wire_bytes, versioned_wire_bytes
 from replicator.core.site import SiteCore
+from replicator.daemon.bounded import FrameQueue, Handles, Overloaded
 from replicator.daemon.clock import WallClock
 from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_failure
 from replicator.daemon.hostmetrics import add_host_metrics
@@ -45,9 +45,9 @@ from replicator.daemon.ops import EventBus, ResyncProgress
 from replicator.daemon.runner import Shutdown, quiet_grpc_core, run, sd_notify
 from replicator.daemon.wire import Decoder, Encoder
 from replicator.nbd.server import NbdServer, start_nbd_server
-from replicator.storage import GroupCommitter, Store, StoreOptions
+from replicator.storage import GroupCommitter, Store
 from replicator.storage.errors import CorruptValue, StorageFailed
-from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
+from replicator.transport import LinkDown, LinkUp
 from replicator.transport.link import Link, LocalHello
 
 TICK_S = 0.01
@@ -102,10 +102,11 @@ class SiteDaemon:
         self.name = section.name
         self.peer = section.peer_name
         self.site_name = section.name  # SiteBackend
-        self.handles: dict[int, asyncio.Future[Any]] = {}
+        self.settings = derive(config)  # every layer's settings, from the one derivation
+        self.handles = Handles(self.settings.daemon.requests_inflight_max)
         self.outbox: msg.ShipRecords | None = None  # records of this turn of the loop, not yet encoded
         self.outbox_bytes = 0
-        self.outbox_bytes_max = max(section.frame_size_bytes_max // 4, 1)
+        self.outbox_bytes_max = self.settings.daemon.outbox_bytes_max
         self.outbox_scheduled = False
         self.unsynced: deque[tuple[int, int]] = deque()  # (store sequence, persist id) not yet durable
         self.durability_follower: asyncio.Task[None] | None = None
@@ -131,9 +132,9 @@ class SiteDaemon:
         self.witness_reachable = False
         self.stopped = asyncio.Event()
         # Frames for the peer, each with the link session it was made for (see _on_link_state).
-        self.send_queue: asyncio.Queue[tuple[int, bytearray] | None] = asyncio.Queue()
+        self.send_queue = FrameQueue(self.settings.daemon.send_queue_bytes_max)
         self.link_session = 0
-        self.encoder = Encoder(self.name, frame_bytes_max=section.frame_size_bytes_max)
+        self.encoder = Encoder(self.name, frame_bytes_max=self.settings.link.frame_size_bytes_max)
         self.decoder = Decoder(section.pair_id, self.peer)
         self.tasks: list[asyncio.Task[Any]] = []
         self.link: Link | None = None
@@ -184,7 +185,7 @@ class SiteDaemon:
         self.directory_lock = DirectoryLock(data_dir, "replicatord.lock", "site.data_dir")
         self.directory_lock.acquire()
         # REPLICATOR_STORAGE_FAULTS (a test hook of the chaos suite) is read by the store itself.
-        self.store = Store.open(data_dir / "store", StoreOptions(dedup_entries_max=section.dedup_entries_max))
+        self.store = Store.open(data_dir / "store", self.settings.store)
         recovered = self.store.load()
         meta = {name: decode_meta(raw) for name, raw in recovered.meta.items()}
         if "generation" not in meta:
@@ -201,35 +202,13 @@ class SiteDaemon:
             dirty=set(recovered.dirty),
             dedup={request_id: int(entry.outcome) for request_id, entry in recovered.dedup.items()},
         )
-        plants = frozenset({self.config.chaos.test_plant}) if self.config.chaos.test_plant else frozenset()
-        core_config = CoreConfig(
-            site=self.name,
-            peer=self.peer,
-            pair=section.pair_id,
-            preferred=section.preferred_site or min(self.name, self.peer),
-            lease_ms=section.lease_ms,
-            clock_drift_max=section.lease_drift_ppm / 1e6,
-            peer_timeout_ms=section.peer_timeout_ms,
-            heartbeat_interval_ms=section.heartbeat_ms,
-            witness_retry_ms=self.config.witness.retry_interval_ms,
-            read_wait_ms_max=section.read_wait_ms,
-            dedup_age_ms=section.dedup_age_ms,
-            dedup_entries_max=section.dedup_entries_max,  # the core's table bounded as the store's
-            static_priority=section.static_priority,
-            message_bytes_max=section.frame_size_bytes_max - MESSAGE_HEADROOM_BYTES,
-            plants=plants,
-        )
+        core_config = self.settings.core
         self.core = SiteCore(core_config, core_recovered)
         self.committer = GroupCommitter(self.store)
         add_host_metrics(self.metrics, data_dir, self.config.tls, self.committer)
         self.committer.start()
-        self.witness = AsyncWitnessClient(
-            self.config.witness.address, tls=self.config.tls.witness, timeout_ms=self.config.witness.timeout_ms
-        )
-        link_tls = None
-        if self.config.tls.link is not None:
-            files = self.config.tls.link
-            link_tls = TlsConfig(str(files.ca_file), str(files.cert_file), str(files.key_file))
+        witness = self.settings.witness
+        self.witness = AsyncWitnessClient(witness.address, tls=witness.tls, timeout_ms=witness.timeout_ms)
         dialer = self.name < self.peer
         self.link = Link(
             role="connect" if dialer else "accept",
@@ -241,14 +220,8 @@ class SiteDaemon:
             hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), 0, self.witness_id.encode()),
             on_frame=self._on_frame,
             on_state=self._on_link_state,
-            limits=LinkLimits(
-                frame_size_bytes_max=section.frame_size_bytes_max,
-                inflight_bytes_max=section.inflight_bytes_max,
-                heartbeat_interval_ms=section.heartbeat_ms,
-                heartbeat_timeout_ms=max(section.peer_timeout_ms, 2 * section.heartbeat_ms + 1),
-                reconnect_backoff_ms_max=section.reconnect_backoff_ms_max,
-            ),
-            tls=link_tls,
+            limits=self.settings.link,
+            tls=self.settings.link_tls,
             resume=False,  # every connection is a new session for the core: old frames would be stale
             on_refused=self._on_link_refused,
         )
@@ -484,7 +457,7 @@ class SiteDaemon:
             return
         self._flush_outbox()
         for frame in self.encoder.encode(message):
-            self.send_queue.put_nowait((self.link_session, frame))
+            self.send_queue.put(self.link_session, frame)
 
     def _flush_outbox(self) -> None:
         self.outbox_scheduled = False
@@ -492,7 +465,7 @@ class SiteDaemon:
         if held is not None:
             self.outbox = None
             for frame in self.encoder.encode(held):
-                self.send_queue.put_nowait((self.link_session, frame))
+                self.send_queue.put(self.link_session, frame)
 
     def _persist(self, persist: ev.Persist) -> None:
         batch = self.store.batch()
@@ -626,6 +599,7 @@ class SiteDaemon:
         self._flush_outbox()  # records held for the connection that just ended: queued, then dropped as stale
         # Whatever the core queued for the connection that just ended (or for none) is stale from now on.
         self.link_session += 1
+        self.send_queue.drop_all()
         if isinstance(event, LinkUp):
             self.decoder.reset()
             self.peer_witness_id = bytes(event.peer.extras).decode(errors="replace")
@@ -653,10 +627,7 @@ class SiteDaemon:
     async def _sender(self) -> None:
         assert self.link is not None
         while True:
-            item = await self.send_queue.get()
-            if item is None:
-                return
-            session, frame = item
+            session, frame = await self.send_queue.get()
             if session != self.link_session:
                 continue  # made for a connection that is gone: the core starts over with Hello
             try:
@@ -800,7 +771,14 @@ class SiteDaemon:
             self.m_inflight.set(self.link.unacknowledged_bytes)
 
     # ------------------------------------------------------------ SiteBackend
-    def _handle(self) -> tuple[int, asyncio.Future[Any]]:
+    def _handle(self, write: bool) -> tuple[int, asyncio.Future[Any]]:
+        try:
+            self.handles.check_room()
+            if write:
+                self.send_queue.check_room()  # writes are what fill it: back-pressure toward them
+        except Overloaded as error:
+            (self.m_writes if write else self.m_reads).labels("overloaded").inc()
+            raise errors.Unavailable(str(error), self.config.site.peer_grpc_address) from None
         handle = self.next_handle
         self.next_handle += 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -825,7 +803,7 @@ class SiteDaemon:
     async def write(self, operations: Sequence[Operation], request_id: bytes, timeout_s: float) -> WriteResult:
         self._refuse_if_draining(self.m_writes)
         started = time.perf_counter()
-        handle, future = self._handle()
+        handle, future = self._handle(write=True)
         self.step(ev.WriteRequested(handle, request_id, tuple(operations)))
         try:
             answer: ev.AnswerWrite = await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -848,7 +826,7 @@ class SiteDaemon:
     async def read(self, key: bytes, timeout_s: float) -> Versioned | None:
         self._refuse_if_draining(self.m_reads)
         started = time.perf_counter()
-        handle, future = self._handle()
+        handle, future = self._handle(write=False)
         self.step(ev.ReadRequested(handle, key))
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -1127,6 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replicatord: {args.config}: {error}", file=sys.stderr)
         return 2
     configure("replicatord", config.site.name, level=args.log_level)
+    for deprecated in config.deprecated:
+        log("config_deprecated", level="warning", config=args.config, key=deprecated)
     return run(lambda stop: _main(config, stop))
 
 
