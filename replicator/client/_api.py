@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from replicator.client._common import LargeInfo, ObjectInfo, RequestIds, VolumeInfo, status_from_message
-from replicator.v1 import admin_pb2, blocks_pb2, objects_pb2
+from replicator.v1 import admin_pb2, admin_pb2_grpc, blocks_pb2, blocks_pb2_grpc, objects_pb2, objects_pb2_grpc
 
 OBJECTS, BLOCKS, ADMIN = "objects", "blocks", "admin"
 LIST_PAGE_SIZE = 1000
@@ -87,6 +87,15 @@ class _Call:
     pinned: bool = False
     # A write changes something: after a timeout its outcome is unknown (retry.RetryPlan).
     write: bool = False
+
+
+def stubs_of(channel: Any) -> dict[str, Any]:
+    """The stubs of one site's channel (blocking or asyncio: the stubs take either), by service."""
+    return {
+        OBJECTS: objects_pb2_grpc.ObjectServiceStub(channel),
+        BLOCKS: blocks_pb2_grpc.BlockServiceStub(channel),
+        ADMIN: admin_pb2_grpc.AdminServiceStub(channel),
+    }
 
 
 def _items(items: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:

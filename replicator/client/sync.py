@@ -21,6 +21,7 @@ from replicator.client._api import (
     _volume,
     large_first,
     large_timeout_s,
+    stubs_of,
 )
 from replicator.client._common import (
     CHANNEL_OPTIONS,
@@ -41,7 +42,7 @@ from replicator.client._common import (
 from replicator.client.errors import ClientError
 from replicator.client.retry import Outcome
 from replicator.config import TlsFiles
-from replicator.v1 import admin_pb2, admin_pb2_grpc, blocks_pb2, blocks_pb2_grpc, objects_pb2, objects_pb2_grpc
+from replicator.v1 import admin_pb2, blocks_pb2, objects_pb2
 
 
 class Client(_Api, RetryingShell):
@@ -72,14 +73,7 @@ class Client(_Api, RetryingShell):
             else grpc.insecure_channel(e, options=CHANNEL_OPTIONS)
             for e in self.endpoints
         ]
-        self._stubs: builtins.list[dict[str, Any]] = [
-            {
-                OBJECTS: objects_pb2_grpc.ObjectServiceStub(channel),
-                BLOCKS: blocks_pb2_grpc.BlockServiceStub(channel),
-                ADMIN: admin_pb2_grpc.AdminServiceStub(channel),
-            }
-            for channel in self._channels
-        ]
+        self._stubs = [stubs_of(channel) for channel in self._channels]
 
     def close(self) -> None:
         for channel in self._channels:

@@ -121,6 +121,7 @@ class SiteDaemon:
         self.m_dirty = self.metrics.gauge("replicator_dirty_keys", "keys the peer may lack")
         self.m_log = self.metrics.gauge("replicator_log_records", "records in the replication log")
         self.m_inflight = self.metrics.gauge("replicator_link_inflight_bytes", "unacknowledged link bytes")
+        self.m_send_queue = self.metrics.gauge("replicator_send_queue_bytes", "frames waiting for the link sender")
         self.m_checksum = self.metrics.counter("replicator_checksum_errors_total", "corrupt values found on read")
         self.m_witness = self.metrics.gauge("replicator_witness_reachable", "1 if the last witness call answered")
         self.m_peer = self.metrics.gauge("replicator_peer_connected", "1 while a session with the peer is up")
@@ -769,6 +770,7 @@ class SiteDaemon:
         self.m_resync_full.set(1 if core.resync_full_position is not None else 0)
         if self.link is not None:
             self.m_inflight.set(self.link.unacknowledged_bytes)
+        self.m_send_queue.set(self.send_queue.bytes)
 
     # ------------------------------------------------------------ SiteBackend
     def _handle(self, write: bool) -> tuple[int, asyncio.Future[Any]]:
