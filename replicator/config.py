@@ -323,6 +323,15 @@ class ApiConfig:
     verify_keys_max: int = _field(1000, check=_check_positive_int, doc="most differing keys listed by Verify")
     volume_delete_batch_blocks: int = _field(1024, check=_check_positive_int, doc="blocks erased per write on delete")
     health_refresh_ms: int = _field(500, check=_check_positive_int, doc="how often health status follows state")
+    admission_ops_max: int = _field(
+        1024, check=_check_positive_int, doc="data requests (gRPC and S3) of a site in flight at once"
+    )
+    admission_bytes_max: int = _field(
+        256 * MIB, check=_check_positive_int, doc="payload bytes of the data requests in flight at once"
+    )
+    admission_wait_ms: int = _field(
+        1000, check=_check_non_negative_int, doc="how long a request waits for room before RESOURCE_EXHAUSTED"
+    )
 
     @property
     def message_bytes_max(self) -> int:
@@ -419,6 +428,11 @@ class WitnessSection:
     data_dir: Path = _field(check=_check_string, doc="RocksDB directory of arbitration state (required)", path=True)
     name: str = _field("witness", check=_check_name, doc="name in logs and status")
     preferred_grace_ms: int = _field(2000, check=_check_non_negative_int, doc="hold on a non-preferred site's request")
+    preferred_silence_ms: int = _field(
+        1500,
+        check=_check_non_negative_int,
+        doc="end the hold early once the preferred site has sent nothing this long (sites report every 1 s); 0: never",
+    )
     request_timeout_ms: int = _field(5000, check=_check_positive_int, doc="server-side bound on one request")
     shutdown_stage_timeout_ms: int = _field(5000, check=_check_positive_int, doc="bound on each shutdown stage")
 

@@ -75,6 +75,7 @@ __all__ = [
     "DEMO_SITE_SETTINGS",
     "PATIENT_PEER_TIMEOUTS",
     "DEMO_WITNESS_SETTINGS",
+    "TIMEOUT_PROFILES",
     "PAIR_ID",
     "SITE_MODULE",
     "SITE_NAMES",
@@ -116,7 +117,13 @@ DEMO_WITNESS_SETTINGS: dict[str, Any] = {
     "shutdown_stage_timeout_ms": 2000,
 }
 DEMO_WITNESS_CLIENT = {"timeout_ms": 1000, "retry_interval_ms": 100}
+TIMEOUT_PROFILES = ("demo", "production")  # production: every timeout at the configuration default
 S3_CREDENTIALS = "s3-credentials.toml"  # under the cluster directory: the S3 access key and secret of both sites
+
+
+def _default(kind: type, name: str) -> Any:
+    """A configuration dataclass field's shipped default."""
+    return kind.__dataclass_fields__[name].default  # type: ignore[attr-defined]
 
 
 class LocalClusterError(Exception):
@@ -220,15 +227,28 @@ class LocalCluster:
         python: str = sys.executable,
         tls: bool = False,
         peer_timeout_ms: int | None = None,
+        timeouts: str = "demo",
     ) -> None:
         """`peer_timeout_ms` replaces the demo's 500 ms in both sites (a loaded machine needs more:
-        a site that misses the peer's heartbeats that long suspends)."""
-        if peer_timeout_ms is not None and peer_timeout_ms <= 2 * DEMO_SITE_SETTINGS["heartbeat_interval_ms"]:
+        a site that misses the peer's heartbeats that long suspends).
+
+        `timeouts` is "demo" (the short loopback timeouts of DEMO_SITE_SETTINGS, DEMO_WITNESS_SETTINGS and
+        DEMO_WITNESS_CLIENT) or "production" (every timeout at the configuration's shipped default, as an
+        operator's deployment runs: the benchmark measures both)."""
+        if timeouts not in TIMEOUT_PROFILES:
+            raise LocalClusterError(f"timeouts must be one of {', '.join(TIMEOUT_PROFILES)}, got {timeouts!r}")
+        heartbeat_interval_ms = (
+            DEMO_SITE_SETTINGS["heartbeat_interval_ms"]
+            if timeouts == "demo"
+            else _default(SiteSection, "heartbeat_interval_ms")
+        )
+        if peer_timeout_ms is not None and peer_timeout_ms <= 2 * heartbeat_interval_ms:
             raise LocalClusterError(
-                f"peer_timeout_ms must be more than twice the heartbeat ({DEMO_SITE_SETTINGS['heartbeat_interval_ms']} ms), "
+                f"peer_timeout_ms must be more than twice the heartbeat ({heartbeat_interval_ms} ms), "
                 f"got {peer_timeout_ms}"
             )
         self.peer_timeout_ms = peer_timeout_ms
+        self.timeouts = timeouts
         self.directory = Path(directory).resolve()
         self.health_timeout_s = health_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -383,6 +403,10 @@ class LocalCluster:
         temporary.chmod(0o600)
         os.replace(temporary, self.s3_credentials_file)
 
+    def _demo(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The demo's short timeouts, or none (the configuration defaults) with timeouts="production"."""
+        return dict(settings) if self.timeouts == "demo" else {}
+
     def _write_configs(self) -> None:
         self._write_s3_credentials()
         ports = iter(free_ports(2 + 5 * len(SITE_NAMES)))
@@ -395,7 +419,7 @@ class LocalCluster:
             for name in SITE_NAMES
         }
         witness = WitnessConfig(
-            witness=WitnessSection(data_dir=Path("data") / WITNESS, **DEMO_WITNESS_SETTINGS),
+            witness=WitnessSection(data_dir=Path("data") / WITNESS, **self._demo(DEMO_WITNESS_SETTINGS)),
             listen=WitnessListenConfig(grpc=witness_grpc, metrics=witness_metrics),
             pairs=(PairSpec(id=PAIR_ID, sites=SITE_NAMES, preferred_site=SITE_NAMES[0]),),
             tls=TlsConfig(grpc=self._relative_tls(WITNESS)) if self.tls else TlsConfig(),
@@ -413,13 +437,13 @@ class LocalCluster:
                     peer_grpc_address=listens[peer].grpc,
                     preferred_site=SITE_NAMES[0],
                     **(
-                        DEMO_SITE_SETTINGS
+                        self._demo(DEMO_SITE_SETTINGS)
                         | ({"peer_timeout_ms": self.peer_timeout_ms} if self.peer_timeout_ms is not None else {})
                     ),
                 ),
                 listen=listens[name],
                 nbd=NbdConfig(listen=f"{host}:{next(ports)}"),
-                witness=WitnessClientConfig(address=witness_grpc, **DEMO_WITNESS_CLIENT),
+                witness=WitnessClientConfig(address=witness_grpc, **self._demo(DEMO_WITNESS_CLIENT)),
                 # gRPC, link, witness client, NBD (STARTTLS, client certificate required) and S3 (HTTPS).
                 tls=TlsConfig(*(self._relative_tls(name),) * 5) if self.tls else TlsConfig(),
                 s3=S3Config(enabled=True, listen=f"{host}:{next(ports)}", credentials_file=S3_CREDENTIALS),
@@ -722,6 +746,7 @@ def _up(args: argparse.Namespace) -> int:
         stop_timeout_s=args.stop_timeout,
         tls=args.tls,
         peer_timeout_ms=args.peer_timeout_ms,
+        timeouts=args.timeouts,
     )
 
     def on_term(signum: int, frame: object) -> None:
@@ -863,6 +888,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         help=f"the sites' peer timeout (default {DEMO_SITE_SETTINGS['peer_timeout_ms']} ms; more on a loaded machine)",
+    )
+    up.add_argument(
+        "--timeouts",
+        choices=TIMEOUT_PROFILES,
+        default="demo",
+        help="demo: short timeouts for loopback (the default); production: every timeout at the configuration's"
+        " shipped default, as a real deployment runs",
     )
     up.add_argument("--stop-timeout", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     down = commands.add_parser("down", help="stop the processes recorded in DIR/cluster.json")

@@ -81,8 +81,11 @@ def test_matrix_and_arguments() -> None:
     assert not any(r.op.startswith("block") for r in quick if r.system == "etcd")
     full = matrix(["replicator", "etcd"], quick=False)
     puts = {(r.value_size, r.concurrency) for r in full if r.system == "etcd" and r.op == "put"}
-    assert puts == {(s, c) for s in (1024, 4096, 65536) for c in (1, 8, 32, 128)}
+    assert puts == {(s, c) for s in (1024, 4096, 65536) for c in (1, 8, 32, 128, 256)}
     assert any(r.placement == "one" for r in full if r.system == "replicator")
+    production = matrix(["replicator-production"], quick=False)
+    assert {(r.op, r.value_size, r.concurrency) for r in production} == {("put", 4096, c) for c in (1, 8, 32, 128, 256)}
+    assert {r.concurrency for r in matrix(["replicator-production"], quick=True)} == {1, 32}
     args = parse_args(["--quick"])
     assert args.seconds == 2.0 and args.warmup == 0.5
 
@@ -176,6 +179,7 @@ def _fake_results() -> dict:
     results["raw"] = [{"value_size": 1 << 20, "status": "ok", "ops_per_s": 100.0, "mb_per_s": 104.9,
                        "p50_ms": 8.0, "p99_ms": 12.0, "cpu_s": 1.2}]
     results["recovery"] = {"failover": {"median_rto_ms": 1234.5, "rto_ms": [1200.0, 1234.5, 1300.0]},
+                           "failover_production": {"median_rto_ms": 3100.0, "rto_ms": [2900.0, 3100.0, 3300.0]},
                            "resync": {"status": "not measured", "message": "skipped"}}
     return results
 
@@ -193,6 +197,8 @@ def test_goals_are_evaluated_from_the_same_run() -> None:
     assert goals["c1_latency"]["status"] == "pass"
     assert goals["failover_rto"]["ratio"] == pytest.approx(1.2345, abs=0.001)
     assert goals["failover_rto"]["status"] == "pass"
+    assert goals["failover_rto_production"]["ratio"] == pytest.approx(3.1, abs=0.001)
+    assert goals["failover_rto_production"]["status"] == "miss"  # 3.1 s against < 3 s
 
 
 def test_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
@@ -201,7 +207,7 @@ def test_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
     loaded = json.loads((tmp_path / "out" / "results.json").read_text())
     assert loaded["schema"] == report.SCHEMA
     assert loaded["machine"]["cpu_count"] == os.cpu_count()
-    assert len(loaded["goals"]) == 6 and len(loaded["runs"]) == len(results["runs"])
+    assert len(loaded["goals"]) == 7 and len(loaded["runs"]) == len(results["runs"])
     markdown = written["markdown"].read_text()
     assert "## Goals" in markdown and "| c |" in markdown and "× etcd" in markdown
     assert "not available" in markdown and "failed" in markdown

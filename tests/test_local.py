@@ -228,3 +228,30 @@ def test_full_cluster_starts_and_a_site_restarts(cluster: LocalCluster) -> None:
     cluster.restart("a")
     assert cluster.cluster["sites"]["a"]["pid"] != recorded["sites"]["a"]["pid"]
     assert grpc_health(recorded["sites"]["a"]["grpc"]) == "SERVING"
+
+
+def test_the_production_timeout_profile_writes_the_configuration_defaults(tmp_path: Path) -> None:
+    """`LocalCluster(timeouts="production")` (and `replicator-local up --timeouts production`): no demo timeout
+    is written, so every process runs with the shipped defaults; the demo profile writes the short ones."""
+    from replicator.config import SiteSection, WitnessClientConfig, WitnessSection
+    from replicator.local import DEMO_SITE_SETTINGS, DEMO_WITNESS_CLIENT, DEMO_WITNESS_SETTINGS, LocalClusterError
+
+    def default(kind: type, name: str) -> object:
+        return kind.__dataclass_fields__[name].default  # type: ignore[attr-defined]
+
+    for profile in ("demo", "production"):
+        local = LocalCluster(tmp_path / profile, timeouts=profile)
+        local.configure()
+        site = load_site_config(local.config_path("a"))
+        witness = load_witness_config(local.config_path("witness"))
+        for name, demo in DEMO_SITE_SETTINGS.items():
+            assert getattr(site.site, name) == (demo if profile == "demo" else default(SiteSection, name)), name
+        for name, demo in DEMO_WITNESS_CLIENT.items():
+            assert getattr(site.witness, name) == (demo if profile == "demo" else default(WitnessClientConfig, name))
+        for name, demo in DEMO_WITNESS_SETTINGS.items():
+            assert getattr(witness.witness, name) == (demo if profile == "demo" else default(WitnessSection, name))
+    assert load_site_config(tmp_path / "production" / "a.toml").site.peer_timeout_ms != DEMO_SITE_SETTINGS[
+        "peer_timeout_ms"
+    ]
+    with pytest.raises(LocalClusterError, match="timeouts must be one of demo, production"):
+        LocalCluster(tmp_path / "bad", timeouts="fast")

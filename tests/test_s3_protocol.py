@@ -439,6 +439,21 @@ def test_unavailable_site_answers_503_slowdown(s3: Running) -> None:
     assert caught.value.code == 503
 
 
+def test_an_overloaded_site_answers_503_slowdown_with_retry_after(s3: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission control's refusal (errors.Overloaded, api/admission.py) reaches S3 clients as SlowDown."""
+    from replicator.api import errors
+
+    async def busy(*arguments: Any) -> Any:
+        raise errors.Overloaded("the site is busy: 1024 requests in flight; nothing applied", retry_after_ms=1500)
+
+    before = s3.snapshot()
+    monkeypatch.setattr(s3.backend, "write", busy)
+    status, body, headers = s3.raw("PUT", "/bkt/k", b"v")
+    assert status == 503 and xml_code(body) == "SlowDown" and b"site is busy" in body
+    assert headers["Retry-After"] == "2"  # seconds, rounded up
+    assert s3.snapshot() == before
+
+
 def test_virtual_host_style_beside_path_style(s3: Running) -> None:
     port = s3.server.address.rsplit(":", 1)[1]
     status, body, _ = s3.raw("PUT", "/dir/virtual-key", b"by host", host=f"bkt.s3.test:{port}")

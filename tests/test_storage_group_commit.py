@@ -183,3 +183,28 @@ def test_close_makes_commits_written_just_before_it_durable(make_store) -> None:
     results = asyncio.run(main())
     assert results == [None] * 5
     assert store.durable_sequence == store.written_sequence
+
+
+def test_a_lazy_wait_starts_no_sync_and_rides_on_the_next_one_or_the_delay(make_store) -> None:
+    """What no acknowledgement waits for (a commit's apply, a log delete) does not cost a sync of its own."""
+    store = make_store()
+
+    async def main() -> None:
+        async with GroupCommitter(store, lazy_delay_s=0.5) as committer:
+            loop = asyncio.get_running_loop()
+            syncs = committer.sync_count
+            lazy = asyncio.ensure_future(committer.wait_durable(committer.write_now(record_batch(store, 1, 0)), lazy=True))
+            await asyncio.sleep(0.05)
+            assert not lazy.done() and committer.sync_count == syncs  # no sync for it yet
+            # An urgent one comes along: one sync makes both durable, long before the lazy delay.
+            began = loop.time()
+            await committer.wait_durable(committer.write_now(record_batch(store, 2, 0)))
+            await asyncio.wait_for(lazy, 0.2)
+            assert loop.time() - began < 0.4 and committer.sync_count == syncs + 1
+            # Alone, a lazy wait is still bounded: a sync starts after lazy_delay_s.
+            began = loop.time()
+            await asyncio.wait_for(committer.wait_durable(committer.write_now(record_batch(store, 3, 0)), lazy=True), 5)
+            assert 0.45 <= loop.time() - began and committer.sync_count == syncs + 2
+            assert store.durable_sequence >= store.written_sequence
+
+    asyncio.run(main())

@@ -23,14 +23,14 @@ from typing import Any
 from benchmarks.e2e import report
 from benchmarks.e2e.common import DRIVER_MODULES, SystemUnavailable
 from benchmarks.e2e.loadgen import LoadGenError, run_load
-from benchmarks.e2e.replicator_system import ReplicatorSingleSystem, ReplicatorSystem
+from benchmarks.e2e.replicator_system import ReplicatorProductionSystem, ReplicatorSingleSystem, ReplicatorSystem
 
 KIB, MIB, GIB = 1024, 1024 * 1024, 1 << 30
 RESULTS_ROOT = Path(__file__).resolve().parents[1] / "results"
-SYSTEMS = ("replicator", "replicator-single", "etcd", "redis", "raw")
+SYSTEMS = ("replicator", "replicator-production", "replicator-single", "etcd", "redis", "raw")
 OBJECT_SIZES = (1 * KIB, 4 * KIB, 64 * KIB)
 BLOCK_SIZES = (4 * KIB, 64 * KIB, 1 * MIB)
-CONCURRENCY = (1, 8, 32, 128)
+CONCURRENCY = (1, 8, 32, 128, 256)
 BLOCK_CONCURRENCY = (1, 8, 32)
 
 DESCRIPTION = """\
@@ -40,12 +40,13 @@ Everything runs on this machine on 127.0.0.1 and is started (and stopped) by the
   replicator         a witness and two site daemons (LocalCluster): every write durable at both
                      sites before it is acknowledged; clients spread over both sites (active-active),
                      and for puts also all at one site ("replicator (one site)")
+  replicator-production  the same pair with the shipped default timeouts (4 KiB puts only)
   replicator-single  the same daemon with replication off: site b stopped, a alone (SOLO)
   etcd               a 3-member etcd cluster (Put, linearizable Get)
   redis              a Redis primary and a replica, appendfsync always, SET + WAIT 1
   raw                synced one-value RocksDB WriteBatches in one thread (the disk's limit, no network)
 
-Object puts and gets of 1 KiB, 4 KiB and 64 KiB at concurrency 1, 8, 32 and 128; block writes and
+Object puts and gets of 1 KiB, 4 KiB and 64 KiB at concurrency 1, 8, 32, 128 and 256; block writes and
 reads of 4 KiB, 64 KiB and 1 MiB at concurrency 1, 8 and 32 (Replicator only); failover time and
 resync throughput (benchmarks/e2e/recovery.py). The load generator is the same for every system:
 worker processes (1 at c=1, else 2) with asyncio coroutines; its CPU use and each server process's
@@ -77,6 +78,9 @@ def matrix(systems: Sequence[str], quick: bool) -> list[Run]:
     for system in systems:
         if system == "raw":
             continue
+        if system == "replicator-production":  # the production timeouts under the heaviest put load
+            runs += [Run(system, "both", "put", 4 * KIB, c) for c in ((1, 32) if quick else CONCURRENCY)]
+            continue
         if quick:
             sizes, concurrency = (4 * KIB,), (1, 32)
             block = [("block_write", MIB, 8)] if system.startswith("replicator") else []
@@ -102,6 +106,8 @@ def make_system(name: str, directory: Path) -> Any:
         return ReplicatorSystem(directory)
     if name == "replicator-single":
         return ReplicatorSingleSystem(directory)
+    if name == "replicator-production":
+        return ReplicatorProductionSystem(directory)
     module = importlib.import_module(DRIVER_MODULES[name])  # benchmarks.e2e.baselines
     factory = {"etcd": "EtcdCluster", "redis": "RedisPair"}[name]
     return getattr(module, factory)(directory)
@@ -387,6 +393,9 @@ class Suite:
         resync_value = 32 * KIB if self.args.quick else MIB
         measurements: list[tuple[str, Callable[[Path], dict[str, Any]]]] = [
             ("failover", lambda d: module.measure_failover(d, kills=kills, progress=self._recovery_progress)),
+            # The same kills with the shipped default timeouts (longer peer timeout, witness grace, leases).
+            ("failover_production", lambda d: module.measure_failover(
+                d, kills=kills, progress=self._recovery_progress, timeouts="production")),
             ("resync", lambda d: module.measure_resync(d, resync_bytes, resync_value, progress=self._recovery_progress)),
         ]
         for name, measure in measurements:

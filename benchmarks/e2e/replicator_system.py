@@ -72,6 +72,7 @@ class ReplicatorSystem:
 
     name = "replicator"
     single = False
+    timeouts = "demo"  # LocalCluster's timeout profile: "demo" (short, loopback) or "production" (the defaults)
 
     def __init__(self, directory: str | Path, *, volume_size_bytes: int = VOLUME_SIZE_BYTES) -> None:
         self.directory = Path(directory)
@@ -89,7 +90,7 @@ class ReplicatorSystem:
 
         if not site_daemon_available():
             raise SystemUnavailable("the Replicator site daemon is not installed (run `make build`)")
-        self.cluster = LocalCluster(self.directory, health_timeout_s=60, stop_timeout_s=10)
+        self.cluster = LocalCluster(self.directory, health_timeout_s=60, stop_timeout_s=10, timeouts=self.timeouts)
         try:
             self.cluster.start(sites=True)
             sites = self.cluster.cluster["sites"]
@@ -118,7 +119,7 @@ class ReplicatorSystem:
             return f"(cannot read a.toml: {error})"
         mode = "site a alone (b stopped, a SOLO)" if self.single else "witness + sites a and b"
         return (
-            f"{mode}, replicator.local demo settings: peer_timeout_ms {site.peer_timeout_ms}, "
+            f"{mode}, replicator.local {self.timeouts} settings: peer_timeout_ms {site.peer_timeout_ms}, "
             f"heartbeat_interval_ms {site.heartbeat_interval_ms}, lease_ms {site.lease_ms}; clients do not retry"
         )
 
@@ -218,6 +219,13 @@ class ReplicatorSingleSystem(ReplicatorSystem):
 
     name = "replicator-single"
     single = True
+
+
+class ReplicatorProductionSystem(ReplicatorSystem):
+    """The same pair with every timeout at the configuration's shipped default (what an operator runs)."""
+
+    name = "replicator-production"
+    timeouts = "production"
 
 
 class ReplicatorDriver:

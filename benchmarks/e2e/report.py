@@ -43,7 +43,7 @@ MAIN = "replicator"  # the series every ratio is about
 SINGLE = "replicator-single"
 ONE_SITE = "replicator (one site)"
 BASELINES = ("etcd", "redis")
-SERIES_ORDER = (MAIN, ONE_SITE, SINGLE, "etcd", "redis")
+SERIES_ORDER = (MAIN, ONE_SITE, "replicator-production", SINGLE, "etcd", "redis")
 BLOCK_OPS = ("block_write", "block_read")
 OP_TITLES = {
     "put": "object puts",
@@ -58,7 +58,8 @@ GOAL_TARGETS = {
     "block_vs_raw": 0.5,
     "replication_cost": 0.7,
     "c1_latency": 0.3,  # ms more than the single site at most
-    "failover_rto": 2.0,  # seconds, median
+    "failover_rto": 2.0,  # seconds, median, demo timeouts
+    "failover_rto_production": 3.0,  # seconds, median, the shipped default timeouts
 }
 
 
@@ -306,16 +307,19 @@ def evaluate_goals(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     goals.append(_goal("c1_latency", "4 KiB puts at c=1: p50 ≤ single-site p50 + 0.3 ms",
                        measured, extra, "≤ +0.3 ms", None if extra is None else extra <= GOAL_TARGETS["c1_latency"]))
 
-    failover = (results.get("recovery") or {}).get("failover") or {}
-    rto = _median_rto_s(failover) if failover.get("status", "ok") not in ("not measured", "failed") else None
-    if rto is None:
-        why = failover.get("message") or "no failover measurement"
-        measured = f"not measured: {why}"
-    else:
-        measured = f"median {_fmt(rto, 3)} s over {len(failover.get('rto_ms') or []) or '?'} kills"
-    goals.append(_goal("failover_rto", "failover: median RTO < 2 s", measured,
-                       None if rto is None else round(rto, 3), "< 2 s",
-                       None if rto is None else rto < GOAL_TARGETS["failover_rto"]))
+    for key, label in (("failover", "demo timeouts"), ("failover_production", "production default timeouts")):
+        goal_id = "failover_rto" if key == "failover" else "failover_rto_production"
+        target = GOAL_TARGETS[goal_id]
+        failover = (results.get("recovery") or {}).get(key) or {}
+        rto = _median_rto_s(failover) if failover.get("status", "ok") not in ("not measured", "failed") else None
+        if rto is None:
+            why = failover.get("message") or "no failover measurement"
+            measured = f"not measured: {why}"
+        else:
+            measured = f"median {_fmt(rto, 3)} s over {len(failover.get('rto_ms') or []) or '?'} kills"
+        goals.append(_goal(goal_id, f"failover ({label}): median RTO < {target:g} s", measured,
+                           None if rto is None else round(rto, 3), f"< {target:g} s",
+                           None if rto is None else rto < target))
     return goals
 
 
@@ -348,7 +352,7 @@ def goals_table(goals: Sequence[Mapping[str, Any]]) -> str:
     for goal in goals:
         ratio = goal.get("ratio")
         shown = "–" if ratio is None else (f"{ratio:+.3f} ms" if goal["id"] == "c1_latency" else (
-            f"{ratio:.2f} s" if goal["id"] == "failover_rto" else f"{ratio:.2f}×"))
+            f"{ratio:.2f} s" if goal["id"].startswith("failover_rto") else f"{ratio:.2f}×"))
         result = {"pass": "**pass**", "miss": "**miss**"}.get(goal["status"], goal["status"])
         lines.append(f"| {goal['goal']} | {goal['measured']} | {shown} | {goal['target']} | {result} |")
     return "\n".join(lines)
@@ -453,6 +457,9 @@ def _raw_table(results: Mapping[str, Any]) -> str:
 
 
 RECOVERY_KEYS = {
+    "failover_production": ("kills", "median_rto_ms", "worst_rto_ms", "acked_writes", "lost_writes",
+                            "uncertain_writes", "client_errors", "unplanned_failovers", "replicas_identical",
+                            "duration_s"),
     "failover": ("kills", "median_rto_ms", "worst_rto_ms", "acked_writes", "lost_writes", "uncertain_writes",
                  "client_errors", "unplanned_failovers", "replicas_identical", "duration_s"),
     "resync": ("size_bytes", "value_size", "resync_seconds", "mb_per_s", "mb_per_s_from_healthy",

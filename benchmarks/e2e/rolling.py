@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 import threading
@@ -34,34 +33,21 @@ from typing import Any
 
 from replicator.cli import main as replicatorctl
 from replicator.client import Client, ClientError, RetryPolicy
-from replicator.config import SiteSection, WitnessClientConfig, WitnessSection, load_site_config, load_witness_config
+from replicator.config import load_site_config, load_witness_config
 from replicator.local import DEMO_SITE_SETTINGS, DEMO_WITNESS_CLIENT, DEMO_WITNESS_SETTINGS, LocalCluster
 
 BUCKET = "rolling"
 
 
-def _defaults(kind: type, names: Any) -> dict[str, Any]:
-    fields = kind.__dataclass_fields__  # type: ignore[attr-defined]
-    return {name: fields[name].default for name in names if name in fields}
-
-
-def use_production_timeouts(cluster: LocalCluster) -> dict[str, Any]:
-    """Rewrite the launcher's configuration files with the configuration defaults for every timeout."""
-    site_defaults = _defaults(SiteSection, DEMO_SITE_SETTINGS)
-    client_defaults = _defaults(WitnessClientConfig, DEMO_WITNESS_CLIENT)
-    witness_defaults = _defaults(WitnessSection, DEMO_WITNESS_SETTINGS)
-    for name in ("a", "b"):
-        config = load_site_config(cluster.config_path(name))
-        config = dataclasses.replace(
-            config,
-            site=dataclasses.replace(config.site, **site_defaults),
-            witness=dataclasses.replace(config.witness, **client_defaults),
-        )
-        cluster.config_path(name).write_text(config.to_toml())
+def production_settings(cluster: LocalCluster) -> dict[str, Any]:
+    """The timeouts the sites and the witness run with, read back from their configuration files."""
+    site = load_site_config(cluster.config_path("a"))
     witness = load_witness_config(cluster.config_path("witness"))
-    witness = dataclasses.replace(witness, witness=dataclasses.replace(witness.witness, **witness_defaults))
-    cluster.config_path("witness").write_text(witness.to_toml())
-    return {"site": site_defaults, "witness_client": client_defaults, "witness": witness_defaults}
+    return {
+        "site": {name: getattr(site.site, name) for name in DEMO_SITE_SETTINGS},
+        "witness_client": {name: getattr(site.witness, name) for name in DEMO_WITNESS_CLIENT},
+        "witness": {name: getattr(witness.witness, name) for name in DEMO_WITNESS_SETTINGS},
+    }
 
 
 class Writers:
@@ -138,10 +124,14 @@ def measure_rolling_restart(
     peer_timeout_ms: int | None = 2000,
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> dict[str, Any]:
-    cluster = LocalCluster(directory, peer_timeout_ms=None if production_timeouts else peer_timeout_ms)
+    cluster = LocalCluster(
+        directory,
+        peer_timeout_ms=None if production_timeouts else peer_timeout_ms,
+        timeouts="production" if production_timeouts else "demo",
+    )
     with cluster:
         cluster.configure()
-        settings = use_production_timeouts(cluster) if production_timeouts else {"peer_timeout_ms": peer_timeout_ms}
+        settings = production_settings(cluster) if production_timeouts else {"peer_timeout_ms": peer_timeout_ms}
         cluster.start(sites=True)
         endpoints = [cluster.cluster["sites"][name]["grpc"] for name in ("a", "b")]
         _wait(lambda: all(_state(e)[0] == "SYNC" for e in endpoints), 60, "both sites in SYNC")

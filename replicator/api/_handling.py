@@ -23,6 +23,7 @@ from replicator.v1 import common_pb2
 log = logging.getLogger("replicator.api")
 
 OTHER_SITE_METADATA_KEY = "replicator-other-site"
+RETRY_AFTER_METADATA_KEY = "replicator-retry-after-ms"
 
 # The servicer stops this long before the client's deadline, so that an
 # outcome-unknown answer reaches the client before it gives up on its own.
@@ -37,6 +38,7 @@ _CODES: dict[type[errors.BackendError], grpc.StatusCode] = {
     errors.Corrupt: grpc.StatusCode.DATA_LOSS,
     errors.Refused: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Changed: grpc.StatusCode.ABORTED,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -103,6 +105,8 @@ async def abort(backend: SiteBackend, context: grpc.aio.ServicerContext, error: 
     code, message, other = describe(backend, error)
     if other:
         context.set_trailing_metadata(((OTHER_SITE_METADATA_KEY, other),))
+    elif isinstance(error, errors.Overloaded):
+        context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(error.retry_after_ms)),))
     await context.abort(code, message)
 
 

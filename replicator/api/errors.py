@@ -9,6 +9,8 @@
 | Corrupt          | DATA_LOSS          | a stored value failed its checksum, not repairable now |
 | Refused          | FAILED_PRECONDITION| an admin action refused in this state; do not retry    |
 | Changed          | ABORTED            | a large object changed while being read: read it again |
+| Overloaded       | RESOURCE_EXHAUSTED | the site is busy (admission control); nothing applied: |
+|                  |                    | retry at the same site after `replicator-retry-after-ms`|
 
 Raising any of these promises that the call left no partial effect, except
 OutcomeUnknown, whose whole point is that the write may have been applied
@@ -71,3 +73,14 @@ class AlreadyExists(BackendError):
 
 class Changed(BackendError):
     """A large object was replaced while it was being read, or is not the one a resumed read named."""
+
+
+class Overloaded(BackendError):
+    """Admission control (api/admission.py): the site has too much work in flight; nothing was applied.
+
+    `retry_after_ms` is the hint the servicer sends in the trailing metadata key `replicator-retry-after-ms`
+    (S3: the `Retry-After` header, in seconds rounded up)."""
+
+    def __init__(self, message: str, retry_after_ms: int = 100) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms

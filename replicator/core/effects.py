@@ -39,6 +39,7 @@ class Effects:
         dedup_put: tuple[tuple[bytes, int], ...] = (),
         meta: Meta = (),
         clear_data: bool = False,
+        urgent: bool = True,
     ) -> int:
         persist_id = self.next_persist_id
         self.next_persist_id += 1
@@ -53,6 +54,7 @@ class Effects:
                 dedup_put=dedup_put,
                 meta=meta,
                 clear_data=clear_data,
+                urgent=urgent,
             )
         )
         return persist_id

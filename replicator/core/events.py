@@ -128,7 +128,14 @@ Event = (
 class Persist:
     """One atomic batch. Fields are applied in this order: clear_data, log
     deletes, log puts, applies (last-writer-wins on ts), dirty changes,
-    dedup, meta."""
+    dedup, meta.
+
+    `urgent` False: no acknowledgement waits for this persist (a commit's
+    apply, a log delete): the shell writes it at once (visible to reads) but
+    need not start a sync for it; it becomes durable with the next sync, within
+    a bound. `Persisted` still comes only once it is durable, so what waits on
+    it waits a little longer and nothing else changes; a crash loses a suffix of
+    the persists, as always (the record stays in the log until a later delete)."""
 
     persist_id: int
     log_put: tuple[Record, ...] = ()
@@ -139,6 +146,7 @@ class Persist:
     dedup_put: tuple[tuple[bytes, int], ...] = ()  # (request id, ts of the outcome)
     meta: tuple[tuple[str, int | bytes | str], ...] = ()
     clear_data: bool = False
+    urgent: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -256,9 +256,10 @@ def advance_commits(core: SiteCore) -> None:
     if not committed:
         return
     core.decide_commit(CommitKind.ACKED)
-    core.persist(
+    core.persist(  # the answers below do not wait for it (the records are durable in the log)
         apply=tuple(v for record in committed for v in versions(record)),
         dedup_put=tuple((record.request_id, record.ts) for record in committed),
+        urgent=False,
     )
     log = core.replication
     for record in committed:
@@ -300,10 +301,11 @@ def on_commit_watermark(core: SiteCore, event: ev.Event) -> None:
         return
     records = [record for _, record in ready]
     core.raise_peer_clock_floor(max(record.ts for record in records))  # the peer committed them: durable there
-    persist_id = core.persist(
+    persist_id = core.persist(  # only the CommitConfirm (the origin's log trimming) waits for it
         apply=tuple(v for record in records for v in versions(record)),
         log_delete=tuple(record.id for record in records),
         dedup_put=tuple((record.request_id, record.ts) for record in records),
+        urgent=False,
     )
     for key, record in ready:
         del log.peer_records[key]
@@ -338,7 +340,7 @@ def on_commit_confirm(core: SiteCore, event: ev.Event) -> None:
     records = [log.committed_unconfirmed.pop(seq) for seq in sorted(done)]
     for record in records:
         log.records.pop(record.id, None)
-    core.persist(log_delete=tuple(record.id for record in records))
+    core.persist(log_delete=tuple(record.id for record in records), urgent=False)
 
 
 def winners(core: SiteCore, records: list[Record]) -> tuple[list[Record], dict[bytes, int]]:

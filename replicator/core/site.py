@@ -197,6 +197,7 @@ class SiteCore:
         dedup_put: tuple[tuple[bytes, int], ...] = (),
         meta: Meta = (),
         clear_data: bool = False,
+        urgent: bool = True,
     ) -> int:
         if self.peer_clock_floor > self.peer_clock_floor_saved:
             # A floor lost in a crash only makes the rollback check weaker, never wrong.
@@ -211,6 +212,7 @@ class SiteCore:
             dedup_put=dedup_put,
             meta=meta,
             clear_data=clear_data,
+            urgent=urgent,
         )
 
     def after(self, persist_id: int, continuation: Callable[[], None]) -> None:

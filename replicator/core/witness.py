@@ -6,7 +6,12 @@ Theory of operation. For every pair the witness keeps, durably, `epoch`,
 - mode SYNC and the request's epoch is current: mode SOLO, holder = site,
   epoch + 1, persisted before answering GRANTED. A request from the
   non-preferred site is held for `preferred_grace_ms` first, so that when both
-  sites are alive and cut from each other the preferred one wins.
+  sites are alive and cut from each other the preferred one wins. The hold
+  ends early once the preferred site has not been heard from (no request of
+  any kind, Reports included: a live site reports every second) for
+  `preferred_silence_ms` (0: never early): a dead preferred site does not
+  ask, so waiting out the grace only lengthens the failover. Ending the hold
+  is always safe (one grant per epoch either way); the grace is a preference.
 - mode SOLO: GRANTED again to the holder (idempotent retry), DENIED to the other.
 - a stale epoch: DENIED, with the current state (the site may learn from it).
 - MarkSynced from the holder of the current SOLO epoch (its resync is done):
@@ -66,6 +71,7 @@ class PairConfig:
     sites: tuple[str, str]
     preferred: str
     preferred_grace_ms: int = 1000
+    preferred_silence_ms: int = 0  # 0: the hold always lasts preferred_grace_ms
 
 
 # Events
@@ -125,6 +131,8 @@ class WitnessCore:
                 raise ValueError(f"pair {name}: preferred site must be one of two distinct sites")
             if config.preferred_grace_ms < 0:
                 raise ValueError(f"pair {name}: preferred_grace_ms must be >= 0")
+            if config.preferred_silence_ms < 0:
+                raise ValueError(f"pair {name}: preferred_silence_ms must be >= 0")
         self.pairs = pairs
         self.states: dict[str, PairState] = {name: PairState() for name in pairs}
         self.states.update(states or {})
@@ -136,10 +144,16 @@ class WitnessCore:
         # Pairs without a durable state: they learn it from the sites' reports first (see above).
         self.fresh: set[str] = set(fresh)
         self.reports: dict[str, dict[str, Report]] = {}
+        # When each site was last heard from (volatile: after a restart, every site counts as heard at the
+        # first event, so the silence shortcut never fires before a whole silence interval has been watched).
+        self._heard_ms: dict[tuple[str, str], float] = {}
+        self._started_ms: float | None = None
 
     # ------------------------------------------------------------ the one way in
     def step(self, event: WitnessEvent, now_ms: float) -> list[WitnessAction]:
         actions: list[WitnessAction] = []
+        if self._started_ms is None:
+            self._started_ms = now_ms
         if isinstance(event, WitnessRequested):
             self._on_request(event, now_ms, actions)
         elif isinstance(event, WitnessPersisted):
@@ -161,8 +175,10 @@ class WitnessCore:
             self._reply(event.handle, Verdict.DENIED, PairState(epoch=0), actions)
             return
         state = self.states[request.pair]
+        self._heard_ms[(request.pair, request.site)] = now_ms
         if isinstance(request, Report):
             self._on_report(event.handle, request, config, actions)
+            self._release_held(now_ms, actions)
             return
         if request.pair in self.fresh and not (isinstance(request, Arbitrate) and request.force):
             # Maybe far behind the sites: grant nothing, change nothing, and show epoch 0 (not a real one).
@@ -243,7 +259,9 @@ class WitnessCore:
                 del self._held[pair]
                 for handle in held.handles:
                     self._reply(handle, Verdict.DENIED, state, actions)
-            elif now_ms - held.since_ms >= self.pairs[pair].preferred_grace_ms:
+            elif now_ms - held.since_ms >= self.pairs[pair].preferred_grace_ms or self._preferred_silent(
+                pair, state, now_ms
+            ):
                 handles = held.handles
                 del self._held[pair]
                 first, rest = handles[0], handles[1:]
@@ -251,6 +269,15 @@ class WitnessCore:
                 new_state = self.states[pair]
                 for handle in rest:
                     self._reply(handle, Verdict.GRANTED, new_state, actions)
+
+    def _preferred_silent(self, pair: str, state: PairState, now_ms: float) -> bool:
+        """The preferred site has sent nothing for preferred_silence_ms (see the module docstring)."""
+        config = self.pairs[pair]
+        if config.preferred_silence_ms <= 0:
+            return False
+        preferred = state.preferred or config.preferred
+        heard = self._heard_ms.get((pair, preferred), self._started_ms if self._started_ms is not None else now_ms)
+        return now_ms - heard >= config.preferred_silence_ms
 
     def _mark_synced(self, handle: int, request: MarkSynced, state: PairState, actions: list[WitnessAction]) -> None:
         if state.mode is WitnessMode.SOLO and state.holder == request.site and state.epoch == request.epoch:

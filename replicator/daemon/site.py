@@ -25,6 +25,7 @@ from typing import Any
 
 from replicator import __version__, framing
 from replicator.api import errors
+from replicator.api.admission import admitted
 from replicator.api.backend import RangeEntry, SiteStatus, VerifyReport, WriteResult
 from replicator.api.server import ListenError, start_site_server
 from replicator.api.witness import PairMode, PairState
@@ -234,8 +235,10 @@ class SiteDaemon:
         self.tasks.append(asyncio.create_task(self._sender(), name="link-sender"))
         self.tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
         self.tasks.append(asyncio.create_task(self._probe_witness(), name="witness-probe"))
+        api = self.config.api  # gRPC and S3 share the site's admission control (api/admission.py)
+        admitted_backend = admitted(self, api.admission_ops_max, api.admission_bytes_max, api.admission_wait_ms)
         self.server = await start_site_server(
-            self, self.config.listen.grpc, self.config.api, self.config.tls.grpc, self.config.s3
+            admitted_backend, self.config.listen.grpc, api, self.config.tls.grpc, self.config.s3
         )
         try:
             self.metrics_server = await start_metrics_server(
@@ -256,7 +259,7 @@ class SiteDaemon:
             from replicator.s3.server import start_s3_server  # aiohttp is loaded only when S3 is on
 
             self.s3_server = await start_s3_server(
-                self,
+                admitted_backend,
                 self.config.s3,
                 self.config.api.request_timeout_ms / 1000,
                 self.config.tls.s3,
@@ -514,6 +517,8 @@ class SiteDaemon:
             asyncio.get_running_loop().call_soon(self.step, ev.PersistFailed(str(error)))
             return
         self.unsynced.append((sequence, persist.persist_id))
+        if persist.urgent:
+            self.committer.request_sync()  # else it rides on the next sync (GroupCommitter.wait_durable lazy)
         if self.durability_follower is None:
             self.durability_follower = asyncio.get_running_loop().create_task(self._follow_durability())
 
@@ -524,7 +529,8 @@ class SiteDaemon:
         try:
             while unsynced:
                 try:
-                    await self.committer.wait_durable(unsynced[0][0])
+                    # Lazy: the urgent persists asked for their sync when written; the rest wait for one.
+                    await self.committer.wait_durable(unsynced[0][0], lazy=True)
                 except StorageFailed as error:
                     unsynced.clear()
                     self.step(ev.PersistFailed(str(error)))

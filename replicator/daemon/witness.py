@@ -315,11 +315,12 @@ class WitnessDaemon:
         """Load the state, start the core, the persister, the ticker, gRPC and metrics. Raises on failure."""
         stored = await asyncio.to_thread(self.store.open)
         grace = self.config.witness.preferred_grace_ms
+        silence = self.config.witness.preferred_silence_ms
         pairs: dict[str, PairConfig] = {}
         for spec in self.config.pairs:
             sites = (spec.sites[0], spec.sites[1])
             if spec.preferred_site:
-                pairs[spec.id] = PairConfig(sites, spec.preferred_site, grace)
+                pairs[spec.id] = PairConfig(sites, spec.preferred_site, grace, silence)
             else:  # no preferred site: first come, first served
                 pairs[spec.id] = PairConfig(sites, sites[0], 0)
             previous = stored.get(spec.id)

@@ -236,6 +236,10 @@ class S3Server:
             response = self._error(
                 request, S3Error("SlowDown", f"this site cannot serve now ({error.message})", 503), request_id
             )
+        except errors.Overloaded as error:  # admission control: nothing applied, retry here soon
+            busy = S3Error("SlowDown", f"please reduce your request rate: {error.message}", 503)
+            busy.headers["Retry-After"] = str(max(1, -(-error.retry_after_ms // 1000)))
+            response = self._error(request, busy, request_id)
         except (errors.OutcomeUnknown, TimeoutError):
             response = self._error(
                 request, S3Error("InternalError", "the outcome of the write is unknown; retry it", 500), request_id

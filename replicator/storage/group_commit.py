@@ -37,6 +37,7 @@ COMMITS_IN_FLIGHT_MAX = 65_536
 CLOSE_TIMEOUT_S = 30.0
 WRITE_STALL_TIMEOUT_S = 60.0
 CATCH_UP_WAIT_S = 0.002
+LAZY_DELAY_S = 0.010  # the longest a lazy wait_durable holds back its sync (see wait_durable)
 
 
 class GroupCommitter:
@@ -50,6 +51,7 @@ class GroupCommitter:
         commits_in_flight_max: int = COMMITS_IN_FLIGHT_MAX,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
         write_stall_timeout_s: float = WRITE_STALL_TIMEOUT_S,
+        lazy_delay_s: float = LAZY_DELAY_S,
     ) -> None:
         if commits_in_flight_max < 1:
             raise ValueError(f"commits_in_flight_max={commits_in_flight_max!r}: must be at least 1")
@@ -57,6 +59,10 @@ class GroupCommitter:
             raise ValueError(f"close_timeout_s={close_timeout_s!r}: must be positive")
         if write_stall_timeout_s <= 0:
             raise ValueError(f"write_stall_timeout_s={write_stall_timeout_s!r}: must be positive")
+        if lazy_delay_s < 0:
+            raise ValueError(f"lazy_delay_s={lazy_delay_s!r}: must be >= 0")
+        self._lazy_delay_s = lazy_delay_s
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._store = store
         self._write_stall_timeout_s = write_stall_timeout_s
         self._commits_in_flight_max = commits_in_flight_max
@@ -123,8 +129,7 @@ class GroupCommitter:
             return
         future = loop.create_future()
         self._waiters.append((sequence, future))
-        if not self._wake.is_set():
-            self._wake.set()
+        self.request_sync()
         await future
 
     def write_now(self, batch: Batch) -> int:
@@ -141,8 +146,13 @@ class GroupCommitter:
         self.commit_count += 1
         return sequence
 
-    async def wait_durable(self, sequence: int) -> None:
-        """Return once everything written up to `sequence` is durable (raises StorageFailed)."""
+    async def wait_durable(self, sequence: int, *, lazy: bool = False) -> None:
+        """Return once everything written up to `sequence` is durable (raises StorageFailed).
+
+        `lazy`: nothing is in a hurry for this durability (a commit's apply, a log delete: no
+        acknowledgement waits for them). No sync starts for it at once; it rides on the next sync
+        anyone asks for (`request_sync`, a non-lazy wait, a commit), or on one started after at most
+        `lazy_delay_s`. Crash safety is the same: a sync makes everything written before it durable."""
         if self._failure is not None:
             raise StorageFailed(str(self._failure), self._failure.cause)
         if sequence <= self._store.durable_sequence:
@@ -150,9 +160,24 @@ class GroupCommitter:
         assert self._loop is not None, "GroupCommitter.start() was not called"
         future = self._loop.create_future()
         self._waiters.append((sequence, future))
+        if not lazy:
+            self.request_sync()
+        elif self._lazy_timer is None and not self._wake.is_set():
+            self._lazy_timer = self._loop.call_later(self._lazy_delay_s, self._lazy_due)
+        await future
+
+    def request_sync(self) -> None:
+        """Start a sync now (if none is running; else the next one starts right after it)."""
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         if not self._wake.is_set():
             self._wake.set()
-        await future
+
+    def _lazy_due(self) -> None:
+        self._lazy_timer = None
+        if self._waiters and not self._wake.is_set():
+            self._wake.set()
 
     async def _write(self, batch: Batch) -> int:
         """Write on the loop, in commit order. While RocksDB stalls writes, the stalled commit and every
