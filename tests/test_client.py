@@ -6,10 +6,12 @@ import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from replicator.api.admission import admitted
 from replicator.api.fake import FakeBackend, FakeStore, FakeWitnessBackend, ServerThread, fake_pair
 from replicator.api.server import start_site_server, start_witness_server
 from replicator.api.witness import PairMode
@@ -20,6 +22,7 @@ from replicator.client import (
     InvalidArgument,
     NotFound,
     OutcomeUnknown,
+    Overloaded,
     Refused,
     RetryPolicy,
     Unavailable,
@@ -146,6 +149,44 @@ def test_maybe_applied_tells_a_refusal_from_a_site_that_could_not_be_reached(ser
     with Client([address], retry=FAST_RETRY) as client, pytest.raises(Unavailable) as unreachable:
         client.delete("bk", "k")
     assert unreachable.value.maybe_applied
+
+
+def test_a_busy_site_is_retried_in_place_after_its_hint() -> None:
+    """Admission control answers RESOURCE_EXHAUSTED with `replicator-retry-after-ms`: the client waits
+    that long and asks the same site again (never the other); nothing was applied by the refusal."""
+
+    async def main() -> None:
+        store = FakeStore()
+        a, b = FakeBackend("a", store), FakeBackend("b", store)
+        a.write_delay_s = 0.15
+        gate: Any = admitted(a, 1, 1 << 20, 0)
+        server_a = await start_site_server(gate, "127.0.0.1:0")
+        server_b = await start_site_server(b, "127.0.0.1:0")
+        patient = RetryPolicy(attempts_max=30, backoff_initial_ms=1, backoff_ms_max=1000)  # >= 290 ms of hints
+        try:
+            async with AsyncClient([server_a.address, server_b.address], retry=patient) as client:
+                first = asyncio.ensure_future(client.put("bk", "slow", b"1"))
+                while gate.admission.stats().ops_in_flight == 0:
+                    await asyncio.sleep(0.005)  # it holds a's only permit for 150 ms
+                await client.put("bk", "busy", b"2")  # refused at once, retried at a after the hint
+                await first
+            assert gate.admission.stats().rejected >= 1
+            assert b.writes_seen == 0 and a.writes_seen == 2 and store.records_applied == 2
+            async with AsyncClient([server_a.address], retry=RetryPolicy(attempts_max=2, backoff_ms_max=5)) as client:
+                a.write_delay_s = 1.0
+                held = asyncio.ensure_future(client.put("bk", "held", b"3"))
+                while gate.admission.stats().ops_in_flight == 0:
+                    await asyncio.sleep(0.005)
+                with pytest.raises(Overloaded, match="busy") as refused:
+                    await client.put("bk", "refused", b"4")
+                assert not refused.value.maybe_applied
+                await held
+            assert "refused" not in {key.decode() for key in store.versions}
+        finally:
+            await server_a.stop(0)
+            await server_b.stop(0)
+
+    asyncio.run(main())
 
 
 def test_bad_input_is_not_retried(servers: ServerThread) -> None:

@@ -62,6 +62,18 @@ def test_a_refusal_after_a_timeout_moves_on_but_the_outcome_stays_unknown() -> N
     assert not decisions[-1].outcome_known and plan.maybe_applied and plan.timed_out
 
 
+def test_a_busy_site_is_retried_in_place_after_its_hint_capped_by_the_policy() -> None:
+    policy = RetryPolicy(attempts_max=5, backoff_initial_ms=10, backoff_ms_max=300)
+    plan = RetryPlan(policy, 2, write=True, random=lambda: 0.0)  # jitter 1.0: the hint itself
+    plan.start()
+    assert plan.record(Outcome.BUSY, retry_after_ms=120) == Decision(Step.CALL, 0, 0.12, True)
+    assert plan.record(Outcome.BUSY, retry_after_ms=5000).delay_s == 0.3  # never longer than backoff_ms_max
+    assert plan.record(Outcome.BUSY).delay_s == 0.1  # no hint: 100 ms
+    assert plan.record(Outcome.REFUSED).endpoint == 1  # a refusal still moves on
+    final = plan.record(Outcome.BUSY, retry_after_ms=10)
+    assert final.step is Step.GIVE_UP and final.outcome_known  # busy applied nothing
+
+
 def test_refusals_and_rejections_leave_a_write_known_not_applied() -> None:
     plan = RetryPlan(RetryPolicy(attempts_max=4), 2, write=True)
     decisions = run(plan, [Outcome.REFUSED, Outcome.REFUSED, Outcome.REJECTED])
@@ -204,8 +216,9 @@ def test_two_timeouts_in_a_row_at_a_site_are_needed_before_a_switch(outcomes: li
     calls = [d for d in decisions if d.step is Step.CALL]
     in_a_row = 0
     for index, outcome in enumerate(outcomes[: len(calls) - 1]):
-        in_a_row = in_a_row + 1 if outcome is Outcome.TIMEOUT else 0
+        if outcome is not Outcome.BUSY:  # a busy answer neither counts nor breaks the run (it stays anyway)
+            in_a_row = in_a_row + 1 if outcome is Outcome.TIMEOUT else 0
         same = calls[index + 1].endpoint == calls[index].endpoint
-        assert same is (in_a_row == 1), (outcomes, [c.endpoint for c in calls])
+        assert same is (outcome is Outcome.BUSY or in_a_row == 1), (outcomes, [c.endpoint for c in calls])
         if not same:
             in_a_row = 0

@@ -23,7 +23,14 @@ from replicator.client.retry import RETRIED, Outcome, RetryPlan, RetryPolicy, St
 from replicator.config import TlsFiles, parse_address
 from replicator.v1 import admin_pb2, objects_pb2
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 # Answers that say a site applied nothing and retrying cannot change that.
 DEFINITE_CODES = frozenset(
     {
@@ -35,6 +42,7 @@ DEFINITE_CODES = frozenset(
     }
 )
 OTHER_SITE_METADATA_KEY = "replicator-other-site"
+RETRY_AFTER_METADATA_KEY = "replicator-retry-after-ms"  # with RESOURCE_EXHAUSTED: the site is busy
 MESSAGE_BYTES_MAX = 64 * 1024 * 1024
 STREAM_ITEMS_PER_TIMEOUT = 64  # put_many: each this many items of a stream add one call timeout
 
@@ -115,17 +123,28 @@ def status_code(value: int) -> grpc.StatusCode:
 _OUTCOMES = {
     grpc.StatusCode.DEADLINE_EXCEEDED: Outcome.TIMEOUT,
     grpc.StatusCode.DATA_LOSS: Outcome.CORRUPT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Outcome.BUSY,
     **{code: Outcome.REJECTED for code in DEFINITE_CODES},
 }
 
 
-def other_site_named(error: grpc.RpcError) -> bool:
-    """The server refused and named the other site (trailer `replicator-other-site`): it applied nothing."""
+def _trailer(error: grpc.RpcError, name: str) -> str | None:
     try:
         trailers = error.trailing_metadata() or ()
     except Exception:  # noqa: BLE001 - a connection-level error may have no trailers to give
-        return False
-    return any(key == OTHER_SITE_METADATA_KEY for key, _ in trailers)
+        return None
+    return next((str(value) for key, value in trailers if key == name), None)
+
+
+def other_site_named(error: grpc.RpcError) -> bool:
+    """The server refused and named the other site (trailer `replicator-other-site`): it applied nothing."""
+    return _trailer(error, OTHER_SITE_METADATA_KEY) is not None
+
+
+def retry_after_ms(error: grpc.RpcError) -> int | None:
+    """A busy site's hint (trailer `replicator-retry-after-ms`), if it sent a valid one."""
+    value = _trailer(error, RETRY_AFTER_METADATA_KEY)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def failure(
@@ -201,7 +220,7 @@ class PutMany:
         """The round's outcome as one attempt: OK when nothing is pending."""
         if not self.pending:
             return Outcome.OK
-        for worst in (Outcome.TIMEOUT, Outcome.UNREACHABLE, Outcome.CORRUPT):
+        for worst in (Outcome.TIMEOUT, Outcome.UNREACHABLE, Outcome.CORRUPT, Outcome.BUSY):
             if worst in self.round:
                 return worst
         return Outcome.REFUSED
@@ -245,10 +264,10 @@ class RetryingShell:
         def give_up(tried: list[str], maybe_applied: bool, timed_out: bool) -> ClientError:
             return failure(error, tried[-1], tried, maybe_applied, timed_out)
 
-        return self._next(plan, classify(error), give_up)
+        return self._next(plan, classify(error), give_up, retry_after_ms(error))
 
-    def _next(self, plan: RetryPlan, outcome: Outcome, give_up: GiveUp) -> float:
-        decision = plan.record(outcome)
+    def _next(self, plan: RetryPlan, outcome: Outcome, give_up: GiveUp, retry_after: int | None = None) -> float:
+        decision = plan.record(outcome, retry_after)
         if decision.step is Step.GIVE_UP:
             raise give_up([self.endpoints[index] for index in plan.tried], not decision.outcome_known, plan.timed_out)
         if len(self.endpoints) > 1:

@@ -37,6 +37,7 @@ from replicator.client._common import (
     check_endpoints,
     classify,
     failure,
+    retry_after_ms,
     verify_result,
 )
 from replicator.client.errors import ClientError
@@ -229,7 +230,7 @@ class AsyncClient(_Api, RetryingShell):
                 async for response in self._stubs[plan.endpoint][OBJECTS].PutStream(send(), timeout=many.timeout_s()):
                     many.answered(response, endpoint)
             except grpc.RpcError as error:
-                await asyncio.sleep(self._next(plan, classify(error), many.give_up_after(error)))
+                await asyncio.sleep(self._next(plan, classify(error), many.give_up_after(error), retry_after_ms(error)))
                 continue
             outcome = many.outcome()
             if outcome is Outcome.OK:

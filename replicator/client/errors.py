@@ -50,6 +50,10 @@ class OutcomeUnknown(ClientError):
     """The last attempt timed out: the write may or may not be applied. Retrying the same call is safe."""
 
 
+class Overloaded(ClientError):
+    """The site was busy at every attempt (admission control, RESOURCE_EXHAUSTED); nothing was applied."""
+
+
 class DataLoss(ClientError):
     """A stored value failed its checksum at every site tried."""
 
@@ -65,6 +69,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     # A site that stops cancels the calls still running there: their outcome is unknown.
     grpc.StatusCode.CANCELLED: OutcomeUnknown,
     grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
 }
 
 

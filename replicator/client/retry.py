@@ -11,8 +11,13 @@ chaos workload are thin shells around it, and the unit tests drive it alone.
 The rule (docs/design.md, "Retries"):
 
 - UNAVAILABLE (with or without the server's hint naming the other site, or a
-  broken connection), DEADLINE_EXCEEDED and DATA_LOSS are tried again, up to
-  `attempts_max` attempts in all; anything else ends the call at once.
+  broken connection), DEADLINE_EXCEEDED, DATA_LOSS and RESOURCE_EXHAUSTED are
+  tried again, up to `attempts_max` attempts in all; anything else ends the
+  call at once.
+- RESOURCE_EXHAUSTED (admission control: the site is busy, nothing applied)
+  is retried at the SAME site after the server's hint
+  (`replicator-retry-after-ms`), times a jitter in [1.0, 1.5), at most
+  `backoff_ms_max`: the site is busy, not broken.
 - A retry goes to the other site when there is one. The first switch is
   immediate; once every site was tried, each further attempt waits a backoff
   that doubles from `backoff_initial_ms` up to `backoff_ms_max`, times a
@@ -70,8 +75,9 @@ class RetryPolicy:
         return sum(self._wait_bound_ms(attempt) for attempt in range(1, self.attempts_max))
 
     def _wait_bound_ms(self, attempt: int) -> int:
-        switched: int = min(self.backoff_ms_max, self.backoff_initial_ms * 2 ** min(attempt - 1, 62))
-        return max(switched, self.backoff_initial_ms)
+        # A switch waits at most backoff_ms_max, a busy site's hint too; a same-site retry after a
+        # timeout waits backoff_initial_ms (which may exceed backoff_ms_max).
+        return max(self.backoff_ms_max, self.backoff_initial_ms)
 
     def budget_ms(self) -> int:
         """The longest a call can take: every attempt runs to its deadline, every wait is the longest."""
@@ -92,6 +98,8 @@ class Outcome(enum.Enum):
     TIMEOUT = "timeout"
     # DATA_LOSS: a stored value failed its checksum at this site; the other may have a good copy.
     CORRUPT = "corrupt"
+    # RESOURCE_EXHAUSTED: the site's admission control refused, nothing applied; retry there after its hint.
+    BUSY = "busy"
     # A definite answer retrying cannot change (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
     # FAILED_PRECONDITION, OUT_OF_RANGE): nothing was applied.
     REJECTED = "rejected"
@@ -100,8 +108,9 @@ class Outcome(enum.Enum):
     FAILED = "failed"
 
 
-RETRIED = frozenset({Outcome.REFUSED, Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.CORRUPT})
-NOTHING_APPLIED = frozenset({Outcome.REFUSED, Outcome.REJECTED})
+RETRIED = frozenset({Outcome.REFUSED, Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.CORRUPT, Outcome.BUSY})
+NOTHING_APPLIED = frozenset({Outcome.REFUSED, Outcome.REJECTED, Outcome.BUSY})
+BUSY_RETRY_AFTER_MS_DEFAULT = 100  # a busy answer without the server's hint
 
 
 class Step(enum.Enum):
@@ -172,8 +181,9 @@ class RetryPlan:
         self.attempts = 1
         self._timeouts_here = 0
 
-    def record(self, outcome: Outcome) -> Decision:
-        """The attempt under way ended with `outcome`: what to do next."""
+    def record(self, outcome: Outcome, retry_after_ms: int | None = None) -> Decision:
+        """The attempt under way ended with `outcome`: what to do next. `retry_after_ms`: a BUSY
+        site's hint (the trailer `replicator-retry-after-ms`)."""
         assert self.tried and not self._finished, "record() follows start() or a CALL decision"
         self.last = outcome
         if outcome is Outcome.OK:
@@ -184,6 +194,9 @@ class RetryPlan:
             self.timed_out = True
         if outcome not in RETRIED or self.attempts >= self.policy.attempts_max:
             return self._finish(Step.GIVE_UP)
+        if outcome is Outcome.BUSY:
+            hint_ms = BUSY_RETRY_AFTER_MS_DEFAULT if retry_after_ms is None else max(0, retry_after_ms)
+            return self._call(min(self.policy.backoff_ms_max, hint_ms * (1.0 + 0.5 * self._random())) / 1000)
         self._timeouts_here = self._timeouts_here + 1 if outcome is Outcome.TIMEOUT else 0
         if 0 < self._timeouts_here < SAME_SITE_TIMEOUTS_MAX:
             # Stay: the site is alive and holds the original; wait a little for it.

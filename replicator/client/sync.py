@@ -37,6 +37,7 @@ from replicator.client._common import (
     check_endpoints,
     classify,
     failure,
+    retry_after_ms,
     verify_result,
 )
 from replicator.client.errors import ClientError
@@ -237,7 +238,7 @@ class Client(_Api, RetryingShell):
                 ):
                     many.answered(response, endpoint)
             except grpc.RpcError as error:
-                time.sleep(self._next(plan, classify(error), many.give_up_after(error)))
+                time.sleep(self._next(plan, classify(error), many.give_up_after(error), retry_after_ms(error)))
                 continue
             outcome = many.outcome()
             if outcome is Outcome.OK:
