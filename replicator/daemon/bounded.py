@@ -7,7 +7,12 @@
   `bytes_max` or more the daemon refuses new writes (UNAVAILABLE, overloaded) until the link
   has taken the backlog: back-pressure toward the writers, as the link's own window does.
 - `Handles`: client requests waiting for the core's answer, at most `count_max`; one more is
-  refused at once (UNAVAILABLE, overloaded), before the core sees it.
+  refused at once (UNAVAILABLE, overloaded), before the core sees it. The API's admission control
+  (api/admission.py) bounds gRPC and S3 requests before they get here, but a List page reads all
+  its keys at once and NBD has its own bounds: this is the bound on what the core is asked.
+
+Both refuse with UNAVAILABLE (errors.Unavailable naming the other site), not RESOURCE_EXHAUSTED:
+every front end (gRPC, S3, NBD) handles it, and nothing was applied; the client retries it.
 """
 
 from __future__ import annotations
