@@ -270,13 +270,13 @@ class RetryingShell:
         decision = plan.record(outcome, retry_after)
         if decision.step is Step.GIVE_UP:
             raise give_up([self.endpoints[index] for index in plan.tried], not decision.outcome_known, plan.timed_out)
-        if len(self.endpoints) > 1:
+        if plan.endpoints > 1:  # a pinned call (one endpoint) leaves the sticky choice alone
             self._current = decision.endpoint
         return decision.delay_s
 
     def _succeeded(self, plan: RetryPlan, result: Any) -> Any:
         plan.record(Outcome.OK)
-        if len(self.endpoints) > 1:
+        if plan.endpoints > 1:
             self._current = plan.endpoint
         return result
 
