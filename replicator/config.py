@@ -299,7 +299,7 @@ class WitnessClientConfig:
     timeout_ms: int = _field(
         3000, check=_check_positive_int, doc="deadline of one witness call (longer than the witness's grace)"
     )
-    retry_interval_ms: int = _field(200, check=_check_positive_int, doc="wait between witness attempts")
+    retry_interval_ms: int = _field(250, check=_check_positive_int, doc="wait between witness attempts")
 
 
 @dataclass(frozen=True, slots=True)

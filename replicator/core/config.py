@@ -33,7 +33,7 @@ class CoreConfig:
     clock_drift_max: float = 0.01
     peer_timeout_ms: int = 1000
     heartbeat_interval_ms: int = 100
-    witness_retry_interval_ms: int = 200
+    witness_retry_interval_ms: int = 250
     read_wait_ms_max: int = 1000
     parked_reads_max: int = 10_000  # reads waiting for a lease or an unresolved key; more are refused
     inflight_records_max: int = 10_000
