@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 from replicator import framing
+from replicator.core import messages as msg
 from replicator.core.records import Operation, Record, RecordId
+from replicator.daemon.wire import Encoder
 from replicator.transport import Link, LinkLimits, LocalHello, TlsConfig, new_event_loop
 
 LIMITS = LinkLimits(frame_size_bytes_max=1024 * 1024, inflight_bytes_max=2 * 1024 * 1024)
@@ -127,7 +129,7 @@ async def link_shipping(total_bytes: int, records: list[Record], tls: dict[str, 
         local_site="b",
         peer_site="a",
         address=("127.0.0.1", 0),
-        hello=lambda: LocalHello(5, 1, 0),
+        hello=lambda: LocalHello(5, 1),
         on_frame=on_frame,
         on_state=lambda event: None,
         limits=LIMITS,
@@ -140,7 +142,7 @@ async def link_shipping(total_bytes: int, records: list[Record], tls: dict[str, 
         local_site="a",
         peer_site="b",
         address=acceptor.listen_address,
-        hello=lambda: LocalHello(5, 1, 0),
+        hello=lambda: LocalHello(5, 1),
         on_frame=lambda frame: None,
         on_state=lambda event: None,
         limits=LIMITS,
@@ -190,7 +192,7 @@ async def _serve_in_child(kind: str, total_bytes: int, tls: dict[str, TlsConfig]
         local_site="b",
         peer_site="a",
         address=("127.0.0.1", 0),
-        hello=lambda: LocalHello(5, 1, 0),
+        hello=lambda: LocalHello(5, 1),
         on_frame=lambda frame: (
             frame.type == framing.FrameType.GOODBYE and not finished.done() and finished.set_result(None)
         ),
@@ -231,7 +233,7 @@ async def two_process_sender(kind: str, port: int, total_bytes: int, records: li
         local_site="a",
         peer_site="b",
         address=("127.0.0.1", port),
-        hello=lambda: LocalHello(5, 1, 0),
+        hello=lambda: LocalHello(5, 1),
         on_frame=lambda frame: None,
         on_state=lambda event: None,
         limits=LIMITS,
@@ -247,8 +249,7 @@ async def two_process_sender(kind: str, port: int, total_bytes: int, records: li
     while dialer.unacknowledged_bytes:
         await asyncio.sleep(0.0005)
     elapsed = time.perf_counter() - start
-    goodbye = bytearray()
-    framing.encode_goodbye(goodbye, 5, 16, "done")
+    (goodbye,) = Encoder("a").encode(msg.Goodbye(5, msg.GoodbyeReason.SHUTDOWN, "done"))
     await dialer.send(goodbye)
     await dialer.close()
     return elapsed, frames * frame_bytes

@@ -28,6 +28,7 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from replicator.core.records import RecordId
 from replicator.storage import GroupCommitter, Store
+from replicator.storage._format import log_value_of
 
 try:
     import uvloop
@@ -120,7 +121,7 @@ def raw_synced_batches(path: str, value_size_bytes: int, batch_records: int, sec
 
 async def _group_commit(path: str, value_size_bytes: int, writers: int, seconds: float) -> GroupCommitResult:
     store = Store.open(path)
-    value = os.urandom(value_size_bytes)
+    value = log_value_of(os.urandom(value_size_bytes))  # a log value carries its own length and CRC
     ticker = Ticker()
     stop = False
     records = 0

@@ -60,70 +60,60 @@ cdef extern from "Python.h":
         Py_ssize_t ob_alloc
 
 from replicator._pure.framing import (
-    CUMULATIVE_TYPES,
     DELETE_LENGTH,
-    FLAG_WATERMARK,
+    FLAG_RECONCILE,
     FRAME_SIZE_BYTES_LIMIT,
     FRAME_SIZE_BYTES_MAX_DEFAULT,
     HEADER_BYTES,
-    HEARTBEAT_TYPES,
     MAGIC,
     NAME_BYTES_MAX,
     PROTOCOL_VERSION,
     READ_BYTES_MIN,
     RECEIVE_BUFFER_BYTES_DEFAULT,
     RECORD_FIXED_BYTES,
-    RESYNC_COUNTS_MAX,
     SEQUENCED_TYPES,
     SHORT_BYTES_MAX,
     U64_MAX,
     BadMagic,
     ChecksumMismatch,
-    Cumulative,
+    Fields,
     Frame,
     FrameTooLarge,
     FrameType,
     FramingError,
     Goodbye,
-    Heartbeat,
-    Hello,
+    LinkHello,
     MalformedFrame,
     RecordBatch,
-    ResyncControl,
     ResyncData,
-    ResyncKind,
-    RESYNC_KIND_MAX,
     UnknownFrameType,
     UnsupportedVersion,
 )
 from replicator.core.records import Operation, Record, RecordId, Versioned
-
-cdef int RESYNC_KIND_MAX_C = int(RESYNC_KIND_MAX)
 
 IMPLEMENTATION = "cython"
 
 DEF C_HEADER_BYTES = 48
 DEF C_RECORD_FIXED_BYTES = 40
 DEF C_DELETE_LENGTH = 0xFFFFFFFF
-DEF C_FLAG_WATERMARK = 1
-DEF T_HELLO = 1
-DEF T_RECORDS = 2
-DEF T_PREPARED_ACK = 3
-DEF T_COMMIT_WATERMARK = 4
-DEF T_COMMIT_CONFIRM = 5
-DEF T_HEARTBEAT = 6
-DEF T_HEARTBEAT_ACK = 7
-DEF T_RESYNC_DATA = 8
-DEF T_RESYNC_CONTROL = 9
-DEF T_GOODBYE = 10
-DEF T_LINK_ACK = 11
+DEF C_FLAG_RECONCILE = 1
+# The link's frames (docs/wire.md, "Frame types"): a code space of their own.
+DEF T_LINK_HELLO = 0x01
+DEF T_LINK_ACK = 0x02
+DEF T_LINK_GOODBYE = 0x03
+# The core's frames: one per core message (replicator/daemon/wire.py, SCHEMA); the codec parses
+# RECORDS and RESYNC_DATA itself and hands the others' payload to the schema.
+DEF T_CORE_FIRST = 0x10
+DEF T_RECORDS = 0x11
+DEF T_RESYNC_DATA = 0x1C
+DEF T_CORE_LAST = 0x1F
 
 # Below this many bytes a CRC is cheaper than dropping and retaking the GIL.
 cdef Py_ssize_t GIL_RELEASE_BYTES_MIN = 65536
 cdef const unsigned char *C_MAGIC = <const unsigned char *>b"RPLF"
 
-# Frame types as Python objects, built once.
-cdef tuple FRAME_TYPES = tuple([None] + [FrameType(value) for value in range(1, 12)])
+# Frame types as Python objects, built once (None: not a frame type).
+cdef tuple FRAME_TYPES = tuple([FrameType(value) if value in FrameType._value2member_map_ else None for value in range(256)])
 
 
 cdef inline uint32_t _crc(const unsigned char *data, size_t length) noexcept:
@@ -309,34 +299,29 @@ def stamp_link(frame, Py_ssize_t offset, link_seq, link_ack):
         PyBuffer_Release(&view)
 
 
-def encode_hello(bytearray out, epoch, str pair_id, str site, incarnation, state, resume_incarnation, resume_seq, extras=b""):
+def encode_link_hello(bytearray out, epoch, str pair_id, str site, incarnation, extras=b""):
+    """The link's handshake frame: who sends (pair, site, incarnation) and the core's extras."""
     cdef uint64_t c_epoch = _u64(epoch, "epoch")
     cdef bytes pair = _name(pair_id, "pair_id")
     cdef bytes site_bytes = _name(site, "site")
     cdef Py_ssize_t extras_bytes = _length(extras, "extras", SHORT_BYTES_MAX)
-    cdef uint8_t c_state = <uint8_t>_small(state, "state", 255)
     cdef uint64_t c_incarnation = _u64(incarnation, "incarnation")
-    cdef uint64_t c_resume_incarnation = _u64(resume_incarnation, "resume_incarnation")
-    cdef uint64_t c_resume_seq = _u64(resume_seq, "resume_seq")
-    cdef Py_ssize_t size = C_HEADER_BYTES + 29 + len(pair) + len(site_bytes) + extras_bytes
+    cdef Py_ssize_t size = C_HEADER_BYTES + 12 + len(pair) + len(site_bytes) + extras_bytes
     cdef _Writer writer = _Writer()
     cdef unsigned char *p
     cdef bint ok = False
     writer.open(out, size)
     try:
         writer.reserve(C_HEADER_BYTES)
-        p = writer.reserve(29)
-        p[0] = c_state
-        rf_store64(p + 1, c_incarnation)
-        rf_store64(p + 9, c_resume_incarnation)
-        rf_store64(p + 17, c_resume_seq)
-        p[25] = <uint8_t>len(pair)
-        p[26] = <uint8_t>len(site_bytes)
-        rf_store16(p + 27, <uint16_t>extras_bytes)
+        p = writer.reserve(12)
+        rf_store64(p, c_incarnation)
+        p[8] = <uint8_t>len(pair)
+        p[9] = <uint8_t>len(site_bytes)
+        rf_store16(p + 10, <uint16_t>extras_bytes)
         writer.put_buffer(pair)
         writer.put_buffer(site_bytes)
         writer.put_buffer(extras)
-        writer.header(T_HELLO, 0, c_epoch)
+        writer.header(T_LINK_HELLO, 0, c_epoch)
         ok = True
     finally:
         writer.close(ok)
@@ -345,6 +330,9 @@ def encode_hello(bytearray out, epoch, str pair_id, str site, incarnation, state
 
 cdef Py_ssize_t _record_size(object record, list origin_cache) except -1:
     """Encoded size of one record, prefix included."""
+    cdef object wire = getattr(record, "wire", None)
+    if wire is not None:
+        return _length(wire, "wire", 0xFFFFFFFF)
     cdef object record_id = record.id
     cdef Py_ssize_t size = 8 + C_RECORD_FIXED_BYTES
     cdef object operation, value
@@ -373,6 +361,24 @@ cdef bytes _cached_origin(object origin, list cache):
 
 cdef uint32_t _write_record(_Writer writer, object record, list origin_cache, uint32_t payload_crc) except? 0:
     """Write one record; return the payload CRC extended over its prefix (length and CRC)."""
+    cdef object wire = getattr(record, "wire", None)
+    cdef Py_ssize_t wire_at
+    cdef const unsigned char *fixed
+    if wire is not None:
+        # Encoded already (received from the peer, or read from the log): copied as it is, not re-encoded,
+        # once its fixed fields are seen to be the record's (a record changed but not its wire is refused).
+        wire_at = writer.position
+        writer.put_buffer(wire)
+        fixed = writer.data + wire_at + 8
+        if (
+            writer.position - wire_at < 8 + C_RECORD_FIXED_BYTES
+            or rf_load64(fixed) != _u64(record.id.incarnation, "incarnation")
+            or rf_load64(fixed + 8) != _u64(record.id.seq, "seq")
+            or rf_load64(fixed + 16) != _u64(record.epoch, "epoch")
+            or rf_load64(fixed + 24) != _u64(record.ts, "ts")
+        ):
+            raise ValueError(f"record {record.id} carries the encoding of another record")
+        return crc32c_extend(payload_crc, writer.data + wire_at, 8)
     cdef object record_id = record.id
     cdef bytes origin = _cached_origin(record_id.origin, origin_cache)
     cdef object request_id = record.request_id
@@ -415,11 +421,11 @@ cdef uint32_t _write_record(_Writer writer, object record, list origin_cache, ui
     return crc32c_extend(payload_crc, p, 8)
 
 
-def encode_records(bytearray out, epoch, records, watermark=None):
-    """Append one RECORDS frame. `records` are `Record`s (or `RecordView`s)."""
+def encode_records(bytearray out, epoch, records, reconcile=False):
+    """Append one RECORDS frame. `records` are `Record`s (or `RecordView`s); `reconcile` marks a
+    same-epoch reconcile's shipment (FLAG_RECONCILE)."""
     cdef uint64_t c_epoch = _u64(epoch, "epoch")
-    cdef uint64_t watermark_incarnation = 0, watermark_seq = 0
-    cdef uint16_t flags = 0
+    cdef uint16_t flags = C_FLAG_RECONCILE if reconcile else 0
     cdef Py_ssize_t size = C_HEADER_BYTES + 4
     cdef list origin_cache = [None, None]
     cdef object record
@@ -431,12 +437,6 @@ def encode_records(bytearray out, epoch, records, watermark=None):
         records = list(records)
     if len(records) > 0xFFFFFFFF:
         raise ValueError("too many records in one frame")
-    if watermark is not None:
-        incarnation, seq = watermark
-        watermark_incarnation = _u64(incarnation, "watermark incarnation")
-        watermark_seq = _u64(seq, "watermark seq")
-        flags = C_FLAG_WATERMARK
-        size += 16
     for record in records:
         size += _record_size(record, origin_cache)
     _check_payload(size - C_HEADER_BYTES)
@@ -444,10 +444,6 @@ def encode_records(bytearray out, epoch, records, watermark=None):
     writer.open(out, size)
     try:
         writer.reserve(C_HEADER_BYTES)
-        if flags & C_FLAG_WATERMARK:
-            p = writer.reserve(16)
-            rf_store64(p, watermark_incarnation)
-            rf_store64(p + 8, watermark_seq)
         p = writer.reserve(4)
         rf_store32(p, <uint32_t>len(records))
         # Each record body is covered by its own CRC; the payload CRC chains the rest (docs/wire.md).
@@ -461,50 +457,21 @@ def encode_records(bytearray out, epoch, records, watermark=None):
     return size
 
 
-def encode_cumulative(bytearray out, frame_type, epoch, str origin, incarnation, seq):
-    """PREPARED_ACK, COMMIT_WATERMARK or COMMIT_CONFIRM."""
-    if frame_type not in CUMULATIVE_TYPES:
-        raise ValueError(f"frame type {frame_type!r} is not a cumulative frame type")
-    cdef uint64_t c_epoch = _u64(epoch, "epoch")
-    cdef bytes origin_bytes = _name(origin, "origin")
-    cdef uint64_t c_incarnation = _u64(incarnation, "incarnation")
-    cdef uint64_t c_seq = _u64(seq, "seq")
-    cdef Py_ssize_t size = C_HEADER_BYTES + 17 + len(origin_bytes)
+def encode_record(bytearray out, record):
+    """Append one record alone (u32 body length, u32 body CRC32C, body): the form a RECORDS frame
+    carries it in and the log stores it in. Returns its size."""
+    cdef list origin_cache = [None, None]
+    cdef Py_ssize_t size = _record_size(record, origin_cache)
     cdef _Writer writer = _Writer()
-    cdef unsigned char *p
     cdef bint ok = False
     writer.open(out, size)
     try:
-        writer.reserve(C_HEADER_BYTES)
-        p = writer.reserve(17)
-        rf_store64(p, c_incarnation)
-        rf_store64(p + 8, c_seq)
-        p[16] = <uint8_t>len(origin_bytes)
-        writer.put_buffer(origin_bytes)
-        writer.header(<uint8_t>int(frame_type), 0, c_epoch)
+        _write_record(writer, record, origin_cache, 0)
+        assert writer.position == writer.end, "record length on encode differs from the size computed"
         ok = True
     finally:
         writer.close(ok)
     return size
-
-
-def encode_heartbeat(bytearray out, frame_type, epoch, nonce):
-    """HEARTBEAT or HEARTBEAT_ACK."""
-    if frame_type not in HEARTBEAT_TYPES:
-        raise ValueError(f"frame type {frame_type!r} is not a heartbeat frame type")
-    cdef uint64_t c_epoch = _u64(epoch, "epoch")
-    cdef uint64_t c_nonce = _u64(nonce, "nonce")
-    cdef _Writer writer = _Writer()
-    cdef bint ok = False
-    writer.open(out, C_HEADER_BYTES + 8)
-    try:
-        writer.reserve(C_HEADER_BYTES)
-        rf_store64(writer.reserve(8), c_nonce)
-        writer.header(<uint8_t>int(frame_type), 0, c_epoch)
-        ok = True
-    finally:
-        writer.close(ok)
-    return C_HEADER_BYTES + 8
 
 
 def encode_resync_data(bytearray out, epoch, batch_seq, entries):
@@ -553,40 +520,29 @@ def encode_resync_data(bytearray out, epoch, batch_seq, entries):
     return size
 
 
-def encode_resync_control(bytearray out, epoch, kind, counts=(), key=b""):
+def encode_fields(bytearray out, frame_type, epoch, payload):
+    """Append one frame of a core message whose payload the schema laid out (daemon/wire.py)."""
     cdef uint64_t c_epoch = _u64(epoch, "epoch")
-    kind = ResyncKind(kind)
-    counts = tuple(counts)
-    if len(counts) > RESYNC_COUNTS_MAX:
-        raise ValueError(f"at most {RESYNC_COUNTS_MAX} counts, got {len(counts)}")
-    cdef Py_ssize_t key_bytes = _length(key, "key", C_DELETE_LENGTH - 1)
-    cdef list values = [_u64(count, "count") for count in counts]
-    cdef Py_ssize_t size = C_HEADER_BYTES + 8 + 8 * len(values) + key_bytes
-    cdef _Writer writer
-    cdef unsigned char *p
+    cdef int code = int(frame_type)
+    if code < T_CORE_FIRST or code > T_CORE_LAST or code == T_RECORDS or code == T_RESYNC_DATA:
+        raise ValueError(f"frame type {frame_type!r} is not a schema frame type")
+    cdef Py_ssize_t payload_bytes = _length(payload, "payload", 0xFFFFFFFF)
+    cdef Py_ssize_t size = C_HEADER_BYTES + payload_bytes
+    cdef _Writer writer = _Writer()
     cdef bint ok = False
-    cdef Py_ssize_t index
-    _check_payload(size - C_HEADER_BYTES)
-    writer = _Writer()
     writer.open(out, size)
     try:
         writer.reserve(C_HEADER_BYTES)
-        p = writer.reserve(8)
-        p[0] = <uint8_t>int(kind)
-        p[1] = <uint8_t>len(values)
-        rf_store16(p + 2, 0)
-        rf_store32(p + 4, <uint32_t>key_bytes)
-        for index in range(len(values)):
-            rf_store64(writer.reserve(8), <uint64_t>values[index])
-        writer.put_buffer(key)
-        writer.header(T_RESYNC_CONTROL, 0, c_epoch)
+        writer.put_buffer(payload)
+        writer.header(<uint8_t>code, 0, c_epoch)
         ok = True
     finally:
         writer.close(ok)
     return size
 
 
-def encode_goodbye(bytearray out, epoch, reason, message=""):
+def encode_link_goodbye(bytearray out, epoch, reason, message=""):
+    """The link's own GOODBYE (its reason codes: replicator/transport/link.py)."""
     cdef uint64_t c_epoch = _u64(epoch, "epoch")
     if not isinstance(message, str):
         raise TypeError(f"message must be a str, not {type(message).__name__}")
@@ -606,7 +562,7 @@ def encode_goodbye(bytearray out, epoch, reason, message=""):
         p[1] = 0
         rf_store16(p + 2, <uint16_t>len(message_bytes))
         writer.put_buffer(message_bytes)
-        writer.header(T_GOODBYE, 0, c_epoch)
+        writer.header(T_LINK_GOODBYE, 0, c_epoch)
         ok = True
     finally:
         writer.close(ok)
@@ -711,14 +667,21 @@ cdef class RecordView:
         assert position == self._body_at + self._body_bytes
         return tuple(items)
 
-    def materialise(self):
-        """A `Record` holding bytes copies: safe to keep after the receive buffer is gone."""
+    @property
+    def encoded(self):
+        """The record as it came: prefix (u32 body length, u32 body CRC32C) and body."""
+        return self._base[self._body_at - 8 : self._body_at + self._body_bytes]
+
+    def materialise(self, bint keep_encoded=False):
+        """A `Record` holding bytes copies: safe to keep after the receive buffer is gone. With
+        `keep_encoded`, it carries its encoded form (`Record.wire`), which the log stores as it is."""
         return Record(
             RecordId(self.origin, self.incarnation, self.seq),
             self.epoch,
             self.ts,
             bytes(self.request_id),
             tuple([operation.materialise() for operation in self.operations]),
+            bytes(self.encoded) if keep_encoded else None,
         )
 
     def __repr__(self):
@@ -759,7 +722,7 @@ cdef int _parse_header(const unsigned char *h, Py_ssize_t frame_size_bytes_max, 
         raise ChecksumMismatch("header CRC mismatch")
     if h[4] != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"protocol version {h[4]}, this end speaks {PROTOCOL_VERSION}")
-    if h[5] < T_HELLO or h[5] > T_LINK_ACK:
+    if FRAME_TYPES[h[5]] is None:
         raise UnknownFrameType(f"unknown frame type {h[5]}")
     header.total = C_HEADER_BYTES + <Py_ssize_t>rf_load32(h + 8)
     if header.total > frame_size_bytes_max:
@@ -768,7 +731,7 @@ cdef int _parse_header(const unsigned char *h, Py_ssize_t frame_size_bytes_max, 
         raise MalformedFrame("reserved header field is not zero")
     header.frame_type = h[5]
     header.flags = rf_load16(h + 6)
-    allowed = C_FLAG_WATERMARK if header.frame_type == T_RECORDS else 0
+    allowed = C_FLAG_RECONCILE if header.frame_type == T_RECORDS else 0
     if header.flags & ~allowed:
         raise MalformedFrame(f"flags {header.flags:#x} not valid for frame type {header.frame_type}")
     header.payload_crc = rf_load32(h + 12)
@@ -797,133 +760,123 @@ cdef str _utf8(const unsigned char *data, Py_ssize_t length, str what):
         raise MalformedFrame(f"{what} is not valid utf-8") from error
 
 
-cdef object _decode_records(object base_view, const unsigned char *base, Py_ssize_t position, Py_ssize_t end, uint16_t flags, uint32_t payload_crc):
-    cdef object watermark = None
-    cdef uint32_t count, index, operation_count, operation, key_bytes, value_bytes, body_crc
+cdef class _Origins:
+    """The last origin decoded (batches mostly hold one or two origins)."""
+
+    cdef unsigned char data[256]
+    cdef Py_ssize_t length
+    cdef str text
+
+    def __cinit__(self):
+        self.length = -1
+
+
+cdef RecordView _record_at(object base_view, const unsigned char *base, Py_ssize_t position, Py_ssize_t end, _Origins origins):
+    """The record whose prefix (u32 body length, u32 body CRC) is at `position`; its body ends by `end`."""
+    cdef uint32_t operation_count, operation, key_bytes, value_bytes, body_crc
     cdef Py_ssize_t body_bytes, body_at, body_end, cursor
     cdef uint16_t request_id_bytes
     cdef uint8_t origin_bytes
     cdef const unsigned char *fixed
     cdef RecordView record
+    _need(position, 8, end)
+    body_bytes = rf_load32(base + position)
+    body_crc = rf_load32(base + position + 4)
+    position += 8
+    if body_bytes < C_RECORD_FIXED_BYTES:
+        raise MalformedFrame(f"record body of {body_bytes} bytes is shorter than its fixed part")
+    _need(position, body_bytes, end)
+    body_at = position
+    body_end = position + body_bytes
+    if _crc(base + body_at, body_bytes) != body_crc:
+        raise ChecksumMismatch("record CRC mismatch")
+    fixed = base + body_at
+    operation_count = rf_load32(fixed + 32)
+    request_id_bytes = rf_load16(fixed + 36)
+    origin_bytes = fixed[38]
+    if fixed[39] != 0:
+        raise MalformedFrame("reserved record field is not zero")
+    cursor = body_at + C_RECORD_FIXED_BYTES
+    _need(cursor, origin_bytes, body_end)
+    if origin_bytes != origins.length or memcmp(origins.data, base + cursor, origin_bytes) != 0:
+        origins.text = _utf8(base + cursor, origin_bytes, "origin")
+        memcpy(origins.data, base + cursor, origin_bytes)
+        origins.length = origin_bytes
+    cursor += origin_bytes
+    _need(cursor, request_id_bytes, body_end)
+    record = RecordView.__new__(RecordView)
+    record._request_id_at = cursor
+    cursor += request_id_bytes
+    record._operations_at = cursor
+    for operation in range(operation_count):
+        _need(cursor, 8, body_end)
+        key_bytes = rf_load32(base + cursor)
+        value_bytes = rf_load32(base + cursor + 4)
+        cursor += 8
+        _need(cursor, key_bytes, body_end)
+        cursor += key_bytes
+        if value_bytes != C_DELETE_LENGTH:
+            _need(cursor, value_bytes, body_end)
+            cursor += value_bytes
+    _finish(cursor, body_end)
+    record.origin = origins.text
+    record.incarnation = rf_load64(fixed)
+    record.seq = rf_load64(fixed + 8)
+    record.epoch = rf_load64(fixed + 16)
+    record.ts = rf_load64(fixed + 24)
+    record.crc = body_crc
+    record._base = base_view
+    record._body_at = body_at
+    record._body_bytes = body_bytes
+    record._request_id_bytes = request_id_bytes
+    record._operation_count = operation_count
+    return record
+
+
+cdef object _decode_records(object base_view, const unsigned char *base, Py_ssize_t position, Py_ssize_t end, uint16_t flags, uint32_t payload_crc):
+    cdef uint32_t count, index
+    cdef RecordView record
     cdef list records = []
-    cdef str origin = None
-    cdef unsigned char cached_origin[256]
-    cdef Py_ssize_t cached_origin_bytes = -1
+    cdef _Origins origins = _Origins()
     cdef Py_ssize_t payload_at = position
     cdef uint32_t chain
-    if flags & C_FLAG_WATERMARK:
-        _need(position, 16, end)
-        watermark = (rf_load64(base + position), rf_load64(base + position + 8))
-        position += 16
     _need(position, 4, end)
     count = rf_load32(base + position)
     position += 4
     chain = crc32c_extend(0, base + payload_at, position - payload_at)
     for index in range(count):
         _need(position, 8, end)
-        body_bytes = rf_load32(base + position)
-        body_crc = rf_load32(base + position + 4)
         chain = crc32c_extend(chain, base + position, 8)
-        position += 8
-        if body_bytes < C_RECORD_FIXED_BYTES:
-            raise MalformedFrame(f"record body of {body_bytes} bytes is shorter than its fixed part")
-        _need(position, body_bytes, end)
-        body_at = position
-        body_end = position + body_bytes
-        position = body_end
-        if _crc(base + body_at, body_bytes) != body_crc:
-            raise ChecksumMismatch("record CRC mismatch")
-        fixed = base + body_at
-        operation_count = rf_load32(fixed + 32)
-        request_id_bytes = rf_load16(fixed + 36)
-        origin_bytes = fixed[38]
-        if fixed[39] != 0:
-            raise MalformedFrame("reserved record field is not zero")
-        cursor = body_at + C_RECORD_FIXED_BYTES
-        _need(cursor, origin_bytes, body_end)
-        if origin_bytes != cached_origin_bytes or memcmp(cached_origin, base + cursor, origin_bytes) != 0:
-            origin = _utf8(base + cursor, origin_bytes, "origin")
-            memcpy(cached_origin, base + cursor, origin_bytes)
-            cached_origin_bytes = origin_bytes
-        cursor += origin_bytes
-        _need(cursor, request_id_bytes, body_end)
-        record = RecordView.__new__(RecordView)
-        record._request_id_at = cursor
-        cursor += request_id_bytes
-        record._operations_at = cursor
-        for operation in range(operation_count):
-            _need(cursor, 8, body_end)
-            key_bytes = rf_load32(base + cursor)
-            value_bytes = rf_load32(base + cursor + 4)
-            cursor += 8
-            _need(cursor, key_bytes, body_end)
-            cursor += key_bytes
-            if value_bytes != C_DELETE_LENGTH:
-                _need(cursor, value_bytes, body_end)
-                cursor += value_bytes
-        _finish(cursor, body_end)
-        record.origin = origin
-        record.incarnation = rf_load64(fixed)
-        record.seq = rf_load64(fixed + 8)
-        record.epoch = rf_load64(fixed + 16)
-        record.ts = rf_load64(fixed + 24)
-        record.crc = body_crc
-        record._base = base_view
-        record._body_at = body_at
-        record._body_bytes = body_bytes
-        record._request_id_bytes = request_id_bytes
-        record._operation_count = operation_count
+        record = _record_at(base_view, base, position, end, origins)
+        position = record._body_at + record._body_bytes
         records.append(record)
     _finish(position, end)
     if chain != payload_crc:
         raise ChecksumMismatch("payload CRC mismatch")
-    return RecordBatch(tuple(records), watermark)
+    return RecordBatch(tuple(records), bool(flags & C_FLAG_RECONCILE))
+
+
+def decode_record(data):
+    """Decode exactly one record as `encode_record` wrote it (prefix and body; views into `data`).
+    The log stores records in this form (docs/storage.md)."""
+    cdef object view = _byte_view(data)
+    cdef Py_buffer *buffer = PyMemoryView_GET_BUFFER(view)
+    cdef RecordView record = _record_at(view, <const unsigned char *>buffer.buf, 0, buffer.len, _Origins())
+    _finish(record._body_at + record._body_bytes, buffer.len)
+    return record
 
 
 cdef object _decode_body(object base_view, const unsigned char *base, Py_ssize_t position, Py_ssize_t end, uint8_t frame_type, uint16_t flags, uint32_t payload_crc):
-    cdef uint8_t name_bytes, site_bytes, count_count
+    cdef uint8_t name_bytes, site_bytes
     cdef uint16_t extras_bytes
     cdef uint32_t count, index, key_bytes, value_bytes
     cdef uint64_t ts
-    cdef str pair_id, site, origin
+    cdef str pair_id, site
     cdef list entries
     cdef VersionedView entry
     cdef const unsigned char *p
     if frame_type == T_RECORDS:
         return _decode_records(base_view, base, position, end, flags, payload_crc)
-    if frame_type == T_HELLO:
-        _need(position, 29, end)
-        p = base + position
-        name_bytes = p[25]
-        site_bytes = p[26]
-        extras_bytes = rf_load16(p + 27)
-        position += 29
-        _need(position, name_bytes, end)
-        pair_id = _utf8(base + position, name_bytes, "pair id")
-        position += name_bytes
-        _need(position, site_bytes, end)
-        site = _utf8(base + position, site_bytes, "site")
-        position += site_bytes
-        _need(position, extras_bytes, end)
-        extras = PyBytes_FromStringAndSize(<const char *>base + position, extras_bytes)
-        position += extras_bytes
-        _finish(position, end)
-        return Hello(pair_id, site, rf_load64(p + 1), p[0], rf_load64(p + 9), rf_load64(p + 17), extras)
-    if frame_type == T_PREPARED_ACK or frame_type == T_COMMIT_WATERMARK or frame_type == T_COMMIT_CONFIRM:
-        _need(position, 17, end)
-        p = base + position
-        name_bytes = p[16]
-        position += 17
-        _need(position, name_bytes, end)
-        origin = _utf8(base + position, name_bytes, "origin")
-        position += name_bytes
-        _finish(position, end)
-        return Cumulative(origin, rf_load64(p), rf_load64(p + 8))
-    if frame_type == T_HEARTBEAT or frame_type == T_HEARTBEAT_ACK:
-        _need(position, 8, end)
-        p = base + position
-        _finish(position + 8, end)
-        return Heartbeat(rf_load64(p))
     if frame_type == T_RESYNC_DATA:
         _need(position, 12, end)
         p = base + position
@@ -951,27 +904,28 @@ cdef object _decode_body(object base_view, const unsigned char *base, Py_ssize_t
             entries.append(entry)
         _finish(position, end)
         return ResyncData(batch_seq, tuple(entries))
-    if frame_type == T_RESYNC_CONTROL:
-        _need(position, 8, end)
+    if frame_type >= T_CORE_FIRST:
+        # A core message laid out by the schema (daemon/wire.py): its payload, checked by its CRC.
+        return Fields(PyBytes_FromStringAndSize(<const char *>base + position, end - position))
+    if frame_type == T_LINK_HELLO:
+        _need(position, 12, end)
         p = base + position
-        if rf_load16(p + 2) != 0:
-            raise MalformedFrame("reserved resync control field is not zero")
-        if p[0] < 1 or p[0] > RESYNC_KIND_MAX_C:
-            raise MalformedFrame(f"unknown resync control kind {p[0]}")
-        count_count = p[1]
-        key_bytes = rf_load32(p + 4)
-        position += 8
-        counts = []
-        for index in range(count_count):
-            _need(position, 8, end)
-            counts.append(rf_load64(base + position))
-            position += 8
-        _need(position, key_bytes, end)
-        key = PyBytes_FromStringAndSize(<const char *>base + position, key_bytes)
-        position += key_bytes
+        name_bytes = p[8]
+        site_bytes = p[9]
+        extras_bytes = rf_load16(p + 10)
+        position += 12
+        _need(position, name_bytes, end)
+        pair_id = _utf8(base + position, name_bytes, "pair id")
+        position += name_bytes
+        _need(position, site_bytes, end)
+        site = _utf8(base + position, site_bytes, "site")
+        position += site_bytes
+        _need(position, extras_bytes, end)
+        extras = PyBytes_FromStringAndSize(<const char *>base + position, extras_bytes)
+        position += extras_bytes
         _finish(position, end)
-        return ResyncControl(ResyncKind(p[0]), tuple(counts), key)
-    if frame_type == T_GOODBYE:
+        return LinkHello(pair_id, site, rf_load64(p), extras)
+    if frame_type == T_LINK_GOODBYE:
         _need(position, 4, end)
         p = base + position
         if p[1] != 0:

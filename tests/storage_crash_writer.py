@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from replicator.core.records import RecordId  # noqa: E402
 from replicator.storage import GroupCommitter, Store, StoreOptions  # noqa: E402
+from replicator.storage._format import log_value_of  # noqa: E402
 
 WRITERS = 8
 SHARED_KEYS = 8
@@ -31,7 +32,7 @@ JOURNAL_SIZE_BYTES_MAX = 256 << 10  # small, so that rotations and checkpoints h
 
 
 def record_payload(number: int) -> bytes:
-    return (b"record %d;" % number) * (1 + number % 50)
+    return log_value_of((b"record %d;" % number) * (1 + number % 50))
 
 
 def value_of(number: int) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -13,7 +14,7 @@ from replicator._pure import framing as pure
 from replicator._select import extensions_disabled
 from replicator.checksum import crc32c
 from replicator.core.records import Operation, Record, RecordId, Versioned
-from replicator.framing import FrameType, ResyncKind
+from replicator.framing import FrameType
 
 native = pytest.importorskip("replicator._native.framing") if extensions_disabled() else None
 if native is None:
@@ -36,33 +37,17 @@ records = st.builds(
     st.binary(max_size=40),
     st.lists(operations, max_size=4).map(tuple),
 )
-watermarks = st.one_of(st.none(), st.tuples(u64, u64))
 versioned = st.builds(Versioned, blobs, u64, st.one_of(st.none(), st.binary(max_size=300)))
+
+SCHEMA_FRAME_TYPES = sorted(pure.CORE_FRAME_TYPES - pure.BULK_FRAME_TYPES)
 
 # One frame description: (encoder name, arguments after `out`).
 frame_specs = st.one_of(
-    st.tuples(st.just("records"), st.tuples(u64, st.lists(records, max_size=5), watermarks)),
-    st.tuples(
-        st.just("hello"),
-        st.tuples(u64, names, names, u64, st.integers(0, 255), u64, u64, st.binary(max_size=30)),
-    ),
-    st.tuples(
-        st.just("cumulative"),
-        st.tuples(
-            st.sampled_from(sorted(pure.CUMULATIVE_TYPES)),
-            u64,
-            names,
-            u64,
-            u64,
-        ),
-    ),
-    st.tuples(st.just("heartbeat"), st.tuples(st.sampled_from(sorted(pure.HEARTBEAT_TYPES)), u64, u64)),
+    st.tuples(st.just("records"), st.tuples(u64, st.lists(records, max_size=5), st.booleans())),
+    st.tuples(st.just("link_hello"), st.tuples(u64, names, names, u64, st.binary(max_size=30))),
+    st.tuples(st.just("fields"), st.tuples(st.sampled_from(SCHEMA_FRAME_TYPES), u64, st.binary(max_size=80))),
     st.tuples(st.just("resync_data"), st.tuples(u64, u64, st.lists(versioned, max_size=5))),
-    st.tuples(
-        st.just("resync_control"),
-        st.tuples(u64, st.sampled_from(list(ResyncKind)), st.lists(u64, max_size=6).map(tuple), blobs),
-    ),
-    st.tuples(st.just("goodbye"), st.tuples(u64, st.integers(0, 255), names)),
+    st.tuples(st.just("link_goodbye"), st.tuples(u64, st.integers(0, 255), names)),
     st.tuples(st.just("link_ack"), st.tuples(u64)),
 )
 
@@ -78,30 +63,20 @@ def expected_frame(spec) -> tuple:
     """What decoding the frame of `spec` must give, in normal form."""
     kind, arguments = spec
     if kind == "records":
-        epoch, items, watermark = arguments
-        return (FrameType.RECORDS, epoch, ("records", tuple(items), watermark))
-    if kind == "hello":
-        epoch, pair_id, site, incarnation, state, resume_incarnation, resume_seq, extras = arguments
-        return (
-            FrameType.HELLO,
-            epoch,
-            pure.Hello(pair_id, site, incarnation, state, resume_incarnation, resume_seq, extras),
-        )
-    if kind == "cumulative":
-        frame_type, epoch, origin, incarnation, seq = arguments
-        return (frame_type, epoch, pure.Cumulative(origin, incarnation, seq))
-    if kind == "heartbeat":
-        frame_type, epoch, nonce = arguments
-        return (frame_type, epoch, pure.Heartbeat(nonce))
+        epoch, items, reconcile = arguments
+        return (FrameType.RECORDS, epoch, ("records", tuple(items), reconcile))
+    if kind == "link_hello":
+        epoch, pair_id, site, incarnation, extras = arguments
+        return (FrameType.LINK_HELLO, epoch, pure.LinkHello(pair_id, site, incarnation, extras))
+    if kind == "fields":
+        frame_type, epoch, payload = arguments
+        return (frame_type, epoch, pure.Fields(payload))
     if kind == "resync_data":
         epoch, batch_seq, entries = arguments
         return (FrameType.RESYNC_DATA, epoch, ("resync", batch_seq, tuple(entries)))
-    if kind == "resync_control":
-        epoch, kind_value, counts, key = arguments
-        return (FrameType.RESYNC_CONTROL, epoch, pure.ResyncControl(kind_value, counts, key))
-    if kind == "goodbye":
+    if kind == "link_goodbye":
         epoch, reason, message = arguments
-        return (FrameType.GOODBYE, epoch, pure.Goodbye(reason, message))
+        return (FrameType.LINK_GOODBYE, epoch, pure.Goodbye(reason, message))
     assert kind == "link_ack"
     return (FrameType.LINK_ACK, arguments[0], None)
 
@@ -109,7 +84,7 @@ def expected_frame(spec) -> tuple:
 def normal(frame) -> tuple:
     body = frame.body
     if isinstance(body, pure.RecordBatch):
-        body = ("records", tuple(record.materialise() for record in body.records), body.watermark)
+        body = ("records", tuple(record.materialise() for record in body.records), body.reconcile)
     elif isinstance(body, pure.ResyncData):
         body = ("resync", body.batch_seq, tuple(entry.materialise() for entry in body.entries))
     return (frame.type, frame.epoch, body)
@@ -130,7 +105,7 @@ def sample_records(count: int = 3, value_bytes: int = 100) -> list[Record]:
 
 def records_payload_crc(payload: bytes, flags: int = 0) -> int:
     """The CRC chain of a RECORDS payload: everything but the record bodies (docs/wire.md)."""
-    position = (16 if flags & pure.FLAG_WATERMARK else 0) + 4
+    position = 4
     (count,) = struct.unpack_from("<I", payload, position - 4)
     crc = crc32c(payload[:position])
     for _ in range(count):
@@ -218,7 +193,7 @@ def test_buffered_protocol_path(module, specs, reads):
 
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)
 def test_keys_and_values_are_views_of_the_receive_buffer(module):
-    chunk = bytes(encode(module, ("records", (5, sample_records(), (7, 2)))))
+    chunk = bytes(encode(module, ("records", (5, sample_records(), True))))
     (frame,) = module.FrameDecoder().feed(chunk)  # immutable chunk, nothing pending: decoded in place
     record = frame.body.records[0]
     assert isinstance(record.operations[0].key, memoryview)
@@ -229,7 +204,8 @@ def test_keys_and_values_are_views_of_the_receive_buffer(module):
     assert crc32c(record.raw) == record.crc
     assert record.id == RecordId("a", 7, 1)
     assert record.operations[1].is_delete
-    assert frame.body.watermark == (7, 2)
+    assert frame.body.reconcile
+    assert record.encoded.obj is chunk and bytes(record.encoded[8:]) == bytes(record.raw)
 
 
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)
@@ -239,7 +215,7 @@ def test_views_survive_later_reads(module):
     kept = []
     for round_number in range(40):
         batch = sample_records(4, value_bytes=1000 + round_number)
-        stream = encode(module, ("records", (round_number, batch, None)))
+        stream = encode(module, ("records", (round_number, batch, False)))
         for start in range(0, len(stream), 3000):
             piece = stream[start : start + 3000]
             target = decoder.get_buffer(-1)
@@ -254,7 +230,7 @@ def test_views_survive_later_reads(module):
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)
 def test_large_values(module):
     big = Record(RecordId("b", 1, 1), 1, 1, b"", (Operation(b"k", bytes(range(256)) * 1024),))
-    data = encode(module, ("records", (1, [big], None)))
+    data = encode(module, ("records", (1, [big], False)))
     decoder = module.FrameDecoder(receive_buffer_bytes=64 * 1024)
     frames = []
     for start in range(0, len(data), 50_000):
@@ -264,7 +240,7 @@ def test_large_values(module):
 
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)
 def test_stamp_link(module):
-    data = encode(module, ("heartbeat", (FrameType.HEARTBEAT, 4, 99)))
+    data = encode(module, ("fields", (FrameType.HEARTBEAT, 4, struct.pack("<Q", 99))))
     module.encode_link_ack(data, 4)
     module.stamp_link(data, 56, 0, 17)
     module.stamp_link(data, 0, 12, 34)
@@ -347,9 +323,11 @@ def test_truncated_frame_returns_nothing(module, spec, keep):
     ("frame", "error"),
     [
         (raw_frame(b"", magic=b"XPLF"), pure.BadMagic),
-        (raw_frame(b"", version=2), pure.UnsupportedVersion),
+        (raw_frame(b"", version=1), pure.UnsupportedVersion),  # the release before
+        (raw_frame(b"", version=3), pure.UnsupportedVersion),
         (raw_frame(b"", frame_type=0), pure.UnknownFrameType),
-        (raw_frame(b"", frame_type=12), pure.UnknownFrameType),
+        (raw_frame(b"", frame_type=4), pure.UnknownFrameType),  # between the two code spaces
+        (raw_frame(b"", frame_type=0x20), pure.UnknownFrameType),
         (raw_frame(b"x" * 5000), pure.FrameTooLarge),
         (raw_frame(b"", length=2**32 - 1), pure.FrameTooLarge),
         (raw_frame(b"", reserved=1), pure.MalformedFrame),
@@ -357,8 +335,10 @@ def test_truncated_frame_returns_nothing(module, spec, keep):
         (raw_frame(b"\x00"), pure.MalformedFrame),  # LINK_ACK has no payload
         (raw_frame(struct.pack("<I", 3), FrameType.RECORDS), pure.MalformedFrame),  # 3 records announced, none there
         (raw_frame(struct.pack("<QI", 1, 1), FrameType.RESYNC_DATA), pure.MalformedFrame),
-        (raw_frame(struct.pack("<BBHI", 99, 0, 0, 0), FrameType.RESYNC_CONTROL), pure.MalformedFrame),
-        (raw_frame(struct.pack("<QQB", 1, 1, 1) + b"\xff", FrameType.PREPARED_ACK), pure.MalformedFrame),
+        (raw_frame(struct.pack("<QBBH", 1, 5, 0, 0), FrameType.LINK_HELLO), pure.MalformedFrame),  # names past the end
+        (raw_frame(struct.pack("<QBBH", 1, 1, 0, 0) + b"\xff", FrameType.LINK_HELLO), pure.MalformedFrame),  # not utf-8
+        (raw_frame(struct.pack("<BBH", 1, 1, 0), FrameType.LINK_GOODBYE), pure.MalformedFrame),  # reserved
+        (raw_frame(b"", flags=1, frame_type=FrameType.HEARTBEAT), pure.MalformedFrame),
         (raw_frame(struct.pack("<II", 1, 39) + bytes(8), FrameType.RECORDS), pure.MalformedFrame),
     ],
 )
@@ -372,11 +352,11 @@ def test_typed_errors(module, frame, error):
 
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)
 def test_checksum_errors(module):
-    data = bytearray(encode(module, ("records", (1, sample_records(2), None))))
+    data = bytearray(encode(module, ("records", (1, sample_records(2), False))))
     data[-1] ^= 1
     with pytest.raises(pure.ChecksumMismatch):
         module.decode_frame(bytes(data))
-    data = bytearray(encode(module, ("records", (1, sample_records(2), None))))
+    data = bytearray(encode(module, ("records", (1, sample_records(2), False))))
     data[30] ^= 1  # inside the header
     with pytest.raises(pure.ChecksumMismatch):
         module.FrameDecoder().feed(bytes(data))
@@ -385,7 +365,7 @@ def test_checksum_errors(module):
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)
 def test_record_crc_is_checked(module):
     """A frame whose payload CRC is right but a record's own CRC is wrong (a broken sender)."""
-    data = bytearray(encode(module, ("records", (1, sample_records(1), None))))
+    data = bytearray(encode(module, ("records", (1, sample_records(1), False))))
     data[pure.HEADER_BYTES + 8] ^= 0xFF  # the record CRC field
     payload = bytes(data[pure.HEADER_BYTES :])
     frame = raw_frame(payload, FrameType.RECORDS, payload_crc=records_payload_crc(payload))
@@ -395,17 +375,17 @@ def test_record_crc_is_checked(module):
 
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)
 @settings(max_examples=30, deadline=None)
-@given(items=st.lists(records, max_size=4), watermark=watermarks)
-def test_records_payload_crc_is_a_chain(module, items, watermark):
-    data = encode(module, ("records", (1, items, watermark)))
+@given(items=st.lists(records, max_size=4), reconcile=st.booleans())
+def test_records_payload_crc_is_a_chain(module, items, reconcile):
+    data = encode(module, ("records", (1, items, reconcile)))
     payload = bytes(data[pure.HEADER_BYTES :])
-    assert struct.unpack_from("<I", data, 12)[0] == records_payload_crc(payload, 1 if watermark else 0)
+    assert struct.unpack_from("<I", data, 12)[0] == records_payload_crc(payload)
 
 
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)
 def test_good_frames_before_a_bad_one_in_the_same_call_are_not_returned(module):
-    good = encode(module, ("heartbeat", (FrameType.HEARTBEAT, 1, 5)))
-    bad = bytearray(encode(module, ("heartbeat", (FrameType.HEARTBEAT, 1, 6))))
+    good = encode(module, ("fields", (FrameType.HEARTBEAT, 1, struct.pack("<Q", 5))))
+    bad = bytearray(encode(module, ("fields", (FrameType.HEARTBEAT, 1, struct.pack("<Q", 6)))))
     bad[-1] ^= 0x10
     decoder = module.FrameDecoder()
     with pytest.raises(pure.ChecksumMismatch):
@@ -416,21 +396,48 @@ def test_good_frames_before_a_bad_one_in_the_same_call_are_not_returned(module):
 def test_local_errors_on_encode(module):
     out = bytearray(b"keep")
     with pytest.raises(ValueError):
-        module.encode_heartbeat(out, FrameType.HEARTBEAT, -1, 0)
+        module.encode_fields(out, FrameType.HEARTBEAT, -1, b"")
     with pytest.raises(TypeError):
-        module.encode_heartbeat(out, FrameType.HEARTBEAT, "1", 0)
+        module.encode_fields(out, FrameType.HEARTBEAT, "1", b"")
     with pytest.raises(ValueError):
-        module.encode_cumulative(out, FrameType.RECORDS, 1, "a", 1, 1)
+        module.encode_fields(out, FrameType.RECORDS, 1, b"")  # the codec's own payload
     with pytest.raises(ValueError):
-        module.encode_hello(out, 1, "p" * 300, "a", 1, 0, 0, 0)
+        module.encode_fields(out, FrameType.LINK_ACK, 1, b"")  # a link frame
     with pytest.raises(ValueError):
-        module.encode_resync_control(out, 1, 99)
+        module.encode_link_hello(out, 1, "p" * 300, "a", 1)
+    with pytest.raises(ValueError):
+        module.encode_link_goodbye(out, 1, 300, "")
+    with pytest.raises(ValueError):
+        module.encode_record(out, Record(RecordId("a", -1, 1), 1, 1, b"", ()))
     bad_record = Record(RecordId("a", -1, 1), 1, 1, b"", ())
     with pytest.raises(ValueError):
         module.encode_records(out, 1, [sample_records(1)[0], bad_record])
     with pytest.raises(TypeError):
         module.encode_link_ack(b"immutable", 1)
     assert out == b"keep"  # nothing half-written
+
+
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
+@FAST
+@given(record=records)
+def test_one_record_alone_is_what_the_frame_carries(module, record):
+    alone = bytearray()
+    size = module.encode_record(alone, record)
+    assert size == len(alone)
+    frame = encode(module, ("records", (1, [record], False)))
+    assert bytes(frame[pure.HEADER_BYTES + 4 :]) == bytes(alone)
+    view = module.decode_record(bytes(alone))
+    assert view.materialise() == record and bytes(view.encoded) == bytes(alone)
+    kept = view.materialise(keep_encoded=True)
+    assert kept.wire == bytes(alone)
+    again = bytearray()
+    module.encode_record(again, kept)  # carried as it is
+    assert again == alone
+    with pytest.raises(pure.MalformedFrame):
+        module.decode_record(bytes(alone) + b"\x00")
+    changed = dataclasses.replace(kept, ts=(kept.ts + 1) % 2**64)  # its wire is another record's now
+    with pytest.raises(ValueError, match="encoding of another record"):
+        module.encode_record(bytearray(), changed)
 
 
 @pytest.mark.parametrize("module", IMPLEMENTATIONS)

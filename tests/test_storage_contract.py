@@ -20,6 +20,7 @@ from replicator.storage import (
     Store,
     StoreOptions,
 )
+from replicator.storage._format import log_value_of
 
 
 @pytest.fixture(params=["rocks", "memory"])
@@ -123,7 +124,7 @@ def test_load_returns_everything_needed_after_a_restart(store) -> None:
 
     def fill(batch) -> None:  # type: ignore[no-untyped-def]
         for index, record_id in enumerate(ids):
-            batch.put_record(record_id, b"record %d" % index)
+            batch.put_record(record_id, log_value_of(b"record %d" % index))
         batch.put_meta("epoch", b"\x07")
         batch.put_meta("state", b"SYNC")
         batch.add_dirty(b"d1")
@@ -135,12 +136,12 @@ def test_load_returns_everything_needed_after_a_restart(store) -> None:
     write(store, lambda b: (b.delete_record(ids[0]), b.discard_dirty(b"d1"), b.put_meta("epoch", b"\x08")))
     recovered = store.load()
     assert list(recovered.log) == sorted(ids[1:])  # in RecordId order
-    assert recovered.log[RecordId("a", 1, 2)] == b"record 3"
+    assert recovered.log[RecordId("a", 1, 2)] == log_value_of(b"record 3")
     assert recovered.meta == {"epoch": b"\x08", "state": b"SYNC"}
     assert recovered.dirty == {b"d2"}
     assert recovered.dedup == {b"request-1": DedupEntry(b"ok", 1000)}
     assert recovered.resync_position == b"resume-here"
-    assert store.get_record(RecordId("a", 2, 1)) == b"record 2"
+    assert store.get_record(RecordId("a", 2, 1)) == log_value_of(b"record 2")
     assert store.get_record(ids[0]) is None
     assert store.get_meta("state") == b"SYNC" and store.get_meta("nothing") is None
     assert store.is_dirty(b"d2") and not store.is_dirty(b"d1")
@@ -189,7 +190,7 @@ def test_memory_store_crash_drops_exactly_the_unsynced_writes() -> None:
     store = MemoryStore()
     write(store, lambda b: (b.apply(b"k", 1, b"durable"), b.put_meta("m", b"1")))
     store.sync()
-    write(store, lambda b: (b.apply(b"k", 2, b"lost"), b.put_meta("m", b"2"), b.put_record(RecordId("o", 1, 1), b"r")))
+    write(store, lambda b: (b.apply(b"k", 2, b"lost"), b.put_meta("m", b"2"), b.put_record(RecordId("o", 1, 1), log_value_of(b"r"))))
     assert store.get(b"k").value == b"lost"
     store.crash()
     assert store.get(b"k") == Versioned(b"k", 1, b"durable")
@@ -224,8 +225,15 @@ def test_a_value_moved_to_another_key_is_reported(store) -> None:
         store.get(b"b")
 
 
+def test_a_log_value_not_in_the_log_form_is_refused(store) -> None:
+    batch = store.batch()
+    with pytest.raises(ValueError, match="log's form"):
+        batch.put_record(RecordId("o", 1, 1), b"RPLF a whole frame, not a record")
+    assert len(batch) == 0
+
+
 def test_corrupt_log_and_meta_entries_are_reported_by_load(store) -> None:
-    write(store, lambda b: b.put_record(RecordId("o", 1, 1), b"record"))
+    write(store, lambda b: b.put_record(RecordId("o", 1, 1), log_value_of(b"record")))
     key = next(iter(store.load().log))
     assert key == RecordId("o", 1, 1)
     from replicator.storage import _format as fmt

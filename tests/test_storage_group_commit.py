@@ -17,6 +17,7 @@ from replicator.storage import (
     StoreOptions,
     WriteStalled,
 )
+from replicator.storage._format import log_value_of
 
 
 @pytest.fixture(params=["rocks", "memory"])
@@ -35,7 +36,7 @@ def make_store(request, tmp_path):
 
 def record_batch(store: BaseStore, writer: int, seq: int):  # type: ignore[no-untyped-def]
     batch = store.batch()
-    batch.put_record(RecordId("w", writer, seq), b"x" * 100)
+    batch.put_record(RecordId("w", writer, seq), log_value_of(b"x" * 100))
     batch.apply(b"key-%d" % writer, seq + 1, b"%d" % seq)
     return batch
 

@@ -15,6 +15,7 @@ import pytest
 
 from replicator.core.records import RecordId, Versioned
 from replicator.storage import StorageFailed, Store, StoreOptions, journal
+from replicator.storage._format import log_value_of
 
 
 def crash_image(store: Store, target) -> str:  # type: ignore[no-untyped-def]
@@ -33,7 +34,7 @@ def crash_image(store: Store, target) -> str:  # type: ignore[no-untyped-def]
 def put(store: Store, key: bytes, ts: int, value: bytes | None) -> int:
     batch = store.batch()
     batch.apply(key, ts, value)
-    batch.put_record(RecordId("o", 1, ts), b"record " + key)
+    batch.put_record(RecordId("o", 1, ts), log_value_of(b"record " + key))
     return store.write(batch)
 
 
@@ -114,7 +115,7 @@ def test_a_flush_ahead_of_the_journal_keeps_whole_batches_and_skips_old_entries(
     recovered = Store.open(image)
     try:
         assert recovered.get(b"a") == Versioned(b"a", 2, b"flushed, never synced")
-        assert recovered.get_record(RecordId("o", 1, 3)) == b"record b"
+        assert recovered.get_record(RecordId("o", 1, 3)) == log_value_of(b"record b")
         assert recovered.written_sequence == 3
     finally:
         recovered.close()

@@ -31,7 +31,10 @@ IMPLEMENTATION = "python"
 # ---------------------------------------------------------------------------
 
 MAGIC = b"RPLF"
-PROTOCOL_VERSION = 1
+# The link protocol version, in every frame's header and checked on every frame, so a peer of
+# another version is refused at its first frame, the HELLO (docs/upgrades.md). Version 2 (issue 14):
+# the link's frames in a code space of their own, one frame type per core message.
+PROTOCOL_VERSION = 2
 HEADER_BYTES = 48
 FRAME_SIZE_BYTES_MAX_DEFAULT = 16 * 1024 * 1024
 # The payload length is a u32; a frame is never larger than this, whatever is configured.
@@ -40,63 +43,50 @@ RECEIVE_BUFFER_BYTES_DEFAULT = 1024 * 1024
 # Below this much free tail the decoder moves to a fresh receive buffer rather than read a few bytes.
 READ_BYTES_MIN = 16 * 1024
 
-FLAG_WATERMARK = 0x0001  # RECORDS: a commit watermark precedes the records
+FLAG_RECONCILE = 0x0001  # RECORDS: shipped by a same-epoch reconcile (acknowledged by RECONCILE_ACK)
 DELETE_LENGTH = 0xFFFFFFFF  # a value length meaning "delete" / "tombstone"
+RECORD_PREFIX_BYTES = 8  # u32 body length, u32 body CRC32C
 RECORD_FIXED_BYTES = 40  # fixed part of a record body
 NAME_BYTES_MAX = 255  # pair id, site and origin names (utf-8)
 SHORT_BYTES_MAX = 0xFFFF  # request ids, hello extras, goodbye messages
-RESYNC_COUNTS_MAX = 255
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 
 class FrameType(IntEnum):
-    HELLO = 1
-    RECORDS = 2
-    PREPARED_ACK = 3
-    COMMIT_WATERMARK = 4
-    COMMIT_CONFIRM = 5
-    HEARTBEAT = 6
-    HEARTBEAT_ACK = 7
-    RESYNC_DATA = 8
-    RESYNC_CONTROL = 9
-    GOODBYE = 10
-    LINK_ACK = 11
+    """Two code spaces: the link's own frames (0x01-0x0F), which never reach the core, and the
+    core's, one per core message (0x10-0x1F; their layout: replicator/daemon/wire.py, SCHEMA)."""
+
+    LINK_HELLO = 0x01
+    LINK_ACK = 0x02
+    LINK_GOODBYE = 0x03
+    HELLO = 0x10
+    RECORDS = 0x11
+    PREPARED_ACK = 0x12
+    COMMIT_WATERMARK = 0x13
+    COMMIT_CONFIRM = 0x14
+    HEARTBEAT = 0x15
+    HEARTBEAT_ACK = 0x16
+    RECONCILE_DONE = 0x17
+    RECONCILE_ACK = 0x18
+    RESYNC_BEGIN = 0x19
+    RESYNC_BEGIN_ACK = 0x1A
+    RESYNC_DEDUP = 0x1B
+    RESYNC_DATA = 0x1C
+    RESYNC_ACK = 0x1D
+    RESYNC_SYNCED = 0x1E
+    GOODBYE = 0x1F
 
 
-# Frame types the link numbers, acknowledges and resends after a reconnect.
-# The others belong to one connection (HELLO, GOODBYE, LINK_ACK) or are
-# meaningless once late (HEARTBEAT, HEARTBEAT_ACK: a lease is about now).
-SEQUENCED_TYPES = frozenset(
-    {
-        FrameType.RECORDS,
-        FrameType.PREPARED_ACK,
-        FrameType.COMMIT_WATERMARK,
-        FrameType.COMMIT_CONFIRM,
-        FrameType.RESYNC_DATA,
-        FrameType.RESYNC_CONTROL,
-    }
-)
-CUMULATIVE_TYPES = frozenset({FrameType.PREPARED_ACK, FrameType.COMMIT_WATERMARK, FrameType.COMMIT_CONFIRM})
-HEARTBEAT_TYPES = frozenset({FrameType.HEARTBEAT, FrameType.HEARTBEAT_ACK})
-
-
-class ResyncKind(IntEnum):
-    BEGIN = 1
-    DONE = 2
-    ACK = 3
-    ABORT = 4
-    FULL_REQUEST = 5
-    # Carried for the protocol core (docs/wire.md, "Core messages"):
-    CORE_HELLO = 6
-    RECONCILE_DONE = 7
-    RECONCILE_ACK = 8
-    SYNCED = 9
-    BEGIN_ACK = 10
-    DEDUP = 11
-    RECONCILE_START = 12
-
-
-RESYNC_KIND_MAX = max(ResyncKind)
+LINK_FRAME_TYPES = frozenset({FrameType.LINK_HELLO, FrameType.LINK_ACK, FrameType.LINK_GOODBYE})
+CORE_FRAME_TYPES = frozenset(set(FrameType) - LINK_FRAME_TYPES)
+# Core frames whose payload the codec parses itself (records, resync entries: views, twins in C);
+# every other core frame's payload is laid out by the schema and handed over as `Fields`.
+BULK_FRAME_TYPES = frozenset({FrameType.RECORDS, FrameType.RESYNC_DATA})
+# Frame types the link numbers and acknowledges (its window of bytes in flight): the core's,
+# but the heartbeats, which are meaningless once late (a lease is about now), and GOODBYE, which
+# goes out at once (it ends the session: it must not wait behind a full window).
+SEQUENCED_TYPES = frozenset(CORE_FRAME_TYPES - {FrameType.HEARTBEAT, FrameType.HEARTBEAT_ACK, FrameType.GOODBYE})
+_FRAME_TYPE_VALUES = frozenset(int(frame_type) for frame_type in FrameType)
 
 
 class FramingError(Exception):
@@ -132,34 +122,19 @@ class MalformedFrame(FramingError):
 
 
 @dataclass(frozen=True, slots=True)
-class Hello:
+class LinkHello:
+    """The link's handshake: who is at the other end (the core's Hello follows, as a core frame)."""
+
     pair_id: str
     site: str
     incarnation: int
-    state: int
-    resume_incarnation: int  # the receiver incarnation that resume_seq refers to, 0 if none
-    resume_seq: int  # highest link seq received in order from that incarnation
-    extras: bytes
+    extras: bytes  # the core's, for the link's user (the site's witness id)
 
 
 @dataclass(frozen=True, slots=True)
 class RecordBatch:
     records: tuple[Any, ...]  # RecordView of the implementation that decoded it
-    watermark: tuple[int, int] | None  # (incarnation, seq) committed at the sender, origin = sender
-
-
-@dataclass(frozen=True, slots=True)
-class Cumulative:
-    """PREPARED_ACK, COMMIT_WATERMARK, COMMIT_CONFIRM: everything up to seq."""
-
-    origin: str
-    incarnation: int
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    nonce: int
+    reconcile: bool  # FLAG_RECONCILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,19 +144,21 @@ class ResyncData:
 
 
 @dataclass(frozen=True, slots=True)
-class ResyncControl:
-    kind: ResyncKind
-    counts: tuple[int, ...]
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class Goodbye:
+    """The link's GOODBYE (its own reason codes); the core's Goodbye is a core frame."""
+
     reason: int
     message: str
 
 
-Body = Hello | RecordBatch | Cumulative | Heartbeat | ResyncData | ResyncControl | Goodbye | None
+@dataclass(frozen=True, slots=True)
+class Fields:
+    """The payload of a core frame laid out by the schema (replicator/daemon/wire.py), CRC-checked."""
+
+    payload: bytes
+
+
+Body = LinkHello | RecordBatch | ResyncData | Goodbye | Fields | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,15 +179,12 @@ _HEADER = struct.Struct("<4sBBHII QQQ I")  # everything but the header CRC (44 b
 _HEADER_CRC = struct.Struct("<I")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_WATERMARK = struct.Struct("<QQ")
 _RECORD_PREFIX = struct.Struct("<II")  # body length, body CRC
 _RECORD_FIXED = struct.Struct("<QQQQIHBB")
 _OPERATION = struct.Struct("<II")
-_HELLO_FIXED = struct.Struct("<BQQQBBH")
-_CUMULATIVE_FIXED = struct.Struct("<QQB")
+_LINK_HELLO_FIXED = struct.Struct("<QBBH")
 _RESYNC_DATA_FIXED = struct.Struct("<QI")
 _RESYNC_ENTRY = struct.Struct("<QII")
-_RESYNC_CONTROL_FIXED = struct.Struct("<BBHI")
 _GOODBYE_FIXED = struct.Struct("<BBH")
 assert _HEADER.size + _HEADER_CRC.size == HEADER_BYTES
 assert _RECORD_FIXED.size == RECORD_FIXED_BYTES
@@ -239,7 +213,7 @@ class OperationView:
 class RecordView:
     """A decoded record. `raw` is the record body as sent and `crc` its CRC32C."""
 
-    __slots__ = ("origin", "incarnation", "seq", "epoch", "ts", "request_id", "operations", "crc", "raw")
+    __slots__ = ("origin", "incarnation", "seq", "epoch", "ts", "request_id", "operations", "crc", "raw", "encoded")
 
     def __init__(
         self,
@@ -252,6 +226,7 @@ class RecordView:
         operations: tuple[OperationView, ...],
         crc: int,
         raw: memoryview,
+        encoded: memoryview,
     ) -> None:
         self.origin = origin
         self.incarnation = incarnation
@@ -262,19 +237,22 @@ class RecordView:
         self.operations = operations
         self.crc = crc
         self.raw = raw
+        self.encoded = encoded  # the record as it came: prefix (u32 body length, u32 body CRC32C) and body
 
     @property
     def id(self) -> RecordId:
         return RecordId(self.origin, self.incarnation, self.seq)
 
-    def materialise(self) -> Record:
-        """A `Record` holding bytes copies: safe to keep after the receive buffer is gone."""
+    def materialise(self, keep_encoded: bool = False) -> Record:
+        """A `Record` holding bytes copies: safe to keep after the receive buffer is gone. With
+        `keep_encoded`, it carries its encoded form (`Record.wire`), which the log stores as it is."""
         return Record(
             RecordId(self.origin, self.incarnation, self.seq),
             self.epoch,
             self.ts,
             bytes(self.request_id),
             tuple(operation.materialise() for operation in self.operations),
+            bytes(self.encoded) if keep_encoded else None,
         )
 
     def __repr__(self) -> str:
@@ -385,48 +363,27 @@ def stamp_link(frame: bytearray, offset: int, link_seq: int, link_ack: int) -> N
     _stamp_crc(frame, offset)
 
 
-def encode_hello(
-    out: bytearray,
-    epoch: int,
-    pair_id: str,
-    site: str,
-    incarnation: int,
-    state: int,
-    resume_incarnation: int,
-    resume_seq: int,
-    extras: Any = b"",
-) -> int:
+def encode_link_hello(out: bytearray, epoch: int, pair_id: str, site: str, incarnation: int, extras: Any = b"") -> int:
+    """The link's handshake frame: who sends (pair, site, incarnation) and the core's extras."""
     _u64(epoch, "epoch")
     pair = _name(pair_id, "pair_id")
     site_bytes = _name(site, "site")
     extras_view = _blob(extras, "extras", SHORT_BYTES_MAX)
-    fixed = _HELLO_FIXED.pack(
-        _small(state, "state", 255),
-        _u64(incarnation, "incarnation"),
-        _u64(resume_incarnation, "resume_incarnation"),
-        _u64(resume_seq, "resume_seq"),
-        len(pair),
-        len(site_bytes),
-        len(extras_view),
-    )
+    fixed = _LINK_HELLO_FIXED.pack(_u64(incarnation, "incarnation"), len(pair), len(site_bytes), len(extras_view))
     start = _begin(out)
     out += fixed
     out += pair
     out += site_bytes
     out += extras_view
-    return _finish(out, start, FrameType.HELLO, 0, epoch)
+    return _finish(out, start, FrameType.LINK_HELLO, 0, epoch)
 
 
-def encode_records(out: bytearray, epoch: int, records: Iterable[Any], watermark: tuple[int, int] | None = None) -> int:
-    """Append one RECORDS frame. `records` are `Record`s (or `RecordView`s)."""
+def encode_records(out: bytearray, epoch: int, records: Iterable[Any], reconcile: bool = False) -> int:
+    """Append one RECORDS frame. `records` are `Record`s (or `RecordView`s); `reconcile` marks a
+    same-epoch reconcile's shipment (FLAG_RECONCILE)."""
     _u64(epoch, "epoch")
-    flags = 0
     start = _begin(out)
     try:
-        if watermark is not None:
-            incarnation, seq = watermark
-            out += _WATERMARK.pack(_u64(incarnation, "watermark incarnation"), _u64(seq, "watermark seq"))
-            flags |= FLAG_WATERMARK
         count_at = len(out)
         out += bytes(4)
         prefixes = []
@@ -441,13 +398,37 @@ def encode_records(out: bytearray, epoch: int, records: Iterable[Any], watermark
             payload_crc = crc32c(view[start + HEADER_BYTES : count_at + 4])
             for prefix_at in prefixes:
                 payload_crc = crc32c(view[prefix_at : prefix_at + _RECORD_PREFIX.size], payload_crc)
-        return _finish(out, start, FrameType.RECORDS, flags, epoch, payload_crc)
+        return _finish(out, start, FrameType.RECORDS, FLAG_RECONCILE if reconcile else 0, epoch, payload_crc)
     except BaseException:
         del out[start:]
         raise
 
 
+def encode_record(out: bytearray, record: Any) -> int:
+    """Append one record alone (u32 body length, u32 body CRC32C, body): the form a RECORDS frame
+    carries it in and the log stores it in. Returns its size."""
+    if not isinstance(out, bytearray):
+        raise TypeError(f"out must be a bytearray, not {type(out).__name__}")
+    start = len(out)
+    try:
+        _encode_record(out, record)
+    except BaseException:
+        del out[start:]
+        raise
+    return len(out) - start
+
+
 def _encode_record(out: bytearray, record: Any) -> None:
+    wire = getattr(record, "wire", None)
+    if wire is not None:
+        # Encoded already (received from the peer, or read from the log): copied as it is, not re-encoded,
+        # once its fixed fields are seen to be the record's (a record changed but not its wire is refused).
+        view = _blob(wire, "wire", 0xFFFFFFFF)
+        fixed = (record.id.incarnation, record.id.seq, record.epoch, record.ts)
+        if len(view) < _RECORD_PREFIX.size + RECORD_FIXED_BYTES or struct.unpack_from("<QQQQ", view, 8) != fixed:
+            raise ValueError(f"record {record.id} carries the encoding of another record")
+        out += view
+        return
     record_id = record.id
     origin = _name(record_id.origin, "origin")
     request_id = _blob(record.request_id, "request_id", SHORT_BYTES_MAX)
@@ -485,30 +466,6 @@ def _encode_record(out: bytearray, record: Any) -> None:
     _RECORD_PREFIX.pack_into(out, prefix_at, body_bytes, body_crc)
 
 
-def encode_cumulative(out: bytearray, frame_type: int, epoch: int, origin: str, incarnation: int, seq: int) -> int:
-    """PREPARED_ACK, COMMIT_WATERMARK or COMMIT_CONFIRM."""
-    if frame_type not in CUMULATIVE_TYPES:
-        raise ValueError(f"frame type {frame_type!r} is not a cumulative frame type")
-    _u64(epoch, "epoch")
-    origin_bytes = _name(origin, "origin")
-    fixed = _CUMULATIVE_FIXED.pack(_u64(incarnation, "incarnation"), _u64(seq, "seq"), len(origin_bytes))
-    start = _begin(out)
-    out += fixed
-    out += origin_bytes
-    return _finish(out, start, frame_type, 0, epoch)
-
-
-def encode_heartbeat(out: bytearray, frame_type: int, epoch: int, nonce: int) -> int:
-    """HEARTBEAT or HEARTBEAT_ACK."""
-    if frame_type not in HEARTBEAT_TYPES:
-        raise ValueError(f"frame type {frame_type!r} is not a heartbeat frame type")
-    _u64(epoch, "epoch")
-    payload = _U64.pack(_u64(nonce, "nonce"))
-    start = _begin(out)
-    out += payload
-    return _finish(out, start, frame_type, 0, epoch)
-
-
 def encode_resync_data(out: bytearray, epoch: int, batch_seq: int, entries: Iterable[Any]) -> int:
     """Append one RESYNC_DATA frame. `entries` are `Versioned` (or `VersionedView`)."""
     _u64(epoch, "epoch")
@@ -537,23 +494,19 @@ def encode_resync_data(out: bytearray, epoch: int, batch_seq: int, entries: Iter
         raise
 
 
-def encode_resync_control(out: bytearray, epoch: int, kind: int, counts: Iterable[int] = (), key: Any = b"") -> int:
+def encode_fields(out: bytearray, frame_type: int, epoch: int, payload: Any) -> int:
+    """Append one frame of a core message whose payload the schema laid out (daemon/wire.py)."""
     _u64(epoch, "epoch")
-    kind = ResyncKind(kind)
-    counts = tuple(counts)
-    if len(counts) > RESYNC_COUNTS_MAX:
-        raise ValueError(f"at most {RESYNC_COUNTS_MAX} counts, got {len(counts)}")
-    key_view = _blob(key, "key", DELETE_LENGTH - 1)
-    parts = [_RESYNC_CONTROL_FIXED.pack(kind, len(counts), 0, len(key_view))]
-    parts.extend(_U64.pack(_u64(count, "count")) for count in counts)
+    if frame_type not in CORE_FRAME_TYPES or frame_type in BULK_FRAME_TYPES:
+        raise ValueError(f"frame type {frame_type!r} is not a schema frame type")
+    payload_view = _blob(payload, "payload", 0xFFFFFFFF)
     start = _begin(out)
-    for part in parts:
-        out += part
-    out += key_view
-    return _finish(out, start, FrameType.RESYNC_CONTROL, 0, epoch)
+    out += payload_view
+    return _finish(out, start, frame_type, 0, epoch)
 
 
-def encode_goodbye(out: bytearray, epoch: int, reason: int, message: str = "") -> int:
+def encode_link_goodbye(out: bytearray, epoch: int, reason: int, message: str = "") -> int:
+    """The link's own GOODBYE (its reason codes: replicator/transport/link.py)."""
     _u64(epoch, "epoch")
     if not isinstance(message, str):
         raise TypeError(f"message must be a str, not {type(message).__name__}")
@@ -564,7 +517,7 @@ def encode_goodbye(out: bytearray, epoch: int, reason: int, message: str = "") -
     start = _begin(out)
     out += fixed
     out += message_bytes
-    return _finish(out, start, FrameType.GOODBYE, 0, epoch)
+    return _finish(out, start, FrameType.LINK_GOODBYE, 0, epoch)
 
 
 def encode_link_ack(out: bytearray, epoch: int) -> int:
@@ -600,14 +553,14 @@ def _parse_header(view: memoryview, offset: int, frame_size_bytes_max: int) -> t
         raise ChecksumMismatch("header CRC mismatch")
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"protocol version {version}, this end speaks {PROTOCOL_VERSION}")
-    if frame_type < FrameType.HELLO or frame_type > FrameType.LINK_ACK:
+    if frame_type not in _FRAME_TYPE_VALUES:
         raise UnknownFrameType(f"unknown frame type {frame_type}")
     total = HEADER_BYTES + payload_bytes
     if total > frame_size_bytes_max:
         raise FrameTooLarge(f"frame of {total} bytes exceeds the maximum of {frame_size_bytes_max}")
     if reserved != 0:
         raise MalformedFrame("reserved header field is not zero")
-    allowed_flags = FLAG_WATERMARK if frame_type == FrameType.RECORDS else 0
+    allowed_flags = FLAG_RECONCILE if frame_type == FrameType.RECORDS else 0
     if flags & ~allowed_flags:
         raise MalformedFrame(f"flags {flags:#x} not valid for frame type {frame_type}")
     return total, frame_type, flags, payload_crc, epoch, link_seq, link_ack
@@ -649,70 +602,66 @@ class _Reader:
             raise MalformedFrame(f"{self.end - self.position} unexpected bytes at the end")
 
 
+def _record_at(reader: _Reader, origin_cache: list[Any]) -> RecordView:
+    """The record whose prefix (u32 body length, u32 body CRC) is at the reader's position."""
+    prefix_at = reader.position
+    body_bytes, body_crc = reader.unpack(_RECORD_PREFIX)
+    if body_bytes < RECORD_FIXED_BYTES:
+        raise MalformedFrame(f"record body of {body_bytes} bytes is shorter than its fixed part")
+    body = reader.take(body_bytes)
+    if crc32c(body) != body_crc:
+        raise ChecksumMismatch("record CRC mismatch")
+    inner = _Reader(body, 0, body_bytes)
+    incarnation, seq, epoch, ts, operation_count, request_id_bytes, origin_bytes, reserved = inner.unpack(_RECORD_FIXED)
+    if reserved != 0:
+        raise MalformedFrame("reserved record field is not zero")
+    origin_view = inner.take(origin_bytes)
+    if origin_view == origin_cache[0]:
+        origin = origin_cache[1]
+    else:
+        origin = _utf8(origin_view, "origin")
+        origin_cache[:] = [bytes(origin_view), origin]
+    request_id = inner.take(request_id_bytes)
+    operations = []
+    for _ in range(operation_count):
+        key_bytes, value_bytes = inner.unpack(_OPERATION)
+        key = inner.take(key_bytes)
+        value = None if value_bytes == DELETE_LENGTH else inner.take(value_bytes)
+        operations.append(OperationView(key, value))
+    inner.finish()
+    encoded = reader.view[prefix_at : reader.position]
+    return RecordView(origin, incarnation, seq, epoch, ts, request_id, tuple(operations), body_crc, body, encoded)
+
+
 def _decode_records(reader: _Reader, flags: int, payload_crc: int) -> RecordBatch:
     payload_at = reader.position
-    watermark = reader.unpack(_WATERMARK) if flags & FLAG_WATERMARK else None
     (count,) = reader.unpack(_U32)
     chain = crc32c(reader.view[payload_at : reader.position])
     records = []
-    origin_cache: tuple[bytes, str] = (b"", "")
+    origin_cache: list[Any] = [b"", ""]
     for _ in range(count):
-        prefix_at = reader.position
-        body_bytes, body_crc = reader.unpack(_RECORD_PREFIX)
-        chain = crc32c(reader.view[prefix_at : reader.position], chain)
-        if body_bytes < RECORD_FIXED_BYTES:
-            raise MalformedFrame(f"record body of {body_bytes} bytes is shorter than its fixed part")
-        body = reader.take(body_bytes)
-        if crc32c(body) != body_crc:
-            raise ChecksumMismatch("record CRC mismatch")
-        inner = _Reader(body, 0, body_bytes)
-        incarnation, seq, epoch, ts, operation_count, request_id_bytes, origin_bytes, reserved = inner.unpack(
-            _RECORD_FIXED
-        )
-        if reserved != 0:
-            raise MalformedFrame("reserved record field is not zero")
-        origin_view = inner.take(origin_bytes)
-        if origin_view == origin_cache[0]:
-            origin = origin_cache[1]
-        else:
-            origin = _utf8(origin_view, "origin")
-            origin_cache = (bytes(origin_view), origin)
-        request_id = inner.take(request_id_bytes)
-        operations = []
-        for _ in range(operation_count):
-            key_bytes, value_bytes = inner.unpack(_OPERATION)
-            key = inner.take(key_bytes)
-            value = None if value_bytes == DELETE_LENGTH else inner.take(value_bytes)
-            operations.append(OperationView(key, value))
-        inner.finish()
-        records.append(RecordView(origin, incarnation, seq, epoch, ts, request_id, tuple(operations), body_crc, body))
+        if reader.end - reader.position >= _RECORD_PREFIX.size:
+            chain = crc32c(reader.view[reader.position : reader.position + _RECORD_PREFIX.size], chain)
+        records.append(_record_at(reader, origin_cache))
     reader.finish()
     if chain != payload_crc:
         raise ChecksumMismatch("payload CRC mismatch")
-    return RecordBatch(tuple(records), watermark)
+    return RecordBatch(tuple(records), bool(flags & FLAG_RECONCILE))
+
+
+def decode_record(data: Any) -> RecordView:
+    """Decode exactly one record as `encode_record` wrote it (prefix and body; views into `data`).
+    The log stores records in this form (docs/storage.md)."""
+    view = memoryview(data).cast("B")
+    reader = _Reader(view, 0, len(view))
+    record = _record_at(reader, [b"", ""])
+    reader.finish()
+    return record
 
 
 def _decode_body(frame_type: int, flags: int, reader: _Reader, payload_crc: int) -> Body:
     if frame_type == FrameType.RECORDS:
         return _decode_records(reader, flags, payload_crc)
-    if frame_type == FrameType.HELLO:
-        state, incarnation, resume_incarnation, resume_seq, pair_bytes, site_bytes, extras_bytes = reader.unpack(
-            _HELLO_FIXED
-        )
-        pair_id = _utf8(reader.take(pair_bytes), "pair id")
-        site = _utf8(reader.take(site_bytes), "site")
-        extras = bytes(reader.take(extras_bytes))
-        reader.finish()
-        return Hello(pair_id, site, incarnation, state, resume_incarnation, resume_seq, extras)
-    if frame_type in CUMULATIVE_TYPES:
-        incarnation, seq, origin_bytes = reader.unpack(_CUMULATIVE_FIXED)
-        origin = _utf8(reader.take(origin_bytes), "origin")
-        reader.finish()
-        return Cumulative(origin, incarnation, seq)
-    if frame_type in HEARTBEAT_TYPES:
-        (nonce,) = reader.unpack(_U64)
-        reader.finish()
-        return Heartbeat(nonce)
     if frame_type == FrameType.RESYNC_DATA:
         batch_seq, count = reader.unpack(_RESYNC_DATA_FIXED)
         entries = []
@@ -723,17 +672,17 @@ def _decode_body(frame_type: int, flags: int, reader: _Reader, payload_crc: int)
             entries.append(VersionedView(key, ts, value))
         reader.finish()
         return ResyncData(batch_seq, tuple(entries))
-    if frame_type == FrameType.RESYNC_CONTROL:
-        kind, count_count, reserved, key_bytes = reader.unpack(_RESYNC_CONTROL_FIXED)
-        if reserved != 0:
-            raise MalformedFrame("reserved resync control field is not zero")
-        if kind < ResyncKind.BEGIN or kind > RESYNC_KIND_MAX:
-            raise MalformedFrame(f"unknown resync control kind {kind}")
-        counts = tuple(reader.unpack(_U64)[0] for _ in range(count_count))
-        position_key = bytes(reader.take(key_bytes))
+    if frame_type in CORE_FRAME_TYPES:
+        # A core message laid out by the schema (daemon/wire.py): its payload, checked by its CRC.
+        return Fields(bytes(reader.take(reader.end - reader.position)))
+    if frame_type == FrameType.LINK_HELLO:
+        incarnation, pair_bytes, site_bytes, extras_bytes = reader.unpack(_LINK_HELLO_FIXED)
+        pair_id = _utf8(reader.take(pair_bytes), "pair id")
+        site = _utf8(reader.take(site_bytes), "site")
+        extras = bytes(reader.take(extras_bytes))
         reader.finish()
-        return ResyncControl(ResyncKind(kind), counts, position_key)
-    if frame_type == FrameType.GOODBYE:
+        return LinkHello(pair_id, site, incarnation, extras)
+    if frame_type == FrameType.LINK_GOODBYE:
         reason, reserved, message_bytes = reader.unpack(_GOODBYE_FIXED)
         if reserved != 0:
             raise MalformedFrame("reserved goodbye field is not zero")

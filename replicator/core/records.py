@@ -10,7 +10,7 @@ origins are broken inside the integer (see hlc.py), so last-writer-wins on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -41,6 +41,10 @@ class Record:
     ts: int
     request_id: bytes
     operations: tuple[Operation, ...]
+    # The record as the link and the log encode it (docs/wire.md: u32 body length, u32 body
+    # CRC32C, body), when it came encoded (from the peer, or from the log): stored and shipped
+    # as it is, never encoded again. None for a record made here. Not part of its value.
+    wire: bytes | None = field(default=None, compare=False, repr=False)
 
     def keys(self) -> tuple[bytes, ...]:
         return tuple(operation.key for operation in self.operations)

@@ -34,7 +34,7 @@ from replicator.config import ConfigError, SiteConfig, derive, load_site_config
 from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.messages import Role
-from replicator.core.records import Operation, Record, Versioned, record_wire_bytes, versioned_wire_bytes
+from replicator.core.records import Operation, Versioned, record_wire_bytes, versioned_wire_bytes
 from replicator.core.site import SiteCore
 from replicator.daemon.bounded import FrameQueue, Handles, Overloaded
 from replicator.daemon.clock import WallClock
@@ -74,19 +74,6 @@ def decode_meta(raw: bytes) -> int | bytes | str:
     if tag == b"s":
         return body.decode()
     raise ValueError(f"bad meta value {raw[:16]!r}")
-
-
-def encode_record(record: Record) -> bytes:
-    out = bytearray()
-    framing.encode_records(out, record.epoch, [record])
-    return bytes(out)
-
-
-def decode_record(raw: bytes) -> Record:
-    frame = framing.decode_frame(raw)
-    (view,) = frame.body.records
-    record: Record = view.materialise()
-    return record
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -200,7 +187,7 @@ class SiteDaemon:
             log("generation", generation=generation)
         core_recovered = ev.Recovered(
             meta=meta,
-            log=[decode_record(raw) for raw in recovered.log.values()],
+            log=[framing.record_from_log(raw, record_id) for record_id, raw in recovered.log.items()],
             dirty=set(recovered.dirty),
             dedup={request_id: int(entry.outcome) for request_id, entry in recovered.dedup.items()},
         )
@@ -219,12 +206,11 @@ class SiteDaemon:
             peer_site=self.peer,
             address=_address(section.peer_address if dialer else self.config.listen.link),
             # The extras name our witness: two sites that use different witnesses never go on alone.
-            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), 0, self.witness_id.encode()),
+            hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), self.witness_id.encode()),
             on_frame=self._on_frame,
             on_state=self._on_link_state,
             limits=self.settings.link,
             tls=self.settings.link_tls,
-            resume=False,  # every connection is a new session for the core: old frames would be stale
             on_refused=self._on_link_refused,
         )
         self._execute(self.core.start(self._mono_ms(), self._wall_ms()))
@@ -497,7 +483,7 @@ class SiteDaemon:
         for record_id in persist.log_delete:
             batch.delete_record(record_id)
         for record in persist.log_put:
-            batch.put_record(record.id, encode_record(record))
+            batch.put_record(record.id, framing.record_to_log(record))
         for version in persist.apply:
             batch.apply(version.key, version.ts, version.value)
         for key in persist.dirty_add:
@@ -613,7 +599,7 @@ class SiteDaemon:
             if self._witnesses_differ():
                 self._log_witness_mismatch()
             self.m_link_ups.inc()
-            log("link_up", peer_restarted=event.peer_restarted, frames_resent=event.frames_resent)
+            log("link_up", peer_restarted=event.peer_restarted, frames_dropped=event.frames_dropped)
             self.step(ev.PeerConnected())
         elif isinstance(event, LinkDown):
             self.m_link_downs.inc()

@@ -7,7 +7,11 @@ Column families (indexes into COLUMN_FAMILIES):
              crc32c covers the key, the first 9 header bytes and the value, so
              a flipped bit in the ts, the flag, the value or a value stored
              under the wrong key is caught on read.
-- log:       origin utf-8 + 0x00 + ">QQ" (incarnation, seq) -> crc32c(">I") + encoded record.
+- log:       origin utf-8 + 0x00 + ">QQ" (incarnation, seq) -> the record as a RECORDS frame
+             carries it (docs/wire.md): "<II" body length, crc32c of the body, body.
+             A received record is stored as it came (its CRC is the sender's,
+             checked on receipt and again on load); the record names its own id,
+             which the reader checks against the key (framing.record_from_log).
              Byte order of these keys is RecordId order (UTF-8 preserves code
              point order, and the 0x00 terminator sorts a prefix first).
 - meta:      b"m" + name utf-8 -> crc32c + value; b"r" -> crc32c + resync position.
@@ -15,7 +19,7 @@ Column families (indexes into COLUMN_FAMILIES):
 - dedup:     request id -> crc32c + ">Q" time_ms + outcome.
 - dedup_age: ">Q" time_ms + request id -> b"" (the age index used to prune and bound).
 
-Every framed value's crc32c starts from the crc32c of its key.
+Every framed value's crc32c starts from the crc32c of its key (log values carry their own).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ TOMBSTONE_BIT = 0x01
 TS_MAX = (1 << 64) - 1
 
 _CRC = struct.Struct(">I")
+_LOG_PREFIX = struct.Struct("<II")  # body length, crc32c of the body (the wire's record prefix)
 _U64 = struct.Struct(">Q")
 _U64_PAIR = struct.Struct(">QQ")
 
@@ -91,6 +96,43 @@ def unframe(key: bytes, stored: bytes) -> bytes | None:
     if crc32c(view[4:], crc32c(key)) != _CRC.unpack_from(stored)[0]:
         return None
     return stored[4:]
+
+
+def log_value_of(body: bytes) -> bytes:
+    """A log value around `body` (what framing.encode_record makes of a record's body)."""
+    return _LOG_PREFIX.pack(len(body), crc32c(body)) + body
+
+
+def log_value_shaped(encoded: bytes) -> bool:
+    """Whether `encoded` has the log's form by its length prefix (no CRC pass: that is load's)."""
+    return len(encoded) >= _LOG_PREFIX.size and _LOG_PREFIX.unpack_from(encoded)[0] == len(encoded) - _LOG_PREFIX.size
+
+
+def check_log_value(stored: bytes) -> bool:
+    """Whether a stored log value is whole: its length and its body's crc32c."""
+    if len(stored) < _LOG_PREFIX.size:
+        return False
+    length, checksum = _LOG_PREFIX.unpack_from(stored)
+    view = memoryview(stored)
+    return length == len(stored) - _LOG_PREFIX.size and crc32c(view[_LOG_PREFIX.size :]) == checksum
+
+
+# The log value of the releases before link protocol version 2: crc32c(key, payload) + payload, the
+# payload a whole version-1 RECORDS frame of one record (48-byte header, u32 count = 1, the record).
+_LEGACY_RECORDS_HEADER = b"RPLF\x01\x02\x00\x00"  # magic, version 1, type RECORDS, no flags
+_LEGACY_RECORD_AT = 48 + 4
+
+
+def log_value(key: bytes, stored: bytes) -> bytes | None:
+    """The record a stored log value holds, in today's form (None when it fails its checks). A
+    value an older release wrote is read too (its record is the same bytes, inside a frame)."""
+    if check_log_value(stored):
+        return stored
+    legacy = unframe(key, stored)
+    if legacy is None or legacy[:8] != _LEGACY_RECORDS_HEADER or legacy[48:52] != b"\x01\x00\x00\x00":
+        return None
+    record = legacy[_LEGACY_RECORD_AT:]
+    return record if check_log_value(record) else None
 
 
 def record_key(record_id: RecordId) -> bytes:

@@ -415,7 +415,13 @@ class BaseStore:
     def get_record(self, record_id: RecordId) -> bytes | None:
         key = fmt.record_key(record_id)
         stored = self._engine_get(fmt.LOG, key)
-        return None if stored is None else self._unframe(fmt.LOG, key, stored)
+        return None if stored is None else self._checked_log_value(key, stored)
+
+    def _checked_log_value(self, key: bytes, stored: bytes) -> bytes:
+        record = fmt.log_value(key, stored)
+        if record is None:
+            raise CorruptValue(key, fmt.COLUMN_FAMILIES[fmt.LOG])
+        return record
 
     def get_meta(self, name: str) -> bytes | None:
         key = fmt.meta_key(name)
@@ -463,7 +469,7 @@ class BaseStore:
                 assert key.startswith(fmt.META_PREFIX), f"unknown meta key {key!r}"
                 recovered.meta[key[len(fmt.META_PREFIX) :].decode("utf-8")] = payload
         for key, stored in self._items(fmt.LOG, b"", None):
-            recovered.log[fmt.decode_record_key(key)] = self._unframe(fmt.LOG, key, stored)
+            recovered.log[fmt.decode_record_key(key)] = self._checked_log_value(key, stored)
         recovered.dirty = {key for key, _ in self._items(fmt.DIRTY, b"", None)}
         for key, stored in self._items(fmt.DEDUP, b"", None):
             decoded = fmt.decode_dedup(key, stored)

@@ -40,8 +40,11 @@ class Batch:
     # The replication log.
 
     def put_record(self, record_id: RecordId, encoded: bytes) -> None:
-        key = fmt.record_key(record_id)
-        self.operations.append((MUTATION, fmt.LOG, key, fmt.frame(key, bytes(encoded))))
+        """`encoded` carries its own length and CRC32C (storage/_format.py, "log"): stored as it is,
+        not checksummed again (a record received from the peer is stored as it came)."""
+        if not fmt.log_value_shaped(encoded):
+            raise ValueError("put_record takes a record in the log's form (u32 length, u32 CRC32C, body: framing.record_to_log)")
+        self.operations.append((MUTATION, fmt.LOG, fmt.record_key(record_id), bytes(encoded)))
 
     def delete_record(self, record_id: RecordId) -> None:
         self.operations.append((MUTATION, fmt.LOG, fmt.record_key(record_id), None))

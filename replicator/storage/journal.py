@@ -60,8 +60,10 @@ def list_files(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def encode_entry(sequence: int, mutations: list[Mutation]) -> bytes:
-    parts: list[bytes] = [b""]
+def encode_entry_parts(sequence: int, mutations: list[Mutation]) -> tuple[bytes, bytes]:
+    """An entry as (header, body), to be written one after the other (writev: the body is not
+    copied once more behind its header)."""
+    parts: list[bytes] = []
     pack = MUTATION_HEADER.pack
     for column_family, key, value in mutations:
         if value is None:
@@ -74,7 +76,11 @@ def encode_entry(sequence: int, mutations: list[Mutation]) -> bytes:
     body = b"".join(parts)
     assert len(body) <= ENTRY_BODY_SIZE_BYTES_MAX, f"journal entry too large: {len(body)} bytes"
     checksum = crc32c(body, crc32c(_LENGTH_SEQUENCE.pack(len(body), sequence)))
-    return HEADER.pack(MAGIC, len(body), checksum, sequence) + body
+    return HEADER.pack(MAGIC, len(body), checksum, sequence), body
+
+
+def encode_entry(sequence: int, mutations: list[Mutation]) -> bytes:
+    return b"".join(encode_entry_parts(sequence, mutations))
 
 
 def decode_body(body: memoryview) -> list[Mutation]:

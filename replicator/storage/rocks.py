@@ -191,10 +191,10 @@ class RocksEngine:
     def write(self, mutations: list[Mutation], sequence: int, blocking: bool = True) -> None:
         if self._checkpoint_error is not None:
             raise StorageFailed(f"checkpoint failed: {self._checkpoint_error}", self._checkpoint_error)
-        entry = journal.encode_entry(sequence, mutations)
+        entry = journal.encode_entry_parts(sequence, mutations)
         self._apply(mutations, sequence, blocking)
         with self._pending_lock:
-            self._pending.append(entry)
+            self._pending.extend(entry)
 
     def sync(self) -> None:
         if self._checkpoint_error is not None:

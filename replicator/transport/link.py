@@ -7,37 +7,35 @@ arrive; it knows nothing of records, epochs or states beyond what it needs
 to keep a byte stream going across broken connections:
 
 * One end dials (`role="connect"`), the other accepts (`role="accept"`).
-  On every new connection both ends first send HELLO (pair id, site, epoch,
-  incarnation, state, extras from the core, and the link's resume point)
-  and wait for the peer's; a HELLO for another pair or site is refused with
-  GOODBYE.
+  On every new connection both ends first send LINK_HELLO (pair id, site,
+  incarnation, extras from the core) and wait for the peer's; a LINK_HELLO
+  for another pair or site is refused with LINK_GOODBYE. The link's frames
+  (LINK_HELLO, LINK_ACK, LINK_GOODBYE) have a code space of their own and
+  never reach `on_frame`; every frame carries the protocol version in its
+  header, so a peer of another version is refused at its first frame with an
+  error that says so (`on_refused`).
+* Every connection is a session of its own: at each handshake the numbering
+  restarts and whatever was handed over for an earlier connection and not yet
+  written is dropped (the core starts every session with its Hello; a frame of
+  the session before would be stale in the next one). There is no resend
+  across connections.
 * Frames of the types in `SEQUENCED_TYPES` are numbered (`link_seq` in the
-  header, 1, 2, 3 ... within one *session*, that is one pair of
-  incarnations) and kept in a resend queue until the peer acknowledges them
-  (`link_ack` in the header of every frame the peer sends, and LINK_ACK
-  frames when it has nothing else to send). After a reconnect the peer's
-  HELLO says up to where it received (`resume_seq`, valid only if its
-  `resume_incarnation` is ours); the rest of the queue is sent again. The
-  receiver delivers a sequenced frame only if it is the next one expected:
-  a duplicate is dropped, a gap is a protocol error.
-* The bytes in the resend queue are bounded by `inflight_bytes_max`: `send`
-  waits while the window is full (back-pressure toward the writers), in
-  first-come order.
-* With `resume=False` every connection is a session of its own: at each
-  handshake the resend queue is dropped and the numbering restarts, as after a
-  peer restart. The site daemon runs its link that way, because its core
-  treats every connection as a new session (Hello, then reconcile or resync)
-  and a frame of the session before would be stale in the next one.
-* A new peer incarnation in HELLO means the peer restarted: the resend queue
-  is dropped (the peer lost what it had not persisted; the core runs its own
-  recovery), the sequence numbers restart, and LinkUp says so. A Link object
-  lives for one local incarnation: the daemon builds a new one after a
-  restart, with the incarnation bumped.
+  header, 1, 2, 3 ... within one connection) and acknowledged by the peer
+  (`link_ack` in the header of every frame it sends, and LINK_ACK frames when
+  it has nothing else to send). The receiver checks the numbering (a gap or a
+  repeat is a protocol error). The bytes sent and not yet acknowledged are
+  bounded by `inflight_bytes_max`: `send` waits while the window is full
+  (back-pressure toward the writers), in first-come order.
+* A new peer incarnation in LINK_HELLO means the peer restarted; LinkUp says
+  so. A Link object lives for one local incarnation: the daemon builds a new
+  one after a restart, with the incarnation bumped.
 * A frame that fails to decode (CRC, length, type ...) drops the connection;
-  nothing from it is delivered and it is not acknowledged, so it is sent
-  again on the next connection. Silence longer than `heartbeat_timeout_ms`
-  (a black hole) drops the connection too. The dialing end reconnects with
-  exponential backoff and jitter.
+  nothing from it is delivered. Silence longer than `heartbeat_timeout_ms`
+  (a black hole) drops the connection too: this only frees a dead TCP
+  connection so that the dialer dials again; whether the peer is alive is the
+  core's decision (its peer_timeout_ms, on its own clock; docs/wire.md,
+  "Failure detection"). The dialing end reconnects with exponential backoff
+  and jitter.
 
 Callbacks run on the event loop: `on_frame(frame)` for every delivered frame
 (the frame's memoryviews stay valid as long as the frame is referenced), and
@@ -56,23 +54,26 @@ from typing import Literal
 
 from replicator.framing import (
     HEADER_BYTES,
+    LINK_FRAME_TYPES,
     MAGIC,
     SEQUENCED_TYPES,
     Frame,
     FrameDecoder,
     FrameType,
     FramingError,
-    Hello,
-    encode_goodbye,
-    encode_hello,
+    Goodbye,
+    LinkHello,
+    UnsupportedVersion,
     encode_link_ack,
+    encode_link_goodbye,
+    encode_link_hello,
     stamp_link,
 )
 from replicator.transport.config import LinkLimits, TlsConfig, certificate_names
 
 _PAYLOAD_LENGTH = struct.Struct("<I")
 
-# GOODBYE reason codes sent by the link itself (the core uses codes from 16 up).
+# LINK_GOODBYE reason codes (the link's own frame type: the core's Goodbye is another frame).
 GOODBYE_CLOSING = 1
 GOODBYE_WRONG_PEER = 2
 GOODBYE_PROTOCOL_ERROR = 3
@@ -84,18 +85,15 @@ class LocalHello:
 
     epoch: int
     incarnation: int
-    state: int
     extras: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class LinkUp:
-    peer: Hello
+    peer: LinkHello
     peer_epoch: int
-    # The peer's incarnation changed: the frames not acknowledged before were dropped.
-    peer_restarted: bool
-    frames_resent: int
-    frames_dropped: int
+    peer_restarted: bool  # the peer's incarnation changed
+    frames_dropped: int  # sent on the connection before and never acknowledged
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +116,9 @@ class LinkStats:
     corrupt_connections: int = 0
     silent_connections: int = 0
     frames_sent: int = 0
-    frames_resent: int = 0
     frames_received: int = 0
-    duplicates_dropped: int = 0
-    frames_dropped_stale: int = 0  # without resume: handed over in a session that ended before they went out
+    frames_dropped_stale: int = 0  # handed over in a session that ended before they went out
+    version_refusals: int = 0  # a peer of another protocol version
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -133,7 +130,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.link = link
         self.decoder = FrameDecoder(link.limits.frame_size_bytes_max, link.limits.receive_buffer_bytes)
         self.transport: asyncio.Transport | None = None
-        self.peer_hello: Hello | None = None
+        self.peer_hello: LinkHello | None = None
         self.up = False
         self.dropped = False
         self.finished: asyncio.Future[None] = link._loop.create_future()
@@ -162,6 +159,15 @@ class _Connection(asyncio.BufferedProtocol):
         self.last_received = self.link._loop.time()
         try:
             frames = self.decoder.buffer_updated(nbytes)
+        except UnsupportedVersion as error:
+            self.link.stats.version_refusals += 1
+            reason = (
+                f"the peer speaks another link protocol ({error}): mixed versions are refused, "
+                "run the same release at both sites (docs/upgrades.md)"
+            )
+            self.link._on_refused(reason)
+            self.link._drop(self, reason)
+            return
         except FramingError as error:
             self.link.stats.corrupt_connections += 1
             self.link._drop(self, f"bad frame from the peer: {type(error).__name__}: {error}")
@@ -218,7 +224,6 @@ class Link:
         limits: LinkLimits | None = None,
         tls: TlsConfig | None = None,
         rng: random.Random | None = None,
-        resume: bool = True,
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
         if role not in ("connect", "accept"):
@@ -232,8 +237,7 @@ class Link:
         self.address = address
         self.limits = limits or LinkLimits()
         self.tls = tls
-        self.resume = resume
-        self.sessions = 0  # handshakes that started a new session (each one, without resume)
+        self.sessions = 0  # handshakes, each the start of a new session
         self.stats = LinkStats()
         self._hello = hello
         self._on_frame = on_frame
@@ -251,7 +255,8 @@ class Link:
         # Session state (one pair of incarnations).
         self._peer_incarnation: int | None = None
         self._next_seq = 1
-        self._queue: collections.deque[tuple[int, bytearray]] = collections.deque()
+        # (link seq, size) of the frames sent and not yet acknowledged: the window's accounting.
+        self._queue: collections.deque[tuple[int, int]] = collections.deque()
         self._unacknowledged_bytes = 0
         self._received_seq = 0
         self._ack_sent = 0
@@ -295,10 +300,11 @@ class Link:
     async def send(self, frame: bytearray) -> None:
         """Send one encoded frame; the link takes ownership of the bytearray.
 
-        Sequenced frames are kept until acknowledged and resent after a
-        reconnect; this waits while `inflight_bytes_max` would be exceeded.
-        Other frames (heartbeats, goodbye) go out only if the link is up and
-        are dropped otherwise: late, they would mean nothing.
+        Sequenced frames count against `inflight_bytes_max` until acknowledged:
+        this waits while the window would be exceeded, and drops the frame
+        when the session it was handed over in ended meanwhile. Every frame
+        goes out only on the connection that is up, and is dropped when none
+        is: the core starts the next session over with its Hello.
         """
         if self._closed:
             raise LinkClosed("the link is closed")
@@ -310,8 +316,8 @@ class Link:
         if size > self.limits.frame_size_bytes_max:
             raise ValueError(f"frame of {size} bytes exceeds frame_size_bytes_max {self.limits.frame_size_bytes_max}")
         frame_type = frame[5]
-        if frame_type in (FrameType.HELLO, FrameType.LINK_ACK):
-            raise ValueError("HELLO and LINK_ACK frames belong to the link")
+        if frame_type in LINK_FRAME_TYPES:
+            raise ValueError("LINK_HELLO, LINK_ACK and LINK_GOODBYE frames belong to the link")
         if frame_type not in SEQUENCED_TYPES:
             connection = self._active
             if connection is not None:
@@ -327,19 +333,18 @@ class Link:
                 await self._space.wait()
                 if self._closed:
                     raise LinkClosed("the link is closed")
-            if not self.resume and self.sessions != sessions:
+            connection = self._active
+            if self.sessions != sessions or connection is None:
                 self.stats.frames_dropped_stale += 1
-                return  # handed over for a session that ended while it waited: stale in the new one
+                return  # for a session that ended while it waited, or none is up: stale in the next one
             seq = self._next_seq
             self._next_seq += 1
-            self._queue.append((seq, frame))
+            self._queue.append((seq, size))
             self._unacknowledged_bytes += size
-            connection = self._active
-            if connection is not None:
-                stamp_link(frame, 0, seq, self._received_seq)
-                self._ack_sent = self._received_seq
-                connection.write(frame)
-                self.stats.frames_sent += 1
+            stamp_link(frame, 0, seq, self._received_seq)
+            self._ack_sent = self._received_seq
+            connection.write(frame)
+            self.stats.frames_sent += 1
 
     async def close(self, reason: int = GOODBYE_CLOSING, message: str = "closing") -> None:
         """Say goodbye, close every connection and stop; waiting senders get LinkClosed."""
@@ -348,7 +353,7 @@ class Link:
         self._closed = True
         if self._active is not None:
             goodbye = bytearray()
-            encode_goodbye(goodbye, self._hello().epoch, reason, message)
+            encode_link_goodbye(goodbye, self._hello().epoch, reason, message)
             stamp_link(goodbye, 0, 0, self._received_seq)
             self._active.write(goodbye)
         for connection in list(self._connections):
@@ -413,17 +418,7 @@ class Link:
         local = self._hello()
         assert local.incarnation == self._incarnation, "a Link lives for one local incarnation"
         hello = bytearray()
-        encode_hello(
-            hello,
-            local.epoch,
-            self.pair_id,
-            self.local_site,
-            local.incarnation,
-            local.state,
-            self._peer_incarnation or 0,
-            self._received_seq,
-            local.extras,
-        )
+        encode_link_hello(hello, local.epoch, self.pair_id, self.local_site, local.incarnation, local.extras)
         connection.write(hello)
         connection.handshake_timer = self._loop.call_later(
             self.limits.handshake_timeout_ms / 1000, self._handshake_timed_out, connection
@@ -466,7 +461,7 @@ class Link:
         if not connection.up:
             self._on_refused(f"refused a connection: {reason}")
         goodbye = bytearray()
-        encode_goodbye(goodbye, self._hello().epoch, reason_code, reason)
+        encode_link_goodbye(goodbye, self._hello().epoch, reason_code, reason)
         connection.write(goodbye)
         self._drop(connection, reason, graceful=True)
 
@@ -478,31 +473,33 @@ class Link:
                 return
             self.stats.frames_received += 1
             if not connection.up:
-                if frame.type == FrameType.GOODBYE:
+                if frame.type == FrameType.LINK_GOODBYE:
                     self.stats.handshake_failures += 1
                     self._on_refused(f"the peer refused the connection: {frame.body}")
                     self._drop(connection, f"the peer said goodbye: {frame.body}")
                     return
-                if frame.type != FrameType.HELLO:
-                    self._refuse(connection, GOODBYE_PROTOCOL_ERROR, f"expected HELLO, got {frame.type.name}")
+                if frame.type != FrameType.LINK_HELLO:
+                    self._refuse(connection, GOODBYE_PROTOCOL_ERROR, f"expected LINK_HELLO, got {frame.type.name}")
                     return
-                assert isinstance(frame.body, Hello)
+                assert isinstance(frame.body, LinkHello)
                 self._handshake(connection, frame.body, frame.epoch)
                 continue
-            if frame.type == FrameType.HELLO:
-                self._refuse(connection, GOODBYE_PROTOCOL_ERROR, "HELLO after the handshake")
+            if frame.type == FrameType.LINK_HELLO:
+                self._refuse(connection, GOODBYE_PROTOCOL_ERROR, "LINK_HELLO after the handshake")
                 return
-            if frame.type == FrameType.GOODBYE and getattr(frame.body, "reason", None) == GOODBYE_WRONG_PEER:
-                # The peer refused us after its HELLO went out (a duplicate of a live instance, a wrong
-                # pair): not a session worth resetting the reconnect backoff for.
-                connection.refused = True
-                self._on_refused(f"the peer refused the connection: {getattr(frame.body, 'message', '')}")
+            if frame.type == FrameType.LINK_GOODBYE:
+                body = frame.body
+                assert isinstance(body, Goodbye)
+                if body.reason == GOODBYE_WRONG_PEER:
+                    # The peer refused us after its LINK_HELLO went out (a duplicate of a live instance, a
+                    # wrong pair): not a session worth resetting the reconnect backoff for.
+                    connection.refused = True
+                    self._on_refused(f"the peer refused the connection: {body.message}")
+                self._drop(connection, f"the peer said goodbye: {body.message}")
+                return
             if frame.link_ack and not self._acknowledge(connection, frame.link_ack):
                 return
             if frame.type in SEQUENCED_TYPES:
-                if frame.link_seq <= self._received_seq:
-                    self.stats.duplicates_dropped += 1
-                    continue
                 if frame.link_seq != self._received_seq + 1:
                     self._refuse(
                         connection,
@@ -541,14 +538,14 @@ class Link:
         released = False
         queue = self._queue
         while queue and queue[0][0] <= ack:
-            _, frame = queue.popleft()
-            self._unacknowledged_bytes -= len(frame)
+            _, size = queue.popleft()
+            self._unacknowledged_bytes -= size
             released = True
         if released:
             self._space.set()
         return True
 
-    def _handshake(self, connection: _Connection, hello: Hello, peer_epoch: int) -> None:
+    def _handshake(self, connection: _Connection, hello: LinkHello, peer_epoch: int) -> None:
         if hello.pair_id != self.pair_id or hello.site != self.peer_site:
             self._refuse(
                 connection,
@@ -572,31 +569,18 @@ class Link:
                 f"(incarnation {self._peer_incarnation}); a second instance of it is refused",
             )
             return
-        peer_restarted = False
-        dropped = 0
-        if self._peer_incarnation is None:
-            self._peer_incarnation = hello.incarnation
-        if hello.incarnation != self._peer_incarnation or not self.resume:
-            # A new session: what the old peer did not acknowledge is the core's to recover.
-            peer_restarted = hello.incarnation != self._peer_incarnation
-            dropped = len(self._queue)
-            self._queue.clear()
-            self._unacknowledged_bytes = 0
-            self._next_seq = 1
-            self._received_seq = 0
-            self._ack_sent = 0
-            self._peer_incarnation = hello.incarnation
-            self.sessions += 1
-            self._space.set()
-        resume = hello.resume_seq if hello.resume_incarnation == self._incarnation and self.resume else 0
-        if resume >= self._next_seq or (self._queue and self._queue[0][0] > resume + 1):
-            self._refuse(
-                connection,
-                GOODBYE_PROTOCOL_ERROR,
-                f"resume point {resume} does not match the frames sent (next {self._next_seq})",
-            )
-            return
-        self._acknowledge(connection, resume)
+        # A new session: what the peer did not acknowledge on the connection before is the core's to
+        # recover (it starts every session with its Hello).
+        peer_restarted = self._peer_incarnation is not None and hello.incarnation != self._peer_incarnation
+        dropped = len(self._queue)
+        self._queue.clear()
+        self._unacknowledged_bytes = 0
+        self._next_seq = 1
+        self._received_seq = 0
+        self._ack_sent = 0
+        self._peer_incarnation = hello.incarnation
+        self.sessions += 1
+        self._space.set()
         if connection.handshake_timer is not None:
             connection.handshake_timer.cancel()
         previous = self._active
@@ -606,15 +590,8 @@ class Link:
         connection.up = True
         self._active = connection
         self.stats.connections_up += 1
-        for seq, frame in self._queue:
-            # A fresh copy: the old connection's transport may still hold the original.
-            copy = bytearray(frame)
-            stamp_link(copy, 0, seq, self._received_seq)
-            connection.write(copy)
-        self._ack_sent = self._received_seq
-        self.stats.frames_resent += len(self._queue)
         self._up_event.set()
-        self._on_state(LinkUp(hello, peer_epoch, peer_restarted, len(self._queue), dropped))
+        self._on_state(LinkUp(hello, peer_epoch, peer_restarted, dropped))
 
     # --- liveness -------------------------------------------------------------------
 
