@@ -53,18 +53,22 @@ __all__ = [
     "ApiConfig",
     "ChaosConfig",
     "ConfigError",
+    "DaemonBounds",
     "ListenConfig",
     "NbdConfig",
     "PairSpec",
     "S3Config",
     "SiteConfig",
     "SiteSection",
+    "SiteSettings",
     "TlsConfig",
     "TlsFiles",
     "WitnessClientConfig",
     "WitnessConfig",
     "WitnessListenConfig",
+    "WitnessClientSettings",
     "WitnessSection",
+    "derive",
     "load_site_config",
     "load_witness_config",
     "parse_address",
@@ -217,21 +221,66 @@ class SiteSection:
         "", check=_check_optional_address, doc="the peer's gRPC address, named to clients when this site cannot serve"
     )
     peer_timeout_ms: int = _field(1000, check=_check_positive_int, doc="silence from the peer before SUSPENDED")
-    heartbeat_ms: int = _field(100, check=_check_positive_int, doc="heartbeat interval on an idle link")
+    heartbeat_interval_ms: int = _field(
+        100, check=_check_positive_int, doc="heartbeat interval on an idle link (was heartbeat_ms)"
+    )
     lease_ms: int = _field(2000, check=_check_positive_int, doc="read lease granted by each frame")
     lease_drift_ppm: int = _field(1000, check=_check_non_negative_int, doc="clock-rate error allowed for leases")
     preferred_site: str = _field("", check=_check_optional_name, doc="site that wins when both are alive; empty: none")
-    preferred_grace_ms: int = _field(2000, check=_check_non_negative_int, doc="head start given to the preferred site")
     static_priority: bool = _field(
         False, check=_check_boolean, doc="preferred site goes on alone if the witness is down"
+    )
+    static_priority_wait_ms: int = _field(
+        3000, check=_check_positive_int, doc="with static_priority: how long the witness is out of reach first"
     )
     inflight_bytes_max: int = _field(64 * MIB, check=_check_positive_int, doc="unacknowledged bytes on the link")
     frame_size_bytes_max: int = _field(8 * MIB, check=_check_positive_int, doc="largest frame on the link")
     dedup_age_ms: int = _field(600_000, check=_check_positive_int, doc="how long a request id is remembered")
     dedup_entries_max: int = _field(1_000_000, check=_check_positive_int, doc="request ids remembered at most")
-    read_wait_ms: int = _field(1000, check=_check_positive_int, doc="how long a read waits for a prepared record")
+    read_wait_ms_max: int = _field(
+        1000, check=_check_positive_int, doc="how long a read waits for a prepared record (was read_wait_ms)"
+    )
     reconnect_backoff_ms_max: int = _field(1000, check=_check_positive_int, doc="longest wait between peer reconnects")
     shutdown_stage_timeout_ms: int = _field(5000, check=_check_positive_int, doc="bound on each shutdown stage")
+    # The core's bounds (replicator/core/config.py), under the core's names.
+    inflight_records_max: int = _field(
+        10_000, check=_check_positive_int, doc="records sent to the peer and not yet acknowledged; more writes wait"
+    )
+    parked_reads_max: int = _field(
+        10_000, check=_check_positive_int, doc="reads waiting for a lease or a prepared record; more are refused"
+    )
+    resync_batch_keys_max: int = _field(128, check=_check_positive_int, doc="keys in one resync batch")
+    resync_batches_inflight_max: int = _field(
+        4, check=_check_positive_int, doc="resync batches loading or unacknowledged at once"
+    )
+    reconcile_records_per_message_max: int = _field(
+        256, check=_check_positive_int, doc="records in one reconcile message (also cut to the frame)"
+    )
+    dedup_entries_per_message_max: int = _field(
+        1024, check=_check_positive_int, doc="request ids in one resync dedup message (also cut to the frame)"
+    )
+    # The daemon's queues between layers.
+    send_queue_bytes_max: int = _field(
+        64 * MIB, check=_check_positive_int, doc="frames queued for the link; above it new writes are refused"
+    )
+    requests_inflight_max: int = _field(
+        20_000, check=_check_positive_int, doc="client requests waiting for the core; more are refused"
+    )
+
+
+# Keys that were renamed: the old name is still accepted (with a warning in the log at start-up).
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "site": {"heartbeat_ms": "heartbeat_interval_ms", "read_wait_ms": "read_wait_ms_max"},
+}
+# Keys that were removed, and why: refused with the reason, so that nobody believes they act.
+REMOVED_KEYS: dict[str, dict[str, str]] = {
+    "site": {
+        "preferred_grace_ms": (
+            "removed: it was never read; the preferred site's head start is the witness's "
+            "witness.preferred_grace_ms (in the witness's configuration). Delete this line"
+        ),
+    },
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +299,7 @@ class WitnessClientConfig:
     timeout_ms: int = _field(
         3000, check=_check_positive_int, doc="deadline of one witness call (longer than the witness's grace)"
     )
-    retry_interval_ms: int = _field(200, check=_check_positive_int, doc="wait between witness attempts")
+    retry_interval_ms: int = _field(250, check=_check_positive_int, doc="wait between witness attempts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +410,8 @@ class SiteConfig:
     chaos: ChaosConfig = ChaosConfig()
     nbd: NbdConfig = NbdConfig()
     s3: S3Config = S3Config()
+    # Old key names the file used (accepted, see RENAMED_KEYS): the daemon logs each at start-up.
+    deprecated: tuple[str, ...] = field(default=(), compare=False)
 
     def exposed_addresses(self) -> list[str]:
         """Listen addresses that are not loopback (explicitly configured), for the start-up log."""
@@ -405,7 +456,6 @@ class WitnessConfig:
     listen: WitnessListenConfig = WitnessListenConfig()
     tls: TlsConfig = TlsConfig()
     pairs: tuple[PairSpec, ...] = ()
-    chaos: ChaosConfig = ChaosConfig()
 
     def exposed_addresses(self) -> list[str]:
         return [a for a in (self.listen.grpc, self.listen.metrics) if not _is_loopback(a)]
@@ -478,6 +528,10 @@ def _build_chaos(raw: Any, environ: Mapping[str, str]) -> ChaosConfig:
             f"chaos.test_plant: refused, this plants a deliberate fault and is allowed only when "
             f"{CHAOS_ENVIRONMENT_VARIABLE}=1 is set in the environment (chaos tests), got {chaos.test_plant!r}"
         )
+    from replicator.core.config import PLANTS, SIMULATOR_PLANTS  # pure and light, unlike derive's imports
+
+    if chaos.test_plant and chaos.test_plant not in PLANTS and chaos.test_plant not in SIMULATOR_PLANTS:
+        raise ConfigError(f"chaos.test_plant: unknown plant {chaos.test_plant!r} (known: {', '.join(sorted(PLANTS))})")
     return chaos
 
 
@@ -489,6 +543,27 @@ def _check_keys(raw: Mapping[str, Any], known: tuple[str, ...], what: str) -> No
             raise ConfigError(f"{key}: unknown {what} section{suggestion}")
 
 
+def _upgrade_keys(raw: Any, section: str, deprecated: list[str]) -> Any:
+    """Old names of renamed keys read as the new ones (noted in `deprecated`); removed keys refused."""
+    if not isinstance(raw, Mapping):
+        return raw
+    for key, reason in REMOVED_KEYS.get(section, {}).items():
+        if key in raw:
+            raise ConfigError(f"{section}.{key}: {reason}")
+    renamed = RENAMED_KEYS.get(section, {})
+    if not any(key in raw for key in renamed):
+        return raw
+    upgraded = dict(raw)
+    for old, new in renamed.items():
+        if old not in upgraded:
+            continue
+        if new in upgraded:
+            raise ConfigError(f"{section}.{old}: renamed {section}.{new}, and both are set: keep only {new}")
+        upgraded[new] = upgraded.pop(old)
+        deprecated.append(f"{section}.{old}: renamed {section}.{new}; the old name still works for now, rename it")
+    return upgraded
+
+
 def site_config_from_mapping(
     raw: Mapping[str, Any], base_dir: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> SiteConfig:
@@ -497,8 +572,9 @@ def site_config_from_mapping(
     _check_keys(raw, ("site", "listen", "witness", "api", "tls", "chaos", "nbd", "s3"), "site configuration")
     if "site" not in raw:
         raise ConfigError("site: required section missing (name, peer_name, pair_id, data_dir)")
+    deprecated: list[str] = []
     config = SiteConfig(
-        site=_build_section(SiteSection, raw["site"], "site", base_dir),
+        site=_build_section(SiteSection, _upgrade_keys(raw["site"], "site", deprecated), "site", base_dir),
         listen=_build_section(ListenConfig, raw.get("listen", {}), "listen", base_dir),
         witness=_build_section(WitnessClientConfig, raw.get("witness", {}), "witness", base_dir),
         api=_build_section(ApiConfig, raw.get("api", {}), "api", base_dir),
@@ -506,8 +582,10 @@ def site_config_from_mapping(
         chaos=_build_chaos(raw.get("chaos", {}), environ),
         nbd=_build_section(NbdConfig, raw.get("nbd", {}), "nbd", base_dir),
         s3=_build_s3(raw.get("s3", {}), base_dir),
+        deprecated=tuple(deprecated),
     )
     _check_site_relations(config)
+    derive(config)  # every layer's own checks, now: a bad value is refused at start-up, with its key
     return config
 
 
@@ -547,10 +625,26 @@ def _check_site_relations(config: SiteConfig) -> None:
     if site.static_priority and not site.preferred_site:
         raise ConfigError("site.static_priority: needs site.preferred_site, which is empty")
     # A lost heartbeat or two must not make the peer look dead (the link needs timeout > 2 x interval).
-    if 2 * site.heartbeat_ms >= site.peer_timeout_ms:
+    if 2 * site.heartbeat_interval_ms >= site.peer_timeout_ms:
         raise ConfigError(
-            f"site.heartbeat_ms: must be less than half of site.peer_timeout_ms ({site.peer_timeout_ms}), "
-            f"got {site.heartbeat_ms}"
+            f"site.heartbeat_interval_ms: must be less than half of site.peer_timeout_ms ({site.peer_timeout_ms}), "
+            f"got {site.heartbeat_interval_ms}"
+        )
+    # The core suspects the peer only after a lease's worth of silence or less (core/config.py).
+    if site.peer_timeout_ms > 4 * site.lease_ms:
+        raise ConfigError(
+            f"site.peer_timeout_ms: must be at most 4 x site.lease_ms ({4 * site.lease_ms}), got {site.peer_timeout_ms}"
+        )
+    # A List page reads every key of it through the core at once: a page must fit in the bound.
+    if site.requests_inflight_max < api.list_page_size_max:
+        raise ConfigError(
+            f"site.requests_inflight_max: must be at least api.list_page_size_max ({api.list_page_size_max}), "
+            f"got {site.requests_inflight_max}"
+        )
+    if site.send_queue_bytes_max < site.frame_size_bytes_max:
+        raise ConfigError(
+            f"site.send_queue_bytes_max: must be at least site.frame_size_bytes_max ({site.frame_size_bytes_max}), "
+            f"got {site.send_queue_bytes_max}"
         )
     if site.frame_size_bytes_max > site.inflight_bytes_max:
         raise ConfigError(
@@ -590,9 +684,15 @@ def _check_site_relations(config: SiteConfig) -> None:
 def witness_config_from_mapping(
     raw: Mapping[str, Any], base_dir: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> WitnessConfig:
-    """Build and validate a WitnessConfig from parsed TOML; raise ConfigError naming the first bad key."""
-    environ = os.environ if environ is None else environ
-    _check_keys(raw, ("witness", "listen", "tls", "pairs", "chaos"), "witness configuration")
+    """Build and validate a WitnessConfig from parsed TOML; raise ConfigError naming the first bad key.
+
+    (`environ` is unused since the witness lost its [chaos] section; kept for the callers.)"""
+    if "chaos" in raw:
+        raise ConfigError(
+            "chaos: removed from the witness's configuration: the witness never read it (the chaos suite plants "
+            "faults in the sites only). Delete the [chaos] section"
+        )
+    _check_keys(raw, ("witness", "listen", "tls", "pairs"), "witness configuration")
     if "witness" not in raw:
         raise ConfigError("witness: required section missing (data_dir)")
     pairs_raw = raw.get("pairs", [])
@@ -622,7 +722,6 @@ def witness_config_from_mapping(
         listen=_build_section(WitnessListenConfig, raw.get("listen", {}), "listen", base_dir),
         tls=_build_tls(raw.get("tls", {}), base_dir, ("grpc",)),
         pairs=tuple(pairs),
-        chaos=_build_chaos(raw.get("chaos", {}), environ),
     )
 
 
@@ -645,6 +744,114 @@ def load_site_config(path: str | os.PathLike[str], environ: Mapping[str, str] | 
 def load_witness_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> WitnessConfig:
     raw, base_dir = _load(path)
     return witness_config_from_mapping(raw, base_dir, environ)
+
+
+# --------------------------------------------------------------------------
+# Deriving every layer's settings from a site configuration: the one place where the TOML's keys
+# become the core's, the link's, the store's, the witness client's and the daemon's own bounds.
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonBounds:
+    """The site daemon's own queues between layers (replicator/daemon/site.py)."""
+
+    # Frames waiting for the link sender. Above this, new client writes are refused (UNAVAILABLE,
+    # "overloaded"): writes are what fill it; the core's own messages are bounded by its windows.
+    send_queue_bytes_max: int
+    # Client requests (reads and writes) waiting for the core's answer; more are refused the same way.
+    requests_inflight_max: int
+    # The records of one turn of the event loop go out as one frame of at most this many bytes.
+    outbox_bytes_max: int
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessClientSettings:
+    address: str
+    timeout_ms: int
+    tls: TlsFiles | None
+
+
+@dataclass(frozen=True, slots=True)
+class SiteSettings:
+    """Every layer's settings of one site, from `derive`."""
+
+    core: Any  # replicator.core.config.CoreConfig
+    link: Any  # replicator.transport.config.LinkLimits
+    link_tls: Any  # replicator.transport.config.TlsConfig | None
+    store: Any  # replicator.storage.base.StoreOptions
+    witness: WitnessClientSettings
+    daemon: DaemonBounds
+
+
+def derive(config: SiteConfig) -> SiteSettings:
+    """Build every layer's settings from a site configuration; raise ConfigError if a layer refuses one.
+
+    One name per knob: each layer's field has the TOML key's name ([site] keys as they are,
+    witness.retry_interval_ms as witness_retry_interval_ms), but for these, derived:
+    - the core's `clock_drift_max` is site.lease_drift_ppm / 1e6;
+    - the core's `message_bytes_max` is site.frame_size_bytes_max less the frame's headroom;
+    - the core's `preferred` is site.preferred_site, else the name that sorts first (the tie-break);
+    - the link's `heartbeat_timeout_ms` is site.peer_timeout_ms (at least twice the heartbeat, plus 1);
+    - the daemon's outbox holds a quarter of a frame.
+    """
+    # Imported here: the client library imports this module and must not load the storage engine.
+    from replicator.core.config import MESSAGE_HEADROOM_BYTES, CoreConfig
+    from replicator.storage.base import StoreOptions
+    from replicator.transport.config import LinkLimits
+    from replicator.transport.config import TlsConfig as LinkTls
+
+    site, witness = config.site, config.witness
+    plants = frozenset({config.chaos.test_plant}) if config.chaos.test_plant else frozenset()
+    try:
+        core = CoreConfig(
+            site=site.name,
+            peer=site.peer_name,
+            pair=site.pair_id,
+            preferred=site.preferred_site or min(site.name, site.peer_name),
+            lease_ms=site.lease_ms,
+            clock_drift_max=site.lease_drift_ppm / 1e6,
+            peer_timeout_ms=site.peer_timeout_ms,
+            heartbeat_interval_ms=site.heartbeat_interval_ms,
+            witness_retry_interval_ms=witness.retry_interval_ms,
+            read_wait_ms_max=site.read_wait_ms_max,
+            parked_reads_max=site.parked_reads_max,
+            inflight_records_max=site.inflight_records_max,
+            resync_batch_keys_max=site.resync_batch_keys_max,
+            resync_batches_inflight_max=site.resync_batches_inflight_max,
+            reconcile_records_per_message_max=site.reconcile_records_per_message_max,
+            dedup_entries_per_message_max=site.dedup_entries_per_message_max,
+            message_bytes_max=site.frame_size_bytes_max - MESSAGE_HEADROOM_BYTES,
+            dedup_age_ms=site.dedup_age_ms,
+            dedup_entries_max=site.dedup_entries_max,  # the core's table bounded as the store's
+            static_priority=site.static_priority,
+            static_priority_wait_ms=site.static_priority_wait_ms,
+            plants=plants,
+        )
+        link = LinkLimits(
+            frame_size_bytes_max=site.frame_size_bytes_max,
+            inflight_bytes_max=site.inflight_bytes_max,
+            heartbeat_interval_ms=site.heartbeat_interval_ms,
+            heartbeat_timeout_ms=max(site.peer_timeout_ms, 2 * site.heartbeat_interval_ms + 1),
+            reconnect_backoff_ms_max=site.reconnect_backoff_ms_max,
+        )
+        store = StoreOptions(dedup_entries_max=site.dedup_entries_max)
+    except ValueError as error:
+        # A layer's own check that the TOML's checks did not anticipate: name the layer's key.
+        raise ConfigError(f"site: refused by a layer's own check: {error}") from None
+    files = config.tls.link
+    link_tls = None if files is None else LinkTls(str(files.ca_file), str(files.cert_file), str(files.key_file))
+    return SiteSettings(
+        core=core,
+        link=link,
+        link_tls=link_tls,
+        store=store,
+        witness=WitnessClientSettings(witness.address, witness.timeout_ms, config.tls.witness),
+        daemon=DaemonBounds(
+            send_queue_bytes_max=site.send_queue_bytes_max,
+            requests_inflight_max=site.requests_inflight_max,
+            outbox_bytes_max=max(site.frame_size_bytes_max // 4, 1),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -683,6 +890,8 @@ def _to_toml(config: SiteConfig | WitnessConfig) -> str:
     lines: list[str] = []
     for spec in dataclasses.fields(config):
         section = getattr(config, spec.name)
+        if spec.name == "deprecated":
+            continue  # how the file was written, not a setting
         if isinstance(section, TlsConfig):
             for channel in dataclasses.fields(section):
                 files = getattr(section, channel.name)

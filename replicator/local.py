@@ -103,15 +103,14 @@ TLS_CLIENT = "client"
 # Short timeouts for a demo on loopback (the defaults are for a metro network).
 DEMO_SITE_SETTINGS: dict[str, Any] = {
     "peer_timeout_ms": 500,
-    "heartbeat_ms": 100,
+    "heartbeat_interval_ms": 100,
     "lease_ms": 1000,
-    "preferred_grace_ms": 300,
     "reconnect_backoff_ms_max": 200,
     "shutdown_stage_timeout_ms": 2000,
 }
 # For runs that are not about failover (the s3-tests suite, benchmarks): on a loaded 2-core machine the
 # demo's 500 ms peer timeout makes the pair fail over (and answer 503) in the middle of them.
-PATIENT_PEER_TIMEOUTS: dict[str, int | str | bool] = {"peer_timeout_ms": 3000, "lease_ms": 4000, "heartbeat_ms": 200}
+PATIENT_PEER_TIMEOUTS: dict[str, int | str | bool] = {"peer_timeout_ms": 3000, "lease_ms": 4000, "heartbeat_interval_ms": 200}
 DEMO_WITNESS_SETTINGS: dict[str, Any] = {
     "preferred_grace_ms": 300,
     "request_timeout_ms": 2000,
@@ -238,10 +237,15 @@ class LocalCluster:
         operator's deployment runs: the benchmark measures both)."""
         if timeouts not in TIMEOUT_PROFILES:
             raise LocalClusterError(f"timeouts must be one of {', '.join(TIMEOUT_PROFILES)}, got {timeouts!r}")
-        heartbeat_ms = DEMO_SITE_SETTINGS["heartbeat_ms"] if timeouts == "demo" else _default(SiteSection, "heartbeat_ms")
-        if peer_timeout_ms is not None and peer_timeout_ms <= 2 * heartbeat_ms:
+        heartbeat_interval_ms = (
+            DEMO_SITE_SETTINGS["heartbeat_interval_ms"]
+            if timeouts == "demo"
+            else _default(SiteSection, "heartbeat_interval_ms")
+        )
+        if peer_timeout_ms is not None and peer_timeout_ms <= 2 * heartbeat_interval_ms:
             raise LocalClusterError(
-                f"peer_timeout_ms must be more than twice the heartbeat ({heartbeat_ms} ms), got {peer_timeout_ms}"
+                f"peer_timeout_ms must be more than twice the heartbeat ({heartbeat_interval_ms} ms), "
+                f"got {peer_timeout_ms}"
             )
         self.peer_timeout_ms = peer_timeout_ms
         self.timeouts = timeouts

@@ -6,10 +6,12 @@ import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from replicator.api.admission import admitted
 from replicator.api.fake import FakeBackend, FakeStore, FakeWitnessBackend, ServerThread, fake_pair
 from replicator.api.server import start_site_server, start_witness_server
 from replicator.api.witness import PairMode
@@ -20,11 +22,13 @@ from replicator.client import (
     InvalidArgument,
     NotFound,
     OutcomeUnknown,
+    Overloaded,
     Refused,
     RetryPolicy,
     Unavailable,
 )
-from replicator.client._common import RequestIds, Rotation
+from replicator.client._common import RequestIds
+from replicator.client.retry import Outcome, RetryPlan
 from replicator.config import ApiConfig, TlsFiles
 
 FAST_RETRY = RetryPolicy(attempts_max=4, backoff_initial_ms=1, backoff_ms_max=5, call_timeout_ms=5000)
@@ -115,6 +119,76 @@ def test_unknown_outcome_after_every_retry_is_reported(servers: ServerThread) ->
     assert backend.store.records_applied == 1
 
 
+def test_a_refusal_after_a_timeout_still_reports_the_outcome_unknown(servers: ServerThread) -> None:
+    """retry.py: a write that timed out at a (twice, so the plan moves on) and was then refused by b
+    may be applied at a: the caller gets OutcomeUnknown with maybe_applied, never Unavailable."""
+    a, b, address_a, address_b = fake_pair(servers)
+    a.unknown_after_apply = 100
+    b.available = False
+    policy = RetryPolicy(attempts_max=3, backoff_initial_ms=1, backoff_ms_max=5, call_timeout_ms=5000)
+    with Client([address_a, address_b], retry=policy) as client:
+        with pytest.raises(OutcomeUnknown, match="earlier attempt") as caught:
+            client.put("bk", "k", b"v")
+        assert caught.value.maybe_applied
+        assert (a.writes_seen, b.writes_seen, a.store.records_applied) == (2, 1, 1)
+        a.available = False
+        with pytest.raises(Unavailable) as refused:  # a read changes nothing: known, whatever happened
+            client.get("bk", "missing")
+        assert not refused.value.maybe_applied
+
+
+def test_maybe_applied_tells_a_refusal_from_a_site_that_could_not_be_reached(servers: ServerThread) -> None:
+    """What the chaos workload records as fail (nothing applied) or info (maybe applied)."""
+    a, _, address_a, _ = fake_pair(servers)
+    a.available = False
+    with Client([address_a], retry=FAST_RETRY) as client, pytest.raises(Unavailable) as refused:
+        client.put("bk", "k", b"v")
+    assert not refused.value.maybe_applied
+    address = servers.start_site(FakeBackend("c"))
+    servers.stop_site(address)
+    with Client([address], retry=FAST_RETRY) as client, pytest.raises(Unavailable) as unreachable:
+        client.delete("bk", "k")
+    assert unreachable.value.maybe_applied
+
+
+def test_a_busy_site_is_retried_in_place_after_its_hint() -> None:
+    """Admission control answers RESOURCE_EXHAUSTED with `replicator-retry-after-ms`: the client waits
+    that long and asks the same site again (never the other); nothing was applied by the refusal."""
+
+    async def main() -> None:
+        store = FakeStore()
+        a, b = FakeBackend("a", store), FakeBackend("b", store)
+        a.write_delay_s = 0.15
+        gate: Any = admitted(a, 1, 1 << 20, 0)
+        server_a = await start_site_server(gate, "127.0.0.1:0")
+        server_b = await start_site_server(b, "127.0.0.1:0")
+        patient = RetryPolicy(attempts_max=30, backoff_initial_ms=1, backoff_ms_max=1000)  # >= 290 ms of hints
+        try:
+            async with AsyncClient([server_a.address, server_b.address], retry=patient) as client:
+                first = asyncio.ensure_future(client.put("bk", "slow", b"1"))
+                while gate.admission.stats().ops_in_flight == 0:
+                    await asyncio.sleep(0.005)  # it holds a's only permit for 150 ms
+                await client.put("bk", "busy", b"2")  # refused at once, retried at a after the hint
+                await first
+            assert gate.admission.stats().rejected >= 1
+            assert b.writes_seen == 0 and a.writes_seen == 2 and store.records_applied == 2
+            async with AsyncClient([server_a.address], retry=RetryPolicy(attempts_max=2, backoff_ms_max=5)) as client:
+                a.write_delay_s = 1.0
+                held = asyncio.ensure_future(client.put("bk", "held", b"3"))
+                while gate.admission.stats().ops_in_flight == 0:
+                    await asyncio.sleep(0.005)
+                with pytest.raises(Overloaded, match="busy") as refused:
+                    await client.put("bk", "refused", b"4")
+                assert not refused.value.maybe_applied
+                await held
+            assert "refused" not in {key.decode() for key in store.versions}
+        finally:
+            await server_a.stop(0)
+            await server_b.stop(0)
+
+    asyncio.run(main())
+
+
 def test_bad_input_is_not_retried(servers: ServerThread) -> None:
     a, b, address_a, address_b = fake_pair(servers)
     with Client([address_a, address_b], retry=FAST_RETRY) as client:
@@ -180,8 +254,9 @@ def test_request_ids_are_unique_and_carry_a_random_prefix() -> None:
 
 
 def test_backoff_switches_site_first_then_waits_bounded() -> None:
-    rotation = Rotation(["x:1", "y:2"], RetryPolicy(backoff_initial_ms=10, backoff_ms_max=40))
-    delays = [rotation.delay_s(attempt) for attempt in range(6)]
+    plan = RetryPlan(RetryPolicy(backoff_initial_ms=10, backoff_ms_max=40), 2, write=False)
+    delays = [plan.start().delay_s] + [plan.record(Outcome.UNREACHABLE).delay_s for _ in range(5)]
+    assert plan.tried == [0, 1, 0, 1, 0, 1]
     assert delays[:2] == [0.0, 0.0]
     assert all(0 < d <= 0.040 for d in delays[2:])
     with pytest.raises(ValueError, match="attempts_max"):

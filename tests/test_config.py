@@ -80,7 +80,7 @@ def test_relations_between_keys() -> None:
     refused("site.preferred_site: must be 'a', 'b' or empty, got 'c'", site={"preferred_site": "c"})
     refused("site.static_priority: needs site.preferred_site, which is empty", site={"static_priority": True})
     refused(
-        "site.heartbeat_ms: must be less than half of site.peer_timeout_ms (200), got 100",
+        "site.heartbeat_interval_ms: must be less than half of site.peer_timeout_ms (200), got 100",
         site={"peer_timeout_ms": 200},
     )
     with pytest.raises(ConfigError, match=r"^site\.frame_size_bytes_max: must exceed the largest client write"):
@@ -99,7 +99,9 @@ def test_non_loopback_listen_only_when_written() -> None:
 def test_test_plant_needs_the_chaos_environment() -> None:
     with pytest.raises(ConfigError, match=r"^chaos\.test_plant: refused.*REPLICATOR_CHAOS=1"):
         site(chaos={"test_plant": "skip-fsync"})
-    assert site({"REPLICATOR_CHAOS": "1"}, chaos={"test_plant": "skip-fsync"}).chaos.test_plant == "skip-fsync"
+    assert site({"REPLICATOR_CHAOS": "1"}, chaos={"test_plant": "drop_dirty"}).chaos.test_plant == "drop_dirty"
+    with pytest.raises(ConfigError, match=r"^chaos\.test_plant: unknown plant 'skip-fsync' \(known: .*drop_dirty"):
+        site({"REPLICATOR_CHAOS": "1"}, chaos={"test_plant": "skip-fsync"})
     assert site(chaos={"test_plant": ""}).chaos.test_plant == ""
 
 

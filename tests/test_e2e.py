@@ -18,7 +18,7 @@ import pytest
 from support import wait_for
 
 from replicator.client import Client, NotFound
-from replicator.config import load_site_config
+from replicator.config import load_site_config, load_witness_config
 from replicator.local import LocalCluster
 from replicator.transport.faultproxy import FaultProxy
 
@@ -34,7 +34,8 @@ def state(endpoint: str) -> str:
 def failover_bound_s(cluster: LocalCluster) -> float:
     """What the configuration promises: detection, the preferred site's grace, the lease, plus slack."""
     site = load_site_config(cluster.config_path("a")).site
-    return (site.peer_timeout_ms + site.preferred_grace_ms + site.lease_ms) / 1000 + 2.0
+    grace_ms = load_witness_config(cluster.config_path("witness")).witness.preferred_grace_ms
+    return (site.peer_timeout_ms + grace_ms + site.lease_ms) / 1000 + 2.0
 
 
 @pytest.fixture

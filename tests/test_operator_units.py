@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from support import wait_for
 from replicator import framing
 from replicator.api.backend import DEGRADED, HEALTHY, NOT_SERVING, SiteStatus, health_of
 from replicator.client import RetryPolicy
-from replicator.client._common import Rotation
+from replicator.client.retry import Outcome, RetryPlan, Step
 from replicator.config import SiteSection, WitnessClientConfig, WitnessSection
 from replicator.core import messages as msg
 from replicator.daemon import logs
@@ -163,21 +162,20 @@ def test_a_clean_link_close_is_not_a_stale_epoch() -> None:
 
 def test_default_witness_deadline_outlasts_the_preferred_sites_grace() -> None:
     assert WitnessClientConfig().timeout_ms > WitnessSection.__dataclass_fields__["preferred_grace_ms"].default
-    assert WitnessClientConfig().timeout_ms > SiteSection.__dataclass_fields__["preferred_grace_ms"].default
 
 
 def test_default_retry_budget_outlasts_the_default_failover() -> None:
     """The client's retries (with the least jitter) last longer than a failover with the defaults:
     peer_timeout + the preferred site's grace + a witness round trip (docs/operations.md)."""
     site = SiteSection.__dataclass_fields__
-    failover_ms = site["peer_timeout_ms"].default + site["preferred_grace_ms"].default + 500
-    random.seed(1)
+    grace_ms = WitnessSection.__dataclass_fields__["preferred_grace_ms"].default
+    failover_ms = site["peer_timeout_ms"].default + grace_ms + 500
     policy = RetryPolicy()
-    least = 0.0
-    rotation = Rotation(["a:1", "b:1"], policy)
-    for attempt in range(policy.attempts_max):
-        least += rotation.delay_s(attempt) / 1.0
-    # delay_s draws a jitter in [0.5, 1.0]: the budget's floor is half of the no-jitter sum.
+    plan = RetryPlan(policy, 2, write=True, random=lambda: 0.0)  # the least jitter: 0.5
+    least = plan.start().delay_s
+    while (decision := plan.record(Outcome.UNREACHABLE)).step is Step.CALL:
+        least += decision.delay_s
+    # The plan draws a jitter in [0.5, 1.0]: the budget's floor is half of the no-jitter sum.
     no_jitter = sum(
         min(policy.backoff_ms_max, policy.backoff_initial_ms * 2 ** (rounds - 1))
         for rounds in range(1, policy.attempts_max - 1)

@@ -186,9 +186,8 @@ def _settings(cluster: LocalCluster) -> dict[str, Any]:
     witness = load_witness_config(cluster.config_path("witness"))
     keys = (
         "peer_timeout_ms",
-        "heartbeat_ms",
+        "heartbeat_interval_ms",
         "lease_ms",
-        "preferred_grace_ms",
         "preferred_site",
         "reconnect_backoff_ms_max",
         "frame_size_bytes_max",

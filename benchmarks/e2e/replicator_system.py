@@ -120,7 +120,7 @@ class ReplicatorSystem:
         mode = "site a alone (b stopped, a SOLO)" if self.single else "witness + sites a and b"
         return (
             f"{mode}, replicator.local {self.timeouts} settings: peer_timeout_ms {site.peer_timeout_ms}, "
-            f"heartbeat_ms {site.heartbeat_ms}, lease_ms {site.lease_ms}; clients do not retry"
+            f"heartbeat_interval_ms {site.heartbeat_interval_ms}, lease_ms {site.lease_ms}; clients do not retry"
         )
 
     def wait_ready(self, timeout_s: float = STATE_TIMEOUT_S) -> str:

@@ -12,6 +12,10 @@ writes a unique value. Outcomes:
   was applied;
 - info: anything else (a deadline, a broken connection, a mix): the write may
   take effect at any time, or never.
+
+The clients are the library's own `Client`: its retry plan
+(replicator/client/retry.py) says whether a failed write's outcome is known,
+as `ClientError.maybe_applied`.
 """
 
 from __future__ import annotations
@@ -23,70 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from chaos.checkers.history import History
-from replicator.client import Client, NotFound, RetryPolicy
-from replicator.client._common import RETRYABLE, SAME_SITE_DEADLINES_MAX, failure
+from replicator.client import Client, ClientError, NotFound, RetryPolicy
 
 BUCKET = "chaos"
-OTHER_SITE_TRAILER = "replicator-other-site"
-DEFINITE_CODES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.OUT_OF_RANGE,
-    }
-)
-
-
-def _definite(error: grpc.RpcError) -> bool:
-    """True if this attempt certainly applied nothing: a site answered with a refusal."""
-    code = error.code()
-    if code in DEFINITE_CODES:
-        return True
-    if code == grpc.StatusCode.UNAVAILABLE:
-        try:
-            trailers = error.trailing_metadata() or ()
-        except Exception:  # noqa: BLE001
-            return False
-        return any(key == OTHER_SITE_TRAILER for key, _ in trailers)
-    return False
-
-
-class RecordingClient(Client):
-    """The library's client with the same retry loop, remembering whether every failed attempt was definite."""
-
-    all_definite: bool = True
-    served_by: str = ""
-
-    def _run(self, call: Any) -> Any:
-        self.all_definite = True
-        self.served_by = ""
-        if call.pinned:
-            return super()._run(call)
-        tried: list[str] = []
-        deadlines = 0
-        for attempt in range(self.retry.attempts_max):
-            delay = self._rotation.delay_s(attempt, switch=not 0 < deadlines < SAME_SITE_DEADLINES_MAX)
-            if delay:
-                time.sleep(delay)
-            index = self._rotation.current
-            tried.append(self.endpoints[index])
-            stub = getattr(self._stubs[index][call.service], call.method)
-            try:
-                result = call.parse(stub(call.request, timeout=self._timeout_s))
-                self.served_by = self.endpoints[index]
-                return result
-            except grpc.RpcError as error:
-                if not _definite(error):
-                    self.all_definite = False
-                if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
-                    raise failure(error, self.endpoints[index], tried) from None
-                deadlines = deadlines + 1 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
-        raise AssertionError("unreachable")
 
 
 @dataclass
@@ -242,7 +186,7 @@ class Workload:
 
     def _client(self, process: int, endpoints: list[str], home: str) -> None:
         rng = random.Random(self.config.seed * 1000 + process)
-        client = RecordingClient(endpoints, retry=self._policy())
+        client = Client(endpoints, retry=self._policy())
         hot = self.home_half(home) if self.config.home_keys else self.hot_keys()
         cold = self.cold_keys()
         count = 0
@@ -276,7 +220,7 @@ class Workload:
     def _reader(self, process: int, endpoint: str, keys_of: str) -> None:
         """Reads hot keys (with `home_keys`, those `keys_of`'s writers write) at one site only."""
         rng = random.Random(self.config.seed * 1000 + process)
-        client = RecordingClient([endpoint], retry=self._policy())
+        client = Client([endpoint], retry=self._policy())
         keys = self.home_half(keys_of) if self.config.home_keys else self.hot_keys()
         try:
             while self._enter():
@@ -289,7 +233,7 @@ class Workload:
         finally:
             client.close()
 
-    def _read(self, client: RecordingClient, process: int, key: str) -> None:
+    def _read(self, client: Client, process: int, key: str) -> None:
         handle = self._invoke(process, "read", key, None)
         try:
             data = client.get(BUCKET, key)
@@ -301,7 +245,7 @@ class Workload:
         else:
             self._complete(handle, process, "ok", bytes(data).decode("utf-8", errors="replace"))
 
-    def _write(self, client: RecordingClient, process: int, key: str, value: str | None) -> None:
+    def _write(self, client: Client, process: int, key: str, value: str | None) -> None:
         f = "write" if value is not None else "delete"
         handle = self._invoke(process, f, key, value)
         try:
@@ -309,9 +253,12 @@ class Workload:
                 client.delete(BUCKET, key)
             else:
                 client.put(BUCKET, key, value.encode())
-        except Exception as error:  # noqa: BLE001
+        except ClientError as error:
             self._count_error(error)
-            self._complete(handle, process, "fail" if client.all_definite else "info")
+            self._complete(handle, process, "info" if error.maybe_applied else "fail")
+        except Exception as error:  # noqa: BLE001 - not from a site: nothing says what was applied
+            self._count_error(error)
+            self._complete(handle, process, "info")
         else:
             self._complete(handle, process, "ok")
 

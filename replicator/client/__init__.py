@@ -18,6 +18,7 @@ from replicator.client.errors import (
     InvalidArgument,
     NotFound,
     OutcomeUnknown,
+    Overloaded,
     Refused,
     Unavailable,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "NotFound",
     "ObjectInfo",
     "OutcomeUnknown",
+    "Overloaded",
     "Refused",
     "RetryPolicy",
     "Unavailable",

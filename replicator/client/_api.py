@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from replicator.client._common import LargeInfo, ObjectInfo, RequestIds, VolumeInfo, status_from_message
-from replicator.v1 import admin_pb2, blocks_pb2, objects_pb2
+from replicator.v1 import admin_pb2, admin_pb2_grpc, blocks_pb2, blocks_pb2_grpc, objects_pb2, objects_pb2_grpc
 
 OBJECTS, BLOCKS, ADMIN = "objects", "blocks", "admin"
 LIST_PAGE_SIZE = 1000
@@ -85,6 +85,17 @@ class _Call:
     # Pinned calls (admin actions) go to the first endpoint only, never
     # retried elsewhere: an operator action names the site it acts on.
     pinned: bool = False
+    # A write changes something: after a timeout its outcome is unknown (retry.RetryPlan).
+    write: bool = False
+
+
+def stubs_of(channel: Any) -> dict[str, Any]:
+    """The stubs of one site's channel (blocking or asyncio: the stubs take either), by service."""
+    return {
+        OBJECTS: objects_pb2_grpc.ObjectServiceStub(channel),
+        BLOCKS: blocks_pb2_grpc.BlockServiceStub(channel),
+        ADMIN: admin_pb2_grpc.AdminServiceStub(channel),
+    }
 
 
 def _items(items: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
@@ -106,7 +117,7 @@ class _Api:
     def put(self, bucket: str, key: str, data: bytes) -> Any:
         """Store `data` at bucket/key; returns the commit timestamp."""
         request = objects_pb2.PutRequest(bucket=bucket, key=key, data=bytes(data), request_id=self._ids.next())
-        return self._run(_Call(OBJECTS, "Put", request, lambda r: r.ack.ts))
+        return self._run(_Call(OBJECTS, "Put", request, lambda r: r.ack.ts, write=True))
 
     def put_batch(self, bucket: str, items: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> Any:
         """Store several objects atomically (all or none) in one call; returns the commit timestamp."""
@@ -115,7 +126,7 @@ class _Api:
             items=[objects_pb2.PutBatchItem(key=k, data=bytes(v)) for k, v in _items(items)],
             request_id=self._ids.next(),
         )
-        return self._run(_Call(OBJECTS, "PutBatch", request, lambda r: r.ack.ts))
+        return self._run(_Call(OBJECTS, "PutBatch", request, lambda r: r.ack.ts, write=True))
 
     def get(self, bucket: str, key: str) -> Any:
         """The object's bytes; raises NotFound."""
@@ -130,7 +141,7 @@ class _Api:
     def delete(self, bucket: str, key: str) -> Any:
         """Delete bucket/key (succeeds if it is already missing); returns the commit timestamp."""
         request = objects_pb2.DeleteRequest(bucket=bucket, key=key, request_id=self._ids.next())
-        return self._run(_Call(OBJECTS, "Delete", request, lambda r: r.ack.ts))
+        return self._run(_Call(OBJECTS, "Delete", request, lambda r: r.ack.ts, write=True))
 
     def head_large(self, bucket: str, key: str) -> Any:
         """A large (any size, S3 namespace) object's size, etag, mtime and content type; raises NotFound."""
@@ -140,7 +151,7 @@ class _Api:
     def delete_large(self, bucket: str, key: str) -> Any:
         """Delete a large object (succeeds if it is already missing); returns the commit timestamp."""
         request = objects_pb2.DeleteRequest(bucket=bucket, key=key, request_id=self._ids.next())
-        return self._run(_Call(OBJECTS, "DeleteLarge", request, lambda r: r.ack.ts))
+        return self._run(_Call(OBJECTS, "DeleteLarge", request, lambda r: r.ack.ts, write=True))
 
     # ---- volumes and blocks
 
@@ -148,16 +159,16 @@ class _Api:
         request = blocks_pb2.CreateVolumeRequest(
             name=name, size_bytes=size_bytes, block_size=block_size, request_id=self._ids.next()
         )
-        return self._run(_Call(BLOCKS, "CreateVolume", request, lambda r: _volume(r.volume)))
+        return self._run(_Call(BLOCKS, "CreateVolume", request, lambda r: _volume(r.volume), write=True))
 
     def delete_volume(self, name: str) -> Any:
         request = blocks_pb2.DeleteVolumeRequest(name=name, request_id=self._ids.next())
-        return self._run(_Call(BLOCKS, "DeleteVolume", request, lambda r: None))
+        return self._run(_Call(BLOCKS, "DeleteVolume", request, lambda r: None, write=True))
 
     def write_blocks(self, volume: str, lba: int, data: bytes) -> Any:
         """Write len(data)/block_size blocks from `lba`, atomically; returns the commit timestamp."""
         request = blocks_pb2.WriteBlocksRequest(volume=volume, lba=lba, data=bytes(data), request_id=self._ids.next())
-        return self._run(_Call(BLOCKS, "WriteBlocks", request, lambda r: r.ack.ts))
+        return self._run(_Call(BLOCKS, "WriteBlocks", request, lambda r: r.ack.ts, write=True))
 
     def read_blocks(self, volume: str, lba: int, count: int) -> Any:
         """count * block_size bytes from `lba`; never-written blocks are zeros."""
@@ -167,7 +178,7 @@ class _Api:
     def trim_blocks(self, volume: str, lba: int, count: int) -> Any:
         """Discard `count` blocks from `lba` (they read as zeros); atomic."""
         request = blocks_pb2.TrimBlocksRequest(volume=volume, lba=lba, count=count, request_id=self._ids.next())
-        return self._run(_Call(BLOCKS, "TrimBlocks", request, lambda r: r.ack.ts))
+        return self._run(_Call(BLOCKS, "TrimBlocks", request, lambda r: r.ack.ts, write=True))
 
     # ---- admin
 
@@ -177,12 +188,14 @@ class _Api:
 
     def resync(self, full: bool = False) -> Any:
         request = admin_pb2.ResyncRequest(full=full)
-        return self._run(_Call(ADMIN, "Resync", request, lambda r: None, pinned=True))
+        return self._run(_Call(ADMIN, "Resync", request, lambda r: None, pinned=True, write=True))
 
     def switchover(self) -> Any:
-        return self._run(_Call(ADMIN, "Switchover", admin_pb2.SwitchoverRequest(), lambda r: None, pinned=True))
+        return self._run(
+            _Call(ADMIN, "Switchover", admin_pb2.SwitchoverRequest(), lambda r: None, pinned=True, write=True)
+        )
 
     def failover(self, force: bool = False) -> Any:
         """Forced failover of the first endpoint's site; the server refuses it unless force=True."""
         request = admin_pb2.FailoverRequest(force=force)
-        return self._run(_Call(ADMIN, "Failover", request, lambda r: None, pinned=True))
+        return self._run(_Call(ADMIN, "Failover", request, lambda r: None, pinned=True, write=True))

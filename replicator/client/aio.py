@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -22,30 +21,32 @@ from replicator.client._api import (
     _volume,
     large_first,
     large_timeout_s,
+    stubs_of,
 )
 from replicator.client._common import (
     CHANNEL_OPTIONS,
-    RETRYABLE,
-    SAME_SITE_DEADLINES_MAX,
     LargeInfo,
     ObjectInfo,
+    PutMany,
     RequestIds,
+    RetryingShell,
     RetryPolicy,
-    Rotation,
     VerifyResult,
     VolumeInfo,
     channel_credentials,
     check_endpoints,
+    classify,
     failure,
+    retry_after_ms,
     verify_result,
 )
-from replicator.client.errors import ClientError, error_for
-from replicator.client.sync import STREAM_ITEMS_PER_TIMEOUT, _code
+from replicator.client.errors import ClientError
+from replicator.client.retry import Outcome
 from replicator.config import TlsFiles
-from replicator.v1 import admin_pb2, admin_pb2_grpc, blocks_pb2, blocks_pb2_grpc, objects_pb2, objects_pb2_grpc
+from replicator.v1 import admin_pb2, blocks_pb2, objects_pb2
 
 
-class AsyncClient(_Api):
+class AsyncClient(_Api, RetryingShell):
     """Like Client, but every method is a coroutine. Create it inside a running event loop."""
 
     def __init__(
@@ -59,7 +60,7 @@ class AsyncClient(_Api):
         self.endpoints = check_endpoints(endpoints)
         self.retry = retry or RetryPolicy()
         self._ids = RequestIds()
-        self._rotation = Rotation(self.endpoints, self.retry)
+        self._current = 0  # sticky: the site that answered (or was tried) last
         if credentials is None and tls is not None:
             credentials = channel_credentials(tls)
         self._channels = [
@@ -68,14 +69,7 @@ class AsyncClient(_Api):
             else grpc.aio.insecure_channel(e, options=CHANNEL_OPTIONS)
             for e in self.endpoints
         ]
-        self._stubs: builtins.list[dict[str, Any]] = [
-            {
-                OBJECTS: objects_pb2_grpc.ObjectServiceStub(channel),
-                BLOCKS: blocks_pb2_grpc.BlockServiceStub(channel),
-                ADMIN: admin_pb2_grpc.AdminServiceStub(channel),
-            }
-            for channel in self._channels
-        ]
+        self._stubs = [stubs_of(channel) for channel in self._channels]
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -92,35 +86,22 @@ class AsyncClient(_Api):
         return self.retry.call_timeout_ms / 1000
 
     async def _run(self, call: _Call) -> Any:
-        if call.pinned:
-            stub = getattr(self._stubs[0][call.service], call.method)
-            try:
-                return call.parse(await stub(call.request, timeout=self._timeout_s))
-            except grpc.RpcError as error:
-                raise failure(error, self.endpoints[0], [self.endpoints[0]]) from None
-
         async def invoke(stubs: dict[str, Any]) -> Any:
             return call.parse(await getattr(stubs[call.service], call.method)(call.request, timeout=self._timeout_s))
 
-        return await self._retrying(invoke)
+        return await self._retrying(invoke, call.write, call.pinned)
 
-    async def _retrying(self, invoke: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
-        """`await invoke(stubs of one site)`, retried by the rule in _common.py."""
-        tried: builtins.list[str] = []
-        deadlines = 0  # consecutive DEADLINE_EXCEEDED at the current site
-        for attempt in range(self.retry.attempts_max):
-            delay = self._rotation.delay_s(attempt, switch=not 0 < deadlines < SAME_SITE_DEADLINES_MAX)
-            if delay:
-                await asyncio.sleep(delay)
-            index = self._rotation.current
-            tried.append(self.endpoints[index])
+    async def _retrying(
+        self, invoke: Callable[[dict[str, Any]], Awaitable[Any]], write: bool, pinned: bool = False
+    ) -> Any:
+        """`await invoke(stubs of one site)`, attempted as a RetryPlan says (retry.py)."""
+        plan = self._plan(write, pinned)
+        await asyncio.sleep(plan.start().delay_s)
+        while True:
             try:
-                return await invoke(self._stubs[index])
+                return self._succeeded(plan, await invoke(self._stubs[plan.endpoint]))
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
-                    raise failure(error, self.endpoints[index], tried) from None
-                deadlines = deadlines + 1 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
-        raise AssertionError("unreachable")
+                await asyncio.sleep(self._failed(plan, error))
 
     # ---- objects of any size (the S3 namespace); see Client for the rules
 
@@ -155,7 +136,7 @@ class AsyncClient(_Api):
                     raise source_errors[0] from None
                 raise
 
-        return int(await self._retrying(invoke))
+        return int(await self._retrying(invoke, write=True))
 
     async def iter_large(self, bucket: str, key: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
         """The bytes [offset, offset + length) of a large object, chunk by chunk (see Client.iter_large)."""
@@ -169,30 +150,23 @@ class AsyncClient(_Api):
         end = info.size_bytes if length == 0 else min(info.size_bytes, offset + length)
         position = offset
         timeout = large_timeout_s(self._timeout_s, max(0, end - offset))
-        tried: builtins.list[str] = []
-        attempt = 0  # failures since the last byte received
+        plan = self._plan(write=False)
+        plan.start()
         while position < end:
-            delay = self._rotation.delay_s(attempt)
-            if delay:
-                await asyncio.sleep(delay)
-            index = self._rotation.current
-            tried.append(self.endpoints[index])
             request = objects_pb2.GetLargeRequest(
                 bucket=bucket, key=key, offset=position, length=end - position, etag=info.etag
             )
             try:
-                async for message in self._stubs[index][OBJECTS].GetLarge(request, timeout=timeout):
+                async for message in self._stubs[plan.endpoint][OBJECTS].GetLarge(request, timeout=timeout):
                     if message.data:
                         position += len(message.data)
-                        attempt = 0
+                        plan.progressed()  # failures count from the last byte received
                         yield message.data
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
-                    raise failure(error, self.endpoints[index], tried) from None
-                attempt += 1
+                await asyncio.sleep(self._failed(plan, error))
                 continue
             if position < end:
-                raise ClientError(f"GetLarge ended at byte {position} of {end}", None, self.endpoints[index])
+                raise ClientError(f"GetLarge ended at byte {position} of {end}", None, self.endpoints[plan.endpoint])
 
     async def get_large(self, bucket: str, key: str) -> bytes:
         return b"".join([chunk async for chunk in self.iter_large(bucket, key)])
@@ -237,22 +211,14 @@ class AsyncClient(_Api):
             objects_pb2.PutRequest(bucket=bucket, key=k, data=bytes(v), request_id=self._ids.next())
             for k, v in _items(items)
         ]
-        results: builtins.list[int | None] = [None] * len(requests)
-        pending = {request.request_id: index for index, request in enumerate(requests)}
-        failed: builtins.list[ClientError] = []
-        tried: builtins.list[str] = []
-        last: ClientError | None = None
-        for attempt in range(self.retry.attempts_max):
-            if not pending:
-                break
-            delay = self._rotation.delay_s(attempt)
-            if delay:
-                await asyncio.sleep(delay)
-            index = self._rotation.current
-            endpoint = self.endpoints[index]
-            tried.append(endpoint)
-            batch = [requests[i] for i in sorted(pending.values())]
-            timeout = self._timeout_s * math.ceil(1 + len(batch) / STREAM_ITEMS_PER_TIMEOUT)
+        if not requests:
+            return []
+        many = PutMany(requests, self._timeout_s)
+        plan = self._plan(write=True)
+        await asyncio.sleep(plan.start().delay_s)
+        while True:
+            endpoint = self.endpoints[plan.endpoint]
+            batch = many.batch()
 
             async def send(
                 batch: builtins.list[objects_pb2.PutRequest] = batch,
@@ -261,29 +227,15 @@ class AsyncClient(_Api):
                     yield request
 
             try:
-                async for response in self._stubs[index][OBJECTS].PutStream(send(), timeout=timeout):
-                    position = pending.get(response.request_id)
-                    if position is None:
-                        continue
-                    if response.HasField("ack"):
-                        results[position] = response.ack.ts
-                        del pending[response.request_id]
-                        continue
-                    code = _code(response.error.code)
-                    last = error_for(code, response.error.message, endpoint)
-                    if code not in RETRYABLE:
-                        del pending[response.request_id]
-                        failed.append(error_for(code, f"{requests[position].key}: {response.error.message}", endpoint))
+                async for response in self._stubs[plan.endpoint][OBJECTS].PutStream(send(), timeout=many.timeout_s()):
+                    many.answered(response, endpoint)
             except grpc.RpcError as error:
-                last = failure(error, endpoint, tried)
-                if error.code() not in RETRYABLE:
-                    raise last from None
-        if failed:
-            raise failed[0]
-        if pending:
-            assert last is not None
-            raise last
-        return [ts for ts in results if ts is not None]
+                await asyncio.sleep(self._next(plan, classify(error), many.give_up_after(error), retry_after_ms(error)))
+                continue
+            outcome = many.outcome()
+            if outcome is Outcome.OK:
+                return self._succeeded(plan, many.results())
+            await asyncio.sleep(self._next(plan, outcome, many.give_up))
 
     async def verify(self, repair: bool = False, progress: Callable[[int, int], None] | None = None) -> VerifyResult:
         stream = self._stubs[0][ADMIN].Verify(admin_pb2.VerifyRequest(repair=repair))

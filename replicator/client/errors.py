@@ -6,13 +6,19 @@ import grpc
 
 
 class ClientError(Exception):
-    """A call failed; `code` is the gRPC status, `endpoint` the site that answered last."""
+    """A call failed; `code` is the gRPC status, `endpoint` the site that answered last.
+
+    `maybe_applied` is True when the call was a write and some attempt of it may have reached a
+    site without an answer that says it applied nothing (a timeout, a broken connection): the
+    write may take effect, or may have, though this error ends the call. False: nothing was applied.
+    """
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None, endpoint: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.endpoint = endpoint
+        self.maybe_applied = False
 
 
 class NotFound(ClientError):
@@ -32,11 +38,20 @@ class Refused(ClientError):
 
 
 class Unavailable(ClientError):
-    """No site could serve, after every retry; nothing was applied by the failed attempts."""
+    """No site could serve, after every retry: each refused or could not be reached.
+
+    A refusal applied nothing; a site that could not be reached may still have received a write
+    (a connection that broke): `maybe_applied` says which. After a timeout the call ends with
+    OutcomeUnknown instead, whatever the last attempt said.
+    """
 
 
 class OutcomeUnknown(ClientError):
     """The last attempt timed out: the write may or may not be applied. Retrying the same call is safe."""
+
+
+class Overloaded(ClientError):
+    """The site was busy at every attempt (admission control, RESOURCE_EXHAUSTED); nothing was applied."""
 
 
 class DataLoss(ClientError):
@@ -54,6 +69,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     # A site that stops cancels the calls still running there: their outcome is unknown.
     grpc.StatusCode.CANCELLED: OutcomeUnknown,
     grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
@@ -22,31 +21,32 @@ from replicator.client._api import (
     _volume,
     large_first,
     large_timeout_s,
+    stubs_of,
 )
 from replicator.client._common import (
     CHANNEL_OPTIONS,
-    RETRYABLE,
-    SAME_SITE_DEADLINES_MAX,
     LargeInfo,
     ObjectInfo,
+    PutMany,
     RequestIds,
+    RetryingShell,
     RetryPolicy,
-    Rotation,
     VerifyResult,
     VolumeInfo,
     channel_credentials,
     check_endpoints,
+    classify,
     failure,
+    retry_after_ms,
     verify_result,
 )
-from replicator.client.errors import ClientError, error_for
+from replicator.client.errors import ClientError
+from replicator.client.retry import Outcome
 from replicator.config import TlsFiles
-from replicator.v1 import admin_pb2, admin_pb2_grpc, blocks_pb2, blocks_pb2_grpc, objects_pb2, objects_pb2_grpc
-
-STREAM_ITEMS_PER_TIMEOUT = 64
+from replicator.v1 import admin_pb2, blocks_pb2, objects_pb2
 
 
-class Client(_Api):
+class Client(_Api, RetryingShell):
     """Talks to one or two sites; with two, fails over between them on its own.
 
     `tls` (CA, cert, key) turns on mutual TLS; `credentials` overrides it with
@@ -65,7 +65,7 @@ class Client(_Api):
         self.endpoints = check_endpoints(endpoints)
         self.retry = retry or RetryPolicy()
         self._ids = RequestIds()
-        self._rotation = Rotation(self.endpoints, self.retry)
+        self._current = 0  # sticky: the site that answered (or was tried) last
         if credentials is None and tls is not None:
             credentials = channel_credentials(tls)
         self._channels = [
@@ -74,14 +74,7 @@ class Client(_Api):
             else grpc.insecure_channel(e, options=CHANNEL_OPTIONS)
             for e in self.endpoints
         ]
-        self._stubs: builtins.list[dict[str, Any]] = [
-            {
-                OBJECTS: objects_pb2_grpc.ObjectServiceStub(channel),
-                BLOCKS: blocks_pb2_grpc.BlockServiceStub(channel),
-                ADMIN: admin_pb2_grpc.AdminServiceStub(channel),
-            }
-            for channel in self._channels
-        ]
+        self._stubs = [stubs_of(channel) for channel in self._channels]
 
     def close(self) -> None:
         for channel in self._channels:
@@ -98,33 +91,21 @@ class Client(_Api):
         return self.retry.call_timeout_ms / 1000
 
     def _run(self, call: _Call) -> Any:
-        if call.pinned:
-            stub = getattr(self._stubs[0][call.service], call.method)
-            try:
-                return call.parse(stub(call.request, timeout=self._timeout_s))
-            except grpc.RpcError as error:
-                raise failure(error, self.endpoints[0], [self.endpoints[0]]) from None
         return self._retrying(
-            lambda stubs: call.parse(getattr(stubs[call.service], call.method)(call.request, timeout=self._timeout_s))
+            lambda site: call.parse(getattr(site[call.service], call.method)(call.request, timeout=self._timeout_s)),
+            call.write,
+            call.pinned,
         )
 
-    def _retrying(self, invoke: Callable[[dict[str, Any]], Any]) -> Any:
-        """`invoke(stubs of one site)`, retried by the rule in _common.py."""
-        tried: builtins.list[str] = []
-        deadlines = 0  # consecutive DEADLINE_EXCEEDED at the current site
-        for attempt in range(self.retry.attempts_max):
-            delay = self._rotation.delay_s(attempt, switch=not 0 < deadlines < SAME_SITE_DEADLINES_MAX)
-            if delay:
-                time.sleep(delay)
-            index = self._rotation.current
-            tried.append(self.endpoints[index])
+    def _retrying(self, invoke: Callable[[dict[str, Any]], Any], write: bool, pinned: bool = False) -> Any:
+        """`invoke(stubs of one site)`, attempted as a RetryPlan says (retry.py)."""
+        plan = self._plan(write, pinned)
+        time.sleep(plan.start().delay_s)
+        while True:
             try:
-                return invoke(self._stubs[index])
+                return self._succeeded(plan, invoke(self._stubs[plan.endpoint]))
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
-                    raise failure(error, self.endpoints[index], tried) from None
-                deadlines = deadlines + 1 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
-        raise AssertionError("unreachable")
+                time.sleep(self._failed(plan, error))
 
     # ---- objects of any size (the S3 namespace)
 
@@ -159,7 +140,7 @@ class Client(_Api):
                     raise source_errors[0] from None
                 raise
 
-        return int(self._retrying(invoke))
+        return int(self._retrying(invoke, write=True))
 
     def iter_large(self, bucket: str, key: str, offset: int = 0, length: int = 0) -> Iterator[bytes]:
         """The bytes [offset, offset + length) of a large object (length 0: to the end), chunk by chunk.
@@ -173,30 +154,23 @@ class Client(_Api):
         end = info.size_bytes if length == 0 else min(info.size_bytes, offset + length)
         position = offset
         timeout = large_timeout_s(self._timeout_s, max(0, end - offset))
-        tried: builtins.list[str] = []
-        attempt = 0  # failures since the last byte received
+        plan = self._plan(write=False)
+        plan.start()
         while position < end:
-            delay = self._rotation.delay_s(attempt)
-            if delay:
-                time.sleep(delay)
-            index = self._rotation.current
-            tried.append(self.endpoints[index])
             request = objects_pb2.GetLargeRequest(
                 bucket=bucket, key=key, offset=position, length=end - position, etag=info.etag
             )
             try:
-                for message in self._stubs[index][OBJECTS].GetLarge(request, timeout=timeout):
+                for message in self._stubs[plan.endpoint][OBJECTS].GetLarge(request, timeout=timeout):
                     if message.data:
                         position += len(message.data)
-                        attempt = 0
+                        plan.progressed()  # failures count from the last byte received
                         yield message.data
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or attempt == self.retry.attempts_max - 1:
-                    raise failure(error, self.endpoints[index], tried) from None
-                attempt += 1
+                time.sleep(self._failed(plan, error))
                 continue
             if position < end:
-                raise ClientError(f"GetLarge ended at byte {position} of {end}", None, self.endpoints[index])
+                raise ClientError(f"GetLarge ended at byte {position} of {end}", None, self.endpoints[plan.endpoint])
 
     def get_large(self, bucket: str, key: str) -> bytes:
         """A large object's bytes, whole (iter_large or get_large_to keep memory bounded)."""
@@ -242,54 +216,34 @@ class Client(_Api):
         """Pipelined puts over one stream: returns each item's commit timestamp, in input order.
 
         Items are independent (not atomic together; see put_batch). Items
-        the site could not serve are retried, with their request ids, on the
-        other site. If an item fails for good, ClientError is raised for the
+        the site could not serve are retried, with their request ids, as any
+        write is (retry.py: on the other site, or the same one after a
+        timeout). If an item fails for good, ClientError is raised for the
         first such item; other items may have been applied.
         """
         requests = [
             objects_pb2.PutRequest(bucket=bucket, key=k, data=bytes(v), request_id=self._ids.next())
             for k, v in _items(items)
         ]
-        results: builtins.list[int | None] = [None] * len(requests)
-        pending = {request.request_id: index for index, request in enumerate(requests)}
-        failed: builtins.list[ClientError] = []
-        tried: builtins.list[str] = []
-        last: ClientError | None = None
-        for attempt in range(self.retry.attempts_max):
-            if not pending:
-                break
-            delay = self._rotation.delay_s(attempt)
-            if delay:
-                time.sleep(delay)
-            index = self._rotation.current
-            endpoint = self.endpoints[index]
-            tried.append(endpoint)
-            batch = [requests[i] for i in sorted(pending.values())]
-            timeout = self._timeout_s * math.ceil(1 + len(batch) / STREAM_ITEMS_PER_TIMEOUT)
+        if not requests:
+            return []
+        many = PutMany(requests, self._timeout_s)
+        plan = self._plan(write=True)
+        time.sleep(plan.start().delay_s)
+        while True:
+            endpoint = self.endpoints[plan.endpoint]
             try:
-                for response in self._stubs[index][OBJECTS].PutStream(iter(batch), timeout=timeout):
-                    position = pending.get(response.request_id)
-                    if position is None:
-                        continue
-                    if response.HasField("ack"):
-                        results[position] = response.ack.ts
-                        del pending[response.request_id]
-                        continue
-                    code = _code(response.error.code)
-                    last = error_for(code, response.error.message, endpoint)
-                    if code not in RETRYABLE:
-                        del pending[response.request_id]
-                        failed.append(error_for(code, f"{requests[position].key}: {response.error.message}", endpoint))
+                for response in self._stubs[plan.endpoint][OBJECTS].PutStream(
+                    iter(many.batch()), timeout=many.timeout_s()
+                ):
+                    many.answered(response, endpoint)
             except grpc.RpcError as error:
-                last = failure(error, endpoint, tried)
-                if error.code() not in RETRYABLE:
-                    raise last from None
-        if failed:
-            raise failed[0]
-        if pending:
-            assert last is not None
-            raise last
-        return [ts for ts in results if ts is not None]
+                time.sleep(self._next(plan, classify(error), many.give_up_after(error), retry_after_ms(error)))
+                continue
+            outcome = many.outcome()
+            if outcome is Outcome.OK:
+                return self._succeeded(plan, many.results())
+            time.sleep(self._next(plan, outcome, many.give_up))
 
     def verify(self, repair: bool = False, progress: Callable[[int, int], None] | None = None) -> VerifyResult:
         """Compare the two replicas (through the first endpoint's site), calling progress(done, total)."""
@@ -304,7 +258,3 @@ class Client(_Api):
         except grpc.RpcError as error:
             raise failure(error, self.endpoints[0], [self.endpoints[0]]) from None
         raise ClientError("verify stream ended without a report", None, self.endpoints[0])
-
-
-def _code(value: int) -> grpc.StatusCode:
-    return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)

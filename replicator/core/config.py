@@ -20,6 +20,11 @@ FRAME_SIZE_BYTES_DEFAULT = 8 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class CoreConfig:
+    """The core's parameters. The daemon builds them from the site's TOML (`replicator.config.derive`),
+    where each has the same name under [site] (witness_retry_interval_ms is witness.retry_interval_ms);
+    the defaults here are the TOML's, but for clock_drift_max (the TOML's lease_drift_ppm / 1e6,
+    default 0.001), whose 0.01 here is the tests' harsher value."""
+
     site: str
     peer: str
     pair: str
@@ -28,8 +33,8 @@ class CoreConfig:
     clock_drift_max: float = 0.01
     peer_timeout_ms: int = 1000
     heartbeat_interval_ms: int = 100
-    witness_retry_ms: int = 250
-    read_wait_ms_max: int = 2000
+    witness_retry_interval_ms: int = 250
+    read_wait_ms_max: int = 1000
     parked_reads_max: int = 10_000  # reads waiting for a lease or an unresolved key; more are refused
     inflight_records_max: int = 10_000
     resync_batch_keys_max: int = 128
@@ -43,7 +48,8 @@ class CoreConfig:
     # The dedup table holds at most this many request ids, as the store does (StoreOptions).
     dedup_entries_max: int = 1_000_000
     static_priority: bool = False
-    witness_timeout_ms: int = 3000
+    # With static_priority: how long the witness must be out of reach before the preferred site goes on alone.
+    static_priority_wait_ms: int = 3000
     plants: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:

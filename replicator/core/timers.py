@@ -68,7 +68,7 @@ def _static_priority(core: SiteCore) -> None:
         and core.role is Role.SUSPENDED
         and core.grant_epoch is None
         and core.witness_unreachable_since_ms is not None
-        and core.now_ms - core.witness_unreachable_since_ms >= config.witness_timeout_ms
+        and core.now_ms - core.witness_unreachable_since_ms >= config.static_priority_wait_ms
     ):
         takeover.grant(core, core.epoch + 1)
 

@@ -101,7 +101,7 @@ def on_witness_failed(core: SiteCore, event: ev.Event) -> None:
     if event.request != core.witness_outstanding:
         return
     core.witness_outstanding = None
-    core.witness_next_try_ms = core.now_ms + core.config.witness_retry_ms
+    core.witness_next_try_ms = core.now_ms + core.config.witness_retry_interval_ms
     if core.witness_unreachable_since_ms is None:
         core.witness_unreachable_since_ms = core.now_ms
 
@@ -112,7 +112,7 @@ def on_witness_answered(core: SiteCore, event: ev.Event) -> None:
         return
     core.witness_outstanding = None
     core.witness_unreachable_since_ms = None
-    core.witness_next_try_ms = core.now_ms + core.config.witness_retry_ms
+    core.witness_next_try_ms = core.now_ms + core.config.witness_retry_interval_ms
     answer = event.answer
     if isinstance(event.request, msg.MarkSynced):
         resync_source.on_mark_synced_answer(core, answer)

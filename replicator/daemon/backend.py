@@ -19,6 +19,7 @@ from replicator.api.backend import RangeEntry, SiteStatus, VerifyReport, WriteRe
 from replicator.core import events as ev
 from replicator.core.messages import Role
 from replicator.core.records import Operation, Versioned
+from replicator.daemon.bounded import Overloaded
 from replicator.daemon.logs import log
 
 
@@ -35,7 +36,14 @@ class SiteBackendMixin:
         text = f"{level} {status.site} {status.state} epoch {status.epoch}"
         return status.serving, text + "".join(f"\n{reason}" for reason in reasons)
 
-    def _handle(self) -> tuple[int, asyncio.Future[Any]]:
+    def _handle(self, write: bool) -> tuple[int, asyncio.Future[Any]]:
+        try:
+            self.handles.check_room()
+            if write:
+                self.peer_port.send_queue.check_room()  # writes are what fill it: back-pressure toward them
+        except Overloaded as error:
+            (self.m_writes if write else self.m_reads).labels("overloaded").inc()
+            raise errors.Unavailable(str(error), self.config.site.peer_grpc_address) from None
         handle = self.next_handle
         self.next_handle += 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -60,7 +68,7 @@ class SiteBackendMixin:
     async def write(self, operations: Sequence[Operation], request_id: bytes, timeout_s: float) -> WriteResult:
         self._refuse_if_draining(self.m_writes)
         started = time.perf_counter()
-        handle, future = self._handle()
+        handle, future = self._handle(write=True)
         self.step(ev.WriteRequested(handle, request_id, tuple(operations)))
         try:
             answer: ev.AnswerWrite = await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -83,7 +91,7 @@ class SiteBackendMixin:
     async def read(self, key: bytes, timeout_s: float) -> Versioned | None:
         self._refuse_if_draining(self.m_reads)
         started = time.perf_counter()
-        handle, future = self._handle()
+        handle, future = self._handle(write=False)
         self.step(ev.ReadRequested(handle, key))
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout_s)

@@ -17,14 +17,15 @@ from replicator import framing
 from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.records import record_wire_bytes
+from replicator.daemon.bounded import FrameQueue
 from replicator.daemon.logs import log
 from replicator.daemon.wire import Encoder
-from replicator.transport import LinkDown, LinkLimits, LinkUp, TlsConfig
+from replicator.transport import LinkDown, LinkUp
 from replicator.transport.link import Link, LocalHello
 
 
 class PeerOutbox:
-    def __init__(self, encoder: Encoder, outbox_bytes_max: int) -> None:
+    def __init__(self, encoder: Encoder, outbox_bytes_max: int, send_queue_bytes_max: int) -> None:
         self.encoder = encoder
         self.link: Link | None = None
         self.outbox: msg.ShipRecords | None = None  # records of this turn of the loop, not yet encoded
@@ -32,7 +33,7 @@ class PeerOutbox:
         self.outbox_bytes_max = max(outbox_bytes_max, 1)
         self.outbox_scheduled = False
         # Frames for the peer, each with the link session it was made for.
-        self.send_queue: asyncio.Queue[tuple[int, bytearray] | None] = asyncio.Queue()
+        self.send_queue = FrameQueue(send_queue_bytes_max)  # bounded: writes are refused while it is full
         self.link_session = 0
 
     # ---------------------------------------------------------- PeerPort
@@ -55,7 +56,7 @@ class PeerOutbox:
             return
         self.flush()
         for frame in self.encoder.encode(message):
-            self.send_queue.put_nowait((self.link_session, frame))
+            self.send_queue.put(self.link_session, frame)
 
     def drop(self, reason: str) -> None:
         self.flush()
@@ -70,24 +71,19 @@ class PeerOutbox:
         if held is not None:
             self.outbox = None
             for frame in self.encoder.encode(held):
-                self.send_queue.put_nowait((self.link_session, frame))
+                self.send_queue.put(self.link_session, frame)
 
     def new_session(self) -> None:
         """The link went up or down: what was queued for the connection that ended is stale."""
         self.flush()  # records held for the connection that just ended: queued, then dropped as stale
         self.link_session += 1
-
-    def stop_sender(self) -> None:
-        self.send_queue.put_nowait(None)
+        self.send_queue.drop_all()
 
     async def run_sender(self) -> None:
         link = self.link
         assert link is not None
         while True:
-            item = await self.send_queue.get()
-            if item is None:
-                return
-            session, frame = item
+            session, frame = await self.send_queue.get()
             if session != self.link_session:
                 continue  # made for a connection that is gone: the core starts over with Hello
             try:
@@ -108,12 +104,19 @@ class PeerLinkMixin:
     """The link in SiteDaemon: made from the configuration, its callbacks turning frames into core
     messages and sessions into PeerConnected / PeerDisconnected (its attributes are the daemon's)."""
 
+    @property
+    def send_queue(self) -> FrameQueue:
+        """The frames waiting for the link sender (the peer outbox's bounded queue)."""
+        queue: FrameQueue = self.peer_port.send_queue
+        return queue
+
+    @property
+    def link_session(self) -> int:
+        session: int = self.peer_port.link_session
+        return session
+
     def _make_link(self) -> Link:
         section = self.config.site
-        link_tls = None
-        if self.config.tls.link is not None:
-            files = self.config.tls.link
-            link_tls = TlsConfig(str(files.ca_file), str(files.cert_file), str(files.key_file))
         dialer = self.name < self.peer
         return Link(
             role="connect" if dialer else "accept",
@@ -125,14 +128,8 @@ class PeerLinkMixin:
             hello=lambda: LocalHello(self.core.epoch, self._link_incarnation(), self.witness_id.encode()),
             on_frame=self._on_frame,
             on_state=self._on_link_state,
-            limits=LinkLimits(
-                frame_size_bytes_max=section.frame_size_bytes_max,
-                inflight_bytes_max=section.inflight_bytes_max,
-                heartbeat_interval_ms=section.heartbeat_ms,
-                heartbeat_timeout_ms=max(section.peer_timeout_ms, 2 * section.heartbeat_ms + 1),
-                reconnect_backoff_ms_max=section.reconnect_backoff_ms_max,
-            ),
-            tls=link_tls,
+            limits=self.settings.link,
+            tls=self.settings.link_tls,
             on_refused=self._on_link_refused,
         )
 

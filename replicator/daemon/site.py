@@ -26,11 +26,11 @@ from replicator import __version__
 from replicator.api.admission import admitted
 from replicator.api.server import ListenError, start_site_server
 from replicator.client.witness import AsyncWitnessClient
-from replicator.config import ConfigError, SiteConfig, load_site_config
+from replicator.config import ConfigError, SiteConfig, derive, load_site_config
 from replicator.core import events as ev
-from replicator.core.config import MESSAGE_HEADROOM_BYTES, CoreConfig
 from replicator.core.site import SiteCore
 from replicator.daemon.backend import SiteBackendMixin
+from replicator.daemon.bounded import Handles
 from replicator.daemon.clock import WallClock
 from replicator.daemon.exclusive import DirectoryLock, StartupError, listen_failure
 from replicator.daemon.hostmetrics import add_host_metrics
@@ -44,7 +44,7 @@ from replicator.daemon.wire import Decoder, Encoder
 from replicator.daemon.witness_port import WitnessPortMixin
 from replicator.driver import SiteDriver, recover
 from replicator.nbd.server import NbdServer, start_nbd_server
-from replicator.storage import GroupCommitter, Store, StoreOptions
+from replicator.storage import GroupCommitter, Store
 from replicator.storage.errors import StorageFailed
 from replicator.transport.link import Link
 
@@ -61,12 +61,15 @@ class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMix
         self.name = section.name
         self.peer = section.peer_name
         self.site_name = section.name  # SiteBackend
-        self.handles: dict[int, asyncio.Future[Any]] = {}
+        self.settings = derive(config)  # every layer's settings, from the one derivation
+        self.handles = Handles(self.settings.daemon.requests_inflight_max)
         self.durability_follower: asyncio.Task[None] | None = None
         self.next_handle = 1
         self.stopped = asyncio.Event()
         self.peer_port = PeerOutbox(
-            Encoder(self.name, frame_bytes_max=section.frame_size_bytes_max), section.frame_size_bytes_max // 4
+            Encoder(self.name, frame_bytes_max=self.settings.link.frame_size_bytes_max),
+            self.settings.daemon.outbox_bytes_max,
+            self.settings.daemon.send_queue_bytes_max,
         )
         self.decoder = Decoder(section.pair_id, self.peer)
         self.tasks: list[asyncio.Task[Any]] = []
@@ -92,26 +95,9 @@ class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMix
         self.directory_lock = DirectoryLock(data_dir, "replicatord.lock", "site.data_dir")
         self.directory_lock.acquire()
         # REPLICATOR_STORAGE_FAULTS (a test hook of the chaos suite) is read by the store itself.
-        self.store = Store.open(data_dir / "store", StoreOptions(dedup_entries_max=section.dedup_entries_max))
+        self.store = Store.open(data_dir / "store", self.settings.store)
         core_recovered = recover(self.store, self._new_generation)
-        plants = frozenset({self.config.chaos.test_plant}) if self.config.chaos.test_plant else frozenset()
-        core_config = CoreConfig(
-            site=self.name,
-            peer=self.peer,
-            pair=section.pair_id,
-            preferred=section.preferred_site or min(self.name, self.peer),
-            lease_ms=section.lease_ms,
-            clock_drift_max=section.lease_drift_ppm / 1e6,
-            peer_timeout_ms=section.peer_timeout_ms,
-            heartbeat_interval_ms=section.heartbeat_ms,
-            witness_retry_ms=self.config.witness.retry_interval_ms,
-            read_wait_ms_max=section.read_wait_ms,
-            dedup_age_ms=section.dedup_age_ms,
-            dedup_entries_max=section.dedup_entries_max,  # the core's table bounded as the store's
-            static_priority=section.static_priority,
-            message_bytes_max=section.frame_size_bytes_max - MESSAGE_HEADROOM_BYTES,
-            plants=plants,
-        )
+        core_config = self.settings.core
         self.core = SiteCore(core_config, core_recovered)
         self.committer = GroupCommitter(self.store)
         self.driver = SiteDriver(
@@ -119,9 +105,8 @@ class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMix
         )
         add_host_metrics(self.metrics, data_dir, self.config.tls, self.committer)
         self.committer.start()
-        self.witness = AsyncWitnessClient(
-            self.config.witness.address, tls=self.config.tls.witness, timeout_ms=self.config.witness.timeout_ms
-        )
+        witness = self.settings.witness
+        self.witness = AsyncWitnessClient(witness.address, tls=witness.tls, timeout_ms=witness.timeout_ms)
         self.link = self._make_link()
         self.peer_port.link = self.link
         self.driver.start()
@@ -321,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replicatord: {args.config}: {error}", file=sys.stderr)
         return 2
     configure("replicatord", config.site.name, level=args.log_level)
+    for deprecated in config.deprecated:
+        log("config_deprecated", level="warning", config=args.config, key=deprecated)
     return run(lambda stop: _main(config, stop))
 
 

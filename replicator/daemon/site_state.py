@@ -33,6 +33,7 @@ def register_site_metrics(daemon: Any) -> None:
     daemon.m_dirty = daemon.metrics.gauge("replicator_dirty_keys", "keys the peer may lack")
     daemon.m_log = daemon.metrics.gauge("replicator_log_records", "records in the replication log")
     daemon.m_inflight = daemon.metrics.gauge("replicator_link_inflight_bytes", "unacknowledged link bytes")
+    daemon.m_send_queue = daemon.metrics.gauge("replicator_send_queue_bytes", "frames waiting for the link sender")
     daemon.m_checksum = daemon.metrics.counter("replicator_checksum_errors_total", "corrupt values found on read")
     daemon.m_witness = daemon.metrics.gauge("replicator_witness_reachable", "1 if the last witness call answered")
     daemon.m_peer = daemon.metrics.gauge("replicator_peer_connected", "1 while a session with the peer is up")
@@ -194,3 +195,4 @@ class SiteStateMixin:
         self.m_resync_full.set(1 if view.resync_full_position is not None else 0)
         if self.link is not None:
             self.m_inflight.set(self.link.unacknowledged_bytes)
+        self.m_send_queue.set(self.peer_port.send_queue.bytes)
