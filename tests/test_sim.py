@@ -100,6 +100,16 @@ def test_seed_1612_a_disk_is_restored_only_while_no_other_fault_is_active(monkey
     assert not unguarded.ok and any("convergence" in v for v in unguarded.violations), unguarded.violations
 
 
+def test_seed_9377_a_resync_source_sends_only_what_is_durable_at_it() -> None:
+    """Seed 9377 (found by the 100,000-seed run): b, SOLO, committed a client's retried write and
+    loaded it into a ResyncData for a before that commit was durable; b crashed and came back without
+    it, a kept the version (its ts was the higher) and the pair diverged at the next sync point. The
+    source now sends a batch only once every persist issued before the load is durable."""
+    assert run_seed(9377, SimParams()).ok
+    planted = run_seed(9377, replace(SimParams(), plants=frozenset({"undurable_resync"})))
+    assert not planted.ok and any("convergence" in v for v in planted.violations), planted.violations
+
+
 def test_links_deliver_in_order_within_a_connection() -> None:
     """Partitions only (black holes, one-way too, with and without resets): no message ever
     arrives after a later one on its connection. The same counter sees the reordering fault."""

@@ -17,6 +17,8 @@ A target lost before MarkSynced: SOLO again, committing the whole log.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -179,7 +181,15 @@ def on_resync_batch_loaded(core: SiteCore, event: ev.Event) -> None:
     phase.inflight_ts[event.token] = max((entry.ts for entry in event.entries), default=0)
     for entry in event.entries:
         core.hlc.observe(entry.ts)
-    core.send(msg.ResyncData(core.epoch, event.token, event.entries))
+    data = msg.ResyncData(core.epoch, event.token, event.entries)
+    if core.plants.on(Plant.UNDURABLE_RESYNC):
+        core.send(data)
+        return
+    # The loader read the store as the persists issued so far left it, durable or not (a write just
+    # committed alone). The target applies what we send as the truth, so it waits until all of that is
+    # durable here: a version we could still lose in a crash must never reach the target (seed 9377:
+    # the target kept it, by its higher ts, over the older version the source came back with).
+    core.after(core.effects.last_issued(), functools.partial(core.send_in, core.session, data))
 
 
 def on_resync_ack(core: SiteCore, event: ev.Event) -> None:
