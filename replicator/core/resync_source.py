@@ -18,7 +18,6 @@ A target lost before MarkSynced: SOLO again, committing the whole log.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
