@@ -6,7 +6,7 @@
     python -m chaos.sim --list-plants
     python -m chaos.sim --seeds 1-20000 --faults partition=3,crash=1    # a weighted fault mix
     python -m chaos.sim --seeds 1-100000 --out chaos-report/sim    # summary files; resumable
-    python -m chaos.sim --seed 61196 --small-values --reorder --plant accept_gaps   # the stale read as found
+    python -m chaos.sim --seed 61196 --small-values --reorder --plant accept_gaps --plant undurable_resync   # the stale read as found
 
 With --out DIR, each chunk of seeds writes DIR/chunk-<first>-<last>.json when done;
 a rerun with the same --out skips the chunks already there (resume after a stop),
