@@ -222,3 +222,16 @@ def test_two_timeouts_in_a_row_at_a_site_are_needed_before_a_switch(outcomes: li
         assert same is (outcome is Outcome.BUSY or in_a_row == 1), (outcomes, [c.endpoint for c in calls])
         if not same:
             in_a_row = 0
+
+
+def test_a_call_the_server_cancelled_is_retried_with_its_outcome_unknown() -> None:
+    """A stopping site cancels the calls still in flight (seen in a drained rolling restart): that is a site
+    gone mid-call, retried with the same request id, not a final error."""
+    import grpc
+
+    from replicator.client._common import outcome_of
+    from replicator.client.retry import RETRIED, Outcome
+
+    assert outcome_of(grpc.StatusCode.CANCELLED, False) is Outcome.UNREACHABLE
+    assert Outcome.UNREACHABLE in RETRIED
+    assert outcome_of(grpc.StatusCode.INTERNAL, False) is Outcome.FAILED

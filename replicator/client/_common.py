@@ -113,6 +113,11 @@ def outcome_of(code: grpc.StatusCode, other_site: bool) -> Outcome:
     """A status as the retry plan sees it; `other_site`: the answer named the other site."""
     if code == grpc.StatusCode.UNAVAILABLE:
         return Outcome.REFUSED if other_site else Outcome.UNREACHABLE
+    if code == grpc.StatusCode.CANCELLED:
+        # The server cancelled the call: a site stopping (a drained restart) cancels what is still in
+        # flight. The site went away mid-call, as when its connection breaks: retried with the same
+        # request id, and a write's outcome is unknown until a retry learns it.
+        return Outcome.UNREACHABLE
     return _OUTCOMES.get(code, Outcome.FAILED)
 
 

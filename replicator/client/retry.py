@@ -103,7 +103,7 @@ class Outcome(enum.Enum):
     # A definite answer retrying cannot change (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
     # FAILED_PRECONDITION, OUT_OF_RANGE): nothing was applied.
     REJECTED = "rejected"
-    # Anything else (CANCELLED when a site stops, UNKNOWN, INTERNAL, ...): not retried, and a
+    # Anything else (UNKNOWN, INTERNAL, ...; CANCELLED by a stopping server counts as UNREACHABLE): not retried, and a
     # write's outcome is unknown.
     FAILED = "failed"
 
