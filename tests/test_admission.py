@@ -51,17 +51,24 @@ def test_requests_beyond_the_operation_limit_wait_then_are_refused_with_nothing_
     run(main())
 
 
+def ordered_request(admission: Admission, order: list[str]):  # type: ignore[no-untyped-def]
+    """A request that notes its name in `order` once admitted and holds its permit until `wait` is set."""
+
+    async def request(name: str, size: int, wait: asyncio.Event | None = None) -> None:
+        async with admission.admit(size):
+            order.append(name)
+            if wait is not None:
+                await wait.wait()
+
+    return request
+
+
 def test_a_waiter_is_admitted_when_room_frees_and_waiters_keep_their_order() -> None:
     async def main() -> None:
         admission = Admission(ops_max=1, bytes_max=100, wait_ms=5000)
         order: list[str] = []
         gate = asyncio.Event()
-
-        async def request(name: str, size: int, wait: asyncio.Event | None = None) -> None:
-            async with admission.admit(size):
-                order.append(name)
-                if wait is not None:
-                    await wait.wait()
+        request = ordered_request(admission, order)
 
         first = asyncio.create_task(request("first", 10, gate))
         await asyncio.sleep(0)
@@ -80,12 +87,7 @@ def test_a_large_request_blocks_smaller_ones_behind_it_and_runs_alone_if_above_t
         admission = Admission(ops_max=10, bytes_max=100, wait_ms=5000)
         order: list[str] = []
         gate = asyncio.Event()
-
-        async def request(name: str, size: int, wait: asyncio.Event | None = None) -> None:
-            async with admission.admit(size):
-                order.append(name)
-                if wait is not None:
-                    await wait.wait()
+        request = ordered_request(admission, order)
 
         small = asyncio.create_task(request("small", 60, gate))
         await asyncio.sleep(0)
