@@ -320,6 +320,9 @@ class ApiConfig:
     list_page_size_max: int = _field(1000, check=_check_positive_int, doc="most entries in one List page")
     request_id_bytes_max: int = _field(64, check=_check_positive_int, doc="longest request id")
     stream_inflight_max: int = _field(64, check=_check_positive_int, doc="items of one stream processed at once")
+    session_inflight_max: int = _field(
+        256, check=_check_positive_int, doc="calls of one client session (Session stream) served at once"
+    )
     verify_keys_max: int = _field(1000, check=_check_positive_int, doc="most differing keys listed by Verify")
     volume_delete_batch_blocks: int = _field(1024, check=_check_positive_int, doc="blocks erased per write on delete")
     health_refresh_ms: int = _field(500, check=_check_positive_int, doc="how often health status follows state")

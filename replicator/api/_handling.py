@@ -65,8 +65,10 @@ def describe(backend: SiteBackend, error: Exception) -> tuple[grpc.StatusCode, s
 
 
 def item_error(backend: SiteBackend, error: Exception) -> common_pb2.ItemError:
+    """The per-item twin of `abort`: the same code and message, the trailers as fields."""
     code, message, other = describe(backend, error)
-    return common_pb2.ItemError(code=code.value[0], message=message, other_site=other)
+    retry_after = error.retry_after_ms if isinstance(error, errors.Overloaded) and not other else 0
+    return common_pb2.ItemError(code=code.value[0], message=message, other_site=other, retry_after_ms=retry_after)
 
 
 OPERATING_ERRORS = (errors.BackendError, TimeoutError)
@@ -119,6 +121,18 @@ def timeout_s(context: grpc.aio.ServicerContext | None, config: ApiConfig) -> fl
     remaining -= DEADLINE_MARGIN_S
     if remaining <= 0:
         raise errors.OutcomeUnknown("the deadline expired before the request could start (nothing applied)")
+    return min(bound, remaining)
+
+
+def item_timeout_s(timeout_ms: int, config: ApiConfig) -> float:
+    """`timeout_s` for one call of a session: its own timeout_ms (from when the server starts it) plays
+    the part of the unary call's deadline; 0 means the configured bound alone."""
+    bound = config.request_timeout_ms / 1000
+    if not timeout_ms:
+        return bound
+    remaining = timeout_ms / 1000 - DEADLINE_MARGIN_S
+    if remaining <= 0:
+        raise errors.OutcomeUnknown(f"timeout_ms {timeout_ms} leaves no time to serve the call (nothing applied)")
     return min(bound, remaining)
 
 

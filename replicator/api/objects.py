@@ -8,7 +8,8 @@ namespace S3 serves, so either API reads what the other wrote.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -18,6 +19,7 @@ from replicator.api._handling import (
     PipelinedStream,
     ack,
     item_error,
+    item_timeout_s,
     timeout_s,
     translate_errors,
     translate_stream_errors,
@@ -29,6 +31,11 @@ from replicator.core.records import Operation, Versioned
 from replicator.v1 import objects_pb2, objects_pb2_grpc
 
 CHUNK_BYTES = 1024 * 1024  # GetLarge answers in chunks of at most this (the client sends the same)
+
+# How long the backend may take, asked when a handler is about to call it (after validation, so that
+# bad input is refused as such whatever the deadline): a unary call's deadline or a session call's own.
+Timeout = Callable[[], float]
+SESSION_CALLS = ("put", "put_batch", "get", "head", "delete", "list")
 
 
 def large_limits(s3: S3Config, api: ApiConfig) -> pieces.StoreLimits:
@@ -108,31 +115,25 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
             )
         return Operation(storage_key, data)
 
-    async def _put(
-        self, request: objects_pb2.PutRequest, context: grpc.aio.ServicerContext | None
-    ) -> objects_pb2.PutResponse:
-        operation = self._put_operation(request.bucket, request.key, request.data)
-        request_id = keys.check_request_id(request.request_id, self.config)
-        result = await self.backend.write([operation], request_id, timeout_s(context, self.config))
-        return objects_pb2.PutResponse(ack=ack(result))
+    def _deadline(self, context: grpc.aio.ServicerContext | None) -> Timeout:
+        return lambda: timeout_s(context, self.config)
 
-    async def _read_object(self, bucket: str, key: str, context: grpc.aio.ServicerContext) -> Versioned:
+    async def _read_object(self, bucket: str, key: str, timeout: Timeout) -> Versioned:
         storage_key = keys.object_key(keys.bucket_bytes(bucket, self.config), keys.object_key_bytes(key, self.config))
-        version = await self.backend.read(storage_key, timeout_s(context, self.config))
+        version = await self.backend.read(storage_key, timeout())
         if version is None or version.value is None:
             raise NotFound(f"object {bucket}/{key} not found")
         return version
 
-    # ---- RPCs
+    # ---- the handlers, one per call, shared by the unary RPCs and the Session stream
 
-    @translate_errors
-    async def Put(self, request: objects_pb2.PutRequest, context: grpc.aio.ServicerContext) -> objects_pb2.PutResponse:
-        return await self._put(request, context)
+    async def _put(self, request: objects_pb2.PutRequest, timeout: Timeout) -> objects_pb2.PutResponse:
+        operation = self._put_operation(request.bucket, request.key, request.data)
+        request_id = keys.check_request_id(request.request_id, self.config)
+        result = await self.backend.write([operation], request_id, timeout())
+        return objects_pb2.PutResponse(ack=ack(result))
 
-    @translate_errors
-    async def PutBatch(
-        self, request: objects_pb2.PutBatchRequest, context: grpc.aio.ServicerContext
-    ) -> objects_pb2.PutResponse:
+    async def _put_batch(self, request: objects_pb2.PutBatchRequest, timeout: Timeout) -> objects_pb2.PutResponse:
         if not request.items:
             raise InvalidRequest("PutBatch has no items")
         if len(request.items) > self.config.batch_items_max:
@@ -148,54 +149,28 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
         if len({operation.key for operation in operations}) != len(operations):
             raise InvalidRequest("PutBatch names the same key twice")
         request_id = keys.check_request_id(request.request_id, self.config)
-        result = await self.backend.write(operations, request_id, timeout_s(context, self.config))
+        result = await self.backend.write(operations, request_id, timeout())
         return objects_pb2.PutResponse(ack=ack(result))
 
-    async def PutStream(
-        self, request_iterator: AsyncIterator[objects_pb2.PutRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[objects_pb2.PutStreamResponse]:
-        async def handle(request: objects_pb2.PutRequest) -> objects_pb2.PutStreamResponse:
-            try:
-                # Items of a long-lived stream are bounded one by one, not by the stream's deadline.
-                response = await self._put(request, None)
-            except OPERATING_ERRORS as error:
-                return objects_pb2.PutStreamResponse(
-                    request_id=request.request_id, error=item_error(self.backend, error)
-                )
-            return objects_pb2.PutStreamResponse(request_id=request.request_id, ack=response.ack)
-
-        async for answer in PipelinedStream(self.config.stream_inflight_max).run(request_iterator, handle):
-            yield answer
-
-    @translate_errors
-    async def Get(self, request: objects_pb2.GetRequest, context: grpc.aio.ServicerContext) -> objects_pb2.GetResponse:
-        version = await self._read_object(request.bucket, request.key, context)
+    async def _get(self, request: objects_pb2.GetRequest, timeout: Timeout) -> objects_pb2.GetResponse:
+        version = await self._read_object(request.bucket, request.key, timeout)
         assert version.value is not None
         return objects_pb2.GetResponse(data=version.value, ts=version.ts)
 
-    @translate_errors
-    async def Head(
-        self, request: objects_pb2.HeadRequest, context: grpc.aio.ServicerContext
-    ) -> objects_pb2.HeadResponse:
-        version = await self._read_object(request.bucket, request.key, context)
+    async def _head(self, request: objects_pb2.HeadRequest, timeout: Timeout) -> objects_pb2.HeadResponse:
+        version = await self._read_object(request.bucket, request.key, timeout)
         assert version.value is not None
         return objects_pb2.HeadResponse(size_bytes=len(version.value), ts=version.ts)
 
-    @translate_errors
-    async def Delete(
-        self, request: objects_pb2.DeleteRequest, context: grpc.aio.ServicerContext
-    ) -> objects_pb2.DeleteResponse:
+    async def _delete(self, request: objects_pb2.DeleteRequest, timeout: Timeout) -> objects_pb2.DeleteResponse:
         storage_key = keys.object_key(
             keys.bucket_bytes(request.bucket, self.config), keys.object_key_bytes(request.key, self.config)
         )
         request_id = keys.check_request_id(request.request_id, self.config)
-        result = await self.backend.write([Operation(storage_key, None)], request_id, timeout_s(context, self.config))
+        result = await self.backend.write([Operation(storage_key, None)], request_id, timeout())
         return objects_pb2.DeleteResponse(ack=ack(result))
 
-    @translate_errors
-    async def List(
-        self, request: objects_pb2.ListRequest, context: grpc.aio.ServicerContext
-    ) -> objects_pb2.ListResponse:
+    async def _list(self, request: objects_pb2.ListRequest, timeout: Timeout) -> objects_pb2.ListResponse:
         bucket = keys.bucket_bytes(request.bucket, self.config)
         prefix = request.prefix.encode()
         if len(prefix) > self.config.key_bytes_max:
@@ -212,7 +187,7 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
             start = keys.object_key(bucket, request.page_token) + keys.SEPARATOR
         else:
             start = range_start
-        versions = await self.backend.scan(start, range_end, page_size, timeout_s(context, self.config))
+        versions = await self.backend.scan(start, range_end, page_size, timeout())
         assert len(versions) <= page_size, (len(versions), page_size)
         objects = [
             objects_pb2.ObjectInfo(
@@ -227,6 +202,89 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
         if len(versions) == page_size:
             next_token = keys.object_key_from_storage(bucket, versions[-1].key)
         return objects_pb2.ListResponse(objects=objects, next_page_token=next_token)
+
+    # ---- RPCs
+
+    @translate_errors
+    async def Put(self, request: objects_pb2.PutRequest, context: grpc.aio.ServicerContext) -> objects_pb2.PutResponse:
+        return await self._put(request, self._deadline(context))
+
+    @translate_errors
+    async def PutBatch(
+        self, request: objects_pb2.PutBatchRequest, context: grpc.aio.ServicerContext
+    ) -> objects_pb2.PutResponse:
+        return await self._put_batch(request, self._deadline(context))
+
+    @translate_errors
+    async def Get(self, request: objects_pb2.GetRequest, context: grpc.aio.ServicerContext) -> objects_pb2.GetResponse:
+        return await self._get(request, self._deadline(context))
+
+    @translate_errors
+    async def Head(
+        self, request: objects_pb2.HeadRequest, context: grpc.aio.ServicerContext
+    ) -> objects_pb2.HeadResponse:
+        return await self._head(request, self._deadline(context))
+
+    @translate_errors
+    async def Delete(
+        self, request: objects_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> objects_pb2.DeleteResponse:
+        return await self._delete(request, self._deadline(context))
+
+    @translate_errors
+    async def List(
+        self, request: objects_pb2.ListRequest, context: grpc.aio.ServicerContext
+    ) -> objects_pb2.ListResponse:
+        return await self._list(request, self._deadline(context))
+
+    async def PutStream(
+        self, request_iterator: AsyncIterator[objects_pb2.PutRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[objects_pb2.PutStreamResponse]:
+        async def handle(request: objects_pb2.PutRequest) -> objects_pb2.PutStreamResponse:
+            try:
+                # Items of a long-lived stream are bounded one by one, not by the stream's deadline.
+                response = await self._put(request, self._deadline(None))
+            except OPERATING_ERRORS as error:
+                return objects_pb2.PutStreamResponse(
+                    request_id=request.request_id, error=item_error(self.backend, error)
+                )
+            return objects_pb2.PutStreamResponse(request_id=request.request_id, ack=response.ack)
+
+        async for answer in PipelinedStream(self.config.stream_inflight_max).run(request_iterator, handle):
+            yield answer
+
+    async def Session(
+        self, request_iterator: AsyncIterator[objects_pb2.SessionRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[objects_pb2.SessionResponse]:
+        """A client's multiplexed calls (objects.proto, Session): each served by its unary call's handler."""
+        handlers: dict[str, Callable[[Any, Timeout], Awaitable[Any]]] = {
+            "put": self._put,
+            "put_batch": self._put_batch,
+            "get": self._get,
+            "head": self._head,
+            "delete": self._delete,
+            "list": self._list,
+        }
+        assert set(handlers) == set(SESSION_CALLS)
+
+        async def handle(request: objects_pb2.SessionRequest) -> objects_pb2.SessionResponse:
+            kind = request.WhichOneof("call")
+            try:
+                if kind is None:
+                    raise InvalidRequest(
+                        f"session call {request.tag} names no call: set one of {', '.join(SESSION_CALLS)}"
+                    )
+                # Bounded by the call's own timeout, from now (a unary call's deadline runs the same way).
+                timeout_ms = request.timeout_ms
+                answer = await handlers[kind](getattr(request, kind), lambda: item_timeout_s(timeout_ms, self.config))
+            except OPERATING_ERRORS as error:
+                return objects_pb2.SessionResponse(tag=request.tag, error=item_error(self.backend, error))
+            response = objects_pb2.SessionResponse(tag=request.tag)
+            getattr(response, kind).CopyFrom(answer)
+            return response
+
+        async for response in PipelinedStream(self.config.session_inflight_max).run(request_iterator, handle):
+            yield response
 
     # ---- objects of any size (pieces.py)
 

@@ -18,6 +18,7 @@ from replicator.client._common import LargeInfo, ObjectInfo, RequestIds, VolumeI
 from replicator.v1 import admin_pb2, admin_pb2_grpc, blocks_pb2, blocks_pb2_grpc, objects_pb2, objects_pb2_grpc
 
 OBJECTS, BLOCKS, ADMIN = "objects", "blocks", "admin"
+SESSION = "session"  # a site's multiplexed session (session.py), beside its stubs
 LIST_PAGE_SIZE = 1000
 LARGE_CHUNK_BYTES = 1024 * 1024  # one PutLarge message's data
 # A large transfer's deadline: the call timeout plus its size at this rate (a slow, loaded pair).

@@ -14,6 +14,7 @@ from replicator.client._api import (
     BLOCKS,
     LIST_PAGE_SIZE,
     OBJECTS,
+    SESSION,
     LargeSource,
     _Api,
     _Call,
@@ -42,6 +43,7 @@ from replicator.client._common import (
 )
 from replicator.client.errors import ClientError
 from replicator.client.retry import Outcome
+from replicator.client.session import AsyncSession, session_kind
 from replicator.config import TlsFiles
 from replicator.v1 import admin_pb2, blocks_pb2, objects_pb2
 
@@ -56,8 +58,10 @@ class AsyncClient(_Api, RetryingShell):
         tls: TlsFiles | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         retry: RetryPolicy | None = None,
+        multiplex: bool = True,
     ) -> None:
         self.endpoints = check_endpoints(endpoints)
+        self.multiplex = multiplex
         self.retry = retry or RetryPolicy()
         self._ids = RequestIds()
         self._current = 0  # sticky: the site that answered (or was tried) last
@@ -70,8 +74,13 @@ class AsyncClient(_Api, RetryingShell):
             for e in self.endpoints
         ]
         self._stubs = [stubs_of(channel) for channel in self._channels]
+        self._sessions = [AsyncSession(stubs[OBJECTS], e) for stubs, e in zip(self._stubs, self.endpoints, strict=True)]
+        for stubs, session in zip(self._stubs, self._sessions, strict=True):
+            stubs[SESSION] = session
 
     async def close(self) -> None:
+        for session in self._sessions:
+            await session.close()
         for channel in self._channels:
             await channel.close()
 
@@ -86,7 +95,11 @@ class AsyncClient(_Api, RetryingShell):
         return self.retry.call_timeout_ms / 1000
 
     async def _run(self, call: _Call) -> Any:
+        kind = session_kind(call.method, call.request) if self.multiplex and call.service == OBJECTS else None
+
         async def invoke(stubs: dict[str, Any]) -> Any:
+            if kind is not None:  # multiplexed: on the site's session stream (session.py)
+                return call.parse(await stubs[SESSION].call(kind, call.request, self._timeout_s))
             return call.parse(await getattr(stubs[call.service], call.method)(call.request, timeout=self._timeout_s))
 
         return await self._retrying(invoke, call.write, call.pinned)

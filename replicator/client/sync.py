@@ -14,6 +14,7 @@ from replicator.client._api import (
     BLOCKS,
     LIST_PAGE_SIZE,
     OBJECTS,
+    SESSION,
     LargeSource,
     _Api,
     _Call,
@@ -42,6 +43,7 @@ from replicator.client._common import (
 )
 from replicator.client.errors import ClientError
 from replicator.client.retry import Outcome
+from replicator.client.session import SyncSession, session_kind
 from replicator.config import TlsFiles
 from replicator.v1 import admin_pb2, blocks_pb2, objects_pb2
 
@@ -51,7 +53,10 @@ class Client(_Api, RetryingShell):
 
     `tls` (CA, cert, key) turns on mutual TLS; `credentials` overrides it with
     any grpc.ChannelCredentials. `retry` bounds attempts, backoff and each
-    call's deadline.
+    call's deadline. `multiplex` (the default) sends the simple object calls
+    (put, put_batch, get, head, delete, list) of all threads over one session
+    stream per site instead of a unary gRPC call each (session.py: the same
+    answers, errors, request ids and retries); False makes every call unary.
     """
 
     def __init__(
@@ -61,8 +66,10 @@ class Client(_Api, RetryingShell):
         tls: TlsFiles | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         retry: RetryPolicy | None = None,
+        multiplex: bool = True,
     ) -> None:
         self.endpoints = check_endpoints(endpoints)
+        self.multiplex = multiplex
         self.retry = retry or RetryPolicy()
         self._ids = RequestIds()
         self._current = 0  # sticky: the site that answered (or was tried) last
@@ -75,8 +82,13 @@ class Client(_Api, RetryingShell):
             for e in self.endpoints
         ]
         self._stubs = [stubs_of(channel) for channel in self._channels]
+        self._sessions = [SyncSession(stubs[OBJECTS], e) for stubs, e in zip(self._stubs, self.endpoints, strict=True)]
+        for stubs, session in zip(self._stubs, self._sessions, strict=True):
+            stubs[SESSION] = session
 
     def close(self) -> None:
+        for session in self._sessions:
+            session.close()
         for channel in self._channels:
             channel.close()
 
@@ -91,6 +103,11 @@ class Client(_Api, RetryingShell):
         return self.retry.call_timeout_ms / 1000
 
     def _run(self, call: _Call) -> Any:
+        kind = session_kind(call.method, call.request) if self.multiplex and call.service == OBJECTS else None
+        if kind is not None:  # multiplexed: on the site's session stream (session.py)
+            return self._retrying(
+                lambda site: call.parse(site[SESSION].call(kind, call.request, self._timeout_s)), call.write
+            )
         return self._retrying(
             lambda site: call.parse(getattr(site[call.service], call.method)(call.request, timeout=self._timeout_s)),
             call.write,
