@@ -8,6 +8,7 @@ and fills the site's permits, so the next request waits, is refused with the ret
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -194,6 +195,46 @@ def test_grpc_answers_resource_exhausted_with_a_retry_hint_and_applies_nothing()
                 await put("refused")  # the retry, once there is room
                 got = await stub.Get(objects_pb2.GetRequest(bucket="b", key="refused"))
                 assert got.data == b"v"
+        finally:
+            await server.stop(0)
+
+    run(main())
+
+
+def test_admission_applies_to_every_call_of_a_session_stream() -> None:
+    """A Session call that finds no room gets RESOURCE_EXHAUSTED with a retry hint as its own answer,
+    nothing applied; the stream and the calls that were admitted go on."""
+
+    async def main() -> None:
+        backend = FakeBackend("a", peer="b")
+        backend.write_delay_s = 0.3
+        server = await start_site_server(admitted(backend, 1, 1 << 20, 20), "127.0.0.1:0", ApiConfig())
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                outgoing: asyncio.Queue[objects_pb2.SessionRequest | None] = asyncio.Queue()
+
+                async def requests() -> AsyncIterator[objects_pb2.SessionRequest]:
+                    while (message := await outgoing.get()) is not None:
+                        yield message
+
+                call = objects_pb2_grpc.ObjectServiceStub(channel).Session(requests())
+                for tag, key in ((1, "slow"), (2, "refused")):
+                    put = objects_pb2.PutRequest(bucket="b", key=key, data=b"v", request_id=key.encode())
+                    outgoing.put_nowait(objects_pb2.SessionRequest(tag=tag, put=put))
+                    await asyncio.sleep(0.05)
+                first = await call.read()
+                assert first.tag == 2 and first.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                assert "the site is busy" in first.error.message and first.error.retry_after_ms >= 10
+                second = await call.read()
+                assert second.tag == 1 and second.put.ack.ts > 0
+                assert backend.writes_seen == 1 and backend.store.records_applied == 1  # the refused one: nothing
+                backend.write_delay_s = 0
+                retry = objects_pb2.PutRequest(bucket="b", key="refused", data=b"v", request_id=b"refused")
+                outgoing.put_nowait(objects_pb2.SessionRequest(tag=3, put=retry))
+                third = await call.read()
+                assert third.tag == 3 and third.put.ack.ts > 0 and not third.put.ack.duplicate
+                outgoing.put_nowait(None)
+                assert await call.read() is grpc.aio.EOF
         finally:
             await server.stop(0)
 

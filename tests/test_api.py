@@ -185,6 +185,130 @@ def test_put_stream_pipelines_and_reports_items_separately() -> None:
     with_site(test)
 
 
+class Session:
+    """A raw Session stream of the test: send a request, read the answer to a tag."""
+
+    def __init__(self, stub: objects_pb2_grpc.ObjectServiceStub) -> None:
+        self.outgoing: asyncio.Queue[objects_pb2.SessionRequest | None] = asyncio.Queue()
+        self.call = stub.Session(self._requests())
+        self.answers: dict[int, objects_pb2.SessionResponse] = {}
+        self._tags = iter(range(1, 1 << 30))
+
+    async def _requests(self) -> AsyncIterator[objects_pb2.SessionRequest]:
+        while (message := await self.outgoing.get()) is not None:
+            yield message
+
+    def send(self, timeout_ms: int = 0, **call: Any) -> int:
+        tag = next(self._tags)
+        self.outgoing.put_nowait(objects_pb2.SessionRequest(tag=tag, timeout_ms=timeout_ms, **call))
+        return tag
+
+    async def answer(self, tag: int) -> objects_pb2.SessionResponse:
+        while tag not in self.answers:
+            response = await self.call.read()
+            assert response is not grpc.aio.EOF, f"the stream ended before answering tag {tag}"
+            self.answers[response.tag] = response
+        return self.answers.pop(tag)
+
+    async def close(self) -> None:
+        self.outgoing.put_nowait(None)
+        assert await self.call.read() is grpc.aio.EOF
+        assert await self.call.code() == grpc.StatusCode.OK
+
+
+def item_code(response: objects_pb2.SessionResponse) -> grpc.StatusCode:
+    assert response.WhichOneof("result") == "error", response
+    return next(code for code in grpc.StatusCode if code.value[0] == response.error.code)
+
+
+def test_session_serves_every_call_kind_with_the_unary_handlers_and_errors_per_call() -> None:
+    async def test(site: Site) -> None:
+        session = Session(site.objects)
+        put = session.send(put=objects_pb2.PutRequest(bucket="s", key="k", data=b"v1", request_id=b"r1"))
+        assert (await session.answer(put)).put.ack.ts > 0
+        again = session.send(put=objects_pb2.PutRequest(bucket="s", key="k", data=b"v1", request_id=b"r1"))
+        assert (await session.answer(again)).put.ack.duplicate  # dedup by request id, as unary
+        batch = session.send(
+            put_batch=objects_pb2.PutBatchRequest(
+                bucket="s", items=[objects_pb2.PutBatchItem(key="b1", data=b"1")], request_id=b"r2"
+            )
+        )
+        assert (await session.answer(batch)).put_batch.ack.ts > 0
+        get = session.send(get=objects_pb2.GetRequest(bucket="s", key="k"))
+        assert (await session.answer(get)).get.data == b"v1"
+        head = session.send(head=objects_pb2.HeadRequest(bucket="s", key="k"))
+        assert (await session.answer(head)).head.size_bytes == 2
+        listed = session.send(list=objects_pb2.ListRequest(bucket="s"))
+        assert [o.key for o in (await session.answer(listed)).list.objects] == ["b1", "k"]
+        applied = site.backend.store.records_applied
+        # Bad calls: each gets the unary call's error, nothing is applied, the stream goes on.
+        empty_key = session.send(put=objects_pb2.PutRequest(bucket="s", key="", data=b"v", request_id=b"r3"))
+        oversized = session.send(put=objects_pb2.PutRequest(bucket="s", key="big", data=bytes(101), request_id=b"r4"))
+        no_id = session.send(put=objects_pb2.PutRequest(bucket="s", key="n", data=b"v"))
+        no_call = session.send()
+        missing = session.send(get=objects_pb2.GetRequest(bucket="s", key="missing"))
+        answer = await session.answer(empty_key)
+        assert item_code(answer) == grpc.StatusCode.INVALID_ARGUMENT and "key is empty" in answer.error.message
+        answer = await session.answer(oversized)
+        assert item_code(answer) == grpc.StatusCode.INVALID_ARGUMENT and "object_bytes_max" in answer.error.message
+        assert item_code(await session.answer(no_id)) == grpc.StatusCode.INVALID_ARGUMENT
+        answer = await session.answer(no_call)
+        assert item_code(answer) == grpc.StatusCode.INVALID_ARGUMENT and "names no call" in answer.error.message
+        assert item_code(await session.answer(missing)) == grpc.StatusCode.NOT_FOUND
+        assert site.backend.store.records_applied == applied
+        # A call whose timeout leaves no time is refused before it reaches the backend.
+        writes = site.backend.writes_seen
+        late = session.send(timeout_ms=1, put=objects_pb2.PutRequest(bucket="s", key="l", data=b"v", request_id=b"r5"))
+        assert item_code(await session.answer(late)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert site.backend.writes_seen == writes
+        delete = session.send(delete=objects_pb2.DeleteRequest(bucket="s", key="k", request_id=b"r6"))
+        assert (await session.answer(delete)).delete.ack.ts > 0
+        # A site that cannot serve names the other one, per call.
+        site.backend.available = False
+        refused = session.send(get=objects_pb2.GetRequest(bucket="s", key="b1"))
+        answer = await session.answer(refused)
+        assert item_code(answer) == grpc.StatusCode.UNAVAILABLE and answer.error.other_site == "127.0.0.1:7999"
+        await session.close()
+
+    with_site(test, ApiConfig(health_refresh_ms=20, object_bytes_max=100))
+
+
+class CountingBackend(FakeBackend):
+    """Counts the writes running at once."""
+
+    def __init__(self) -> None:
+        super().__init__("a", peer="b")
+        self.running = 0
+        self.running_max = 0
+
+    async def write(self, operations: Any, request_id: bytes, timeout_s: float) -> Any:
+        self.running += 1
+        self.running_max = max(self.running_max, self.running)
+        try:
+            return await super().write(operations, request_id, timeout_s)
+        finally:
+            self.running -= 1
+
+
+def test_session_runs_at_most_session_inflight_max_calls_at_once() -> None:
+    backend = CountingBackend()
+    backend.write_delay_s = 0.02
+
+    async def test(site: Site) -> None:
+        session = Session(site.objects)
+        tags = [
+            session.send(put=objects_pb2.PutRequest(bucket="s", key=f"k{i}", data=b"v", request_id=b"i%d" % i))
+            for i in range(12)
+        ]
+        answers = [await session.answer(tag) for tag in tags]
+        assert all(answer.WhichOneof("result") == "put" for answer in answers)
+        assert len({answer.put.ack.ts for answer in answers}) == 12
+        assert backend.running_max == 3
+        await session.close()
+
+    with_site(test, ApiConfig(health_refresh_ms=20, session_inflight_max=3), backend)
+
+
 def test_list_paginates_in_key_order_with_prefix_and_skips_tombstones() -> None:
     async def test(site: Site) -> None:
         for name in ["a1", "a2", "a3", "b1", "a4", "a5"]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,15 +36,21 @@ from replicator.config import ApiConfig, TlsFiles
 FAST_RETRY = RetryPolicy(attempts_max=4, backoff_initial_ms=1, backoff_ms_max=5, call_timeout_ms=5000)
 
 
+@pytest.fixture(params=[True, False], ids=["multiplexed", "unary"])
+def multiplex(request: pytest.FixtureRequest) -> bool:
+    """Both modes of the clients: calls over the site's session stream, or one unary gRPC call each."""
+    return bool(request.param)
+
+
 @pytest.fixture
 def servers() -> Iterator[ServerThread]:
     with ServerThread() as thread:
         yield thread
 
 
-def test_objects_roundtrip_through_both_sites(servers: ServerThread) -> None:
+def test_objects_roundtrip_through_both_sites(servers: ServerThread, multiplex: bool) -> None:
     a, b, address_a, address_b = fake_pair(servers)
-    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+    with Client([address_a, address_b], retry=FAST_RETRY, multiplex=multiplex) as client:
         ts = client.put("photos", "cat.jpg", b"meow")
         assert ts > 0
         assert client.get("photos", "cat.jpg") == b"meow"
@@ -65,10 +73,10 @@ def test_list_follows_pagination(servers: ServerThread) -> None:
         assert client.list("empty") == []
 
 
-def test_fails_over_when_a_site_cannot_serve(servers: ServerThread) -> None:
+def test_fails_over_when_a_site_cannot_serve(servers: ServerThread, multiplex: bool) -> None:
     a, b, address_a, address_b = fake_pair(servers)
     a.available = False
-    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+    with Client([address_a, address_b], retry=FAST_RETRY, multiplex=multiplex) as client:
         client.put("bk", "k", b"v")
         assert b.store.versions[b"obk\x00k"].value == b"v"
         assert client.get("bk", "k") == b"v"
@@ -78,19 +86,19 @@ def test_fails_over_when_a_site_cannot_serve(servers: ServerThread) -> None:
         assert a.writes_seen == 1 and b.writes_seen == 2
 
 
-def test_fails_over_when_a_site_is_down(servers: ServerThread) -> None:
+def test_fails_over_when_a_site_is_down(servers: ServerThread, multiplex: bool) -> None:
     a, b, address_a, address_b = fake_pair(servers)
     servers.stop_site(address_a)
-    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+    with Client([address_a, address_b], retry=FAST_RETRY, multiplex=multiplex) as client:
         client.put("bk", "k", b"v")
         assert client.get("bk", "k") == b"v"
         assert client.status().site == "b"
 
 
-def test_retry_after_unknown_outcome_applies_the_write_once(servers: ServerThread) -> None:
+def test_retry_after_unknown_outcome_applies_the_write_once(servers: ServerThread, multiplex: bool) -> None:
     a, b, address_a, address_b = fake_pair(servers)
     a.unknown_after_apply = 1  # a applies the write, then answers DEADLINE_EXCEEDED
-    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+    with Client([address_a, address_b], retry=FAST_RETRY, multiplex=multiplex) as client:
         client.put("bk", "k", b"v")
     # The outcome was unknown, the site alive: retried at the SAME site (the
     # original may still be on its way to the other one), with the same
@@ -99,10 +107,10 @@ def test_retry_after_unknown_outcome_applies_the_write_once(servers: ServerThrea
     assert a.store.records_applied == 1
 
 
-def test_single_site_client_never_talks_to_another(servers: ServerThread) -> None:
+def test_single_site_client_never_talks_to_another(servers: ServerThread, multiplex: bool) -> None:
     a, b, address_a, _ = fake_pair(servers)
     a.available = False
-    with Client([address_a], retry=FAST_RETRY) as client:
+    with Client([address_a], retry=FAST_RETRY, multiplex=multiplex) as client:
         with pytest.raises(Unavailable) as caught:
             client.put("bk", "k", b"v")
     assert "cannot serve" in caught.value.message and "4 attempts" in caught.value.message
@@ -110,23 +118,23 @@ def test_single_site_client_never_talks_to_another(servers: ServerThread) -> Non
     assert a.store.records_applied == 0
 
 
-def test_unknown_outcome_after_every_retry_is_reported(servers: ServerThread) -> None:
+def test_unknown_outcome_after_every_retry_is_reported(servers: ServerThread, multiplex: bool) -> None:
     backend = FakeBackend("a")
     backend.unknown_after_apply = 100
     address = servers.start_site(backend)
-    with Client([address], retry=FAST_RETRY) as client, pytest.raises(OutcomeUnknown):
+    with Client([address], retry=FAST_RETRY, multiplex=multiplex) as client, pytest.raises(OutcomeUnknown):
         client.put("bk", "k", b"v")
     assert backend.store.records_applied == 1
 
 
-def test_a_refusal_after_a_timeout_still_reports_the_outcome_unknown(servers: ServerThread) -> None:
+def test_a_refusal_after_a_timeout_still_reports_the_outcome_unknown(servers: ServerThread, multiplex: bool) -> None:
     """retry.py: a write that timed out at a (twice, so the plan moves on) and was then refused by b
     may be applied at a: the caller gets OutcomeUnknown with maybe_applied, never Unavailable."""
     a, b, address_a, address_b = fake_pair(servers)
     a.unknown_after_apply = 100
     b.available = False
     policy = RetryPolicy(attempts_max=3, backoff_initial_ms=1, backoff_ms_max=5, call_timeout_ms=5000)
-    with Client([address_a, address_b], retry=policy) as client:
+    with Client([address_a, address_b], retry=policy, multiplex=multiplex) as client:
         with pytest.raises(OutcomeUnknown, match="earlier attempt") as caught:
             client.put("bk", "k", b"v")
         assert caught.value.maybe_applied
@@ -137,21 +145,21 @@ def test_a_refusal_after_a_timeout_still_reports_the_outcome_unknown(servers: Se
         assert not refused.value.maybe_applied
 
 
-def test_maybe_applied_tells_a_refusal_from_a_site_that_could_not_be_reached(servers: ServerThread) -> None:
+def test_maybe_applied_tells_a_refusal_from_a_site_that_could_not_be_reached(servers: ServerThread, multiplex: bool) -> None:
     """What the chaos workload records as fail (nothing applied) or info (maybe applied)."""
     a, _, address_a, _ = fake_pair(servers)
     a.available = False
-    with Client([address_a], retry=FAST_RETRY) as client, pytest.raises(Unavailable) as refused:
+    with Client([address_a], retry=FAST_RETRY, multiplex=multiplex) as client, pytest.raises(Unavailable) as refused:
         client.put("bk", "k", b"v")
     assert not refused.value.maybe_applied
     address = servers.start_site(FakeBackend("c"))
     servers.stop_site(address)
-    with Client([address], retry=FAST_RETRY) as client, pytest.raises(Unavailable) as unreachable:
+    with Client([address], retry=FAST_RETRY, multiplex=multiplex) as client, pytest.raises(Unavailable) as unreachable:
         client.delete("bk", "k")
     assert unreachable.value.maybe_applied
 
 
-def test_a_busy_site_is_retried_in_place_after_its_hint() -> None:
+def test_a_busy_site_is_retried_in_place_after_its_hint(multiplex: bool) -> None:
     """Admission control answers RESOURCE_EXHAUSTED with `replicator-retry-after-ms`: the client waits
     that long and asks the same site again (never the other); nothing was applied by the refusal."""
 
@@ -164,7 +172,7 @@ def test_a_busy_site_is_retried_in_place_after_its_hint() -> None:
         server_b = await start_site_server(b, "127.0.0.1:0")
         patient = RetryPolicy(attempts_max=30, backoff_initial_ms=1, backoff_ms_max=1000)  # >= 290 ms of hints
         try:
-            async with AsyncClient([server_a.address, server_b.address], retry=patient) as client:
+            async with AsyncClient([server_a.address, server_b.address], retry=patient, multiplex=multiplex) as client:
                 first = asyncio.ensure_future(client.put("bk", "slow", b"1"))
                 while gate.admission.stats().ops_in_flight == 0:
                     await asyncio.sleep(0.005)  # it holds a's only permit for 150 ms
@@ -172,7 +180,7 @@ def test_a_busy_site_is_retried_in_place_after_its_hint() -> None:
                 await first
             assert gate.admission.stats().rejected >= 1
             assert b.writes_seen == 0 and a.writes_seen == 2 and store.records_applied == 2
-            async with AsyncClient([server_a.address], retry=RetryPolicy(attempts_max=2, backoff_ms_max=5)) as client:
+            async with AsyncClient([server_a.address], retry=RetryPolicy(attempts_max=2, backoff_ms_max=5), multiplex=multiplex) as client:
                 a.write_delay_s = 1.0
                 held = asyncio.ensure_future(client.put("bk", "held", b"3"))
                 while gate.admission.stats().ops_in_flight == 0:
@@ -189,9 +197,9 @@ def test_a_busy_site_is_retried_in_place_after_its_hint() -> None:
     asyncio.run(main())
 
 
-def test_bad_input_is_not_retried(servers: ServerThread) -> None:
+def test_bad_input_is_not_retried(servers: ServerThread, multiplex: bool) -> None:
     a, b, address_a, address_b = fake_pair(servers)
-    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+    with Client([address_a, address_b], retry=FAST_RETRY, multiplex=multiplex) as client:
         with pytest.raises(InvalidArgument, match="object key is empty"):
             client.put("bk", "", b"v")
         with pytest.raises(InvalidArgument, match="unknown volume"):
@@ -199,10 +207,10 @@ def test_bad_input_is_not_retried(servers: ServerThread) -> None:
     assert a.writes_seen == 0 and b.writes_seen == 0
 
 
-def test_unreachable_endpoint(servers: ServerThread) -> None:
+def test_unreachable_endpoint(servers: ServerThread, multiplex: bool) -> None:
     address = servers.start_site(FakeBackend("a"))
     servers.stop_site(address)
-    with Client([address], retry=RetryPolicy(attempts_max=2, backoff_initial_ms=1, call_timeout_ms=2000)) as client:
+    with Client([address], retry=RetryPolicy(attempts_max=2, backoff_initial_ms=1, call_timeout_ms=2000), multiplex=multiplex) as client:
         with pytest.raises(Unavailable, match=address):
             client.get("bk", "k")
 
@@ -265,14 +273,14 @@ def test_backoff_switches_site_first_then_waits_bounded() -> None:
         Client(["a:1", "b:2", "c:3"])
 
 
-def test_async_client() -> None:
+def test_async_client(multiplex: bool) -> None:
     async def main() -> None:
         store = FakeStore()
         a, b = FakeBackend("a", store), FakeBackend("b", store)
         server_a = await start_site_server(a, "127.0.0.1:0")
         server_b = await start_site_server(b, "127.0.0.1:0")
         try:
-            async with AsyncClient([server_a.address, server_b.address], retry=FAST_RETRY) as client:
+            async with AsyncClient([server_a.address, server_b.address], retry=FAST_RETRY, multiplex=multiplex) as client:
                 await client.put("bk", "k", b"v")
                 assert await client.get("bk", "k") == b"v"
                 a.available = False
@@ -385,3 +393,127 @@ def test_mutual_tls(servers: ServerThread, tmp_path: Path) -> None:
     with Client([address], retry=once) as client, pytest.raises(Unavailable):
         client.get("bk", "k")
     assert backend.writes_seen == 1
+
+
+# ---- the multiplexed mode (client/session.py): one session stream per site for concurrent calls
+
+
+class RecordingBackend(FakeBackend):
+    """Records the request id of every write that reaches it."""
+
+    def __init__(self, site_name: str, store: FakeStore) -> None:
+        super().__init__(site_name, store)
+        self.request_ids: list[bytes] = []
+
+    async def write(self, operations: Any, request_id: bytes, timeout_s: float) -> Any:
+        self.request_ids.append(request_id)
+        return await super().write(operations, request_id, timeout_s)
+
+
+def test_threads_share_one_session_stream_and_each_gets_its_own_answer(servers: ServerThread) -> None:
+    a, _, address_a, address_b = fake_pair(servers)
+    a.write_delay_s = 0.002  # calls overlap on the stream
+    results: dict[str, tuple[int, bytes, bytes]] = {}
+    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+
+        def work(thread: int) -> None:
+            for n in range(25):
+                key = f"t{thread}-{n}"
+                ts = client.put("bk", key, key.encode())
+                results[key] = (ts, client.get("bk", key), b"")
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert client._sessions[0].streams_opened == 1 and client._sessions[1].streams_opened == 0
+        listed = client.list("bk")
+    assert len(results) == 400 and all(got == key.encode() for key, (_, got, _) in results.items())
+    assert len({ts for ts, _, _ in results.values()}) == 400
+    assert a.store.records_applied == 400 and sorted(listed) == sorted(results)
+
+
+def test_unary_mode_opens_no_session(servers: ServerThread) -> None:
+    _, _, address_a, _ = fake_pair(servers)
+    with Client([address_a], multiplex=False) as client:
+        client.put("bk", "k", b"v")
+        assert client.get("bk", "k") == b"v"
+        assert client._sessions[0].streams_opened == 0
+
+
+def test_a_call_past_its_deadline_is_outcome_unknown_and_the_session_goes_on(servers: ServerThread) -> None:
+    backend = FakeBackend("a")
+    address = servers.start_site(backend)
+    backend.write_delay_s = 0.5
+    policy = RetryPolicy(attempts_max=1, call_timeout_ms=200)
+    with Client([address], retry=policy) as client:
+        with pytest.raises(OutcomeUnknown) as caught:
+            client.put("bk", "slow", b"v")
+        assert caught.value.maybe_applied
+        backend.write_delay_s = 0
+        assert client.put("bk", "fast", b"v") > 0  # the late answer to "slow" is dropped, not mistaken
+        assert client.get("bk", "fast") == b"v"
+        assert client._sessions[0].streams_opened == 1
+
+
+def test_a_session_broken_mid_call_retries_every_call_with_its_request_id_and_applies_it_once(
+    servers: ServerThread,
+) -> None:
+    """Site a stops with calls in flight on the session: each is retried at b with the same request id
+    (its outcome unknown until then), none is applied twice, and the next call to a opens a new stream."""
+    store = FakeStore()
+    a, b = RecordingBackend("a", store), RecordingBackend("b", store)
+    a.write_delay_s = 0.3  # a applies them after its stream is gone (the items run to completion)
+    address_a, address_b = servers.start_site(a), servers.start_site(b)
+    stamps: dict[str, int] = {}
+    with Client([address_a, address_b], retry=FAST_RETRY) as client:
+        threads = [
+            threading.Thread(target=lambda n=n: stamps.__setitem__(f"k{n}", client.put("bk", f"k{n}", b"v")))
+            for n in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        while len(a.request_ids) < 8:
+            time.sleep(0.005)
+        servers.stop_site(address_a)
+        for thread in threads:
+            thread.join()
+        assert client._sessions[1].streams_opened == 1
+    assert sorted(b.request_ids) == sorted(a.request_ids) and len(set(a.request_ids)) == 8
+    time.sleep(0.4)  # a's own applies, after the retries: duplicates of the same request ids
+    assert store.records_applied == 8 and len(stamps) == 8
+    assert {stamps[f"k{n}"] for n in range(8)} == {store.outcomes[rid].ts for rid in a.request_ids}
+
+
+def test_async_tasks_share_one_session_and_a_broken_stream_is_retried() -> None:
+    async def main() -> None:
+        store = FakeStore()
+        a, b = RecordingBackend("a", store), RecordingBackend("b", store)
+        server_a = await start_site_server(a, "127.0.0.1:0")
+        server_b = await start_site_server(b, "127.0.0.1:0")
+        try:
+            async with AsyncClient([server_a.address, server_b.address], retry=FAST_RETRY) as client:
+                keys = [f"k{n}" for n in range(300)]
+                stamps = await asyncio.gather(*(client.put("bk", key, key.encode()) for key in keys))
+                assert len(set(stamps)) == 300
+                got = await asyncio.gather(*(client.get("bk", key) for key in keys))
+                assert got == [key.encode() for key in keys]
+                assert client._sessions[0].streams_opened == 1 and not b.request_ids
+                # Calls in flight when a stops: retried at b with the same request ids, applied once.
+                a.write_delay_s = 0.3
+                pending = [asyncio.ensure_future(client.put("bk", f"late{n}", b"v")) for n in range(8)]
+                while len(a.request_ids) < 308:
+                    await asyncio.sleep(0.005)
+                await server_a.stop(0)
+                late = await asyncio.gather(*pending)
+                assert sorted(b.request_ids) == sorted(a.request_ids[300:])
+                await asyncio.sleep(0.4)
+                assert store.records_applied == 308
+                assert set(late) == {store.outcomes[rid].ts for rid in b.request_ids}
+                assert client._sessions[1].streams_opened == 1
+        finally:
+            await server_a.stop(0)
+            await server_b.stop(0)
+
+    asyncio.run(main())

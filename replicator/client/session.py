@@ -172,6 +172,7 @@ class SyncSession:
         self._stream: _SyncStream | None = None
         self._closed = False
         self._tags = itertools.count(1)
+        self.streams_opened = 0
 
     def call(self, kind: str, request: Any, timeout_s: float) -> Any:
         tag = next(self._tags)
@@ -183,6 +184,7 @@ class SyncSession:
             stream = self._stream
             if stream is None:  # lazily: the first call, or the first after a stream broke
                 stream = self._stream = _SyncStream(self._stub)
+                self.streams_opened += 1
                 threading.Thread(
                     target=self._read, args=(stream,), name=f"replicator-session-{self._endpoint}", daemon=True
                 ).start()
@@ -255,6 +257,7 @@ class AsyncSession:
         self._stream: _AsyncStream | None = None
         self._closed = False
         self._tags = itertools.count(1)
+        self.streams_opened = 0
 
     async def call(self, kind: str, request: Any, timeout_s: float) -> Any:
         if self._closed:
@@ -264,6 +267,7 @@ class AsyncSession:
         stream = self._stream
         if stream is None:  # lazily: the first call, or the first after a stream broke
             stream = self._stream = _AsyncStream(self._stub)
+            self.streams_opened += 1
             stream.reader = asyncio.get_running_loop().create_task(
                 self._read(stream), name=f"replicator-session-{self._endpoint}"
             )
