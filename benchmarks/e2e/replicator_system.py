@@ -20,7 +20,9 @@ it. With placement "both" it holds two `AsyncClient`s over the same two endpoint
 [a, b] and one [b, a]; the client sends to the first endpoint of its list and stays there while it
 answers, so the coroutines (the load generator's coroutine n of worker w starts at site (w + n) % 2)
 are spread half on site a, half on site b: active-active. With "one" every coroutine uses [a, b],
-so everything goes to a (b stays the failover endpoint, unused while a answers). The clients do
+so everything goes to a (b stays the failover endpoint, unused while a answers). The clients run in
+their default multiplexed mode (each client's concurrent calls share one session stream per site;
+spec.options["multiplex"] = False makes every call unary, for comparison). The clients do
 not retry (RetryPolicy(attempts_max=1) unless spec.options["retry_attempts"] says otherwise): a
 failed call must show up as an error in the results, not as a slow success after a retry.
 """
@@ -243,7 +245,9 @@ class ReplicatorDriver:
             attempts_max=int(options.get("retry_attempts", 1)),
             call_timeout_ms=int(options.get("call_timeout_ms", CALL_TIMEOUT_MS)),
         )
-        self.clients = [AsyncClient(order, retry=retry) for order in orders]
+        # The public client as a user would run it: multiplexed (its default) unless the spec says "multiplex": False.
+        multiplex = bool(options.get("multiplex", True))
+        self.clients = [AsyncClient(order, retry=retry, multiplex=multiplex) for order in orders]
         self.bucket = str(options.get("bucket", BUCKET))
         self._assigned: weakref.WeakKeyDictionary[asyncio.Task[Any], Any] = weakref.WeakKeyDictionary()
         self.worker = worker
