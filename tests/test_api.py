@@ -309,6 +309,32 @@ def test_session_runs_at_most_session_inflight_max_calls_at_once() -> None:
     with_site(test, ApiConfig(health_refresh_ms=20, session_inflight_max=3), backend)
 
 
+def test_a_stopping_server_answers_the_session_calls_it_started_then_ends_the_stream_naming_the_other_site() -> None:
+    async def main() -> None:
+        backend = FakeBackend("a", peer="b", peer_address="127.0.0.1:7999")
+        backend.write_delay_s = 0.3
+        server = await start_site_server(backend, "127.0.0.1:0", ApiConfig())
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                session = Session(objects_pb2_grpc.ObjectServiceStub(channel))
+                slow = session.send(put=objects_pb2.PutRequest(bucket="s", key="k", data=b"v", request_id=b"slow"))
+                while backend.writes_seen == 0:
+                    await asyncio.sleep(0.005)
+                began = asyncio.get_running_loop().time()
+                stopping = asyncio.ensure_future(server.stop(5.0))
+                assert (await session.answer(slow)).put.ack.ts > 0  # started: run to the end and answered
+                ended = await expect(grpc.StatusCode.UNAVAILABLE, session.call.read(), "stopping", "127.0.0.1:7999")
+                trailers = dict(ended.trailing_metadata() or ())
+                assert trailers["replicator-other-site"] == "127.0.0.1:7999"
+                await stopping
+                assert asyncio.get_running_loop().time() - began < 2.0  # not the 5 s grace
+                assert backend.store.records_applied == 1
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
 def test_list_paginates_in_key_order_with_prefix_and_skips_tombstones() -> None:
     async def test(site: Site) -> None:
         for name in ["a1", "a2", "a3", "b1", "a4", "a5"]:

@@ -141,6 +141,11 @@ def ack(result: WriteResult) -> common_pb2.WriteAck:
     return common_pb2.WriteAck(ts=result.ts, duplicate=result.duplicate)
 
 
+async def _nothing() -> AsyncIterator[Any]:
+    return
+    yield
+
+
 class PipelinedStream:
     """Runs the items of one bidi stream concurrently, bounded, answering each as it completes.
 
@@ -159,9 +164,19 @@ class PipelinedStream:
     def __init__(self, inflight_max: int) -> None:
         self._permits = asyncio.Semaphore(inflight_max)
         self._answers: asyncio.Queue[Any] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._reading = False  # the reader waits for a request or a permit (where stop() may cut it)
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Read no more requests (the server is stopping); the items started run on and are answered,
+        then `run` ends. Whatever the client sent after that was not read: nothing of it is applied."""
+        self.stopped = True
+        if self._reader is not None and self._reading:
+            self._reader.cancel()
 
     async def run(self, requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]]) -> AsyncIterator[Any]:
-        reader = asyncio.create_task(self._read(requests, handle))
+        reader = self._reader = asyncio.create_task(self._read(requests, handle))
         try:
             while True:
                 answer = await self._answers.get()
@@ -177,13 +192,20 @@ class PipelinedStream:
     async def _read(self, requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]]) -> None:
         running: set[asyncio.Task[Any]] = set()
         try:
-            async for request in requests:
-                await self._permits.acquire()
-                task = asyncio.create_task(self._one(handle, request))
-                running.add(task)
-                self._orphans.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(self._orphans.discard)
+            self._reading = not self.stopped
+            try:
+                async for request in requests if self._reading else _nothing():
+                    await self._permits.acquire()
+                    task = asyncio.create_task(self._one(handle, request))
+                    running.add(task)
+                    self._orphans.add(task)
+                    task.add_done_callback(running.discard)
+                    task.add_done_callback(self._orphans.discard)
+            except asyncio.CancelledError:
+                if not self.stopped:
+                    raise
+            finally:
+                self._reading = False
             if running:
                 await asyncio.wait(list(running))
         finally:

@@ -17,6 +17,7 @@ from replicator.api import keys, pieces
 from replicator.api._handling import (
     OPERATING_ERRORS,
     PipelinedStream,
+    abort,
     ack,
     item_error,
     item_timeout_s,
@@ -25,7 +26,7 @@ from replicator.api._handling import (
     translate_stream_errors,
 )
 from replicator.api.backend import SiteBackend
-from replicator.api.errors import Changed, InvalidRequest, NotFound
+from replicator.api.errors import Changed, InvalidRequest, NotFound, Unavailable
 from replicator.config import ApiConfig, S3Config
 from replicator.core.records import Operation, Versioned
 from replicator.v1 import objects_pb2, objects_pb2_grpc
@@ -102,6 +103,13 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
         self.backend = backend
         self.config = config
         self.large = pieces.PieceStore(backend, large_limits(s3 or S3Config(), config))
+        self._sessions: set[PipelinedStream] = set()
+
+    def end_sessions(self) -> None:
+        """The server is stopping: every Session stream reads no more calls, answers the ones it started,
+        and ends with UNAVAILABLE naming the other site (a call still unanswered then was never read)."""
+        for pipeline in list(self._sessions):
+            pipeline.stop()
 
     # ---- validation: everything is checked before the backend is called,
     # so a refused request has no effect at all.
@@ -283,8 +291,15 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
             getattr(response, kind).CopyFrom(answer)
             return response
 
-        async for response in PipelinedStream(self.config.session_inflight_max).run(request_iterator, handle):
-            yield response
+        pipeline = PipelinedStream(self.config.session_inflight_max)
+        self._sessions.add(pipeline)
+        try:
+            async for response in pipeline.run(request_iterator, handle):
+                yield response
+        finally:
+            self._sessions.discard(pipeline)
+        if pipeline.stopped:
+            await abort(self.backend, context, Unavailable("it is stopping"))
 
     # ---- objects of any size (pieces.py)
 

@@ -104,6 +104,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stores: list[PieceStore] = field(default_factory=list)
+    _objects: list[ObjectServicer] = field(default_factory=list)
 
     async def stop(self, grace_s: float | None = 1.0) -> None:
         for task in self._tasks:
@@ -112,6 +113,10 @@ class RunningServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.health.enter_graceful_shutdown()
+        # Session streams never end on their own: ended here, so that a graceful stop does not wait out its
+        # grace for them, and their clients learn at once to go to the other site (nothing unread applied).
+        for objects in self._objects:
+            objects.end_sessions()
         await self.server.stop(grace_s)
         for store in self._stores:
             for task in list(store.background):  # best-effort frees: the sweep finds what they leave
@@ -164,6 +169,7 @@ async def start_site_server(
     running = RunningServer(server, address, port, health_servicer)
     running._tasks.append(asyncio.create_task(_follow_health(health_servicer, backend, config.health_refresh_ms)))
     running._stores.append(objects.large)
+    running._objects.append(objects)
     if not s3.enabled:  # else the S3 endpoint sweeps the same keys
         sweep = sweep_forever(
             objects.large, s3.garbage_sweep_interval_ms / 1000, lambda: backend.status().serving, _ignore
