@@ -517,3 +517,30 @@ def test_async_tasks_share_one_session_and_a_broken_stream_is_retried() -> None:
             await server_b.stop(0)
 
     asyncio.run(main())
+
+
+def test_a_graceful_stop_answers_the_session_calls_in_flight_and_sends_the_next_ones_to_the_other_site() -> None:
+    async def main() -> None:
+        store = FakeStore()
+        a, b = RecordingBackend("a", store), RecordingBackend("b", store)
+        server_a = await start_site_server(a, "127.0.0.1:0")
+        server_b = await start_site_server(b, "127.0.0.1:0")
+        a.peer_address = server_b.address
+        try:
+            async with AsyncClient([server_a.address, server_b.address], retry=FAST_RETRY) as client:
+                await client.put("bk", "first", b"v")  # the session to a is open
+                a.write_delay_s = 0.3
+                in_flight = [asyncio.ensure_future(client.put("bk", f"k{n}", b"v")) for n in range(4)]
+                while len(a.request_ids) < 5:
+                    await asyncio.sleep(0.005)
+                began = asyncio.get_running_loop().time()
+                await asyncio.gather(server_a.stop(5.0), *in_flight)
+                assert asyncio.get_running_loop().time() - began < 2.0  # not the 5 s grace
+                assert not b.request_ids  # a answered every call it had started
+                await client.put("bk", "after", b"v")  # refused by the ended stream's status: goes to b
+                assert len(b.request_ids) == 1 and store.records_applied == 6
+        finally:
+            await server_a.stop(0)
+            await server_b.stop(0)
+
+    asyncio.run(main())
