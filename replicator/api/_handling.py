@@ -141,11 +141,6 @@ def ack(result: WriteResult) -> common_pb2.WriteAck:
     return common_pb2.WriteAck(ts=result.ts, duplicate=result.duplicate)
 
 
-async def _nothing() -> AsyncIterator[Any]:
-    return
-    yield
-
-
 class PipelinedStream:
     """Runs the items of one bidi stream concurrently, bounded, answering each as it completes.
 
@@ -192,9 +187,11 @@ class PipelinedStream:
     async def _read(self, requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]]) -> None:
         running: set[asyncio.Task[Any]] = set()
         try:
-            self._reading = not self.stopped
+            self._reading = True
             try:
-                async for request in requests if self._reading else _nothing():
+                async for request in requests:
+                    if self.stopped:  # stop() came before the reader first waited
+                        break
                     await self._permits.acquire()
                     task = asyncio.create_task(self._one(handle, request))
                     running.add(task)
