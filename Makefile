@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 SEEDS ?= 1-2000
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-fast lint tools-bench docs sim sim-long chaos bench demo clean tools-nbd tools-s3 tools-haproxy
+.PHONY: all venv build test test-fast lint tools-bench docs sim sim-long chaos bench demo clean tools-nbd tools-s3 tools-haproxy tools-ops
 
 all: build
 
@@ -37,6 +37,13 @@ $(S3_TOOLS): $(INSTALLED)
 	touch $@
 
 tools-s3: $(S3_TOOLS)
+
+# logrotate and systemd-analyze (Debian packages) for the packaging tests, when missing.
+tools-ops:
+	@command -v logrotate >/dev/null 2>&1 || test -x /usr/sbin/logrotate || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq logrotate)
+	@command -v systemd-analyze >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd)
 
 # HAProxy (the Debian package) for the S3 failover test, when missing.
 tools-haproxy:
@@ -82,7 +89,7 @@ tools-nbd:
 	    || echo "tools-nbd: apt-get failed; the NBD tests will skip (or fail under CI=true)" >&2; \
 	fi
 
-test: build lint tools-nbd tools-s3 tools-haproxy tools-bench
+test: build lint tools-nbd tools-s3 tools-haproxy tools-bench tools-ops
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 sim: build
