@@ -15,6 +15,12 @@ from chaos.sim.world import SMALL_VALUES, SimParams
 from replicator.core.config import PLANTS, SIMULATOR_PLANTS
 from replicator.driver import SHELL_PLANTS
 
+# The seeds pinned below were found before the simulator modelled lazy syncs (a persist nothing
+# waits on rides on the next sync): their schedules replay with every persist starting its sync.
+AS_FOUND_SYNCS = {"lazy_sync_us": None}
+# A resync source's sends as they were before the seed-9377 and seed-220 fixes (each waits for a persist).
+OLD_RESYNC_TIMING = frozenset({"undurable_resync", "undurable_resync_begin"})
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIM_SEEDS = os.environ.get("REPLICATOR_SIM_SEEDS", "1-200")  # the scale is make sim-long; this keeps make test < 15 min
 
@@ -78,7 +84,7 @@ def test_seed_61196_stale_read_needs_both_a_reordering_link_and_no_gap_check() -
     moments (the interaction script tests/interaction/seed-61196-*.txt replays it step by step too)."""
     seed = 61196
     # The workload of the run that found it, on the core's resync timing of then.
-    as_found = replace(SimParams(), **SMALL_VALUES, plants=frozenset({"undurable_resync"}))
+    as_found = replace(SimParams(), **SMALL_VALUES, **AS_FOUND_SYNCS, plants=OLD_RESYNC_TIMING)
     fifo = run_seed(seed, as_found)
     assert fifo.ok, fifo.violations
     assert fifo.reordered_deliveries == 0
@@ -86,7 +92,7 @@ def test_seed_61196_stale_read_needs_both_a_reordering_link_and_no_gap_check() -
     refused = run_seed(seed, reordering)
     assert refused.ok, refused.violations
     assert refused.reordered_deliveries > 0 and refused.protocol_errors > 0
-    unchecked = run_seed(seed, replace(reordering, plants=frozenset({"undurable_resync", "accept_gaps"})))
+    unchecked = run_seed(seed, replace(reordering, plants=OLD_RESYNC_TIMING | {"accept_gaps"}))
     assert not unchecked.ok
     assert any("linearizability" in v and "'k2'" in v and "v2-181" in v for v in unchecked.violations), unchecked.violations
 
@@ -98,7 +104,7 @@ def test_seed_1612_a_disk_is_restored_only_while_no_other_fault_is_active(monkey
     a site of a healthy pair only, and so does the simulator now."""
     import chaos.sim.run as sim_run
 
-    as_found = replace(SimParams(), **SMALL_VALUES)
+    as_found = replace(SimParams(), **SMALL_VALUES, **AS_FOUND_SYNCS)
     assert run_seed(1612, as_found).ok
     monkeypatch.setattr(sim_run, "no_fault_active", lambda world: True)  # the check as it was: roles only
     unguarded = run_seed(1612, as_found)
@@ -110,8 +116,11 @@ def test_seed_9377_a_resync_source_sends_only_what_is_durable_at_it() -> None:
     loaded it into a ResyncData for a before that commit was durable; b crashed and came back without
     it, a kept the version (its ts was the higher) and the pair diverged at the next sync point. The
     source now sends a batch only once every persist issued before the load is durable."""
-    assert run_seed(9377, SimParams()).ok
-    planted = run_seed(9377, replace(SimParams(), plants=frozenset({"undurable_resync"})))
+    as_found = replace(SimParams(), **AS_FOUND_SYNCS)
+    assert run_seed(9377, as_found).ok
+    # The ResyncBegin of then (sent at once, before the seed-220 fix), with and without this fix.
+    assert run_seed(9377, replace(as_found, plants=frozenset({"undurable_resync_begin"}))).ok
+    planted = run_seed(9377, replace(as_found, plants=OLD_RESYNC_TIMING))
     assert not planted.ok and any("convergence" in v for v in planted.violations), planted.violations
 
 
@@ -125,7 +134,7 @@ def test_links_deliver_in_order_within_a_connection() -> None:
         assert result.reordered_deliveries == 0
     # The control: a schedule known to reorder once the links may (a partition shorter than the
     # peer timeout, a message sent after the heal before the held ones' retransmit).
-    control = run_seed(23, replace(partitions, reorder_within_connection=True, **SMALL_VALUES))
+    control = run_seed(23, replace(partitions, reorder_within_connection=True, **SMALL_VALUES, **AS_FOUND_SYNCS))
     assert control.reordered_deliveries > 0 and control.ok, control.violations
 
 
@@ -145,7 +154,7 @@ def test_cli_fault_mix_and_resumable_long_runs(tmp_path: os.PathLike[str]) -> No
     assert again.returncode == 0 and "1 already done" in again.stdout
     assert json.loads(open(os.path.join(out, "summary.json")).read())["operations"] == summary["operations"]
     assert os.path.exists(os.path.join(out, "summary.md"))
-    planted = sim("--seeds", "9377", "--plant", "undurable_resync", "--out", os.path.join(tmp_path, "p"))
+    planted = sim("--seeds", "9377", "--eager-syncs", "--plant", "undurable_resync", "--plant", "undurable_resync_begin", "--out", os.path.join(tmp_path, "p"))
     assert planted.returncode == 1 and "9377" in planted.stdout
 
 

@@ -6,7 +6,8 @@
     python -m chaos.sim --list-plants
     python -m chaos.sim --seeds 1-20000 --faults partition=3,crash=1    # a weighted fault mix
     python -m chaos.sim --seeds 1-100000 --out chaos-report/sim    # summary files; resumable
-    python -m chaos.sim --seed 61196 --small-values --reorder --plant accept_gaps --plant undurable_resync   # the stale read as found
+    python -m chaos.sim --seed 61196 --small-values --eager-syncs --reorder --plant accept_gaps \
+        --plant undurable_resync --plant undurable_resync_begin   # the stale read as found
 
 With --out DIR, each chunk of seeds writes DIR/chunk-<first>-<last>.json when done;
 a rerun with the same --out skips the chunks already there (resume after a stop),
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         "--small-values", action="store_true",
         help="no large values and the link's own byte bound (the schedules seeds had before sizes were simulated)",
     )
+    parser.add_argument(
+        "--eager-syncs", action="store_true",
+        help="every persist starts its sync, lazy ones too (the schedules seeds had before lazy syncs were simulated)",
+    )
     parser.add_argument("--out", help="write per-chunk and total summaries here; skip chunks already done (resume)")
     parser.add_argument("--chunk-seeds", type=int, default=CHUNK_SEEDS, help="seeds per chunk file with --out")
     args = parser.parse_args(argv)
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.small_values:
         params = replace(params, **SMALL_VALUES)
+    if args.eager_syncs:
+        params = replace(params, lazy_sync_us=None)
     if args.out:
         from chaos.sim.long import run_long
 
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     for line in result.trace_tail:
                         print(f"    {line}", file=sys.stderr)
                 plant = "".join(f" --plant {p}" for p in args.plant)
-                extra = (" --reorder" if args.reorder else "") + (" --small-values" if args.small_values else "") + (
+                extra = (" --reorder" if args.reorder else "") + (" --small-values" if args.small_values else "") + (" --eager-syncs" if args.eager_syncs else "") + (
                     " --faults " + ",".join(f"{n}={w:g}" for n, w in args.faults) if args.faults else ""
                 )
                 print(f"  replay: python -m chaos.sim --seed {result.seed}{plant}{extra} --verbose", file=sys.stderr)

@@ -90,6 +90,10 @@ class SimParams:
     fault_interval_ms: tuple[int, int] = (300, 2500)
     net_delay_us: tuple[int, int] = (50, 1500)
     fsync_us: tuple[int, int] = (100, 3000)
+    # A persist no acknowledgement waits for (Persist.urgent False) starts no sync: it rides on the
+    # next one, started at the latest this long after it (the daemon's GroupCommitter lazy delay,
+    # 10 ms). None: every persist starts its sync (the schedules of seeds found before).
+    lazy_sync_us: tuple[int, int] | None = (1000, 10_000)
     tick_ms: int = 10
     client_timeout_ms: int = 3000
     lease_ms: int = 1000
@@ -193,6 +197,7 @@ class SiteProcess(Host):
         self.connection: Connection | None = None
         self.handles: dict[int, Callable[[Any], None]] = {}
         self.sync_scheduled = False
+        self.lazy_sync_pending = False
         self.stop_reason = ""
 
     # clocks (the driver's Clock port)
@@ -245,6 +250,7 @@ class SiteProcess(Host):
         self.deferred.clear()
         self.paused_until_us = 0
         self.sync_scheduled = False
+        self.lazy_sync_pending = False
         self.world.close_connection(self, notify_self=False)
         for handle, callback in list(self.handles.items()):
             del self.handles[handle]
@@ -298,7 +304,11 @@ class SiteProcess(Host):
         self.world.after(0, self._guarded(lambda: self.deliver(lambda: event)))
 
     def write_waits(self, driver: SiteDriver, persist: ev.Persist) -> None:
-        self._schedule_sync()
+        lazy = self.world.params.lazy_sync_us
+        if persist.urgent or lazy is None:
+            self._schedule_sync()
+        else:
+            self._schedule_lazy_sync(lazy)
 
     def write_answered(self, answer: ev.AnswerWrite) -> None:
         self._answer(answer.handle, answer)
@@ -348,6 +358,22 @@ class SiteProcess(Host):
                 self._schedule_sync()
 
         self.world.after(self.world.rng.randint(*self.world.params.fsync_us), done)
+
+    def _schedule_lazy_sync(self, lazy_us: tuple[int, int]) -> None:
+        """A sync for the persists nothing waits on, unless one is on its way already."""
+        if self.sync_scheduled or self.lazy_sync_pending:
+            return
+        self.lazy_sync_pending = True
+        incarnation = self.incarnation
+
+        def due() -> None:
+            if self.incarnation != incarnation or not self.alive:
+                return
+            self.lazy_sync_pending = False
+            if self.unsynced:
+                self._schedule_sync()
+
+        self.world.after(self.world.rng.randint(*lazy_us), due)
 
     def resync_loaded(self, driver: SiteDriver, request: ev.LoadResyncBatch, loaded: ev.ResyncBatchLoaded) -> None:
         # A real site sends only what fits in one link frame (the driver cut it to the core's byte

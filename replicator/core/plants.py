@@ -79,6 +79,13 @@ class Plant(enum.Enum):
         "resync_source.on_resync_batch_loaded: a target only gets versions durable at the source",
         True,
     )
+    # Its window is a crash of the source within a persist's durability of the resync starting: the
+    # target has erased its data and the source forgets that a full resync is under way.
+    UNDURABLE_RESYNC_BEGIN = (
+        "a resync source sends ResyncBegin before the resync's own state is durable",
+        "resync_source.begin: a target erases its data only once the source cannot forget the full resync",
+        True,
+    )
 
     @property
     def name_in_config(self) -> str:

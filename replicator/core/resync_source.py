@@ -33,6 +33,7 @@ from replicator.core.sizes import cut, dedup_entry_bytes
 from replicator.core.standing import Standing
 
 if TYPE_CHECKING:
+    from replicator.core.session import Session
     from replicator.core.site import SiteCore
 
 
@@ -41,6 +42,7 @@ class ResyncSource:
     """Progress of one resync, in the session it runs in."""
 
     sends_keys: bool = True  # False only under the plant that rejoins without a resync
+    begin_sent: bool = False  # ResyncBegin goes out once the resync's own meta is durable
     begin_acked: bool = False
     queue: list[bytes] = field(default_factory=list)  # dirty keys still to send
     scan_cursor: bytes | None = None  # full scan: next load position
@@ -86,12 +88,25 @@ def begin(core: SiteCore, *, full: bool, rolled_back: bool = False) -> None:
         phase.scan_cursor = core.resync_full_position
     else:
         phase.scan_done = True
-    core.persist(meta=meta)
+    persist_id = core.persist(meta=meta)
     phase.queue = sorted(core.dirty)
     if not phase.sends_keys:
         phase.queue = []
         phase.scan_done = True
-    core.send(msg.ResyncBegin(core.epoch, full=clear, next_seq=core.next_seq))
+    resync_begin = msg.ResyncBegin(core.epoch, full=clear, next_seq=core.next_seq)
+    if core.plants.on(Plant.UNDURABLE_RESYNC_BEGIN):
+        _send_begin(core, session, phase, resync_begin)
+        return
+    # A full ResyncBegin makes the target erase its data: by then we must be sure to remember,
+    # across a crash, that a full resync is under way, or we would come back, resync only our
+    # dirty keys into the erased target and lose every acknowledged key (simulator seed 220).
+    core.after(persist_id, functools.partial(_send_begin, core, session, phase, resync_begin))
+
+
+def _send_begin(core: SiteCore, session: Session, phase: ResyncSource, resync_begin: msg.ResyncBegin) -> None:
+    if core.session is session and session.resync_source is phase and core.session_up():
+        phase.begin_sent = True
+        core.send(resync_begin)
 
 
 def on_resync_begin_ack(core: SiteCore, event: ev.Event) -> None:

@@ -42,6 +42,9 @@ def _heartbeat(core: SiteCore) -> None:
     if not core.session_up() or core.now_ms < core.next_heartbeat_ms:
         return
     assert core.session is not None
+    phase = core.session.resync_source
+    if phase is not None and not phase.begin_sent:
+        return  # the target takes a heartbeat of our new epoch before ResyncBegin for a stale peer
     core.session.heartbeat_nonce += 1
     nonce = core.session.heartbeat_nonce
     core.heartbeats_sent[nonce] = core.now_ms
