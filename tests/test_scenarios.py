@@ -269,3 +269,75 @@ def test_a_site_restored_from_an_older_copy_meets_its_peer_in_the_same_epoch(pla
         ask_witness(a, witness)
         settle(a, b)
     assert a.core.role is Role.SYNC and b.core.role is Role.SYNC and b.value(b"k1") == b"v1"
+
+
+@pytest.mark.parametrize("plant", [frozenset(), frozenset({"undurable_resync_begin"})])
+def test_a_full_resync_source_that_crashes_at_its_begin_does_not_forget_it(plant: frozenset[str]) -> None:
+    """The seed-220 ordering by hand. b comes back from an older copy of its disk while a is SOLO:
+    a starts a full resync and b, told so by ResyncBegin, erases its data. a crashes before the
+    resync's state (resync_full_active) is durable. If ResyncBegin went out before that sync, a
+    comes back without knowing of the full resync; b's clock is past the rollback floor by then (a
+    write shipped during the resync), so a resyncs only its dirty keys and the pair goes SYNC with b
+    missing every acknowledged key it erased. ResyncBegin waits for the sync, so b never erases."""
+    a, b = Site("a", plant), Site("b", plant)
+    a.start()
+    b.start()
+    connect(a, b)
+    a.step(ev.WriteRequested(1, b"req-1", (Operation(b"k1", b"v1"),)))
+    settle(a, b)
+    copy = b.disk.image()
+    a.step(ev.WriteRequested(2, b"req-2", (Operation(b"k2", b"v2"),)))
+    settle(a, b)
+    assert [x.ok for x in a.answers] == [True, True] and b.value(b"k2") == b"v2"
+    b.crash()
+    a.step(ev.PeerDisconnected())
+    witness = WitnessCore({"p": PairConfig(sites=("a", "b"), preferred="b", preferred_grace_ms=0)})
+    for _ in range(40):
+        a.now += 100
+        a.step(ev.TimePassed())
+        a.sync()
+        ask_witness(a, witness)
+    assert a.core is not None and a.core.role is Role.SOLO and a.core.epoch == 2
+    b.disk.restore(copy)
+    b.start()
+    a.step(ev.PeerConnected())
+    b.step(ev.PeerConnected())
+    for _ in range(6):  # the Hellos and what follows them, a's disk not synced meanwhile
+        b.sync()
+        deliver(a, b)
+        deliver(b, a)
+    assert a.core.resync_full_position == b""  # b's Hello showed it rolled back: a full resync
+    assert b.core is not None
+    a.now += 1
+    a.step(ev.WriteRequested(3, b"req-3", (Operation(b"k3", b"v3"),)))  # shipped to b: its clock moves on
+    for _ in range(3):
+        b.sync()
+        deliver(a, b)
+        deliver(b, a)
+    erased = b.value(b"k1") is None
+    assert erased == bool(plant)
+    a.crash()
+    a.start()
+    b.step(ev.PeerDisconnected())
+    for _ in range(60):
+        for site in (a, b):
+            site.now += 100
+            site.step(ev.TimePassed())
+            site.sync()
+            ask_witness(site, witness)
+        settle(a, b)
+    a.outbox.clear()
+    b.outbox.clear()
+    a.step(ev.PeerDisconnected())
+    b.step(ev.PeerDisconnected())
+    connect(a, b)
+    for _ in range(5):
+        settle(a, b)
+        ask_witness(a, witness)
+        settle(a, b)
+    assert a.core is not None and b.core is not None and a.core.role is Role.SYNC is b.core.role
+    at_b = (b.value(b"k1"), b.value(b"k2"))
+    if plant:
+        assert at_b == (None, None)  # both SYNC, two acknowledged writes gone at b
+        return
+    assert at_b == (b"v1", b"v2")
