@@ -153,6 +153,11 @@ def test_cli_fault_mix_and_resumable_long_runs(tmp_path: os.PathLike[str]) -> No
     again = sim(*args)
     assert again.returncode == 0 and "1 already done" in again.stdout
     assert json.loads(open(os.path.join(out, "summary.json")).read())["operations"] == summary["operations"]
+    # Each chunk names the simulated code it ran: ranges on other commits compare by it.
+    fingerprint = sim("--fingerprint")
+    assert fingerprint.returncode == 0
+    codes = json.loads(open(os.path.join(out, "summary.json")).read())["codes"]
+    assert codes == [fingerprint.stdout.strip()] and codes[0].split(":")[0] != "0"
     assert os.path.exists(os.path.join(out, "summary.md"))
     planted = sim("--seeds", "9377", "--eager-syncs", "--plant", "undurable_resync", "--plant", "undurable_resync_begin", "--out", os.path.join(tmp_path, "p"))
     assert planted.returncode == 1 and "9377" in planted.stdout

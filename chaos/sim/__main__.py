@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         "--eager-syncs", action="store_true",
         help="every persist starts its sync, lazy ones too (the schedules seeds had before lazy syncs were simulated)",
     )
+    parser.add_argument(
+        "--fingerprint", action="store_true",
+        help="run seed 1 briefly and print the hash of the simulated code (as the chunk files of --out record it)",
+    )
     parser.add_argument("--out", help="write per-chunk and total summaries here; skip chunks already done (resume)")
     parser.add_argument("--chunk-seeds", type=int, default=CHUNK_SEEDS, help="seeds per chunk file with --out")
     args = parser.parse_args(argv)
@@ -113,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24} {description} [simulator only: needs --reorder]")
         for name, description in SHELL_PLANTS.items():
             print(f"{name:24} {description} [in the shell: replicator/driver.py]")
+        return 0
+    if args.fingerprint:
+        from chaos.sim.long import code_fingerprint
+
+        run_seed(1, replace(SimParams(), safety_ms=500))
+        print(code_fingerprint())
         return 0
     known = set(PLANTS) | set(SIMULATOR_PLANTS) | set(SHELL_PLANTS)
     unknown = [plant for plant in args.plant if plant not in known]

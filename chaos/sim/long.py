@@ -13,6 +13,7 @@ The exit status is 1 when any seed of the range has a violation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -42,6 +43,36 @@ def _commit() -> str:
         return "unknown"
 
 
+ROOT = Path(__file__).resolve().parents[2]
+NOT_SIMULATED = {"chaos/sim/long.py", "chaos/sim/__main__.py"}  # run seeds, decide nothing in them
+
+
+def code_fingerprint() -> str:
+    """A hash of the project's code this process has loaded (call it after a run): every module
+    under the tree but the runner's own, and for a compiled extension its Cython source. Ranges run
+    on different commits ran the same simulated code exactly when their fingerprints agree."""
+    digest = hashlib.sha256()
+    files = set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not path:
+            continue
+        resolved = Path(path).resolve()
+        if ROOT not in resolved.parents or ".venv" in resolved.parts:
+            continue
+        if resolved.suffix == ".so":
+            sources = list(ROOT.glob(f"native/**/{resolved.name.split('.')[0]}.pyx"))
+            if not sources:
+                continue
+            resolved = sources[0]
+        relative = resolved.relative_to(ROOT).as_posix()
+        if relative not in NOT_SIMULATED:
+            files.add(relative)
+    for relative in sorted(files):
+        digest.update(relative.encode() + b"\0" + (ROOT / relative).read_bytes() + b"\0")
+    return f"{len(files)}:{digest.hexdigest()[:16]}"
+
+
 def _params_key(params: SimParams) -> dict[str, Any]:
     """The parameters as a chunk file holds them (tuples as lists, sets sorted): the resume check."""
     key: dict[str, Any] = json.loads(json.dumps(asdict(params), default=sorted))
@@ -67,6 +98,7 @@ def run_chunk(seeds: Sequence[int], params: SimParams) -> dict[str, Any]:
             if len(totals["violations"]) < VIOLATIONS_KEPT:
                 totals["violations"].append({"seed": seed, "violations": [v[:500] for v in result.violations[:3]]})
     totals["seconds"] = round(time.monotonic() - started, 1)
+    totals["code"] = code_fingerprint()
     return totals
 
 
@@ -141,6 +173,7 @@ def _summarise(chunks: list[dict[str, Any]], seeds: Sequence[int], key: dict[str
         "violations": [v for c in chunks for v in c["violations"]][:VIOLATIONS_KEPT],
         "worker_seconds": round(sum(c["seconds"] for c in chunks), 1),
         "commits": sorted({c["commit"] for c in chunks}),
+        "codes": sorted({c.get("code", "unknown") for c in chunks}),
         "params": key,
         "cpus": os.cpu_count(),
     }
@@ -152,6 +185,7 @@ def _markdown(summary: dict[str, Any]) -> str:
         "",
         f"- command: `{summary['command']}`",
         f"- commits: {', '.join(summary['commits'])}",
+        f"- simulated code (fingerprint): {', '.join(summary['codes'])}",
         f"- runs {summary['runs']:,}, operations {summary['operations']:,}, acknowledged writes "
         f"{summary['acknowledged_writes']:,}, faults {summary['faults']:,}, protocol errors {summary['protocol_errors']:,}",
         f"- seeds with violations: {len(summary['failed_seeds'])} {summary['failed_seeds'][:50]}",
