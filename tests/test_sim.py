@@ -111,6 +111,24 @@ def test_seed_1612_a_disk_is_restored_only_while_no_other_fault_is_active(monkey
     assert not unguarded.ok and any("convergence" in v for v in unguarded.violations), unguarded.violations
 
 
+def test_seed_3257_a_disk_is_not_restored_while_a_disk_fault_is_armed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 3257 (found by the 100,000-seed run on the lazy-sync model): a's next fsync was set to
+    fail at 3,821 ms and b's disk was restored 4 ms later; a lazy sync hit the fault 450 ms later,
+    a fail-stopped while b was down, and b won epoch 2 alone with its old copy: the same double
+    failure as seed 1612, which the restore's precondition did not see (docs/chaos.md "Seed 3257")."""
+    import chaos.sim.run as sim_run
+
+    assert run_seed(3257, SimParams()).ok
+
+    def without_disk_faults(world: sim_run.World) -> bool:  # the check as it was
+        sites = world.sites.values()
+        return not world.links and world.witness.alive and all(s.alive and s.paused_until_us <= world.now_us for s in sites)
+
+    monkeypatch.setattr(sim_run, "no_fault_active", without_disk_faults)
+    unguarded = run_seed(3257, SimParams())
+    assert not unguarded.ok and any("convergence" in v for v in unguarded.violations), unguarded.violations
+
+
 def test_seed_9377_a_resync_source_sends_only_what_is_durable_at_it() -> None:
     """Seed 9377 (found by the 100,000-seed run): b, SOLO, committed a client's retried write and
     loaded it into a ResyncData for a before that commit was durable; b crashed and came back without

@@ -414,14 +414,22 @@ def settled_pair(world: World) -> bool:
 
 
 def no_fault_active(world: World) -> bool:
-    """No link black-holed, no site paused, the witness up: what an operator checks before
-    restoring a site (a settled pair whose peer is paused or cut from the witness is not
-    healthy: simulator seed 1612 restored b while a was both, and b won the next epoch with
-    its old disk)."""
+    """No link black-holed, no site paused, no disk fault armed, the witness up: what an operator
+    checks before restoring a site (a settled pair whose peer is paused or cut from the witness
+    is not healthy: simulator seed 1612 restored b while a was both, and b won the next epoch
+    with its old disk). A disk fault armed but not yet hit is a failure already under way: seed
+    3257 restored b 4 ms after a's next fsync was set to fail; a lazy sync hit it 450 ms later,
+    while b was down, and b won epoch 2 alone with its old copy."""
     return (
         not world.links
         and world.witness.alive
-        and all(site.alive and site.paused_until_us <= world.now_us for site in world.sites.values())
+        and all(
+            site.alive
+            and site.paused_until_us <= world.now_us
+            and not site.disk.fail_next_sync
+            and not site.disk.full
+            for site in world.sites.values()
+        )
     )
 
 
