@@ -73,6 +73,12 @@ def test_cli_rejects_unknown_plant_and_lists_plants() -> None:
     assert listed.returncode == 0
     listed_names = set(line.split()[0] for line in listed.stdout.splitlines())
     assert listed_names == set(PLANTS) | set(SIMULATOR_PLANTS) | set(SHELL_PLANTS)
+    # Each simulator-only plant says what opens its window (only accept_gaps needs --reorder).
+    from chaos.sim.__main__ import SIMULATOR_PLANT_WINDOWS
+
+    assert set(SIMULATOR_PLANT_WINDOWS) == set(SIMULATOR_PLANTS)
+    needs_reorder = {line.split()[0] for line in listed.stdout.splitlines() if "needs --reorder" in line}
+    assert needs_reorder == {"accept_gaps"}
 
 
 def test_seed_61196_stale_read_needs_both_a_reordering_link_and_no_gap_check() -> None:

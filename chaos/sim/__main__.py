@@ -77,6 +77,15 @@ def _run(args: tuple[int, SimParams, bool]) -> RunResult:
     return run_seed(seed, params, verbose=verbose)
 
 
+# What opens the window of each simulator-only plant (--list-plants says it; a plant missing here gets
+# the generic reason).
+SIMULATOR_PLANT_WINDOWS = {
+    "accept_gaps": "needs --reorder (TCP never reorders; seed 61196's replay and tests/test_scenarios.py catch it)",
+    "undurable_resync": "caught by seed 9377's replay with --eager-syncs (docs/chaos.md, \"Seed 9377\")",
+    "undurable_resync_begin": "caught by tests/test_scenarios.py's crash of a full resync source at its ResyncBegin (seed 220)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chaos.sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=parse_seeds, help="seeds to run, e.g. 1-1000 or 3,7,9")
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, description in PLANTS.items():
             print(f"{name:24} {description}")
         for name, description in SIMULATOR_PLANTS.items():
-            print(f"{name:24} {description} [simulator only: needs --reorder]")
+            print(f"{name:24} {description} [simulator only: {SIMULATOR_PLANT_WINDOWS.get(name, 'no nemesis of the real daemons opens its window')}]")
         for name, description in SHELL_PLANTS.items():
             print(f"{name:24} {description} [in the shell: replicator/driver.py]")
         return 0
