@@ -77,8 +77,8 @@ def _run(args: tuple[int, SimParams, bool]) -> RunResult:
     return run_seed(seed, params, verbose=verbose)
 
 
-# What opens the window of each simulator-only plant (--list-plants says it; a plant missing here gets
-# the generic reason).
+# What opens the window of each simulator-only plant (--list-plants says it; tests/test_sim.py
+# checks that every one has its entry).
 SIMULATOR_PLANT_WINDOWS = {
     "accept_gaps": "needs --reorder (TCP never reorders; seed 61196's replay and tests/test_scenarios.py catch it)",
     "undurable_resync": "caught by seed 9377's replay with --eager-syncs (docs/chaos.md, \"Seed 9377\")",
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, description in PLANTS.items():
             print(f"{name:24} {description}")
         for name, description in SIMULATOR_PLANTS.items():
-            print(f"{name:24} {description} [simulator only: {SIMULATOR_PLANT_WINDOWS.get(name, 'no nemesis of the real daemons opens its window')}]")
+            print(f"{name:24} {description} [simulator only: {SIMULATOR_PLANT_WINDOWS[name]}]")
         for name, description in SHELL_PLANTS.items():
             print(f"{name:24} {description} [in the shell: replicator/driver.py]")
         return 0
