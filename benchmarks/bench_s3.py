@@ -3,9 +3,10 @@
     python -m benchmarks.bench_s3 [--seconds 5] [--only pair,alone,seaweedfs] [--multipart-mib 256]
 
 The load generator is one asyncio process (aiohttp client, SigV4 with UNSIGNED-PAYLOAD)
-that runs PUT and then GET of 4 KiB and 1 MiB objects at concurrency 1 and 32 for
-`seconds` each, then one multipart upload of `multipart-mib` MiB in 8 MiB parts (4 in
-flight). Systems:
+that runs PUT, GET and HEAD of 4 KiB and 1 MiB objects at concurrency 1 and 32 and LIST (a
+ListObjectsV2 page of the 256 objects of that size) at concurrency 1, for `seconds` each,
+then one multipart upload of `multipart-mib` MiB in 8 MiB parts (4 in flight). The MB/s of
+HEAD and LIST count the sizes of the objects answered for, not bytes sent. Systems:
 - pair: a LocalCluster (witness and two sites), requests to site a: every write durable at
   both sites before it is acknowledged;
 - alone: the same deployment after site b is SIGKILLed and site a went SOLO (the same
@@ -84,6 +85,7 @@ class Generator:
             return data
 
     async def run(self, method: str, size: int, concurrency: int, seconds: float, bucket: str) -> dict[str, float]:
+        """`method` is PUT, GET, HEAD or LIST; HEAD and LIST read the objects the GET row before them wrote."""
         body = os.urandom(size)
         keys = 256
         done = 0
@@ -112,7 +114,10 @@ class Generator:
                     sequence += concurrency
                     t0 = time.perf_counter()
                     try:
-                        await self.request(session, method, key, body if method == "PUT" else b"")
+                        if method == "LIST":  # the query sorted, as SigV4 signs it
+                            await self.request(session, "GET", bucket, query=f"list-type=2&prefix=o{size}-")
+                        else:
+                            await self.request(session, method, key, body if method == "PUT" else b"")
                     except (RuntimeError, aiohttp.ClientError):
                         errors += 1
                         continue
@@ -124,7 +129,7 @@ class Generator:
         latencies.sort()
         return {
             "ops_s": done / elapsed,
-            "mb_s": done * size / elapsed / 1e6,
+            "mb_s": done * size * (keys if method == "LIST" else 1) / elapsed / 1e6,
             "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
             "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
             "errors": errors,
@@ -173,7 +178,7 @@ async def measure(endpoint: str, access: str, secret: str, seconds: float, multi
     results: dict[str, Any] = {}
     for size, label in ((4096, "4KiB"), (MIB, "1MiB")):
         for concurrency in (1, 32):
-            for method in ("PUT", "GET"):
+            for method in ("PUT", "GET", "HEAD", "LIST") if concurrency == 1 else ("PUT", "GET", "HEAD"):
                 name = f"{method} {label} c={concurrency}"
                 results[name] = await generator.run(method, size, concurrency, seconds, bucket)
                 print(f"  {name:<18} {results[name]['ops_s']:9.1f} ops/s {results[name]['mb_s']:8.1f} MB/s"
