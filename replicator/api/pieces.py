@@ -17,29 +17,70 @@ Keys (all under b"s", beside the small-object API's b"o" objects):
     upload    b"sU" + bucket + NUL + key + NUL + upload_id   -> JSON {created_ms, headers, meta}
     part      b"sQ" + upload_id(16) + u32be(part_number)     -> JSON {size, md5, data, piece_bytes, mtime_ms}
 
-A body up to `piece_bytes` is stored inline in its manifest: one record, so
-the put is atomic by itself. A larger body is cut into pieces written under
-a fresh random `data_id`, several in flight; the manifest naming the data id
-is written LAST, in one record, so the object appears whole at both sites
-(a record is visible anywhere only once durable at both) or not at all.
+Three sizes of body, three layouts, each put atomic (a record is visible
+anywhere only once durable at both sites, so the object appears whole at both
+or not at all):
 
-Garbage. Before its first piece, every data id gets an *owner* record that
-names the only places that may ever reference it: the manifest of bucket/key
-or the part record (upload, number). Pieces whose owner no longer
-references them are garbage. They are freed at once when we know it (the
-object was overwritten or deleted, an upload aborted, a put failed or was a
-duplicate of one already applied) and a sweep (`collect_garbage`, run
-periodically by the S3 server, or by the gRPC server when S3 is off) frees
-the rest: pieces of a put cut short by a crash or a failover, and the rare
-leftovers of two concurrent overwrites of one key. A data id is random and
-referenced only by its owner, so once unreferenced (and older than
-`garbage_age_ms`, the bound on an upload in progress) it can never become
-referenced again.
+- up to `inline_bytes_max` (16 KiB): inline in its manifest. One key, one
+  read for a GET; a HEAD or a listing reads the body too, which at this size
+  costs less than a GET's second read would.
+- up to `piece_bytes` (1 MiB): ONE piece under a fresh random `data_id`,
+  written in the same record as its owner record and the manifest naming it.
+  The manifest stays small, so a HEAD, a listing, an overwrite's or a
+  delete's look at the old manifest and the sweep's `_referenced` read no
+  body; a GET reads the manifest, then the piece. One record, as the inline
+  layout was: nothing is written before the manifest, so a put that fails or
+  crashes leaves no garbage, and a duplicate (a retried request id) writes
+  nothing at all.
+- larger: cut into pieces under a fresh `data_id`, several in flight; the
+  manifest naming the data id is written LAST, in one record.
+
+The threshold weighs a GET's second read against what an inline body adds
+to every HEAD, listing entry and overwrite (reading, checking and copying
+it): 16 KiB keeps the second cost small beside one read (measured in
+docs/performance.md, "The S3 1 MiB GET, profiled").
+
+Old data. Up to this layout every body up to `piece_bytes` was inline; such
+manifests are the same format (M1, below) and are read, listed, overwritten,
+deleted and swept as before, forever; they only keep costing their whole
+body on a HEAD or a listing until rewritten. The format is unchanged, only
+the choice of layout is, so a site running the earlier code reads objects
+the new code wrote, and the reverse (a pair can be upgraded a site at a time).
+
+Garbage. Before its first piece (or in the same record, for a one-piece
+body), every data id gets an *owner* record that names the only places that
+may ever reference it: the manifest of bucket/key or the part record
+(upload, number). Pieces whose owner no longer references them are garbage.
+They are freed at once when we know it (the object was overwritten or
+deleted, an upload aborted, a put failed or was a duplicate of one already
+applied) and a sweep (`collect_garbage`, run periodically by the S3 server,
+or by the gRPC server when S3 is off) frees the rest: pieces of a put cut
+short by a crash or a failover, and the rare leftovers of two concurrent
+overwrites of one key. A data id is random and referenced only by its owner,
+so once unreferenced (and older than `garbage_age_ms`, the bound on an
+upload in progress) it can never become referenced again.
+
+An overwrite or a delete that replaces one-piece segments (up to
+`FOLDED_SEGMENTS_MAX` of them) deletes their piece and owner in the same
+record as the new manifest or the tombstone: no window where they are
+garbage, no two more records after it, and if that record's outcome is
+unknown the deletions share its fate (they commit with it or not at all).
+Larger segments are freed by a spawned `_free` after the record, as before
+(thousands of piece deletions do not fit one record). Two sites overwriting
+one key at once (each read the same old manifest): both records delete the
+old segment (twice, harmless), the key keeps the last writer's manifest,
+and the loser's new piece and owner are left unreferenced for the sweep,
+exactly as with a larger body. What makes this safe is what made the
+spawned `_free` safe: the old segment is referenced only by the manifest we
+read and replace, and a record written after that read orders after it.
 
 Manifest: b"M1" + u32be(header length) + JSON header + inline body. The
 header holds size, etag, mtime_ms, the standard content headers, the user
 metadata and the segments [[data_id hex, size, piece_bytes], ...] (one per
 put, one per part of a multipart object; empty when the body is inline).
+A multipart part is always a data id of pieces (the manifest lists the
+parts' data ids); one up to `piece_bytes` is one piece written in the same
+record as its owner and its part record.
 
 Errors: the front-ends speak different languages (S3 XML codes, gRPC
 statuses), so the two failures this module finds itself are made by
@@ -76,6 +117,8 @@ PART = b"sQ"
 _U32 = struct.Struct(">I")
 _MANIFEST_MAGIC = b"M1"
 DELETES_PER_RECORD = 256  # piece deletions batched per write when freeing garbage
+INLINE_BYTES_MAX = 16 * 1024  # a body up to this stays inline in its manifest (see the theory above)
+FOLDED_SEGMENTS_MAX = 16  # one-piece segments deleted in the record that replaces them (the rest: _free)
 MULTIPART_OBJECT_BYTES_MAX = 5 * 1024**4  # S3's limit on an object made by multipart upload: 5 TiB
 
 
@@ -231,6 +274,32 @@ class StoreLimits:
     garbage_age_ms: int
     timeout_s: float
     key_bytes_max: int = 1024
+    inline_bytes_max: int = INLINE_BYTES_MAX  # capped at piece_bytes
+
+    def __post_init__(self) -> None:
+        if self.inline_bytes_max < 0:
+            raise ValueError(f"inline_bytes_max: must be at least 0, got {self.inline_bytes_max}")
+
+
+@dataclass(slots=True)
+class StoredBody:
+    """What `_store_body` stored, or will store with the record that references it.
+
+    `together`: the owner and piece records of a one-piece body, not written yet: they must go in the
+    record that writes the reference (manifest or part record), so a failure before it leaves nothing.
+    `data_id` is None only for an inline body.
+    """
+
+    segments: list[Segment]
+    inline: bytes
+    size: int
+    md5_hex: str
+    data_id: bytes | None
+    together: list[Operation] = field(default_factory=list)
+
+    def written_segments(self) -> list[Segment]:
+        """The segments whose pieces are already stored (to free if the reference is never written)."""
+        return [] if self.together else self.segments
 
 
 def now_ms() -> int:
@@ -391,10 +460,9 @@ class PieceStore:
                 task.cancel()
 
     # ------------------------------------------------------------ writing objects
-    async def _store_body(
-        self, body: Body, owner: dict[str, Any], size_max: int
-    ) -> tuple[list[Segment], bytes, int, str, bytes | None]:
-        """Read the whole body, store it (inline or in pieces); return (segments, inline, size, md5 hex, data_id).
+    async def _store_body(self, body: Body, owner: dict[str, Any], size_max: int, inline_ok: bool = True) -> StoredBody:
+        """Read the whole body and store it: inline (when `inline_ok`), as one piece to write with its
+        reference (`together`), or in pieces written now.
 
         On any failure the pieces already written are freed and the error propagates. The body's own
         checks (payload hash, checksums) run before this returns.
@@ -408,7 +476,15 @@ class PieceStore:
             body.finish()
             if len(first) > size_max:
                 raise self.too_large(size_max)
-            return [], first, len(first), md5.hexdigest(), None
+            if inline_ok and len(first) <= min(self.limits.inline_bytes_max, piece_bytes):
+                return StoredBody([], first, len(first), md5.hexdigest(), None)
+            data_id = os.urandom(16)
+            together = [
+                Operation(owner_key(data_id), json.dumps(dict(owner, t=now_ms())).encode()),
+                Operation(piece_key(data_id, 0), first),
+            ]
+            segment = Segment(data_id, len(first), piece_bytes)
+            return StoredBody([segment], b"", len(first), md5.hexdigest(), data_id, together)
         data_id = os.urandom(16)
         owner = dict(owner, t=now_ms())
         await self._write([Operation(owner_key(data_id), json.dumps(owner).encode())])
@@ -442,7 +518,16 @@ class PieceStore:
                 task.cancel()
             self._spawn(self._free([Segment(data_id, size, piece_bytes)]))
             raise
-        return [Segment(data_id, size, piece_bytes)], b"", size, md5.hexdigest(), data_id
+        return StoredBody([Segment(data_id, size, piece_bytes)], b"", size, md5.hexdigest(), data_id)
+
+    @staticmethod
+    def _fold(stale: Sequence[Segment]) -> tuple[list[Operation], list[Segment]]:
+        """Split the segments a record replaces into deletions for that record (up to FOLDED_SEGMENTS_MAX
+        one-piece segments: piece and owner) and the segments left to a spawned `_free`."""
+        folded = [s for s in stale if s.pieces <= 1][:FOLDED_SEGMENTS_MAX]
+        ids = {s.data_id for s in folded}
+        deletions = [Operation(k, None) for s in folded for k in (piece_key(s.data_id, 0), owner_key(s.data_id))]
+        return deletions, [s for s in stale if s.data_id not in ids]
 
     async def _commit_manifest(
         self,
@@ -452,11 +537,14 @@ class PieceStore:
         extra: list[Operation],
         check: Callable[[Manifest | None], None] | None,
         request_id: bytes | None = None,
+        together: Sequence[Operation] = (),
     ) -> WriteResult:
-        """Write the manifest (with `extra`, one record) after `check(old manifest or None)`; free what it replaced.
+        """Write the manifest (with `together` and `extra`, one record) after `check(old manifest or None)`;
+        free what it replaced (small segments in that record, see `_fold`).
 
         A duplicate (a retry whose `request_id` was applied already) changed nothing now: its own
-        segments are the unreferenced ones, the old manifest's are left alone.
+        segments written beforehand are the unreferenced ones (`together` was not written at all),
+        the old manifest's are left alone.
         """
         storage_key = object_key(bucket, key)
         lock = self._lock(storage_key)
@@ -465,15 +553,18 @@ class PieceStore:
             old = Manifest.decode(old_raw) if old_raw is not None else None
             if check is not None:
                 check(old)
-            result = await self._write([Operation(storage_key, manifest.encode()), *extra], request_id)
+            stale = [s for s in old.segments if s.data_id not in manifest.data_ids()] if old is not None else []
+            deletions, spawned = self._fold(stale)
+            operations = [Operation(storage_key, manifest.encode()), *together, *extra, *deletions]
+            result = await self._write(operations, request_id)
         if result.duplicate:
-            if manifest.segments and (old is None or not manifest.data_ids() <= old.data_ids()):
-                self._spawn(self._free(manifest.segments))
+            mine = {operation.key for operation in together}
+            written = [s for s in manifest.segments if owner_key(s.data_id) not in mine]
+            if written and (old is None or not {s.data_id for s in written} <= old.data_ids()):
+                self._spawn(self._free(written))
             return result
-        if old is not None:
-            stale = [s for s in old.segments if s.data_id not in manifest.data_ids()]
-            if stale:
-                self._spawn(self._free(stale))
+        if spawned:
+            self._spawn(self._free(spawned))
         return result
 
     # ------------------------------------------------------------ whole objects
@@ -509,16 +600,28 @@ class PieceStore:
         just before the manifest is written (conditional puts). On any failure nothing becomes
         visible and the pieces written are freed.
         """
-        segments, inline, size, md5_hex, _ = await self._store_body(body, {"b": bucket, "k": key}, size_max)
+        stored = await self._store_body(body, {"b": bucket, "k": key}, size_max)
         try:
             if check_md5 is not None:
-                check_md5(md5_hex)
+                check_md5(stored.md5_hex)
             checksums = {**(checksums or {}), **body.verified}
-            manifest = Manifest(size, md5_hex, now_ms(), headers or {}, meta or {}, segments, inline, 0, checksums)
-            result = await self._commit_manifest(bucket, key, manifest, [], check, request_id)
+            manifest = Manifest(
+                stored.size,
+                stored.md5_hex,
+                now_ms(),
+                headers or {},
+                meta or {},
+                stored.segments,
+                stored.inline,
+                0,
+                checksums,
+            )
+            result = await self._commit_manifest(bucket, key, manifest, [], check, request_id, stored.together)
         except BaseException:
-            if segments:
-                self._spawn(self._free(segments))
+            # A one-piece body was written with the manifest or not at all: if that record's outcome is
+            # unknown it may still commit, and then it is referenced. Pieces written before are freed.
+            if stored.written_segments():
+                self._spawn(self._free(stored.written_segments()))
             raise
         return manifest, result
 
@@ -531,11 +634,10 @@ class PieceStore:
             old_raw = await self._read(storage_key)
             if old_raw is None and request_id is None:
                 return None
-            result = await self._write([Operation(storage_key, None)], request_id)
-        if old_raw is not None and not result.duplicate:
-            old = Manifest.decode(old_raw)
-            if old.segments:
-                self._spawn(self._free(old.segments))
+            deletions, spawned = self._fold(Manifest.decode(old_raw).segments if old_raw is not None else [])
+            result = await self._write([Operation(storage_key, None), *deletions], request_id)
+        if spawned and not result.duplicate:
+            self._spawn(self._free(spawned))
         return result
 
     async def _free(self, segments: Sequence[Segment]) -> None:

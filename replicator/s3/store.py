@@ -37,9 +37,7 @@ from replicator.api.pieces import (
     bucket_key,
     now_ms,
     object_key,
-    owner_key,
     part_key,
-    piece_key,
     upload_key,
 )
 from replicator.core.records import Operation
@@ -209,28 +207,25 @@ class ObjectStore(PieceStore):
 
     async def upload_part(self, upload: Upload, number: int, body: Body, content_md5: str | None) -> Part:
         owner = {"b": upload.bucket, "k": upload.key, "u": upload.upload_id, "n": number}
-        segments, inline, size, md5_hex, data_id = await self._store_body(body, owner, self.limits.object_bytes_max)
+        # Never inline: parts are referenced by data id. A part up to piece_bytes is one piece, written
+        # with its owner in the part's record.
+        stored = await self._store_body(body, owner, self.limits.object_bytes_max, inline_ok=False)
+        assert stored.data_id is not None
         try:
-            if content_md5 is not None and content_md5 != md5_hex:
+            if content_md5 is not None and content_md5 != stored.md5_hex:
                 raise S3Error("BadDigest", "The Content-MD5 you specified did not match what we received.", 400)
-            if data_id is None:
-                # A small part still goes to pieces (parts are referenced by data id); one piece.
-                data_id = os.urandom(16)
-                owner = dict(owner, t=now_ms())
-                await self._write([Operation(owner_key(data_id), json.dumps(owner).encode())])
-                segments = [Segment(data_id, size, self.limits.piece_bytes)]
-                await self._write([Operation(piece_key(data_id, 0), inline)])
-            part = Part(number, size, md5_hex, data_id, self.limits.piece_bytes, now_ms())
+            part = Part(number, stored.size, stored.md5_hex, stored.data_id, self.limits.piece_bytes, now_ms())
             storage_key = part_key(upload.upload_id, number)
             lock = self._lock(storage_key)
             async with lock:
                 # The upload may have been completed or aborted while the body streamed in.
                 await self.get_upload(upload.bucket, upload.key, upload.upload_id)
                 old_raw = await self._read(storage_key)
-                await self._write([Operation(storage_key, part.encode())])
+                await self._write([Operation(storage_key, part.encode()), *stored.together])
         except BaseException:
-            if segments:
-                self._spawn(self._free(segments))
+            # As for a whole object: a one-piece part is written with its record or not at all.
+            if stored.written_segments():
+                self._spawn(self._free(stored.written_segments()))
             raise
         if old_raw is not None:
             old = Part.decode(number, old_raw)
