@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -365,6 +366,62 @@ def test_collect_garbage_frees_the_loser_of_two_concurrent_one_piece_overwrites(
         assert live(backend, pieces.PIECE) == [pieces.piece_key(winner.segments[0].data_id, 0)]
         assert live(backend, pieces.OWNER) == [pieces.owner_key(winner.segments[0].data_id)]
         assert await read_all(store, "bkt", "k") in (body(PIECE, 1), body(PIECE, 2))
+
+    run(scenario())
+
+
+def test_an_s3_get_of_an_object_replaced_before_its_piece_is_read_answers_the_new_one(tmp_path: Path) -> None:
+    boto3 = pytest.importorskip("boto3")
+    from botocore.config import Config
+
+    from replicator.config import S3Config
+    from replicator.s3.server import S3Server
+
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text('[[credentials]]\naccess_key = "ACCESS"\nsecret_key = "SECRET"\n')
+    config = S3Config(
+        enabled=True,
+        listen="127.0.0.1:0",
+        credentials_file=str(credentials),
+        piece_bytes=PIECE,
+        part_bytes_min=PIECE,
+        garbage_sweep_interval_ms=3_600_000,
+    )
+    backend = CountingBackend()
+    replaced: list[bytes] = []
+
+    async def scenario() -> None:
+        server = S3Server(backend, config, timeout_s=5.0)
+        await server.start()
+        try:
+            client = boto3.client(
+                "s3",
+                endpoint_url=f"http://{server.address}",
+                aws_access_key_id="ACCESS",
+                aws_secret_access_key="SECRET",
+                region_name="us-east-1",
+                # One attempt: the retry checked is the server's, not boto3's (which retries a 500).
+                config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+            )
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, lambda: client.create_bucket(Bucket="bkt"))
+            await server.store.put("bkt", "k", pieces.BytesBody(body(PIECE, 0)), {}, {})
+            real_read = backend.read
+
+            async def replacing_read(key: bytes, timeout_s: float) -> Versioned | None:
+                # The first piece read: the object is overwritten (its piece freed in that record) just before.
+                if key.startswith(pieces.PIECE) and not replaced:
+                    replaced.append(key)
+                    await server.store.put("bkt", "k", pieces.BytesBody(body(PIECE, 1)), {}, {})
+                return await real_read(key, timeout_s)
+
+            backend.read = replacing_read  # type: ignore[method-assign]
+            answer = await loop.run_in_executor(None, lambda: client.get_object(Bucket="bkt", Key="k"))
+            data = await loop.run_in_executor(None, answer["Body"].read)
+            assert answer["ETag"] == f'"{hashlib.md5(body(PIECE, 1)).hexdigest()}"' and data == body(PIECE, 1)
+            assert len(replaced) == 1
+        finally:
+            await server.stop()
 
     run(scenario())
 

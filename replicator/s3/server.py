@@ -50,7 +50,7 @@ from replicator.s3.auth import (
     parse_query,
 )
 from replicator.s3.errors import S3Error, invalid_argument, invalid_request, not_implemented
-from replicator.s3.store import Body, IteratorBody, Manifest, ObjectStore, StoreLimits, Upload
+from replicator.s3.store import Body, IteratorBody, Manifest, ObjectChangedError, ObjectStore, StoreLimits, Upload
 
 log = logging.getLogger("replicator.s3")
 
@@ -62,6 +62,7 @@ CONTENT_HEADERS = ("content-type", "content-encoding", "content-disposition", "c
 DEFAULT_CONTENT_TYPE = "binary/octet-stream"
 XML_BYTES_MAX = 2 * 1024 * 1024  # CompleteMultipartUpload of 10,000 parts fits
 DELETE_OBJECTS_MAX = 1000
+GET_ATTEMPTS = 3  # reads of an object replaced between its manifest and its first piece (get_object)
 HEALTH_PATH = "/-/health"
 UNSUPPORTED = frozenset(
     "versioning policy cors lifecycle website tagging logging notification replication encryption object-lock retention "
@@ -795,7 +796,44 @@ class S3Server:
         return start, min(end, size)
 
     async def get_object(self, request: web.Request, bucket: str, key: str, params: dict[str, str]) -> web.StreamResponse:
-        manifest = await self.store.head(bucket, key)
+        # The first chunk is read before the answer's head is sent: an object replaced between its
+        # manifest and its first piece (every object over inline_bytes_max is at least two reads) is
+        # read again from its new manifest, up to GET_ATTEMPTS times, instead of failing. One replaced
+        # later, mid-stream, can only cut the answer short.
+        for attempt in range(GET_ATTEMPTS):
+            manifest = await self.store.head(bucket, key)
+            answer = self._get_answer(request, manifest, params)
+            if isinstance(answer, web.Response):
+                return answer
+            status, headers, start, end = answer
+            chunks = self.store.read_range(manifest, start, end)
+            try:
+                first = await anext(chunks, b"") if request.method == "GET" else b""
+            except ObjectChangedError:
+                await chunks.aclose()
+                if attempt + 1 == GET_ATTEMPTS:
+                    raise
+                continue
+            break
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start
+        try:
+            await response.prepare(request)
+            if request.method == "GET":
+                await response.write(first)
+                async for chunk in chunks:
+                    await response.write(chunk)
+                if self.m_bytes is not None:
+                    self.m_bytes.labels("out").inc(end - start)
+        finally:
+            await chunks.aclose()
+        await response.write_eof()
+        return response
+
+    def _get_answer(
+        self, request: web.Request, manifest: Manifest, params: dict[str, str]
+    ) -> web.Response | tuple[int, dict[str, str], int, int]:
+        """What a GET or HEAD of `manifest` answers: 304 at once, or (status, headers, start, end) to stream."""
         headers = self._object_answer_headers(manifest, params)
         condition = self._get_conditions(request, manifest)
         if condition == 412:
@@ -816,16 +854,7 @@ class S3Server:
             # The whole object's checksums, as verified when it was PUT (none for multipart objects).
             for algorithm, value in manifest.checksums.items():
                 headers[f"x-amz-checksum-{algorithm}"] = value
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = end - start
-        await response.prepare(request)
-        if request.method == "GET":
-            async for chunk in self.store.read_range(manifest, start, end):
-                await response.write(chunk)
-            if self.m_bytes is not None:
-                self.m_bytes.labels("out").inc(end - start)
-        await response.write_eof()
-        return response
+        return status, headers, start, end
 
     def _copy_source(self, request: web.Request) -> tuple[str, str]:
         source = unquote(request.headers["x-amz-copy-source"])

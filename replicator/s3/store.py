@@ -49,6 +49,7 @@ __all__ = [
     "IteratorBody",
     "Listed",
     "Manifest",
+    "ObjectChangedError",
     "ObjectStore",
     "Part",
     "Segment",
@@ -73,6 +74,13 @@ class Listed:
     manifest: Manifest
 
 
+class ObjectChangedError(S3Error):
+    """The object was replaced (its pieces freed) while it was being read: InternalError, which clients retry."""
+
+    def __init__(self) -> None:
+        super().__init__("InternalError", "the object changed while it was being read; retry the request", 500)
+
+
 class ObjectStore(PieceStore):
     """The S3 data model over a SiteBackend. Every method raises S3Error or a backend error."""
 
@@ -80,7 +88,7 @@ class ObjectStore(PieceStore):
         return S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size", 400)
 
     def object_changed(self) -> Exception:
-        return S3Error("InternalError", "the object changed while it was being read; retry the request", 500)
+        return ObjectChangedError()
 
     # ------------------------------------------------------------ buckets
     async def create_bucket(self, bucket: str, location: str = "", recreate_ok: bool = False) -> None:
