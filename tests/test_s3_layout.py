@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from replicator.api import pieces
+from replicator.api import errors, pieces
 from replicator.api.fake import FakeBackend
 from replicator.core.records import Operation, Versioned
 from replicator.s3.errors import S3Error
@@ -439,5 +439,84 @@ def test_the_manifest_header_is_json_with_the_segment_named() -> None:
         header = json.loads(raw[6 : 6 + length])
         assert len(raw) == 6 + length  # no inline body
         assert header["segments"] == [[manifest.segments[0].data_id.hex(), PIECE, PIECE]]
+
+    run(scenario())
+
+
+class ReferencingWriteFails(CountingBackend):
+    """The first write naming `key` (a manifest or a part record) fails as `how` says: "unknown" applies it and
+    answers OutcomeUnknown (the peer's ack came too late), "lost" answers OutcomeUnknown without applying,
+    "refused" answers Unavailable without applying, "hang" applies it and never answers (cancelled)."""
+
+    def __init__(self, prefix: bytes, how: str) -> None:
+        super().__init__()
+        self.prefix, self.how, self.fired = prefix, how, False
+
+    async def write(self, operations: Sequence[Operation], request_id: bytes, timeout_s: float) -> Any:
+        if self.fired or not any(o.key.startswith(self.prefix) for o in operations):
+            return await super().write(operations, request_id, timeout_s)
+        self.fired = True
+        if self.how == "refused":
+            raise errors.Unavailable("fenced")
+        if self.how == "lost":
+            raise errors.OutcomeUnknown("lost on the way")
+        await super().write(operations, request_id, timeout_s)
+        if self.how == "hang":
+            await asyncio.Event().wait()
+        raise errors.OutcomeUnknown("the peer's ack came too late")
+
+
+@pytest.mark.parametrize("how", ["unknown", "hang", "lost", "refused"])
+@pytest.mark.parametrize("what", ["object", "part"])
+def test_pieces_of_a_record_that_may_still_commit_are_left_to_the_sweep(what: str, how: str) -> None:
+    """A large body's pieces are written before the record naming them. When that record fails in a way that
+    leaves it free to commit (an unknown outcome, a cancellation mid-write), freeing the pieces would leave a
+    committed manifest or part naming deleted pieces (a retry with the same request id acknowledged on them):
+    they stay, and the sweep keeps them while referenced. When the backend promises nothing was applied,
+    they are freed at once."""
+
+    async def scenario() -> None:
+        prefix = pieces.OBJECT if what == "object" else pieces.PART
+        backend = ReferencingWriteFails(prefix, how)
+        store = ObjectStore(backend, LIMITS)
+        await store.create_bucket("bkt")
+        data = body(3 * PIECE + 5)
+        request_id = os.urandom(16)
+        if what == "object":
+            attempt = store.put_object(
+                "bkt", "k", pieces.BytesBody(data), LIMITS.object_bytes_max, request_id=request_id
+            )
+        else:
+            upload = await store.get_upload("bkt", "k", await store.create_upload("bkt", "k", {}, {}))
+            attempt = store.upload_part(upload, 1, pieces.BytesBody(data), None)
+        task = asyncio.ensure_future(attempt)
+        if how == "hang":
+            while not backend.fired:
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.01)
+            task.cancel()
+        with pytest.raises((errors.OutcomeUnknown, errors.Unavailable, asyncio.CancelledError)):
+            await task
+        await settle(store)
+        applied = how in ("unknown", "hang")
+        if applied:  # the record committed after all: every piece it names must be there, now and after a sweep
+            assert await store.collect_garbage() == 0
+            if what == "object":
+                assert await read_all(store, "bkt", "k") == data
+                _, again = await store.put_object(
+                    "bkt", "k", pieces.BytesBody(data), LIMITS.object_bytes_max, request_id=request_id
+                )
+                assert again.duplicate
+                await settle(store)  # the retry's own pieces are the unreferenced ones: freed
+            else:
+                [part] = await store.list_parts(upload.upload_id, 0, 10)
+                await store.complete_upload(upload, [(1, part.md5)])
+            assert await read_all(store, "bkt", "k") == data
+            assert len(live(backend, pieces.OWNER)) == 1 and len(live(backend, pieces.PIECE)) == 4
+        elif how == "lost":  # not written and not known to be: the pieces wait for the sweep
+            assert len(live(backend, pieces.PIECE)) == 4
+            assert await store.collect_garbage() == 1
+        assert live(backend, pieces.PIECE) == [] or applied
+        assert live(backend, pieces.OWNER) == [] or applied
 
     run(scenario())

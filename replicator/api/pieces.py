@@ -63,6 +63,16 @@ overwrites of one key. A data id is random and referenced only by its owner,
 so once unreferenced (and older than `garbage_age_ms`, the bound on an
 upload in progress) it can never become referenced again.
 
+A record that names pieces written before it (a manifest, a part) and fails
+frees them only when the backend's error promises nothing was applied. An
+unknown outcome or a cancellation mid-write (the client went away) leaves the
+record free to commit later, and a retry with the same request id would be
+acknowledged on it: its pieces stay for the sweep, which keeps them while
+referenced. The age bound still holds for them: such a record commits before
+either site serves again (two sites meeting in one epoch commit every
+unresolved record) or never (a site that returns to a newer epoch drops its
+unresolved records), and the sweep runs only while its site serves.
+
 An overwrite or a delete that replaces one-piece segments (up to
 `FOLDED_SEGMENTS_MAX` of them) deletes their piece and owner in the same
 record as the new manifest or the tombstone: no window where they are
@@ -106,7 +116,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from replicator.api.backend import SiteBackend, WriteResult
-from replicator.api.errors import BackendError, Changed, InvalidRequest
+from replicator.api.errors import BackendError, Changed, InvalidRequest, OutcomeUnknown
 from replicator.api.keys import prefix_end
 from replicator.core.records import Operation, Versioned
 
@@ -541,9 +551,13 @@ class PieceStore:
         check: Callable[[Manifest | None], None] | None,
         request_id: bytes | None = None,
         together: Sequence[Operation] = (),
+        own: Sequence[Segment] = (),
     ) -> WriteResult:
         """Write the manifest (with `together` and `extra`, one record) after `check(old manifest or None)`;
         free what it replaced (small segments in that record, see `_fold`).
+
+        `own` are the segments written beforehand for this manifest: freed when the record is surely not
+        written, left to the sweep when it may still commit (see `_write_referencing`).
 
         A duplicate (a retry whose `request_id` was applied already) changed nothing now: its own
         segments written beforehand are the unreferenced ones (`together` was not written at all),
@@ -552,14 +566,18 @@ class PieceStore:
         storage_key = object_key(bucket, key)
         lock = self._lock(storage_key)
         async with lock:
-            old_raw = await self._read(storage_key)
-            old = Manifest.decode(old_raw) if old_raw is not None else None
-            if check is not None:
-                check(old)
+            try:
+                old_raw = await self._read(storage_key)
+                old = Manifest.decode(old_raw) if old_raw is not None else None
+                if check is not None:
+                    check(old)
+            except BaseException:
+                self._abandon(own)  # nothing was written: the pieces written for it are garbage now
+                raise
             stale = [s for s in old.segments if s.data_id not in manifest.data_ids()] if old is not None else []
             deletions, spawned = self._fold(stale)
             operations = [Operation(storage_key, manifest.encode()), *together, *extra, *deletions]
-            result = await self._write(operations, request_id)
+            result = await self._write_referencing(operations, own, request_id)
         if result.duplicate:
             mine = {operation.key for operation in together}
             written = [s for s in manifest.segments if owner_key(s.data_id) not in mine]
@@ -601,7 +619,8 @@ class PieceStore:
 
         `check_md5(md5 hex)` runs once the body is in (Content-MD5), `check(old manifest or None)`
         just before the manifest is written (conditional puts). On any failure nothing becomes
-        visible and the pieces written are freed.
+        visible and the pieces written are freed, unless the manifest's record may still commit (an
+        unknown outcome): then the sweep frees them if it does not.
         """
         stored = await self._store_body(body, {"b": bucket, "k": key}, size_max)
         try:
@@ -619,13 +638,14 @@ class PieceStore:
                 0,
                 checksums,
             )
-            result = await self._commit_manifest(bucket, key, manifest, [], check, request_id, stored.together)
         except BaseException:
-            # A one-piece body was written with the manifest or not at all: if that record's outcome is
-            # unknown it may still commit, and then it is referenced. Pieces written before are freed.
-            if stored.written_segments():
-                self._spawn(self._free(stored.written_segments()))
+            self._abandon(stored.written_segments())  # before any manifest write: surely unreferenced
             raise
+        # A one-piece body is written with the manifest or not at all; pieces written before are freed by
+        # `_commit_manifest` only when its record surely is not written.
+        result = await self._commit_manifest(
+            bucket, key, manifest, [], check, request_id, stored.together, stored.written_segments()
+        )
         return manifest, result
 
     async def delete_object(self, bucket: str, key: str, request_id: bytes | None = None) -> WriteResult | None:
@@ -642,6 +662,30 @@ class PieceStore:
         if spawned and not result.duplicate:
             self._spawn(self._free(spawned))
         return result
+
+    def _abandon(self, segments: Sequence[Segment]) -> None:
+        """Free segments that no record references (a spawned `_free`: the caller answers at once)."""
+        if segments:
+            self._spawn(self._free(segments))
+
+    async def _write_referencing(
+        self, operations: Sequence[Operation], own: Sequence[Segment], request_id: bytes | None = None
+    ) -> WriteResult:
+        """Write the record that references `own` (segments written beforehand); on failure free them only
+        when the backend's error promises nothing was applied.
+
+        An unknown outcome (OutcomeUnknown), a cancellation while the write was in flight (the client went
+        away) or any other error there leaves the record free to commit later, at this site or at the peer
+        after a failover; freeing its pieces then would leave a manifest or a part naming deleted pieces,
+        and a retry with the same request id would be acknowledged on them. The sweep frees them instead
+        once nothing references them (`collect_garbage`).
+        """
+        try:
+            return await self._write(operations, request_id)
+        except BackendError as error:
+            if not isinstance(error, OutcomeUnknown):
+                self._abandon(own)
+            raise
 
     async def _free(self, segments: Sequence[Segment]) -> None:
         """Delete the pieces of unreferenced segments and their owner records (best effort: the sweep retries)."""

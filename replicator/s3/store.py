@@ -219,22 +219,22 @@ class ObjectStore(PieceStore):
         # with its owner in the part's record.
         stored = await self._store_body(body, owner, self.limits.object_bytes_max, inline_ok=False)
         assert stored.data_id is not None
-        try:
-            if content_md5 is not None and content_md5 != stored.md5_hex:
-                raise S3Error("BadDigest", "The Content-MD5 you specified did not match what we received.", 400)
-            part = Part(number, stored.size, stored.md5_hex, stored.data_id, self.limits.piece_bytes, now_ms())
-            storage_key = part_key(upload.upload_id, number)
-            lock = self._lock(storage_key)
-            async with lock:
+        storage_key = part_key(upload.upload_id, number)
+        part = Part(number, stored.size, stored.md5_hex, stored.data_id, self.limits.piece_bytes, now_ms())
+        async with self._lock(storage_key):
+            try:
+                if content_md5 is not None and content_md5 != stored.md5_hex:
+                    raise S3Error("BadDigest", "The Content-MD5 you specified did not match what we received.", 400)
                 # The upload may have been completed or aborted while the body streamed in.
                 await self.get_upload(upload.bucket, upload.key, upload.upload_id)
                 old_raw = await self._read(storage_key)
-                await self._write([Operation(storage_key, part.encode()), *stored.together])
-        except BaseException:
-            # As for a whole object: a one-piece part is written with its record or not at all.
-            if stored.written_segments():
-                self._spawn(self._free(stored.written_segments()))
-            raise
+            except BaseException:
+                self._abandon(stored.written_segments())  # no part record was written
+                raise
+            # As for a whole object: a one-piece part is written with its record or not at all; the pieces
+            # written before are freed only if that record surely is not written.
+            operations = [Operation(storage_key, part.encode()), *stored.together]
+            await self._write_referencing(operations, stored.written_segments())
         if old_raw is not None:
             old = Part.decode(number, old_raw)
             self._spawn(self._free([Segment(old.data_id, old.size, old.piece_bytes)]))
