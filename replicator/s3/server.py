@@ -25,10 +25,10 @@ import os
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
@@ -50,7 +50,16 @@ from replicator.s3.auth import (
     parse_query,
 )
 from replicator.s3.errors import S3Error, invalid_argument, invalid_request, not_implemented
-from replicator.s3.store import Body, IteratorBody, Manifest, ObjectChangedError, ObjectStore, StoreLimits, Upload
+from replicator.s3.store import (
+    Body,
+    IteratorBody,
+    Manifest,
+    ObjectChangedError,
+    ObjectStore,
+    Part,
+    StoreLimits,
+    Upload,
+)
 
 log = logging.getLogger("replicator.s3")
 
@@ -58,10 +67,18 @@ XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 OWNER_ID = "replicator"
 META_PREFIX = "x-amz-meta-"
 META_BYTES_MAX = 2048
-CONTENT_HEADERS = ("content-type", "content-encoding", "content-disposition", "content-language", "cache-control", "expires")
+CONTENT_HEADERS = (
+    "content-type",
+    "content-encoding",
+    "content-disposition",
+    "content-language",
+    "cache-control",
+    "expires",
+)
 DEFAULT_CONTENT_TYPE = "binary/octet-stream"
 XML_BYTES_MAX = 2 * 1024 * 1024  # CompleteMultipartUpload of 10,000 parts fits
 DELETE_OBJECTS_MAX = 1000
+T = TypeVar("T")
 GET_ATTEMPTS = 3  # reads of an object replaced between its manifest and its first piece (get_object)
 HEALTH_PATH = "/-/health"
 UNSUPPORTED = frozenset(
@@ -129,7 +146,9 @@ def _parse_xml(raw: bytes) -> ElementTree.Element:
         root = ElementTree.fromstring(raw)
     except ElementTree.ParseError:
         raise S3Error(
-            "MalformedXML", "The XML you provided was not well-formed or did not validate against our published schema", 400
+            "MalformedXML",
+            "The XML you provided was not well-formed or did not validate against our published schema",
+            400,
         ) from None
     for element in root.iter():  # drop namespaces: clients send them or not
         if "}" in element.tag:
@@ -262,7 +281,9 @@ class S3Server:
         headers = dict(error.headers)
         if request.method == "HEAD":
             return web.Response(status=error.status, headers=headers)
-        return web.Response(status=error.status, body=error.xml(request_id), content_type="application/xml", headers=headers)
+        return web.Response(
+            status=error.status, body=error.xml(request_id), content_type="application/xml", headers=headers
+        )
 
     def _split(self, request: web.Request, raw_path: str) -> tuple[str | None, str | None]:
         """(bucket, key) from the Host (virtual-host style) or the path; key None for a bucket request."""
@@ -507,7 +528,8 @@ class S3Server:
         more = len(chosen) > limit
         chosen = chosen[:limit]
         body = "".join(
-            f"<Bucket>{_element('Name', name)}{_element('CreationDate', _iso(created))}</Bucket>" for name, created in chosen
+            f"<Bucket>{_element('Name', name)}{_element('CreationDate', _iso(created))}</Bucket>"
+            for name, created in chosen
         )
         token = _element("ContinuationToken", chosen[-1][0]) if more and chosen else ""
         prefix_element = _element("Prefix", prefix) if prefix else ""
@@ -571,9 +593,7 @@ class S3Server:
             if "continuation-token" in params:
                 out.append(_element("ContinuationToken", params["continuation-token"]))
             if truncated and last is not None:
-                out.append(
-                    _element("NextContinuationToken", base64.urlsafe_b64encode(last.encode()).decode())
-                )
+                out.append(_element("NextContinuationToken", base64.urlsafe_b64encode(last.encode()).decode()))
             if "start-after" in params:
                 out.append(_element("StartAfter", enc(params["start-after"])))
         else:
@@ -697,12 +717,16 @@ class S3Server:
 
         def check(old: Manifest | None) -> None:
             if if_none_match is not None and old is not None and _etag_matches(if_none_match, old.etag):
-                raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold", 412)
+                raise S3Error(
+                    "PreconditionFailed", "At least one of the pre-conditions you specified did not hold", 412
+                )
             if if_match is not None:
                 if old is None:
                     raise S3Error("NoSuchKey", "The specified key does not exist.", 404)
                 if not _etag_matches(if_match, old.etag):
-                    raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold", 412)
+                    raise S3Error(
+                        "PreconditionFailed", "At least one of the pre-conditions you specified did not hold", 412
+                    )
 
         return check
 
@@ -712,9 +736,7 @@ class S3Server:
         checksum = self._checksum_header(request)
         body = self._body(request, auth, checksum)
         trailer = request.headers.get("x-amz-trailer", "").strip().lower()
-        manifest = await self.store.put(
-            bucket, key, body, headers, meta, self._put_check(request), None, content_md5
-        )
+        manifest = await self.store.put(bucket, key, body, headers, meta, self._put_check(request), None, content_md5)
         if self.m_bytes is not None:
             self.m_bytes.labels("in").inc(manifest.size)
         answer = {"ETag": f'"{manifest.etag}"'}
@@ -791,11 +813,16 @@ class S3Server:
             return None
         if start >= size:
             raise S3Error(
-                "InvalidRange", "The requested range is not satisfiable", 416, headers={"Content-Range": f"bytes */{size}"}
+                "InvalidRange",
+                "The requested range is not satisfiable",
+                416,
+                headers={"Content-Range": f"bytes */{size}"},
             )
         return start, min(end, size)
 
-    async def get_object(self, request: web.Request, bucket: str, key: str, params: dict[str, str]) -> web.StreamResponse:
+    async def get_object(
+        self, request: web.Request, bucket: str, key: str, params: dict[str, str]
+    ) -> web.StreamResponse:
         # The first chunk is read before the answer's head is sent: an object replaced between its
         # manifest and its first piece (every object over inline_bytes_max is at least two reads) is
         # read again from its new manifest, up to GET_ATTEMPTS times, instead of failing. One replaced
@@ -839,7 +866,9 @@ class S3Server:
         if condition == 412:
             raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold", 412)
         if condition == 304:
-            return web.Response(status=304, headers={"ETag": headers["ETag"], "Last-Modified": headers["Last-Modified"]})
+            return web.Response(
+                status=304, headers={"ETag": headers["ETag"], "Last-Modified": headers["Last-Modified"]}
+            )
         start, end, status = 0, manifest.size, 200
         if "partNumber" in params:
             raise not_implemented("GetObject with partNumber")
@@ -874,8 +903,26 @@ class S3Server:
             raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold", 412)
         return source_bucket, source_key, manifest
 
+    async def _copying(self, request: web.Request, copy: Callable[[str, str, Manifest], Awaitable[T]]) -> T:
+        """`copy(source bucket, source key, source manifest)`, again from the source's new manifest (its
+        conditions judged again) when the source was replaced while it was read, up to GET_ATTEMPTS times:
+        an object over inline_bytes_max is a manifest read, then piece reads. The attempt cut short freed
+        what it wrote (the destination's record was not written)."""
+        for attempt in range(GET_ATTEMPTS):
+            source_bucket, source_key, source = await self._source_manifest(request)
+            try:
+                return await copy(source_bucket, source_key, source)
+            except ObjectChangedError:
+                if attempt + 1 == GET_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
     async def copy_object(self, request: web.Request, bucket: str, key: str) -> web.Response:
-        source_bucket, source_key, source = await self._source_manifest(request)
+        return await self._copying(request, lambda b, k, source: self._copy_object(request, bucket, key, b, k, source))
+
+    async def _copy_object(
+        self, request: web.Request, bucket: str, key: str, source_bucket: str, source_key: str, source: Manifest
+    ) -> web.Response:
         directive = request.headers.get("x-amz-metadata-directive", "COPY").upper()
         if directive not in ("COPY", "REPLACE"):
             raise invalid_argument("Unknown metadata directive.")
@@ -912,15 +959,19 @@ class S3Server:
         number = self._part_number(params)
         upload = await self.store.get_upload(bucket, key, params.get("uploadId", ""))
         if "x-amz-copy-source" in request.headers:
-            _, _, source = await self._source_manifest(request)
-            start, end = 0, source.size
-            span = request.headers.get("x-amz-copy-source-range")
-            if span is not None:
-                match = re.fullmatch(r"bytes=(\d+)-(\d+)", span.strip())
-                if not match or int(match[2]) < int(match[1]) or int(match[2]) >= source.size:
-                    raise S3Error("InvalidRange", "The requested range is not satisfiable", 416)
-                start, end = int(match[1]), int(match[2]) + 1
-            part = await self.store.upload_part(upload, number, IteratorBody(self.store.read_range(source, start, end)), None)
+
+            async def copy_part(source_bucket: str, source_key: str, source: Manifest) -> Part:
+                start, end = 0, source.size
+                span = request.headers.get("x-amz-copy-source-range")
+                if span is not None:
+                    match = re.fullmatch(r"bytes=(\d+)-(\d+)", span.strip())
+                    if not match or int(match[2]) < int(match[1]) or int(match[2]) >= source.size:
+                        raise S3Error("InvalidRange", "The requested range is not satisfiable", 416)
+                    start, end = int(match[1]), int(match[2]) + 1
+                chunks = IteratorBody(self.store.read_range(source, start, end))
+                return await self.store.upload_part(upload, number, chunks, None)
+
+            part = await self._copying(request, copy_part)
             result = _element("LastModified", _iso(part.mtime_ms)) + _element("ETag", f'"{part.md5}"')
             return self._xml_response(_xml("CopyPartResult", result))
         checksum = self._checksum_header(request)
@@ -1039,12 +1090,16 @@ class S3Server:
         out = []
         for key, version in keys:
             if version not in (None, "null"):
-                out.append(f"<Error>{_element('Key', key)}{_element('VersionId', version)}<Code>NoSuchVersion</Code></Error>")
+                out.append(
+                    f"<Error>{_element('Key', key)}{_element('VersionId', version)}<Code>NoSuchVersion</Code></Error>"
+                )
                 continue
             try:
                 await self.store.delete(bucket, self._check_key(key))
             except S3Error as error:
-                out.append(f"<Error>{_element('Key', key)}{_element('Code', error.code)}{_element('Message', error.message)}</Error>")
+                out.append(
+                    f"<Error>{_element('Key', key)}{_element('Code', error.code)}{_element('Message', error.message)}</Error>"
+                )
                 continue
             if not quiet:
                 version_element = _element("VersionId", version) if version else ""
