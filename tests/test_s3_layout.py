@@ -547,3 +547,32 @@ def test_pieces_of_a_record_that_may_still_commit_are_left_to_the_sweep(what: st
         assert live(backend, pieces.OWNER) == [] or applied
 
     run(scenario())
+
+
+def test_deleted_objects_and_finished_uploads_leave_tombstones_that_hide_nothing() -> None:
+    """A deleted object's or a finished upload's key keeps a tombstone, so a range's first page may hold
+    none that is live: DeleteBucket must still see a live object after them (else the bucket goes and its
+    object is orphaned, back when the bucket is made again) and ListMultipartUploads an upload after them."""
+
+    async def scenario() -> None:
+        backend, store = new_store()
+        await store.create_bucket("bkt")
+        for i in range(300):
+            await store.put("bkt", f"k{i:03d}", pieces.BytesBody(b"x"), {}, {})
+        for i in range(299):
+            await store.delete("bkt", f"k{i:03d}")
+        with pytest.raises(S3Error, match="BucketNotEmpty"):
+            await store.delete_bucket("bkt")
+        for i in range(30):
+            upload = await store.get_upload("bkt", f"u{i:02d}", await store.create_upload("bkt", f"u{i:02d}", {}, {}))
+            await store.abort_upload(upload)
+        live_id = await store.create_upload("bkt", "u99", {}, {})
+        listed = await store.list_uploads("bkt", "", "", 10)
+        assert [(u.key, u.upload_id) for u in listed] == [("u99", live_id)]
+        assert [u.key for u in await store.list_uploads("bkt", "", "", 1)] == ["u99"]
+        await store.delete("bkt", "k299")
+        await store.delete_bucket("bkt")  # empty now: goes, and its upload in progress with it
+        assert await store.list_buckets() == []
+        assert live(backend, pieces.OBJECT) == [] and live(backend, pieces.UPLOAD) == []
+
+    run(scenario())

@@ -416,6 +416,18 @@ class PieceStore:
     async def _scan(self, start: bytes, end: bytes | None, limit: int) -> list[Versioned]:
         return [v for v in await self.backend.scan(start, end, limit, self.limits.timeout_s)]
 
+    async def _live(self, start: bytes, end: bytes, page_size: int = 256) -> AsyncIterator[Versioned]:
+        """Every live version in [start, end), page by page: a range's first page may hold only
+        tombstones (a deleted key's stays) with live keys after it."""
+        while True:
+            page = await self._scan(start, end, page_size)
+            for version in page:
+                if version.value is not None:
+                    yield version
+            if len(page) < page_size:
+                return
+            start = page[-1].key + SEP
+
     def _lock(self, key: bytes) -> asyncio.Lock:
         lock = self.key_locks.get(key)
         if lock is None:

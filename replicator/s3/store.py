@@ -108,26 +108,21 @@ class ObjectStore(PieceStore):
             raise S3Error("NoSuchBucket", "The specified bucket does not exist", 404, resource=bucket)
 
     async def list_buckets(self) -> list[tuple[str, int]]:
-        found: list[tuple[str, int]] = []
-        start, end = BUCKET, prefix_end(BUCKET)
-        while True:
-            page = await self._scan(start, end, 1000)
-            for version in page:
-                if version.value is not None:
-                    found.append((version.key[len(BUCKET) :].decode(), json.loads(version.value)["created_ms"]))
-            if len(page) < 1000:
-                return found
-            start = page[-1].key + SEP
+        return [
+            (version.key[len(BUCKET) :].decode(), json.loads(version.value)["created_ms"])
+            async for version in self._live(BUCKET, prefix_end(BUCKET), 1000)
+        ]
 
     async def delete_bucket(self, bucket: str) -> None:
+        """Delete an empty bucket: no live object anywhere in its range (deleted objects leave tombstones,
+        so the first page may hold none while a live one comes after); its uploads in progress go with it."""
         await self.require_bucket(bucket)
         head = OBJECT + bucket.encode() + SEP
-        if any(v.value is not None for v in await self._scan(head, prefix_end(head), 100)):
+        async for _ in self._live(head, prefix_end(head)):
             raise S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty", 409, resource=bucket)
         uploads = UPLOAD + bucket.encode() + SEP
-        for version in await self._scan(uploads, prefix_end(uploads), 1000):
-            if version.value is not None:
-                await self._abort_upload_key(version.key)
+        for key in [version.key async for version in self._live(uploads, prefix_end(uploads), 1000)]:
+            await self._abort_upload_key(key)
         await self._write([Operation(bucket_key(bucket), None)])
 
     # ------------------------------------------------------------ reading objects
@@ -315,14 +310,14 @@ class ObjectStore(PieceStore):
         start = head + prefix.encode()
         if key_marker and key_marker.encode() >= prefix.encode():
             start = max(start, head + key_marker.encode() + SEP + b"\xff")
-        page = await self._scan(start, prefix_end(head + prefix.encode()), limit)
-        uploads = []
-        for version in page:
-            if version.value is None:
-                continue
+        uploads: list[Upload] = []
+        # Completed and aborted uploads leave tombstones: page on until `limit` live ones are found.
+        async for version in self._live(start, prefix_end(head + prefix.encode()), min(max(limit, 1), 1000)):
             key, _, upload_id = version.key[len(head) :].rpartition(SEP)
             value = json.loads(version.value)
             uploads.append(
                 Upload(bucket, key.decode(), upload_id.decode(), value["created_ms"], value["headers"], value["meta"])
             )
+            if len(uploads) >= limit:
+                break
         return uploads
