@@ -24,6 +24,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -33,6 +34,7 @@ from replicator.api import pieces
 from replicator.api.fake import FakeBackend, ServerThread
 from replicator.client import AsyncClient, Client, InvalidArgument, NotFound, RetryPolicy
 from replicator.config import S3Config
+from replicator.core.records import Operation
 from replicator.local import LocalCluster
 from replicator.v1 import objects_pb2, objects_pb2_grpc
 
@@ -75,7 +77,9 @@ class Lazy(io.RawIOBase):
         return self.position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.position = {io.SEEK_SET: offset, io.SEEK_CUR: self.position + offset, io.SEEK_END: self.size + offset}[whence]
+        self.position = {io.SEEK_SET: offset, io.SEEK_CUR: self.position + offset, io.SEEK_END: self.size + offset}[
+            whence
+        ]
         return self.position
 
     def read(self, size: int = -1) -> bytes:
@@ -118,14 +122,19 @@ def test_refusals_change_nothing(fake_site: tuple[ServerThread, FakeBackend, str
             return caught.value
 
         def first(size: int, data: bytes = b"", bucket: str = "bkt", key: str = "k") -> objects_pb2.PutLargeRequest:
-            return objects_pb2.PutLargeRequest(bucket=bucket, key=key, size_bytes=size, request_id=os.urandom(8), data=data)
+            return objects_pb2.PutLargeRequest(
+                bucket=bucket, key=key, size_bytes=size, request_id=os.urandom(8), data=data
+            )
 
         chunk = objects_pb2.PutLargeRequest(data=b"x" * PIECE)
         error = put(first(LIMIT + 1), *[chunk] * 3)
         assert "s3.object_bytes_max" in error.details() and str(LIMIT) in error.details(), error.details()
         assert "sent more than" in put(first(3 * PIECE), *[chunk] * 5).details()
         assert "declared" in put(first(3 * PIECE + 1), *[chunk] * 3).details()
-        assert "only the first" in put(first(2 * PIECE), chunk, objects_pb2.PutLargeRequest(key="other", data=b"x" * PIECE)).details()
+        assert (
+            "only the first"
+            in put(first(2 * PIECE), chunk, objects_pb2.PutLargeRequest(key="other", data=b"x" * PIECE)).details()
+        )
         assert "invalid" in put(first(1, b"x", bucket="Bad_Bucket")).details()
         assert "empty" in put(first(1, b"x", key="")).details()
         # Nothing visible, and the pieces the refused bodies wrote are freed at once (or by the sweep).
@@ -164,6 +173,54 @@ def test_a_retried_put_is_applied_once_and_its_second_body_freed(
     assert len(stored(backend, pieces.PIECE)) == 6 and len(stored(backend, pieces.OWNER)) == 1
 
 
+@pytest.mark.parametrize("pinned", [False, True])
+def test_get_large_of_an_object_replaced_before_its_piece_is_read(
+    fake_site: tuple[ServerThread, FakeBackend, str], pinned: bool
+) -> None:
+    """An object over inline_bytes_max is a manifest read, then piece reads. Replaced between the two (its
+    piece freed), GetLarge reads it again from its new manifest; a read pinned to the old etag (a resumed
+    read) is told ABORTED instead."""
+    _, backend, address = fake_site
+    old, new = os.urandom(40_000), os.urandom(40_000)  # one piece each (16 KiB < 40 KB < PIECE)
+    with grpc.insecure_channel(address) as channel:
+        stub = objects_pb2_grpc.ObjectServiceStub(channel)
+        for key, data in (("k", old), ("k2", new)):
+            first = objects_pb2.PutLargeRequest(bucket="bkt", key=key, size_bytes=len(data), request_id=os.urandom(16))
+            messages = [first, objects_pb2.PutLargeRequest(data=data)]
+            stub.PutLarge(iter(messages), timeout=10)
+        old_piece = [k for k in stored(backend, pieces.PIECE)]
+        real_read = backend.read
+        replaced: list[bytes] = []
+
+        async def replacing_read(key: bytes, timeout_s: float) -> Any:
+            # The first piece read of k: an overwrite commits just before (k's manifest now names k2's piece,
+            # k's own piece is freed in that record).
+            if key.startswith(pieces.PIECE) and not replaced:
+                k_manifest = pieces.Manifest.decode(backend.store.versions[pieces.object_key("bkt", "k")].value)
+                [segment] = k_manifest.segments
+                if key == pieces.piece_key(segment.data_id, 0):
+                    replaced.append(key)
+                    manifest = backend.store.versions[pieces.object_key("bkt", "k2")].value
+                    backend.store.apply(
+                        [Operation(pieces.object_key("bkt", "k"), manifest), Operation(key, None)], os.urandom(16)
+                    )
+            return await real_read(key, timeout_s)
+
+        backend.read = replacing_read  # type: ignore[method-assign]
+        request = objects_pb2.GetLargeRequest(
+            bucket="bkt", key="k", etag=hashlib.md5(old).hexdigest() if pinned else ""
+        )
+        if pinned:
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stub.GetLarge(request, timeout=10))
+            assert raised.value.code() == grpc.StatusCode.ABORTED
+        else:
+            chunks = list(stub.GetLarge(request, timeout=10))
+            assert chunks[0].info.etag == hashlib.md5(new).hexdigest()
+            assert b"".join(c.data for c in chunks[1:]) == new
+        assert len(replaced) == 1 and len(old_piece) == 2
+
+
 # ---------------------------------------------------------------- a real pair
 
 
@@ -183,7 +240,10 @@ def test_client_and_s3_read_each_others_large_objects(pair: LocalCluster, tmp_pa
     source = Lazy(5 * MIB + 12345, seed=7)
     data = source.content()
     s3_b = Endpoint(pair, "b", tmp_path / "b").boto3()
-    with Client([grpc_address(pair, "a")], retry=PATIENT) as at_a, Client([grpc_address(pair, "b")], retry=PATIENT) as at_b:
+    with (
+        Client([grpc_address(pair, "a")], retry=PATIENT) as at_a,
+        Client([grpc_address(pair, "b")], retry=PATIENT) as at_b,
+    ):
         assert at_a.put_large("large", "dir/five mib+", source, content_type="application/x-test") > 0
         # Read over S3 at the other site: the same bytes, the S3 ETag of one PUT, the content type.
         got = s3_b.get_object(Bucket="large", Key="dir/five mib+")
@@ -191,7 +251,11 @@ def test_client_and_s3_read_each_others_large_objects(pair: LocalCluster, tmp_pa
         assert got["ETag"].strip('"') == hashlib.md5(data).hexdigest()
         assert got["ContentType"] == "application/x-test"
         info = at_b.head_large("large", "dir/five mib+")
-        assert (info.size_bytes, info.etag, info.content_type) == (len(data), hashlib.md5(data).hexdigest(), "application/x-test")
+        assert (info.size_bytes, info.etag, info.content_type) == (
+            len(data),
+            hashlib.md5(data).hexdigest(),
+            "application/x-test",
+        )
         assert at_b.get_large("large", "dir/five mib+") == data
         start = 2 * MIB - 5  # across a piece boundary
         assert b"".join(at_b.iter_large("large", "dir/five mib+", start, MIB + 10)) == data[start : start + MIB + 10]
@@ -201,7 +265,9 @@ def test_client_and_s3_read_each_others_large_objects(pair: LocalCluster, tmp_pa
         parts = [os.urandom(6 * MIB), os.urandom(MIB)]
         upload = s3_a.create_multipart_upload(Bucket="large", Key="multi")
         etags = [
-            s3_a.upload_part(Bucket="large", Key="multi", UploadId=upload["UploadId"], PartNumber=n + 1, Body=part)["ETag"]
+            s3_a.upload_part(Bucket="large", Key="multi", UploadId=upload["UploadId"], PartNumber=n + 1, Body=part)[
+                "ETag"
+            ]
             for n, part in enumerate(parts)
         ]
         s3_a.complete_multipart_upload(
@@ -313,5 +379,9 @@ def test_a_read_cut_by_a_site_failure_resumes_at_the_other_site_pinned_to_the_et
             with grpc.insecure_channel(address_b) as channel:
                 stub = objects_pb2_grpc.ObjectServiceStub(channel)
                 with pytest.raises(grpc.RpcError) as caught:
-                    list(stub.GetLarge(objects_pb2.GetLargeRequest(bucket="bkt", key="k", offset=5, etag="0" * 32), timeout=10))
+                    list(
+                        stub.GetLarge(
+                            objects_pb2.GetLargeRequest(bucket="bkt", key="k", offset=5, etag="0" * 32), timeout=10
+                        )
+                    )
                 assert caught.value.code() == grpc.StatusCode.ABORTED, caught.value

@@ -32,6 +32,7 @@ from replicator.core.records import Operation, Versioned
 from replicator.v1 import objects_pb2, objects_pb2_grpc
 
 CHUNK_BYTES = 1024 * 1024  # GetLarge answers in chunks of at most this (the client sends the same)
+GET_LARGE_ATTEMPTS = 3  # reads of an object replaced between its manifest and its first piece (GetLarge)
 
 # How long the backend may take, asked when a handler is about to call it (after validation, so that
 # bad input is refused as such whatever the deadline): a unary call's deadline or a session call's own.
@@ -352,16 +353,35 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     async def GetLarge(
         self, request: objects_pb2.GetLargeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[objects_pb2.GetLargeResponse]:
-        manifest = await self._large_manifest(request.bucket, request.key)
-        if request.etag and request.etag != manifest.etag:
-            raise Changed(f"object {request.bucket}/{request.key} is no longer the one with etag {request.etag}")
-        if request.offset > manifest.size:
-            raise InvalidRequest(f"offset {request.offset} is past the end of the object ({manifest.size} bytes)")
-        end = manifest.size if request.length == 0 else min(manifest.size, request.offset + request.length)
-        yield objects_pb2.GetLargeResponse(info=_info(manifest))
-        async for chunk in self.large.read_range(manifest, request.offset, end):
-            for start in range(0, len(chunk), CHUNK_BYTES):
-                yield objects_pb2.GetLargeResponse(data=chunk[start : start + CHUNK_BYTES])
+        # The first chunk is read before the info is sent: an object replaced between its manifest and its
+        # first piece (every object over inline_bytes_max is at least two reads) is read again from its new
+        # manifest, up to GET_LARGE_ATTEMPTS times, unless the request named the etag it wants (then the
+        # caller is told it changed). One replaced later, mid-stream, fails with ABORTED (resume by etag).
+        for attempt in range(GET_LARGE_ATTEMPTS):
+            manifest = await self._large_manifest(request.bucket, request.key)
+            if request.etag and request.etag != manifest.etag:
+                raise Changed(f"object {request.bucket}/{request.key} is no longer the one with etag {request.etag}")
+            if request.offset > manifest.size:
+                raise InvalidRequest(f"offset {request.offset} is past the end of the object ({manifest.size} bytes)")
+            end = manifest.size if request.length == 0 else min(manifest.size, request.offset + request.length)
+            chunks = self.large.read_range(manifest, request.offset, end)
+            try:
+                first = await anext(chunks, b"")
+            except pieces.ObjectChanged:
+                await chunks.aclose()  # type: ignore[attr-defined]
+                if request.etag or attempt + 1 == GET_LARGE_ATTEMPTS:
+                    raise
+                continue
+            break
+        try:
+            yield objects_pb2.GetLargeResponse(info=_info(manifest))
+            for start in range(0, len(first), CHUNK_BYTES):
+                yield objects_pb2.GetLargeResponse(data=first[start : start + CHUNK_BYTES])
+            async for chunk in chunks:
+                for start in range(0, len(chunk), CHUNK_BYTES):
+                    yield objects_pb2.GetLargeResponse(data=chunk[start : start + CHUNK_BYTES])
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     @translate_errors
     async def HeadLarge(
