@@ -145,7 +145,9 @@ def test_a_refusal_after_a_timeout_still_reports_the_outcome_unknown(servers: Se
         assert not refused.value.maybe_applied
 
 
-def test_maybe_applied_tells_a_refusal_from_a_site_that_could_not_be_reached(servers: ServerThread, multiplex: bool) -> None:
+def test_maybe_applied_tells_a_refusal_from_a_site_that_could_not_be_reached(
+    servers: ServerThread, multiplex: bool
+) -> None:
     """What the chaos workload records as fail (nothing applied) or info (maybe applied)."""
     a, _, address_a, _ = fake_pair(servers)
     a.available = False
@@ -180,7 +182,9 @@ def test_a_busy_site_is_retried_in_place_after_its_hint(multiplex: bool) -> None
                 await first
             assert gate.admission.stats().rejected >= 1
             assert b.writes_seen == 0 and a.writes_seen == 2 and store.records_applied == 2
-            async with AsyncClient([server_a.address], retry=RetryPolicy(attempts_max=2, backoff_ms_max=5), multiplex=multiplex) as client:
+            async with AsyncClient(
+                [server_a.address], retry=RetryPolicy(attempts_max=2, backoff_ms_max=5), multiplex=multiplex
+            ) as client:
                 a.write_delay_s = 1.0
                 held = asyncio.ensure_future(client.put("bk", "held", b"3"))
                 while gate.admission.stats().ops_in_flight == 0:
@@ -210,7 +214,9 @@ def test_bad_input_is_not_retried(servers: ServerThread, multiplex: bool) -> Non
 def test_unreachable_endpoint(servers: ServerThread, multiplex: bool) -> None:
     address = servers.start_site(FakeBackend("a"))
     servers.stop_site(address)
-    with Client([address], retry=RetryPolicy(attempts_max=2, backoff_initial_ms=1, call_timeout_ms=2000), multiplex=multiplex) as client:
+    with Client(
+        [address], retry=RetryPolicy(attempts_max=2, backoff_initial_ms=1, call_timeout_ms=2000), multiplex=multiplex
+    ) as client:
         with pytest.raises(Unavailable, match=address):
             client.get("bk", "k")
 
@@ -280,7 +286,9 @@ def test_async_client(multiplex: bool) -> None:
         server_a = await start_site_server(a, "127.0.0.1:0")
         server_b = await start_site_server(b, "127.0.0.1:0")
         try:
-            async with AsyncClient([server_a.address, server_b.address], retry=FAST_RETRY, multiplex=multiplex) as client:
+            async with AsyncClient(
+                [server_a.address, server_b.address], retry=FAST_RETRY, multiplex=multiplex
+            ) as client:
                 await client.put("bk", "k", b"v")
                 assert await client.get("bk", "k") == b"v"
                 a.available = False
@@ -542,5 +550,131 @@ def test_a_graceful_stop_answers_the_session_calls_in_flight_and_sends_the_next_
         finally:
             await server_a.stop(0)
             await server_b.stop(0)
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- packed session messages
+
+
+def test_packer_bounds_a_pack_by_calls_and_bytes_and_carries_what_did_not_fit() -> None:
+    from replicator.client import session as s
+    from replicator.v1 import objects_pb2
+
+    def request(tag: int, value_bytes: int) -> objects_pb2.SessionRequest:
+        return objects_pb2.SessionRequest(tag=tag, put=objects_pb2.PutRequest(data=b"x" * value_bytes))
+
+    def taker(items: list[Any]) -> Any:
+        def take() -> Any:
+            if not items:
+                raise asyncio.QueueEmpty
+            return items.pop(0)
+
+        return take
+
+    packer = s._Packer()
+    waiting = [request(n, 10) for n in range(2, 200)]
+    packed, ended = packer.pack(request(1, 10), taker(waiting))
+    assert (len(packed.more), ended) == (0, False) and len(waiting) == 198  # not enabled: one call a message
+    packer.enabled = True
+    packed, ended = packer.pack(request(1, 10), taker(waiting))
+    assert len(packed.more) + 1 == s.SESSION_PACK_CALLS_MAX and not ended
+    assert [r.tag for r in packed.more] == list(range(2, s.SESSION_PACK_CALLS_MAX + 1))
+    big = [request(n, 100 * 1024) for n in range(3)] + [None]
+    packed, ended = packer.pack(request(0, 10), taker(big))
+    assert [r.tag for r in packed.more] == [0, 1] and packed.ByteSize() < 2 * s.SESSION_PACK_BYTES_MAX
+    assert packer.next_carried() is not None and packer.next_carried() is None  # the third: next pack
+    packed, ended = packer.pack(request(9, 10), taker([request(10, 10), None, request(11, 10)]))
+    assert [r.tag for r in packed.more] == [10] and ended  # the end of the stream ends the pack
+
+
+def test_concurrent_calls_go_packed_and_each_gets_its_own_answer() -> None:
+    async def main() -> None:
+        backend = FakeBackend("a")
+        backend.write_delay_s = 0.002  # calls pile up while the stream's writer is busy
+        server = await start_site_server(backend, "127.0.0.1:0")
+        try:
+            async with AsyncClient([server.address], retry=FAST_RETRY) as client:
+                keys = [f"k{n}" for n in range(400)]
+                await client.put("bk", "first", b"v")  # the stream is open and its headers are in
+                await asyncio.gather(*(client.put("bk", key, key.encode()) for key in keys))
+                got = await asyncio.gather(*(client.get("bk", key) for key in keys))
+                assert got == [key.encode() for key in keys]
+                with pytest.raises(NotFound):
+                    await client.get("bk", "missing")  # an error answer inside a pack is its call's own
+                packer = client._sessions[0]._stream.packer  # type: ignore[union-attr]
+                assert packer.enabled and packer.calls_sent >= 801
+                assert packer.packs_sent < packer.calls_sent / 2  # most calls went packed
+                assert backend.store.records_applied == 401
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_packs_only_between_sides_that_both_take_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older server (no pack header in its answer) gets one call per message; an older client (no pack
+    metadata in its request) gets one answer per message."""
+    from replicator.api import objects as server_objects
+    from replicator.v1 import objects_pb2, objects_pb2_grpc
+
+    async def main() -> None:
+        backend = FakeBackend("a")
+        backend.write_delay_s = 0.002
+        server = await start_site_server(backend, "127.0.0.1:0")
+        try:
+            # An older client: the raw stub, no metadata; many calls in flight; every answer comes alone.
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = objects_pb2_grpc.ObjectServiceStub(channel)
+
+                async def calls() -> Any:
+                    for n in range(50):
+                        put = objects_pb2.PutRequest(
+                            bucket="bk", key=f"old{n}", data=b"v", request_id=bytes([n + 1]) * 16
+                        )
+                        yield objects_pb2.SessionRequest(tag=n + 1, put=put)
+
+                answers = [answer async for answer in stub.Session(calls())]
+                assert sorted(a.tag for a in answers) == list(range(1, 51)) and not any(len(a.more) for a in answers)
+            # An older server: it sends no pack header, so the client never packs.
+            monkeypatch.setattr(server_objects, "SESSION_PACK_METADATA", ("replicator-older-server", "1"))
+            async with AsyncClient([server.address], retry=FAST_RETRY) as client:
+                await asyncio.gather(*(client.put("bk", f"new{n}", b"v") for n in range(100)))
+                packer = client._sessions[0]._stream.packer  # type: ignore[union-attr]
+                assert not packer.enabled and packer.packs_sent == packer.calls_sent == 100
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_a_packed_call_that_packs_calls_of_its_own_is_refused_alone() -> None:
+    from replicator.v1 import objects_pb2, objects_pb2_grpc
+
+    async def main() -> None:
+        server = await start_site_server(FakeBackend("a"), "127.0.0.1:0")
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = objects_pb2_grpc.ObjectServiceStub(channel)
+                get = objects_pb2.GetRequest(bucket="bk", key="k")
+                first = objects_pb2.SessionRequest(tag=1, get=get)
+                nested = first.more.add(tag=2, get=get)
+                nested.more.add(tag=3, get=get)
+                first.more.add(tag=4, get=get)
+
+                async def calls() -> Any:
+                    yield first
+
+                metadata = (("replicator-session-pack", "1"),)
+                answers = []
+                async for message in stub.Session(calls(), metadata=metadata):
+                    answers += [message, *message.more]
+                by_tag = {a.tag: a for a in answers}
+                assert sorted(by_tag) == [1, 2, 4]  # 3 was never served
+                assert by_tag[2].WhichOneof("result") == "error" and "packs calls of its own" in by_tag[2].error.message
+                assert by_tag[1].WhichOneof("result") == by_tag[4].WhichOneof("result") == "error"  # not found
+                assert by_tag[1].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+        finally:
+            await server.stop(0)
 
     asyncio.run(main())

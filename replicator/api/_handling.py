@@ -184,6 +184,44 @@ class PipelinedStream:
             if not reader.done():
                 reader.cancel()
 
+    async def run_batches(
+        self,
+        requests: AsyncIterator[Any],
+        handle: Callable[[Any], Awaitable[Any]],
+        bytes_max: int,
+        count_max: int,
+        size: Callable[[Any], int],
+    ) -> AsyncIterator[list[Any]]:
+        """As `run`, but yields the answers ready at once as one list (to be sent as one message): at most
+        `count_max` of them, and more than one only while their `size` adds up to at most `bytes_max`."""
+        reader = self._reader = asyncio.create_task(self._read(requests, handle))
+        carried: Any = None  # an answer taken that did not fit the last batch: it starts the next one
+        ended = False  # the end (None) was taken while filling a batch
+        try:
+            while not ended:
+                answer = carried if carried is not None else await self._answers.get()
+                carried = None
+                if answer is None:
+                    break
+                batch, total = [answer], size(answer)
+                while len(batch) < count_max and not self._answers.empty():
+                    following = self._answers.get_nowait()
+                    if following is None:
+                        ended = True
+                        break
+                    total += size(following)
+                    if total > bytes_max:
+                        carried = following
+                        break
+                    batch.append(following)
+                yield batch
+                for _ in batch:
+                    self._permits.release()
+            await reader  # re-raises a failure of the request stream
+        finally:
+            if not reader.done():
+                reader.cancel()
+
     async def _read(self, requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]]) -> None:
         running: set[asyncio.Task[Any]] = set()
         try:

@@ -27,6 +27,7 @@ from replicator.api._handling import (
 )
 from replicator.api.backend import SiteBackend
 from replicator.api.errors import Changed, InvalidRequest, NotFound, Unavailable
+from replicator.client.session import SESSION_PACK_BYTES_MAX, SESSION_PACK_CALLS_MAX, SESSION_PACK_METADATA
 from replicator.config import ApiConfig, S3Config
 from replicator.core.records import Operation, Versioned
 from replicator.v1 import objects_pb2, objects_pb2_grpc
@@ -276,12 +277,18 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
         }
         assert set(handlers) == set(SESSION_CALLS)
 
-        async def handle(request: objects_pb2.SessionRequest) -> objects_pb2.SessionResponse:
+        async def handle(entry: tuple[objects_pb2.SessionRequest, bool]) -> objects_pb2.SessionResponse:
+            request, packed = entry
             kind = request.WhichOneof("call")
             try:
                 if kind is None:
                     raise InvalidRequest(
                         f"session call {request.tag} names no call: set one of {', '.join(SESSION_CALLS)}"
+                    )
+                if packed and len(request.more):
+                    raise InvalidRequest(
+                        f"session call {request.tag} was packed in `more` and packs calls of its own: they "
+                        "were not served (only the first message of a pack may carry `more`)"
                     )
                 # Bounded by the call's own timeout, from now (a unary call's deadline runs the same way).
                 timeout_ms = request.timeout_ms
@@ -292,11 +299,33 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
             getattr(response, kind).CopyFrom(answer)
             return response
 
+        async def unpacked() -> AsyncIterator[tuple[objects_pb2.SessionRequest, bool]]:
+            # Each call of a packed message is an item of its own (its permit, its answer), flagged as
+            # packed; `more` is left set on the first, whose handler ignores it.
+            async for message in request_iterator:
+                yield message, False
+                for item in message.more:
+                    yield item, True
+
+        # A client that takes packed answers says so; the answer's headers tell it that we take packed calls.
+        pack = SESSION_PACK_METADATA in tuple(context.invocation_metadata() or ())
+        if pack:
+            await context.send_initial_metadata((SESSION_PACK_METADATA,))
         pipeline = PipelinedStream(self.config.session_inflight_max)
         self._sessions.add(pipeline)
         try:
-            async for response in pipeline.run(request_iterator, handle):
-                yield response
+            if pack:
+                answers = pipeline.run_batches(
+                    unpacked(), handle, SESSION_PACK_BYTES_MAX, SESSION_PACK_CALLS_MAX, lambda a: a.ByteSize()
+                )
+                async for batch in answers:
+                    head = batch[0]
+                    if len(batch) > 1:
+                        head.more.extend(batch[1:])
+                    yield head
+            else:
+                async for response in pipeline.run(unpacked(), handle):
+                    yield response
         finally:
             self._sessions.discard(pipeline)
         if pipeline.stopped:

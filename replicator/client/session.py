@@ -23,6 +23,18 @@ its deadline fails with DEADLINE_EXCEEDED (its late answer is dropped), as a
 unary call's would; the deadline also travels in the request (`timeout_ms`),
 so that the server answers "outcome unknown" before the client gives up.
 
+Packing. The calls waiting to be sent when the stream's writer takes the next
+one go together, as one message (`SessionRequest.more`), and the server answers
+the calls done at once as one message (`SessionResponse.more`): one gRPC
+message read and written per pack instead of per call, on both sides, and the
+site's backend gets the pack's calls in one turn of its loop (one batch for
+the core). Each call keeps its own tag, deadline, answer and error. A pack
+holds at most `SESSION_PACK_CALLS_MAX` calls and, beyond its first,
+`SESSION_PACK_BYTES_MAX` bytes. Both sides say in the stream's metadata that
+they take packs (`replicator-session-pack: 1`: the client in its request, the
+server in its answer's headers); neither packs for one that did not say so,
+so older clients and servers work with newer ones unchanged.
+
 Calls that the session does not carry go unary: the other methods, and any
 request larger than `SESSION_ITEM_BYTES_MAX` (a message over the server's gRPC
 limit would end the stream for every call on it; alone, unary, it gets its own
@@ -57,6 +69,10 @@ SESSION_CALLS = {
 }
 # Larger requests go unary (see the module docstring): the default object_bytes_max plus room for a key.
 SESSION_ITEM_BYTES_MAX = 1024 * 1024 + 64 * 1024
+# Packed messages (see the module docstring); replicator/api/objects.py's Session packs answers the same.
+SESSION_PACK_METADATA = ("replicator-session-pack", "1")
+SESSION_PACK_BYTES_MAX = 256 * 1024
+SESSION_PACK_CALLS_MAX = 64
 OTHER_SITE_METADATA_KEY = "replicator-other-site"
 RETRY_AFTER_METADATA_KEY = "replicator-retry-after-ms"
 
@@ -72,9 +88,7 @@ def session_kind(method: str, request: Any) -> str | None:
 class SessionError(grpc.RpcError):
     """A call of a session failed: what the unary call would have raised (code, details, trailers)."""
 
-    def __init__(
-        self, code: grpc.StatusCode, details: str, trailers: Sequence[tuple[str, str]] = ()
-    ) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(details)
         self._code = code
         self._details = details
@@ -149,6 +163,46 @@ def _answer(response: objects_pb2.SessionResponse, kind: str) -> Any:
     return getattr(response, kind)
 
 
+class _Packer:
+    """Packs the requests a stream's writer finds waiting into one message (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.enabled = False  # set once the server's headers said it takes packs
+        self.carried: objects_pb2.SessionRequest | None = None  # taken, did not fit the last pack
+        self.packs_sent = 0
+        self.calls_sent = 0
+
+    def pack(self, first: objects_pb2.SessionRequest, take: Any) -> tuple[objects_pb2.SessionRequest, bool]:
+        """`first` with what `take()` gives (a request, None at the end of the stream, or raises when
+        nothing waits) packed into its `more`; and whether the end was taken."""
+        rest: list[objects_pb2.SessionRequest] = []
+        ended = False
+        if self.enabled:
+            total = 0
+            while len(rest) + 1 < SESSION_PACK_CALLS_MAX:
+                try:
+                    following = take()
+                except (queue.Empty, asyncio.QueueEmpty):
+                    break
+                if following is None:
+                    ended = True
+                    break
+                total += following.ByteSize()
+                if total > SESSION_PACK_BYTES_MAX:
+                    self.carried = following
+                    break
+                rest.append(following)
+        if rest:
+            first.more.extend(rest)
+        self.packs_sent += 1
+        self.calls_sent += 1 + len(rest)
+        return first, ended
+
+    def next_carried(self) -> objects_pb2.SessionRequest | None:
+        carried, self.carried = self.carried, None
+        return carried
+
+
 # ------------------------------------------------------------------ blocking (threads)
 
 
@@ -158,8 +212,21 @@ class _SyncStream:
     def __init__(self, stub: Any) -> None:
         self.requests: queue.SimpleQueue[objects_pb2.SessionRequest | None] = queue.SimpleQueue()
         self.pending: dict[int, concurrent.futures.Future[objects_pb2.SessionResponse]] = {}
+        self.packer = _Packer()
         # gRPC's own thread takes the requests from the queue (None ends the stream).
-        self.call = stub.Session(iter(self.requests.get, None))
+        self.call = stub.Session(self._outgoing(), metadata=(SESSION_PACK_METADATA,))
+
+    def _outgoing(self) -> Any:
+        while True:
+            message = self.packer.next_carried()
+            if message is None:
+                message = self.requests.get()
+            if message is None:
+                return
+            packed, ended = self.packer.pack(message, self.requests.get_nowait)
+            yield packed
+            if ended:
+                return
 
 
 class SyncSession:
@@ -202,11 +269,13 @@ class SyncSession:
     def _read(self, stream: _SyncStream) -> None:
         error: grpc.RpcError | None = None
         try:
-            for response in stream.call:
-                with self._lock:
-                    future = stream.pending.pop(response.tag, None)
-                if future is not None:  # None: its caller timed out and left
-                    future.set_result(response)
+            stream.packer.enabled = SESSION_PACK_METADATA in tuple(stream.call.initial_metadata() or ())
+            for message in stream.call:
+                for response in (message, *message.more):
+                    with self._lock:
+                        future = stream.pending.pop(response.tag, None)
+                    if future is not None:  # None: its caller timed out and left
+                        future.set_result(response)
         except grpc.RpcError as broken:
             error = broken
         with self._lock:
@@ -236,16 +305,22 @@ class _AsyncStream:
     def __init__(self, stub: Any) -> None:
         self.requests: asyncio.Queue[objects_pb2.SessionRequest | None] = asyncio.Queue()
         self.pending: dict[int, asyncio.Future[objects_pb2.SessionResponse]] = {}
-        self.call = stub.Session(self._outgoing())
+        self.packer = _Packer()
+        self.call = stub.Session(self._outgoing(), metadata=(SESSION_PACK_METADATA,))
         self.reader: asyncio.Task[None] | None = None
 
     async def _outgoing(self) -> AsyncIterator[objects_pb2.SessionRequest]:
         # One writer (gRPC's task consuming this iterator): grpc.aio allows one write at a time.
         while True:
-            message = await self.requests.get()
+            message = self.packer.next_carried()
+            if message is None:
+                message = await self.requests.get()
             if message is None:
                 return
-            yield message
+            packed, ended = self.packer.pack(message, self.requests.get_nowait)
+            yield packed
+            if ended:
+                return
 
 
 class AsyncSession:
@@ -285,10 +360,12 @@ class AsyncSession:
     async def _read(self, stream: _AsyncStream) -> None:
         error: grpc.RpcError | None = None
         try:
-            async for response in stream.call:
-                future = stream.pending.pop(response.tag, None)
-                if future is not None and not future.done():  # gone or done: its caller timed out and left
-                    future.set_result(response)
+            stream.packer.enabled = SESSION_PACK_METADATA in tuple(await stream.call.initial_metadata() or ())
+            async for message in stream.call:
+                for response in (message, *message.more):
+                    future = stream.pending.pop(response.tag, None)
+                    if future is not None and not future.done():  # gone or done: its caller timed out and left
+                        future.set_result(response)
         except grpc.RpcError as broken:
             error = broken
         except asyncio.CancelledError:
