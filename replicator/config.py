@@ -349,9 +349,7 @@ class ApiConfig:
 class NbdConfig:
     """The NBD server of a site (replicator/nbd/, docs/nbd.md): one export per block volume."""
 
-    listen: str = _field(
-        "", check=_check_optional_address, doc="NBD server address (HOST:PORT); empty: no NBD server"
-    )
+    listen: str = _field("", check=_check_optional_address, doc="NBD server address (HOST:PORT); empty: no NBD server")
     connections_max: int = _field(64, check=_check_positive_int, doc="NBD connections open at once")
     inflight_requests_max: int = _field(64, check=_check_positive_int, doc="requests of one connection in flight")
     site_inflight_requests_max: int = _field(
@@ -382,6 +380,9 @@ class S3Config:
     region: str = _field("us-east-1", check=_check_string, doc="the region the endpoint reports")
     virtual_host_suffix: str = _field("", check=_check_string, doc="serve bucket.SUFFIX virtual-host style too")
     piece_bytes: int = _field(1 * MIB, check=_check_positive_int, doc="an object larger than this goes in pieces")
+    inline_bytes_max: int = _field(
+        16 * KIB, check=_check_non_negative_int, doc="a body up to this is stored inside its manifest (0: never)"
+    )
     object_bytes_max: int = _field(5 * 1024 * MIB, check=_check_positive_int, doc="largest single PUT or part")
     part_bytes_min: int = _field(5 * MIB, check=_check_positive_int, doc="smallest multipart part but the last")
     parts_max: int = _field(10_000, check=_check_positive_int, doc="most parts in one multipart upload")
@@ -665,6 +666,11 @@ def _check_site_relations(config: SiteConfig) -> None:
     if config.s3.piece_bytes > api.object_bytes_max:
         raise ConfigError(
             f"s3.piece_bytes: must be at most api.object_bytes_max ({api.object_bytes_max}), got {config.s3.piece_bytes}"
+        )
+    if config.s3.inline_bytes_max > config.s3.piece_bytes:
+        raise ConfigError(
+            f"s3.inline_bytes_max: must be at most s3.piece_bytes ({config.s3.piece_bytes}), "
+            f"got {config.s3.inline_bytes_max}"
         )
     listens = {
         "listen.grpc": config.listen.grpc,

@@ -182,3 +182,16 @@ def test_witness_config(tmp_path: Path) -> None:
 def test_api_config_defaults_are_consistent() -> None:
     api = ApiConfig()
     assert api.block_write_bytes_max <= api.message_bytes_max and api.object_bytes_max <= api.batch_bytes_max
+
+
+def test_s3_inline_bytes_max_is_a_key_bounded_by_the_piece_size() -> None:
+    from replicator.api.objects import large_limits
+
+    assert site().s3.inline_bytes_max == 16 * 1024
+    config = site(s3={"inline_bytes_max": 0})
+    assert large_limits(config.s3, config.api).inline_bytes_max == 0  # the gRPC API's store follows it
+    refused(
+        "s3.inline_bytes_max: must be at most s3.piece_bytes (65536), got 65537",
+        s3={"piece_bytes": 65536, "inline_bytes_max": 65537},
+    )
+    refused("s3.inline_bytes_max: must be a non-negative integer, got -1", s3={"inline_bytes_max": -1})

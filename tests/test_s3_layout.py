@@ -576,3 +576,22 @@ def test_deleted_objects_and_finished_uploads_leave_tombstones_that_hide_nothing
         assert live(backend, pieces.OBJECT) == [] and live(backend, pieces.UPLOAD) == []
 
     run(scenario())
+
+
+def test_the_s3_endpoints_store_takes_inline_bytes_max_from_its_config(tmp_path: Path) -> None:
+    from replicator.config import S3Config
+    from replicator.s3.server import S3Server
+
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text('[[credentials]]\naccess_key = "ACCESS"\nsecret_key = "SECRET"\n')
+
+    async def scenario() -> None:
+        backend = CountingBackend()
+        config = S3Config(enabled=True, credentials_file=str(credentials), inline_bytes_max=0)
+        store = S3Server(backend, config, timeout_s=5.0).store
+        await store.create_bucket("bkt")
+        manifest = await store.put("bkt", "small", pieces.BytesBody(b"tiny"), {}, {})
+        assert manifest.inline == b"" and len(manifest.segments) == 1  # 0: never inline
+        assert await read_all(store, "bkt", "small") == b"tiny"
+
+    run(scenario())

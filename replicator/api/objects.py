@@ -52,6 +52,7 @@ def large_limits(s3: S3Config, api: ApiConfig) -> pieces.StoreLimits:
         garbage_age_ms=s3.garbage_age_ms,
         timeout_s=api.request_timeout_ms / 1000,
         key_bytes_max=api.key_bytes_max,
+        inline_bytes_max=s3.inline_bytes_max,
     )
 
 

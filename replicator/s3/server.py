@@ -188,6 +188,7 @@ class S3Server:
                 garbage_age_ms=config.garbage_age_ms,
                 timeout_s=timeout_s,
                 key_bytes_max=key_bytes_max,
+                inline_bytes_max=config.inline_bytes_max,
             ),
         )
         self.key_bytes_max = key_bytes_max
