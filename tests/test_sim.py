@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -26,13 +27,19 @@ SIM_SEEDS = os.environ.get("REPLICATOR_SIM_SEEDS", "1-200")  # the scale is make
 
 
 def sim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chaos.sim", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run the simulator's CLI. In a session of its own: on a timeout its whole process group (the
+    parent and its pool's workers) is killed, not only the parent (the workers would run on, orphaned)."""
+    command = [sys.executable, "-m", "chaos.sim", *args]
+    with subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_many_seeds_have_no_violation() -> None:
