@@ -171,18 +171,9 @@ class PipelinedStream:
             self._reader.cancel()
 
     async def run(self, requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]]) -> AsyncIterator[Any]:
-        reader = self._reader = asyncio.create_task(self._read(requests, handle))
-        try:
-            while True:
-                answer = await self._answers.get()
-                if answer is None:
-                    break
-                yield answer
-                self._permits.release()
-            await reader  # re-raises a failure of the request stream
-        finally:
-            if not reader.done():
-                reader.cancel()
+        """Each answer as it completes (`run_batches` one answer at a time)."""
+        async for batch in self.run_batches(requests, handle, 0, 1, lambda answer: 0):
+            yield batch[0]
 
     async def run_batches(
         self,
