@@ -43,17 +43,7 @@ SESSION_CALLS = ("put", "put_batch", "get", "head", "delete", "list")
 
 def large_limits(s3: S3Config, api: ApiConfig) -> pieces.StoreLimits:
     """The layout's limits, one set for both front-ends (the [s3] section holds them)."""
-    return pieces.StoreLimits(
-        piece_bytes=s3.piece_bytes,
-        object_bytes_max=s3.object_bytes_max,
-        part_bytes_min=s3.part_bytes_min,
-        parts_max=s3.parts_max,
-        pieces_inflight_max=s3.pieces_inflight_max,
-        garbage_age_ms=s3.garbage_age_ms,
-        timeout_s=api.request_timeout_ms / 1000,
-        key_bytes_max=api.key_bytes_max,
-        inline_bytes_max=s3.inline_bytes_max,
-    )
+    return pieces.StoreLimits.of(s3, api.request_timeout_ms / 1000, api.key_bytes_max)
 
 
 class _StreamBody(pieces.Body):

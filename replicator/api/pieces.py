@@ -118,6 +118,7 @@ from typing import Any
 from replicator.api.backend import SiteBackend, WriteResult
 from replicator.api.errors import BackendError, Changed, InvalidRequest, OutcomeUnknown
 from replicator.api.keys import prefix_end
+from replicator.config import S3Config
 from replicator.core.records import Operation, Versioned
 
 SEP = b"\x00"
@@ -292,6 +293,21 @@ class StoreLimits:
     def __post_init__(self) -> None:
         if self.inline_bytes_max < 0:
             raise ValueError(f"inline_bytes_max: must be at least 0, got {self.inline_bytes_max}")
+
+    @classmethod
+    def of(cls, s3: S3Config, timeout_s: float, key_bytes_max: int) -> StoreLimits:
+        """The layout's limits from the [s3] section, one set for both front-ends (S3 and GetLarge/PutLarge)."""
+        return cls(
+            piece_bytes=s3.piece_bytes,
+            object_bytes_max=s3.object_bytes_max,
+            part_bytes_min=s3.part_bytes_min,
+            parts_max=s3.parts_max,
+            pieces_inflight_max=s3.pieces_inflight_max,
+            garbage_age_ms=s3.garbage_age_ms,
+            timeout_s=timeout_s,
+            key_bytes_max=key_bytes_max,
+            inline_bytes_max=s3.inline_bytes_max,
+        )
 
 
 @dataclass(slots=True)

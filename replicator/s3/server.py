@@ -179,17 +179,7 @@ class S3Server:
         self.credentials = load_credentials(config.credentials_file)
         self.store = ObjectStore(
             backend,
-            StoreLimits(
-                piece_bytes=config.piece_bytes,
-                object_bytes_max=config.object_bytes_max,
-                part_bytes_min=config.part_bytes_min,
-                parts_max=config.parts_max,
-                pieces_inflight_max=config.pieces_inflight_max,
-                garbage_age_ms=config.garbage_age_ms,
-                timeout_s=timeout_s,
-                key_bytes_max=key_bytes_max,
-                inline_bytes_max=config.inline_bytes_max,
-            ),
+            StoreLimits.of(config, timeout_s, key_bytes_max),
         )
         self.key_bytes_max = key_bytes_max
         self.runner: web.AppRunner | None = None
