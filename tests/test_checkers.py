@@ -553,3 +553,20 @@ def test_verdict_is_frozen_and_serialisable() -> None:
     assert combined.status == "violation" and combined.message.startswith("c:")
     assert combine("all", [Verdict("a", "ok"), Verdict("b", "unknown")]).status == "unknown"
     assert combine("all", [Verdict("a", "ok")]).ok
+
+
+def test_sync_point_verdict_is_not_ok_when_nothing_was_compared() -> None:
+    """The chaos suite's convergence at the sync points: a divergence is a violation, and a run whose
+    episodes had not one sync point checked says unknown (the run fails), not ok."""
+    from chaos.suite.run import sync_point_verdict
+
+    identical = {"index": 1, "sync_point": "sites identical (40 keys)"}
+    busy = {"index": 2, "sync_point": "not checked: clients still busy"}
+    assert sync_point_verdict([identical, busy], []).status == "ok"
+    assert "1 of 2" in sync_point_verdict([identical, busy], []).message
+    assert sync_point_verdict([], []).status == "ok"  # no episode, nothing to compare
+    unchecked = sync_point_verdict([busy, {"index": 3, "sync_point": "not checked: TimeoutError: x"}], [])
+    assert unchecked.status == "unknown" and "clients still busy" in unchecked.message
+    assert combine("chaos", [unchecked]).status == "unknown"
+    diverged = sync_point_verdict([identical, {"index": 4, "sync_point": "DIVERGED: 2 key(s) differ"}], [{"episode": 4}])
+    assert diverged.status == "violation" and diverged.details["divergences"] == [{"episode": 4}]

@@ -290,13 +290,7 @@ class Runner:
         verdicts: list[Verdict] = []
         if history is not None:
             verdicts = analysis.run_checkers(history, finals, events)
-        checked = sum(1 for e in self.episodes if str(e.get("sync_point", "")).startswith("sites identical"))
-        sync_points = _verdict(
-            "convergence_at_sync_points",
-            f"the sites differed at {len(self.divergences)} sync point(s) after a heal" if self.divergences else "",
-            f"the sites were identical at every sync point checked ({checked} of {len(self.episodes)})",
-            {"divergences": self.divergences},
-        )
+        sync_points = sync_point_verdict(self.episodes, self.divergences)
         liveness = _verdict(
             "liveness",
             "; ".join(str(x["error"]) for x in self.liveness),
@@ -353,6 +347,23 @@ class Runner:
         }
         report.write(out, summary, history, finals, events, samples, d)
         return summary
+
+
+def sync_point_verdict(episodes: list[dict[str, Any]], divergences: list[dict[str, Any]]) -> Verdict:
+    """Convergence at the sync points: a violation if the sites differed at one; unknown, not ok, if
+    there were episodes and not one sync point could be checked (clients never idle, the pair never back
+    in SYNC): a run that compared nothing has shown nothing."""
+    checked = sum(1 for e in episodes if str(e.get("sync_point", "")).startswith("sites identical"))
+    details = {"divergences": divergences, "checked": checked, "episodes": len(episodes)}
+    if divergences:
+        message = f"the sites differed at {len(divergences)} sync point(s) after a heal"
+        return Verdict(checker="convergence_at_sync_points", status="violation", message=message, details=details)
+    if episodes and not checked:
+        reasons = sorted({str(e.get("sync_point", "none")) for e in episodes})
+        message = f"no sync point of {len(episodes)} episode(s) could be checked: {'; '.join(reasons)[:500]}"
+        return Verdict(checker="convergence_at_sync_points", status="unknown", message=message, details=details)
+    message = f"the sites were identical at every sync point checked ({checked} of {len(episodes)})"
+    return Verdict(checker="convergence_at_sync_points", status="ok", message=message, details=details)
 
 
 def _verdict(checker: str, violation: str, ok: str, details: dict[str, Any]) -> Verdict:
