@@ -599,6 +599,11 @@ def test_key_layout() -> None:
     assert keys.prefix_end(b"ab\xff") == b"ac" and keys.prefix_end(b"\xff") is None
     assert keys.describe_key(keys.object_key(b"bk", b"k")) == "object bk/k"
     assert keys.describe_key(keys.block_key(b"vol", 7, 9)) == "block vol@9"
+    assert keys.block_keys(b"vol", 7, 254, 3) == [keys.block_key(b"vol", 7, lba) for lba in (254, 255, 256)]
+    data = bytes(range(12))
+    puts = keys.block_puts(b"vol", 7, 5, data, 4)
+    assert puts == [Operation(keys.block_key(b"vol", 7, 5 + i), data[4 * i : 4 * i + 4]) for i in range(3)]
+    assert all(type(put.value) is bytes for put in puts)
 
 
 # ---- admin and health

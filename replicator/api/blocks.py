@@ -182,14 +182,7 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         count = size // meta.block_size
         self._range(meta, request.lba, count)
         volume = keys.volume_bytes(request.volume, self.config)
-        data = memoryview(request.data)
-        operations = [
-            Operation(
-                keys.block_key(volume, meta.generation, request.lba + index),
-                bytes(data[index * meta.block_size : (index + 1) * meta.block_size]),
-            )
-            for index in range(count)
-        ]
+        operations = keys.block_puts(volume, meta.generation, request.lba, request.data, meta.block_size)
         return await self.backend.write(operations, request_id, timeout)
 
     @translate_errors
@@ -253,8 +246,5 @@ class BlockServicer(blocks_pb2_grpc.BlockServiceServicer):
         meta = await self._volume(request.volume, timeout)
         self._range(meta, request.lba, request.count)
         volume = keys.volume_bytes(request.volume, self.config)
-        operations = [
-            Operation(keys.block_key(volume, meta.generation, lba), None)
-            for lba in range(request.lba, request.lba + request.count)
-        ]
+        operations = [Operation(key, None) for key in keys.block_keys(volume, meta.generation, request.lba, request.count)]
         return blocks_pb2.TrimBlocksResponse(ack=ack(await self.backend.write(operations, request_id, timeout)))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from replicator.api.errors import InvalidRequest
 from replicator.config import ApiConfig
+from replicator.core.records import Operation
 
 OBJECT_PREFIX = b"o"
 VOLUME_PREFIX = b"v"
@@ -117,6 +118,23 @@ def block_key(volume: bytes, generation: int, lba: int) -> bytes:
 
 def block_generation_prefix(volume: bytes, generation: int) -> bytes:
     return BLOCK_PREFIX + volume + SEPARATOR + _U64.pack(generation)
+
+
+def block_keys(volume: bytes, generation: int, first: int, count: int) -> list[bytes]:
+    """The keys of blocks first .. first + count - 1 (block_key of each, the prefix built once)."""
+    prefix, pack = block_generation_prefix(volume, generation), _U64.pack
+    return [prefix + pack(lba) for lba in range(first, first + count)]
+
+
+def block_puts(volume: bytes, generation: int, first: int, data: bytes, block_size: int) -> list[Operation]:
+    """One put per block of `data` (whole blocks) from block `first` on: each value is a slice of
+    `data` (one copy of it, no view in between; a 1 MiB write is 256 of them)."""
+    assert len(data) % block_size == 0, (len(data), block_size)
+    count = len(data) // block_size
+    return [
+        Operation(key, data[index * block_size : (index + 1) * block_size])
+        for index, key in enumerate(block_keys(volume, generation, first, count))
+    ]
 
 
 def lba_from_block_key(storage_key: bytes) -> int:

@@ -111,11 +111,7 @@ class Volumes:
         await self._check_current(meta, timeout_s)
         volume = self._keys(meta)
         first = offset // size
-        view = memoryview(data)
-        operations = [
-            Operation(keys.block_key(volume, meta.generation, first + index), bytes(view[index * size : (index + 1) * size]))
-            for index in range(len(data) // size)
-        ]
+        operations = keys.block_puts(volume, meta.generation, first, bytes(data), size)
         await self.backend.write(operations, os.urandom(REQUEST_ID_BYTES), timeout_s)
 
     async def trim(self, meta: keys.VolumeMeta, offset: int, length: int, timeout_s: float) -> None:
