@@ -524,8 +524,11 @@ class LocalCluster:
         process = self.processes.get(name)
         if process is None or process.pid is None:
             return False
-        if process.popen is not None and process.popen.poll() is not None:
-            return False
+        if process.popen is not None:
+            # Our own child: alive until reaped, so its pid cannot be another's. Not by its command
+            # line: right after Popen returns, /proc/<pid>/cmdline can still read empty while the
+            # exec completes (the resync benchmark saw b "exit" the moment it was started, under load).
+            return process.popen.poll() is None
         return same_process(process.pid, process.config)
 
     def start_process(self, name: str, wait: bool = True) -> int:
