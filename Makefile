@@ -112,8 +112,9 @@ chaos: build
 	$(PY) -m chaos run --full $(if $(SEED),--seed $(SEED),) --out chaos-report
 	$(PY) -m chaos plants --out chaos-report/plants
 
-# The micro-benchmarks, then the end-to-end suite (python -m benchmarks.e2e --help): Replicator
-# against etcd, Redis and raw RocksDB on loopback, results in benchmarks/results/<date>/.
+# The micro-benchmarks (bench_core: the core, driver and store of a pair in one process, no
+# network), then the end-to-end suite (python -m benchmarks.e2e --help): Replicator against etcd,
+# Redis and raw RocksDB on loopback, results in benchmarks/results/<date>/.
 # BENCH_ARGS=--quick for a 2-minute subset. Then the NBD section (benchmarks/bench_nbd.py): fio through
 # NBD against the pair, the daemon alone and durable nbdkit file; results in benchmarks/results/<date>/nbd.*.
 BENCH_ARGS ?=
@@ -122,6 +123,8 @@ bench: build tools-nbd
 	$(PY) -m benchmarks.bench_checksum
 	$(PY) -m benchmarks.bench_storage
 	$(PY) -m benchmarks.bench_framing
+	$(PY) -m benchmarks.bench_core
+	$(PY) -m benchmarks.bench_core --rocks
 	$(PY) -m benchmarks.bench_link
 	$(PY) -m benchmarks.bench_s3
 	$(PY) -m benchmarks.e2e $(BENCH_ARGS)
