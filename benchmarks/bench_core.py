@@ -193,6 +193,7 @@ WORKLOADS: dict[str, Callable[[Pair, int], int]] = {
     "put 4 KiB, 1 a turn": puts(1, 4096),
     "put 4 KiB, 8 a turn": puts(8, 4096),
     "put 4 KiB, 32 a turn": puts(32, 4096),
+    "put 4 KiB, 256 a turn": puts(256, 4096),
     "block write 1 MiB, 1 a turn": block_writes(1, 1 << 20),
     "block write 1 MiB, 4 a turn": block_writes(4, 1 << 20),
     "get 4 KiB, 32 a turn": gets(32),
