@@ -13,7 +13,8 @@ from replicator.core import messages as msg
 from replicator.core.config import CoreConfig
 from replicator.core.errors import ProtocolError
 from replicator.core.messages import Role
-from replicator.core.records import Operation
+from replicator.core.log import ReplicationLog
+from replicator.core.records import Operation, Record, RecordId
 from replicator.core.site import SiteCore
 from replicator.core.witness import PairConfig, WitnessCore, WitnessPersisted, WitnessReply, WitnessRequested
 
@@ -99,6 +100,28 @@ def test_two_fresh_sites_reconcile_and_replicate_a_write() -> None:
     # A retry of the same request id is answered from the dedup table, not applied again.
     out = b.core.step(ev.WriteRequested(10, b"req", (Operation(b"k", b"v"),)), 7.0, 1_000)
     assert out == [ev.AnswerWrite(10, True, ts=answers[0].ts, duplicate=True)]
+
+
+def test_the_log_finds_a_logged_request_by_its_index() -> None:
+    log = ReplicationLog("a", waiters_max=8)
+
+    def record(origin: str, seq: int, request_id: bytes) -> Record:
+        return Record(RecordId(origin, 1, seq), 1, seq, request_id, (Operation(b"k%d" % seq, b"v"),))
+
+    own, peer, twin = record("a", 1, b"r1"), record("b", 1, b"r2"), record("b", 2, b"r1")
+    for each in (own, peer, twin):
+        log.add(each)
+    assert log.request_logged(b"r1") and log.request_logged(b"r2") and not log.request_logged(b"r3")
+    # An own record committed here (waiting for the peer's confirm) no longer counts; the peer's twin does.
+    log.committed_unconfirmed[own.id.seq] = own
+    log.resolve(own)
+    log.remove(twin)
+    assert not log.request_logged(b"r1")
+    log.confirmed(log.committed_unconfirmed.pop(own.id.seq))
+    assert log.by_request == {b"r2": {peer.id}}
+    log.remove(peer)
+    assert not log.request_logged(b"r2") and log.by_request == {}
+    log.check()
 
 
 def test_local_events_missing_from_the_table_are_protocol_errors() -> None:

@@ -10,6 +10,8 @@
 - `waiters`: request id -> client handles waiting for a record of that request id
   that is in the log (a retry at the other site, say).
 - `key_pending`: key -> how many unresolved records write it; a read of such a key waits.
+- `by_request`: request id -> the ids of the log's records with that request id (an index of
+  `records`, so that a write's check for a logged retry costs O(1), not a pass over the log).
 
 Invariant (checked by `check` at the phase boundaries, and pairwise at every change): `key_pending` counts
 exactly the keys of the unresolved records, which are the log's records not
@@ -49,6 +51,7 @@ class ReplicationLog:
         self.waiters_max = waiters_max
         self.waiting = 0
         self.unresolved: set[RecordId] = set()  # the records whose keys key_pending counts
+        self.by_request: dict[bytes, set[RecordId]] = {}  # an index of `records`
 
     # ------------------------------------------------------------ keys
     def _block(self, record: Record) -> None:
@@ -80,11 +83,26 @@ class ReplicationLog:
         if not (record.id not in self.records):
             raise InvariantViolation(f"record {record.id} logged twice")
         self.records[record.id] = record
+        self.by_request.setdefault(record.request_id, set()).add(record.id)
         self._block(record)
 
+    def _forget(self, record: Record) -> bool:
+        """Take `record` out of `records` and its index; False when it was not there."""
+        if self.records.pop(record.id, None) is None:
+            return False
+        ids = self.by_request[record.request_id]
+        ids.discard(record.id)
+        if not ids:
+            del self.by_request[record.request_id]
+        return True
+
     def remove(self, record: Record) -> None:
-        if self.records.pop(record.id, None) is not None:
+        if self._forget(record):
             self.resolve(record)
+
+    def confirmed(self, record: Record) -> None:
+        """An own record committed here and applied at the peer: out of the log (already resolved)."""
+        self._forget(record)
 
     def sorted_records(self) -> list[Record]:
         return sorted(self.records.values(), key=lambda record: record.id)
@@ -92,9 +110,8 @@ class ReplicationLog:
     def request_logged(self, request_id: bytes) -> bool:
         """A record with this request id waits in the log (own committed ones are in the dedup table)."""
         return any(
-            record.request_id == request_id
-            and (record.id.seq not in self.committed_unconfirmed or record.id.origin != self.site)
-            for record in self.records.values()
+            record_id.seq not in self.committed_unconfirmed or record_id.origin != self.site
+            for record_id in self.by_request.get(request_id, ())
         )
 
     # ------------------------------------------------------------ own writes
@@ -135,6 +152,7 @@ class ReplicationLog:
     def clear_resolved(self) -> None:
         """Every record of the log was resolved (whole-log commit): only alone writes still block."""
         self.records.clear()
+        self.by_request.clear()
         self.key_pending.clear()
         self.unresolved.clear()
         for pending in self.pending.values():  # SOLO writes in flight keep their keys blocked
@@ -149,6 +167,7 @@ class ReplicationLog:
         self.pending.clear()
         self.pending_by_request.clear()
         self.records.clear()
+        self.by_request.clear()
         self.key_pending.clear()
         self.unresolved.clear()
         self.peer_records.clear()
@@ -176,6 +195,11 @@ class ReplicationLog:
                     raise InvariantViolation(f"pending write {seq} is not in the log")
         invariant(unresolved == Counter(self.key_pending), "key_pending differs from the keys of unresolved records")
         invariant(ids == self.unresolved, "the unresolved ids differ from the log's unresolved records")
+        indexed = {record_id for record_ids in self.by_request.values() for record_id in record_ids}
+        invariant(indexed == set(self.records) and all(
+            self.records[record_id].request_id == request_id
+            for request_id, record_ids in self.by_request.items() for record_id in record_ids
+        ), "the request-id index differs from the log's records")
         for request_id, seq in self.pending_by_request.items():
             if seq not in self.pending:
                 raise InvariantViolation(f"request {request_id!r} points at seq {seq}, not pending")

@@ -339,7 +339,7 @@ def on_commit_confirm(core: SiteCore, event: ev.Event) -> None:
         return
     records = [log.committed_unconfirmed.pop(seq) for seq in sorted(done)]
     for record in records:
-        log.records.pop(record.id, None)
+        log.confirmed(record)
     core.persist(log_delete=tuple(record.id for record in records), urgent=False)
 
 
