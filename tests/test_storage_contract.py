@@ -218,6 +218,20 @@ def test_a_flipped_byte_at_rest_is_reported_as_corruption(store) -> None:
     assert store.get(b"k") == Versioned(b"k", 5, b"precious bytes")
 
 
+@pytest.mark.parametrize("position", [0, 1, 8, 12, 13, -1])  # flags, the ts's top and low byte, crc, value
+def test_read_repair_replaces_a_corrupt_value_whatever_byte_was_hit(store, position: int) -> None:
+    # The store reads an overwritten value's ts without its CRC; it must still check the CRC before
+    # letting that ts win (a flipped high ts byte claims a ts no copy can beat).
+    write(store, lambda b: b.apply(b"k", 5, b"precious bytes"))
+    flipped = bytearray(store.raw_get("data", b"k"))
+    flipped[position] ^= 0x40
+    store.raw_put("data", b"k", bytes(flipped))
+    write(store, lambda b: (b.apply(b"k", 5, b"precious bytes"), b.apply(b"k", 4, b"older")))
+    assert store.get(b"k") == Versioned(b"k", 5, b"precious bytes")
+    write(store, lambda b: b.apply(b"k", 5, b"a copy at the same ts"))  # whole now: it does not win
+    assert store.get(b"k") == Versioned(b"k", 5, b"precious bytes")
+
+
 def test_a_value_moved_to_another_key_is_reported(store) -> None:
     write(store, lambda b: (b.apply(b"a", 5, b"x"), b.apply(b"b", 5, b"x")))
     store.raw_put("data", b"b", store.raw_get("data", b"a"))

@@ -252,24 +252,27 @@ class BaseStore:
             self._durable_sequence = target
             return target
 
-    def _stored_ts(self, key: bytes, stored: bytes | None) -> int:
-        """The ts an apply must beat: -1 when absent, or when the stored bytes are corrupt (so that a
-        correct copy from the peer, read-repair, replaces them)."""
-        if stored is None:
-            return -1
-        decoded = fmt.decode_value(key, stored)
-        return -1 if decoded is None else decoded[0]
-
     def _resolve(self, operations: list[Operation]) -> tuple[list[Mutation], int]:
         """Turn a batch's operations into engine mutations (under the write lock)."""
         engine = self._engine
         mutations: list[Mutation] = []
         apply_keys = [operation[1] for operation in operations if operation[0] == APPLY]
+        # The ts an apply must beat: -1 when absent, or when the stored bytes are corrupt (so that a
+        # correct copy from the peer, read-repair, replaces them). The ts is read from the header
+        # unchecked; the value's CRC is checked only for an apply that would lose to it: one that
+        # beats it wins whether the old bytes are whole or not (the same decisions as checking every
+        # value first, without a CRC pass over each overwritten value: 256 of 4 KiB per 1 MiB block write).
         current_ts: dict[bytes, int] = {}
+        unchecked: dict[bytes, bytes] = {}  # key -> stored bytes whose ts is in current_ts unchecked
         if apply_keys:
             unique_keys = list(dict.fromkeys(apply_keys))
             for key, stored in zip(unique_keys, engine.get_many(fmt.DATA, unique_keys), strict=True):
-                current_ts[key] = self._stored_ts(key, stored)
+                ts = None if stored is None else fmt.value_ts_unchecked(stored)
+                if stored is None or ts is None:
+                    current_ts[key] = -1  # absent, or not even a header
+                else:
+                    current_ts[key] = ts
+                    unchecked[key] = stored
         dedup_times: dict[bytes, int | None] = {}  # request id -> time_ms of its entry after this batch
         dedup_delta = 0
         for operation in operations:
@@ -278,9 +281,12 @@ class BaseStore:
                 mutations.append((operation[1], operation[2], operation[3]))
             elif kind == APPLY:
                 _, key, ts, stored = operation
+                if ts <= current_ts[key] and key in unchecked and fmt.decode_value(key, unchecked.pop(key)) is None:
+                    current_ts[key] = -1  # corrupt: any copy replaces it
                 if ts > current_ts[key]:
                     mutations.append((fmt.DATA, key, stored))
                     current_ts[key] = ts
+                    unchecked.pop(key, None)
             elif kind == PUT_DEDUP:
                 _, request_id, time_ms, stored = operation
                 previous = self._dedup_time(request_id, dedup_times)
