@@ -12,8 +12,8 @@ from replicator.core import events as ev
 from replicator.core import messages as msg
 from replicator.core.config import CoreConfig
 from replicator.core.errors import ProtocolError
-from replicator.core.messages import Role
 from replicator.core.log import ReplicationLog
+from replicator.core.messages import Role
 from replicator.core.records import Operation, Record, RecordId
 from replicator.core.site import SiteCore
 from replicator.core.witness import PairConfig, WitnessCore, WitnessPersisted, WitnessReply, WitnessRequested
@@ -122,6 +122,44 @@ def test_the_log_finds_a_logged_request_by_its_index() -> None:
     log.remove(peer)
     assert not log.request_logged(b"r2") and log.by_request == {}
     log.check()
+
+
+def test_a_read_served_at_once_by_the_shell_is_one_the_core_would_serve_at_once() -> None:
+    from replicator.core import reads
+
+    a, b = (ManualSite(name, config=config(name), wall=1_000, trace=[]) for name in "ab")
+    a.start()
+    b.start()
+    a.now = b.now = 1.0
+    connect(a, b)
+    assert a.core is not None and a.trace is not None
+
+    def core_serves_at_once(key: bytes, handle: int) -> bool:
+        assert a.trace is not None
+        a.trace.clear()
+        a.step(ev.ReadRequested(handle, key))
+        return any(isinstance(x, ev.ServeRead) and x.handle == handle for x in a.trace)
+
+    def agree(key: bytes, handle: int) -> bool:
+        assert a.core is not None
+        now = reads.serve_now(a.core, key, a.now)
+        assert core_serves_at_once(key, handle) == now, (key, a.core.role, now)
+        return now
+
+    assert not agree(b"k", 1)  # SYNC, but no heartbeat answered yet: no lease
+    a.now = b.now = 150.0  # a heartbeat goes, its answer brings the lease
+    a.step(ev.TimePassed())
+    settle(a, b)
+    assert agree(b"k", 2)
+    a.step(ev.WriteRequested(3, b"r", (Operation(b"k", b"v"),)))  # unresolved: k waits, j does not
+    assert not agree(b"k", 4) and agree(b"j", 5)
+    settle(a, b)
+    assert agree(b"k", 6)
+    # Later than the core's clock, past the lease: the shell's clock decides, and refuses.
+    lease_until = a.core.reads.lease_until_ms
+    assert not reads.serve_now(a.core, b"k", lease_until + 1) and reads.serve_now(a.core, b"k", lease_until - 1)
+    a.now = lease_until + 1
+    assert not agree(b"k", 7)
 
 
 def test_local_events_missing_from_the_table_are_protocol_errors() -> None:

@@ -45,13 +45,15 @@ class ReadGate:
         return True
 
 
-def can_serve(core: SiteCore) -> bool:
+def can_serve(core: SiteCore, now_ms: float | None = None) -> bool:
+    """Whether the site may serve reads now (at `now_ms`, by default the core's time)."""
     if core.takeover is not None:
         return False  # granted: serving waits until the takeover's commits are durable
     if core.role in (Role.SOLO, Role.RESYNC_SOURCE):
         return core.mark_synced is None or core.session_up()
     if core.role in (Role.SYNC, Role.SUSPENDED):
-        return core.now_ms < core.reads.lease_until_ms or core.plants.on(Plant.NO_READ_LEASE)
+        now = core.now_ms if now_ms is None else now_ms
+        return now < core.reads.lease_until_ms or core.plants.on(Plant.NO_READ_LEASE)
     return False
 
 
@@ -64,12 +66,20 @@ def key_blocked(core: SiteCore, key: bytes) -> bool:
     return core.replication.blocked(key) and not core.plants.on(Plant.NO_READ_GATE)
 
 
+def serve_now(core: SiteCore, key: bytes, now_ms: float) -> bool:
+    """The rule by which `on_read` serves a read at once, at `now_ms`: the site may serve and the key
+    has no unresolved record. Pure, so that a shell may ask it between two steps, at its own clock
+    (never earlier than the core's), read the store and answer without a step: what it refuses
+    goes through `on_read` (parked or refused there)."""
+    return can_serve(core, now_ms) and not key_blocked(core, key)
+
+
 def on_read(core: SiteCore, event: ev.Event) -> None:
     assert isinstance(event, ev.ReadRequested)
     if not can_serve(core) and not lease_coming(core):
         core.emit(ev.RejectRead(event.handle, ReadError.UNAVAILABLE, f"site {core.config.site} is {core.role.name}"))
         return
-    if key_blocked(core, event.key) or not can_serve(core):
+    if not serve_now(core, event.key, core.now_ms):
         parked = ParkedRead(event.handle, event.key, core.now_ms + core.config.read_wait_ms_max)
         if not core.reads.park(parked):
             core.emit(ev.RejectRead(event.handle, ReadError.OVERLOADED, "too many reads wait"))

@@ -186,6 +186,12 @@ class SiteCore:
     def step(self, event: ev.Event, now_ms: float, wall_ms: int) -> list[ev.Action]:
         if self.role is Role.STOPPED:
             raise ProtocolError(ProtocolErrorKind.STOPPED, f"site {self.config.site} ({self.stopped_reason}); got {event!r}")
+        stalled_ms = now_ms - self.now_ms - self.config.heartbeat_interval_ms
+        if stalled_ms > 0:
+            # No event was stepped here for longer than a heartbeat interval (a stalled loop, a paused
+            # process): that time is not the peer's silence, whose frames may wait unread behind this
+            # very event. Liveness only: leases run on the clock as before.
+            self.last_heard_ms += stalled_ms
         self.now_ms = max(self.now_ms, now_ms)  # monotonic
         self.wall_ms = wall_ms
         kind: type = type(event.message) if isinstance(event, ev.PeerSent) else type(event)
@@ -197,10 +203,12 @@ class SiteCore:
                 return self.effects.drain()
             raise ProtocolError(ProtocolErrorKind.NOT_IN_TABLE, f"{self.role.name} cannot take {kind.__name__}")
         before = self.role
-        if isinstance(event, ev.PeerSent) and before is Role.RECONCILE:
-            # In RECONCILE, which serves nothing, every frame counts as hearing the peer: heartbeat
-            # answers queue behind the reconcile shipments (megabytes with large values), and a
-            # one-way cut still ends it, since the deaf side times out and drops the connection.
+        if isinstance(event, ev.PeerSent) and before in (Role.RECONCILE, Role.SYNC):
+            # In RECONCILE and SYNC every frame counts as hearing the peer: heartbeat answers queue
+            # behind its shipments (megabytes with large values or block writes), and a busy peer is
+            # not a dead one. A one-way cut still ends the session: the deaf side times out and asks
+            # the witness, and the other, which hears but is not heard, gets no answer to its
+            # heartbeats, so no read lease (that comes only from heartbeat answers) and no acks.
             self.last_heard_ms = self.now_ms
         row.handler(self, event)
         timers.run(self)
