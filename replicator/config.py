@@ -79,6 +79,7 @@ __all__ = [
 CHAOS_ENVIRONMENT_VARIABLE = "REPLICATOR_CHAOS"
 KIB = 1024
 MIB = 1024 * KIB
+TICK_MS = 10  # the site daemon's timer: it steps its core at least this often (CoreConfig.tick_ms)
 
 
 class ConfigError(ValueError):
@@ -834,6 +835,7 @@ def derive(config: SiteConfig) -> SiteSettings:
             dedup_entries_max=site.dedup_entries_max,  # the core's table bounded as the store's
             static_priority=site.static_priority,
             static_priority_wait_ms=site.static_priority_wait_ms,
+            tick_ms=TICK_MS,
             plants=plants,
         )
         link = LinkLimits(

@@ -6,11 +6,17 @@ the interaction scripts (chaos/interaction.py) and the tests. It executes the
 core's actions by the rules of replicator/core/events.py, in one place:
 
 1. the actions of a step in the order given;
-2. `Persist`: written into the store at once (one atomic batch, the store's
-   own rules: last-writer-wins, the dedup bound, checksums), made durable
-   later; the shell reports the store's durable sequence (`durable`) and the
-   driver steps `Persisted` with the highest persist id it covers, in order.
-   A write or a sync that fails steps `PersistFailed` (fail-stop);
+2. `Persist`: written into the store (atomic batches, the store's own rules:
+   last-writer-wins, the dedup bound, checksums), made durable later; the
+   shell reports the store's durable sequence (`durable`) and the driver
+   steps `Persisted` with the highest persist id it covers, in order. A write
+   or a sync that fails steps `PersistFailed` (fail-stop). The persists of
+   one step go into one batch, written at the end of the step; with
+   `hold_persists` they are held past it, the persists of many steps in one
+   batch, until the shell calls `flush` (the daemon: at the end of the event
+   loop's turn, so that a turn costs one store write). Whatever reads the
+   store (`ServeRead`, a resync load, a full resync's erase, a shell's own
+   read) flushes first: a read never misses what the core persisted before it;
 3. `SendToPeer` / `DropPeerConnection`: the peer port, in order;
 4. `ServeRead`: read from the store before the next event;
 5. `AskWitness`: the witness port, answered later by an event;
@@ -178,6 +184,10 @@ class Host:
         """A loaded resync batch, to step later (a shell may cut it shorter still: a prefix is valid)."""
         self.later(driver, loaded)
 
+    def persists_held(self, driver: SiteDriver) -> None:
+        """With `hold_persists`: a persist is held, call `driver.flush()` soon (at the end of the
+        event loop's turn)."""
+
     def write_waits(self, driver: SiteDriver, persist: ev.Persist) -> None:
         """`persist` was written and waits for a sync: call `driver.durable` once one is done (an
         urgent persist asks for its sync; the others may ride on the next one)."""
@@ -212,6 +222,7 @@ class SiteDriver:
         host: Host,
         write: Callable[[Batch], int] | None = None,
         plants: frozenset[ShellPlant] = frozenset(),
+        hold_persists: bool = False,
     ) -> None:
         self.core = core
         self.store = store
@@ -225,6 +236,10 @@ class SiteDriver:
         self.closed = False  # the process is gone: nothing more is executed
         self.trace: list[ev.Action] | None = None  # when a list: every action executed (tests)
         self.resync_bytes_max = core.config.message_bytes_max
+        # The persists not yet written: one batch, and the persists it holds (see rule 2).
+        self.hold_persists = hold_persists
+        self.held: Batch | None = None
+        self.held_persists: list[ev.Persist] = []
         if ShellPlant.RESYNC_UNCUT in plants:
             self.resync_bytes_max = 1 << 62  # nothing is ever cut
 
@@ -244,6 +259,8 @@ class SiteDriver:
     def close(self) -> None:
         self.closed = True
         self.unsynced.clear()
+        self.held = None
+        self.held_persists = []
 
     # ---------------------------------------------------------- durability
     @property
@@ -266,6 +283,11 @@ class SiteDriver:
 
     # ---------------------------------------------------------- the executor
     def execute(self, actions: list[ev.Action]) -> None:
+        self._execute(actions)
+        if not self.hold_persists:
+            self.flush()
+
+    def _execute(self, actions: list[ev.Action]) -> None:
         host = self.host
         for action in actions:
             if self.closed:
@@ -283,6 +305,7 @@ class SiteDriver:
             elif isinstance(action, ev.RejectRead):
                 host.read_rejected(action)
             elif isinstance(action, ev.ServeRead):
+                self.flush()
                 try:
                     version = self.store.get(action.key)
                 except CorruptValue as error:
@@ -296,6 +319,7 @@ class SiteDriver:
             elif isinstance(action, ev.AskWitness):
                 self.witness.ask(action.request)
             elif isinstance(action, ev.LoadResyncBatch):
+                self.flush()
                 try:
                     loaded = load_resync_batch(self.store, action, self.resync_bytes_max)
                 except StorageFailed:
@@ -309,20 +333,37 @@ class SiteDriver:
                 host.stopping(action.reason)
 
     def _persist(self, persist: ev.Persist) -> None:
-        """The Persist interpreter: one atomic batch, its fields in the order events.Persist gives."""
+        """The Persist interpreter: its fields in the order events.Persist gives, added to the held
+        batch after the persists before it (one atomic write, in order: the same outcome as one
+        write each, last-writer-wins and the dedup table resolved operation by operation)."""
+        if persist.clear_data:
+            self.flush()  # the erase scans the store: what is held must be in it
+        if self.held is None:
+            self.held = self.store.batch()
+            if self.hold_persists:
+                self.host.persists_held(self)
+        self._add_to(self.held, persist)
+        self.held_persists.append(persist)
+
+    def flush(self) -> None:
+        """Write the held persists as one batch (nothing to do when none is held)."""
+        batch, persists = self.held, self.held_persists
+        if batch is None or self.closed:
+            return
+        self.held, self.held_persists = None, []
         try:
-            sequence = self.write(self._batch_of(persist))
+            sequence = self.write(batch)
         except StorageFailed as error:
-            # Not from inside this step's actions: the rest of them go out first, in order (a commit
+            # Not from inside a step's actions: the rest of them go out first, in order (a commit
             # decided before the failure is logged before the stop).
             self.host.later(self, ev.PersistFailed(str(error)))
             return
-        self.unsynced.append((sequence, persist.persist_id))
-        self.host.write_waits(self, persist)
+        for persist in persists:
+            self.unsynced.append((sequence, persist.persist_id))
+            self.host.write_waits(self, persist)
 
-    def _batch_of(self, persist: ev.Persist) -> Batch:
+    def _add_to(self, batch: Batch, persist: ev.Persist) -> None:
         store = self.store
-        batch = store.batch()
         if persist.clear_data:
             # A full resync's target starts empty: erase every key, page by page, in this one batch.
             start = b""
@@ -352,4 +393,3 @@ class SiteDriver:
                 batch.put_dedup(request_id, str(ts).encode(), now_ms)
         for name, value in persist.meta:
             batch.put_meta(name, encode_meta(value))
-        return batch

@@ -39,7 +39,8 @@ REQUIRED = {"name": "a", "peer_name": "b", "pair_id": "pair-1", "data_dir": "dat
 READ_BY_THE_DAEMON = {"name", "peer_name", "pair_id", "data_dir", "peer_address", "peer_grpc_address",
                       "shutdown_stage_timeout_ms"}
 # Core fields that are not a knob of their own: identity, and values derived from other keys (derive's docstring).
-CORE_NOT_KNOBS = {"site", "peer", "pair", "preferred", "plants", "clock_drift_max", "message_bytes_max"}
+# tick_ms is the daemon's own timer (config.TICK_MS), not a knob.
+CORE_NOT_KNOBS = {"site", "peer", "pair", "preferred", "plants", "clock_drift_max", "message_bytes_max", "tick_ms"}
 
 
 def site(tmp_path: Path, **section: Any) -> SiteConfig:

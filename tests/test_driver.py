@@ -35,14 +35,14 @@ def test_grep_finds_one_action_executor() -> None:
                 }
                 if {"Persist", "SendToPeer"} <= checked:
                     executors.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
-    assert executors == ["replicator/driver.py:" + _executor_line() + " execute"]
+    assert executors == ["replicator/driver.py:" + _executor_line() + " _execute"]
 
 
 def _executor_line() -> str:
     for node in ast.walk(ast.parse(DRIVER.read_text())):
-        if isinstance(node, ast.FunctionDef) and node.name == "execute":
+        if isinstance(node, ast.FunctionDef) and node.name == "_execute":
             return str(node.lineno)
-    raise AssertionError("SiteDriver.execute is gone")
+    raise AssertionError("SiteDriver._execute is gone")
 
 
 def test_each_shell_plant_is_checked_at_exactly_one_place() -> None:

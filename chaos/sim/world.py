@@ -225,6 +225,7 @@ class SiteProcess(Host):
             read_wait_ms_max=1000,
             resync_batch_keys_max=3,
             message_bytes_max=world.params.message_bytes_max,
+            tick_ms=world.params.tick_ms,
             plants=world.params.plants - set(SHELL_PLANTS),
         )
         self.core = SiteCore(config, recovered)

@@ -50,6 +50,11 @@ class CoreConfig:
     static_priority: bool = False
     # With static_priority: how long the witness must be out of reach before the preferred site goes on alone.
     static_priority_wait_ms: int = 3000
+    # The shell steps an event at least this often (its timer's period): then a longer gap between
+    # two events is this site's own stall (a long loop turn, a paused process), and it does not count
+    # as the peer's silence (site.py, `step`). None: the shell lets time pass as it likes (the tests
+    # that drive a core by hand jump over idle seconds), and every gap counts.
+    tick_ms: int | None = None
     plants: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
@@ -67,6 +72,8 @@ class CoreConfig:
                     raise ValueError(f"{spec.name}: must be a positive integer, got {value}")
         if not 0 <= self.clock_drift_max < 0.25:
             raise ValueError(f"clock_drift_max: must be in [0, 0.25), got {self.clock_drift_max}")
+        if self.tick_ms is not None and (isinstance(self.tick_ms, bool) or not isinstance(self.tick_ms, int) or self.tick_ms <= 0):
+            raise ValueError(f"tick_ms: must be a positive integer or None, got {self.tick_ms!r}")
         if self.heartbeat_interval_ms * 2 > self.peer_timeout_ms:
             raise ValueError("heartbeat_interval_ms: must be at most half of peer_timeout_ms")
         if self.peer_timeout_ms > self.lease_ms * 4:

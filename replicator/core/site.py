@@ -186,12 +186,12 @@ class SiteCore:
     def step(self, event: ev.Event, now_ms: float, wall_ms: int) -> list[ev.Action]:
         if self.role is Role.STOPPED:
             raise ProtocolError(ProtocolErrorKind.STOPPED, f"site {self.config.site} ({self.stopped_reason}); got {event!r}")
-        stalled_ms = now_ms - self.now_ms - self.config.heartbeat_interval_ms
-        if stalled_ms > 0:
-            # No event was stepped here for longer than a heartbeat interval (a stalled loop, a paused
-            # process): that time is not the peer's silence, whose frames may wait unread behind this
-            # very event. Liveness only: leases run on the clock as before.
-            self.last_heard_ms += stalled_ms
+        if self.config.tick_ms is not None and now_ms - self.now_ms > self.config.heartbeat_interval_ms:
+            # No event was stepped here for longer than a heartbeat interval although the shell's
+            # timer steps one every tick (a stalled loop, a paused process): that time is not the
+            # peer's silence, whose frames may wait unread behind this very event. Liveness only:
+            # the leases run on the clock as before.
+            self.last_heard_ms += now_ms - self.now_ms - self.config.heartbeat_interval_ms
         self.now_ms = max(self.now_ms, now_ms)  # monotonic
         self.wall_ms = wall_ms
         kind: type = type(event.message) if isinstance(event, ev.PeerSent) else type(event)

@@ -38,7 +38,7 @@ class SiteBackendMixin:
         text = f"{level} {status.site} {status.state} epoch {status.epoch}"
         return status.serving, text + "".join(f"\n{reason}" for reason in reasons)
 
-    def _handle(self, write: bool) -> tuple[int, asyncio.Future[Any]]:
+    def _check_room(self, write: bool) -> None:
         try:
             self.handles.check_room()
             if write:
@@ -46,6 +46,9 @@ class SiteBackendMixin:
         except Overloaded as error:
             (self.m_writes if write else self.m_reads).labels("overloaded").inc()
             raise errors.Unavailable(str(error), self.config.site.peer_grpc_address) from None
+
+    def _handle(self, write: bool) -> tuple[int, asyncio.Future[Any]]:
+        self._check_room(write)
         handle = self.next_handle
         self.next_handle += 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -93,11 +96,13 @@ class SiteBackendMixin:
     async def read(self, key: bytes, timeout_s: float) -> Versioned | None:
         self._refuse_if_draining(self.m_reads)
         started = time.perf_counter()
+        self._check_room(write=False)  # an overloaded site refuses even what it could serve at once
         if not self.driver.closed and reads.serve_now(self.core, key, self.mono_ms()):
             # What the core would serve at once is read here, in this call: no step, handle or future
             # (the same store read the driver does for ServeRead). A corrupt value or a failed store
             # takes the core's way below, which reports it.
             try:
+                self.driver.flush()  # what this turn persisted so far is in the store first
                 version = self.store.get(key)
             except (CorruptValue, StorageFailed):
                 pass
@@ -126,6 +131,7 @@ class SiteBackendMixin:
         # Linearizable per key: every key of the range is read through the core. The reads are issued
         # together: a key with nothing pending is served at once, so a page costs a few turns of the
         # event loop instead of one per key (a range full of tombstones, as S3 buckets leave, stays cheap).
+        self.driver.flush()  # what this turn persisted so far is in the store first
         found = self.store.scan(start, end, limit)
         answers = await asyncio.gather(*(self.read(v.key, timeout_s) for v in found), return_exceptions=True)
         results = []

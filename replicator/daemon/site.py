@@ -26,7 +26,7 @@ from replicator import __version__
 from replicator.api.admission import admitted
 from replicator.api.server import ListenError, start_site_server
 from replicator.client.witness import AsyncWitnessClient
-from replicator.config import ConfigError, SiteConfig, derive, load_site_config
+from replicator.config import TICK_MS, ConfigError, SiteConfig, derive, load_site_config
 from replicator.core import events as ev
 from replicator.core.site import SiteCore
 from replicator.daemon.backend import SiteBackendMixin
@@ -48,7 +48,7 @@ from replicator.storage import GroupCommitter, Store
 from replicator.storage.errors import StorageFailed
 from replicator.transport.link import Link
 
-TICK_S = 0.01
+TICK_S = TICK_MS / 1000
 RESYNC_PROGRESS_LOG_S = 5.0  # a running resync logs (and streams) its progress this often
 
 
@@ -101,7 +101,8 @@ class SiteDaemon(SiteBackendMixin, WitnessPortMixin, PeerLinkMixin, SiteStateMix
         self.core = SiteCore(core_config, core_recovered)
         self.committer = GroupCommitter(self.store)
         self.driver = SiteDriver(
-            self.core, self.store, self.peer_port, self, self, DaemonHost(self), write=self.committer.write_now
+            self.core, self.store, self.peer_port, self, self, DaemonHost(self), write=self.committer.write_now,
+            hold_persists=True,
         )
         add_host_metrics(self.metrics, data_dir, self.config.tls, self.committer)
         self.committer.start()

@@ -77,6 +77,10 @@ class DaemonHost(Host):
             self.daemon.resync_progress.advance(len(loaded.entries))
         self.later(driver, loaded)
 
+    def persists_held(self, driver: SiteDriver) -> None:
+        # The persists of this turn of the loop go to the store as one batch, after its last event.
+        asyncio.get_running_loop().call_soon(driver.flush)
+
     def write_waits(self, driver: SiteDriver, persist: ev.Persist) -> None:
         if persist.urgent:
             self.daemon.committer.request_sync()  # else it rides on the next sync (GroupCommitter.wait_durable lazy)
