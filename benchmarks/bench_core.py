@@ -76,7 +76,7 @@ def config(site: str) -> CoreConfig:
 
 
 class Pair:
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, hold: bool = True) -> None:
         self.sites: dict[str, ManualSite] = {}
         for name in "ab":
             site = ManualSite(name, config=config(name), wall=1_000)
@@ -84,6 +84,10 @@ class Pair:
                 site.disk = RocksDisk(directory / name)  # type: ignore[assignment]
             self.sites[name] = site
             site.start()
+        for site in self.sites.values():
+            assert site.driver is not None
+            # As the daemon: the persists of a turn are one store write, flushed before the syncs.
+            site.driver.hold_persists = hold
         self.meter = Meter()
         self.requests = 0
         for site in self.sites.values():
@@ -110,6 +114,8 @@ class Pair:
     def settle(self, done: Callable[[], bool] = lambda: False, rounds: int = 50) -> None:
         for _ in range(rounds):
             for name, site in self.sites.items():
+                if site.driver is not None:
+                    self.meter.run(name, site.driver.flush)
                 self.meter.run(name, site.sync)
             moved = self.deliver("a", "b") | self.deliver("b", "a")
             if done() or not moved and not any(site.driver and site.driver.unsynced for site in self.sites.values()):
@@ -200,10 +206,10 @@ WORKLOADS: dict[str, Callable[[Pair, int], int]] = {
 }
 
 
-def measure(name: str, seconds: float, rocks: bool) -> tuple[int, dict[str, float]]:
+def measure(name: str, seconds: float, rocks: bool, hold: bool = True) -> tuple[int, dict[str, float]]:
     workload = WORKLOADS[name]
     with tempfile.TemporaryDirectory(prefix="bench-core-") as directory:
-        pair = Pair(Path(directory) if rocks else None)
+        pair = Pair(Path(directory) if rocks else None, hold)
         pair.meter.cpu = {"a": 0.0, "b": 0.0}
         operations = 0
         turn = 0
@@ -225,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="CPU seconds per workload (default 3)")
     parser.add_argument("--only", action="append", choices=sorted(WORKLOADS), help="run only these workloads")
     parser.add_argument("--profile", choices=sorted(WORKLOADS), help="print cProfile's top functions of one workload")
+    parser.add_argument("--no-hold", action="store_true",
+                        help="write each step's persists at its end, not a turn's at once (SiteDriver.hold_persists)")
     args = parser.parse_args(argv)
     if args.profile:
         profile = cProfile.Profile()
         profile.enable()
-        measure(args.profile, args.seconds, args.rocks)
+        measure(args.profile, args.seconds, args.rocks, not args.no_hold)
         profile.disable()
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(30)
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| workload ({store} store) | operations | CPU us per op, site a | site b |")
     print("|---|---|---|---|")
     for name in args.only or list(WORKLOADS):
-        operations, cpu = measure(name, args.seconds, args.rocks)
+        operations, cpu = measure(name, args.seconds, args.rocks, not args.no_hold)
         print(f"| {name} | {operations:,} | {cpu['a'] / operations * 1e6:,.1f} | {cpu['b'] / operations * 1e6:,.1f} |")
         sys.stdout.flush()
     return 0

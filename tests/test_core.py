@@ -78,12 +78,18 @@ def test_starting_site_refuses_writes_and_reads() -> None:
     assert isinstance(out[0], ev.RejectRead) and out[0].error == "unavailable"
 
 
-def test_two_fresh_sites_reconcile_and_replicate_a_write() -> None:
+def connected_pair() -> tuple[ManualSite, ManualSite]:
+    """Two fresh sites, each tracing its actions, connected and reconciled at 1 ms."""
     a, b = (ManualSite(name, config=config(name), wall=1_000, trace=[]) for name in "ab")
     a.start()
     b.start()
     a.now = b.now = 1.0
     connect(a, b)
+    return a, b
+
+
+def test_two_fresh_sites_reconcile_and_replicate_a_write() -> None:
+    a, b = connected_pair()
     assert a.core is not None and b.core is not None and a.trace is not None and b.trace is not None
     assert a.core.role is Role.SYNC and b.core.role is Role.SYNC
     assert any(isinstance(x, ev.RoleChanged) and x.new is Role.SYNC for x in a.trace)
@@ -127,11 +133,7 @@ def test_the_log_finds_a_logged_request_by_its_index() -> None:
 def test_a_read_served_at_once_by_the_shell_is_one_the_core_would_serve_at_once() -> None:
     from replicator.core import reads
 
-    a, b = (ManualSite(name, config=config(name), wall=1_000, trace=[]) for name in "ab")
-    a.start()
-    b.start()
-    a.now = b.now = 1.0
-    connect(a, b)
+    a, b = connected_pair()
     assert a.core is not None and a.trace is not None
 
     def core_serves_at_once(key: bytes, handle: int) -> bool:
