@@ -274,6 +274,13 @@ class BaseStore:
                     current_ts[key] = ts
                     unchecked[key] = stored
         dedup_times: dict[bytes, int | None] = {}  # request id -> time_ms of its entry after this batch
+        # The entries' times before this batch, read in one call (a turn's commits put many).
+        dedup_ids = [operation[1] for operation in operations if operation[0] in (PUT_DEDUP, DELETE_DEDUP)]
+        if dedup_ids:
+            unique_ids = list(dict.fromkeys(dedup_ids))
+            for request_id, stored in zip(unique_ids, engine.get_many(fmt.DEDUP, unique_ids), strict=True):
+                # A corrupt entry's time may be wrong: its age entry then dangles, and pruning removes it.
+                dedup_times[request_id] = None if stored is None else fmt.dedup_time_unchecked(stored)
         dedup_delta = 0
         for operation in operations:
             kind = operation[0]
@@ -289,7 +296,7 @@ class BaseStore:
                     unchecked.pop(key, None)
             elif kind == PUT_DEDUP:
                 _, request_id, time_ms, stored = operation
-                previous = self._dedup_time(request_id, dedup_times)
+                previous = dedup_times[request_id]
                 if previous is None:
                     dedup_delta += 1
                 else:
@@ -303,7 +310,7 @@ class BaseStore:
             else:
                 assert kind == DELETE_DEDUP, f"unknown batch operation {kind!r}"
                 request_id = operation[1]
-                previous = self._dedup_time(request_id, dedup_times)
+                previous = dedup_times[request_id]
                 if previous is not None:
                     dedup_delta -= 1
                     mutations.append((fmt.DEDUP, request_id, None))
@@ -313,13 +320,6 @@ class BaseStore:
         if excess > 0:
             dedup_delta -= self._evict_oldest_dedup(excess, dedup_times, mutations)
         return mutations, dedup_delta
-
-    def _dedup_time(self, request_id: bytes, dedup_times: dict[bytes, int | None]) -> int | None:
-        if request_id in dedup_times:
-            return dedup_times[request_id]
-        stored = self._engine.get(fmt.DEDUP, request_id)
-        # A corrupt entry's time may be wrong: its age entry then dangles, and pruning removes it.
-        return None if stored is None else fmt.dedup_time_unchecked(stored)
 
     def _evict_oldest_dedup(self, excess: int, touched: dict[bytes, int | None], mutations: list[Mutation]) -> int:
         """Add deletions of the `excess` oldest dedup entries not touched by this batch; return how many."""
