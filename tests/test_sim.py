@@ -110,6 +110,32 @@ def test_seed_61196_stale_read_needs_both_a_reordering_link_and_no_gap_check() -
     assert any("linearizability" in v and "'k2'" in v and "v2-181" in v for v in unchecked.violations), unchecked.violations
 
 
+def test_the_simulator_restores_a_disk_only_while_no_fault_is_active() -> None:
+    """The precondition of the restore_old_disk fault (seeds 1612 and 3257), checked condition by
+    condition: independent of any seed's schedule."""
+    from chaos.sim.run import no_fault_active
+    from chaos.sim.world import World
+
+    world = World(1, SimParams())
+    world.witness.start()
+    for site in world.sites.values():
+        site.start()
+    assert no_fault_active(world)
+    a = world.sites["a"]
+    faults = [
+        ("a link cut", lambda on: world.links.update({("a", "b"): "black hole"}) if on else world.links.clear()),
+        ("the witness down", lambda on: setattr(world.witness, "alive", not on)),
+        ("a paused", lambda on: setattr(a, "paused_until_us", world.now_us + 1 if on else 0)),
+        ("a's next fsync set to fail", lambda on: setattr(a.disk, "fail_next_sync", on)),
+        ("a's disk full", lambda on: setattr(a.disk, "full", on)),
+    ]
+    for name, fault in faults:
+        fault(True)
+        assert not no_fault_active(world), name
+        fault(False)
+        assert no_fault_active(world), name
+
+
 def test_seed_1612_a_disk_is_restored_only_while_no_other_fault_is_active(monkeypatch: pytest.MonkeyPatch) -> None:
     """Seed 1612 (old workload) restored b's disk while a was paused and cut from the witness: b
     won epoch 2 with its old copy and a lost acknowledged writes. That is the double failure the
