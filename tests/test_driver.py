@@ -94,6 +94,52 @@ def test_durability_is_reported_once_per_sync_and_a_failed_write_stops_the_site(
     assert a.core.role is Role.STOPPED and a.core.stopped_reason.startswith("storage")
 
 
+def test_held_persists_are_one_store_write_and_a_read_sees_them() -> None:
+    """With hold_persists (the daemon) the persists of many steps are held and written as one
+    batch on flush; a ServeRead flushes first, so a read never misses what was persisted before it."""
+    a, b = ManualSite("a", trace=[]), ManualSite("b")
+    a.start()
+    b.start()
+    connect(a, b)
+    settle(a, b)
+    assert a.driver is not None and a.core is not None
+    flushes: list[int] = []
+    a.persists_held = lambda driver: flushes.append(1)  # type: ignore[method-assign]
+    a.driver.hold_persists = True
+    written = a.disk.store.written_sequence
+    for number in range(3):
+        a.step(ev.WriteRequested(number, f"r{number}".encode(), (Operation(f"k{number}".encode(), b"v"),)))
+    assert a.disk.store.written_sequence == written and not a.driver.unsynced and flushes == [1]
+    a.driver.flush()
+    assert a.disk.store.written_sequence == written + 1  # three persists, one write
+    assert [persist_id for _, persist_id in a.driver.unsynced] == sorted(p for _, p in a.driver.unsynced)
+    assert len(a.driver.unsynced) == 3
+    for _ in range(10):  # commit: the applies are held again until something reads
+        a.driver.flush()
+        settle(a, b)
+    assert {x.handle for x in a.answers if x.ok} == {0, 1, 2}
+    a.step(ev.WriteRequested(5, b"r5", (Operation(b"k5", b"new"),)))
+    a.driver.flush()
+    a.sync()  # a's log entry is durable
+    for message in a.outbox:
+        b.step(ev.PeerSent(message))
+    a.outbox.clear()
+    assert b.driver is not None
+    b.driver.flush()
+    b.sync()  # b prepared it durably and acknowledges
+    for message in b.outbox:
+        a.step(ev.PeerSent(message))  # the ack: a commits, its apply is held
+    b.outbox.clear()
+    assert any(x.handle == 5 and x.ok for x in a.answers) and a.driver.held is not None
+    assert a.disk.value(b"k5") is None
+    # Whatever is still held when a read is served goes to the store first.
+    a.core.reads.lease_until_ms = a.now + 1_000_000
+    served: list[object] = []
+    a.read_served = lambda handle, key, version, error: served.append(version)  # type: ignore[method-assign]
+    a.step(ev.ReadRequested(7, b"k5"))
+    assert a.driver.held is None and served and getattr(served[0], "value", None) == b"new"
+
+
 def test_the_simulated_disk_loses_what_was_not_synced() -> None:
     disk = SimDisk()
     batch = disk.store.batch()
