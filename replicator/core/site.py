@@ -203,14 +203,20 @@ class SiteCore:
                 return self.effects.drain()
             raise ProtocolError(ProtocolErrorKind.NOT_IN_TABLE, f"{self.role.name} cannot take {kind.__name__}")
         before = self.role
-        if isinstance(event, ev.PeerSent) and before in (Role.RECONCILE, Role.SYNC):
-            # In RECONCILE and SYNC every frame counts as hearing the peer: heartbeat answers queue
-            # behind its shipments (megabytes with large values or block writes), and a busy peer is
-            # not a dead one. A one-way cut still ends the session: the deaf side times out and asks
-            # the witness, and the other, which hears but is not heard, gets no answer to its
-            # heartbeats, so no read lease (that comes only from heartbeat answers) and no acks.
+        if isinstance(event, ev.PeerSent) and before is Role.RECONCILE:
+            # In RECONCILE, which serves nothing, every frame counts as hearing the peer: heartbeat
+            # answers queue behind the reconcile shipments (megabytes with large values), and a
+            # one-way cut still ends it, since the deaf side times out and drops the connection.
             self.last_heard_ms = self.now_ms
         row.handler(self, event)
+        if isinstance(event, ev.PeerSent) and before is Role.SYNC and self.session_up():
+            # So in SYNC does every frame of a session that goes on: heartbeat answers queue behind
+            # the peer's shipments (block writes), and a busy peer is not a dead one. Not a frame
+            # that ends the session (a Hello refused: a peer restored from an old copy that keeps
+            # reconnecting must not keep this site from asking the witness, simulator seed 444).
+            # A one-way cut still ends the session: the deaf side times out and asks the witness,
+            # and the other, heard but not hearing, gets no heartbeat answer, so no read lease.
+            self.last_heard_ms = self.now_ms
         timers.run(self)
         if self.role is not before and self.role not in row.next_roles:
             raise InvariantViolation(f"{before.name} --{kind.__name__}--> {self.role.name} is not in the transition table")
