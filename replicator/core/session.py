@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from replicator.core import events as ev
 from replicator.core import messages as msg
-from replicator.core import reads, reconcile, resync_source, takeover
+from replicator.core import reads, reconcile, resync_source, takeover, witness_client
 from replicator.core.errors import RemoteErrorKind
 from replicator.core.messages import Role
 from replicator.core.plants import Plant
@@ -136,6 +136,16 @@ def on_hello(core: SiteCore, event: ev.Event) -> None:
         return
     if core.role is Role.FENCED:
         core.drop_session("fenced: waiting for the witness")
+        return
+    if hello.role is Role.FENCED:
+        # The peer was refused by the witness, or waits for it: the witness has moved past this
+        # epoch, maybe to a grant of ours that we never learnt of (we crashed before its answer came:
+        # simulator seed 54982), and the peer will not reconcile. Reconciling again and again kept us
+        # hearing it, so we never asked: only the witness can say who goes on.
+        if core.role is Role.SUSPENDED:
+            core.drop_session("peer is fenced: waiting for the witness")
+        else:
+            witness_client.suspend(core, "peer is fenced: asking the witness")
         return
     reconcile.begin(core)
 

@@ -119,8 +119,8 @@ _WITNESS_ANSWER: dict[Role, frozenset[Role]] = {
     R.RESYNC_TARGET: frozenset({R.SUSPENDED}),  # adopt a SYNC epoch
 }
 _HELLO: dict[Role, frozenset[Role]] = {
-    R.STARTING: frozenset({R.RECONCILE}),
-    R.SYNC: frozenset({R.RECONCILE, R.FENCED}),
+    R.STARTING: frozenset({R.RECONCILE, R.SUSPENDED}),
+    R.SYNC: frozenset({R.RECONCILE, R.FENCED, R.SUSPENDED}),
     R.RECONCILE: frozenset({R.FENCED}) | _SESSION_LOST[R.RECONCILE],
     R.SUSPENDED: frozenset({R.RECONCILE, R.FENCED}),
     R.SOLO: frozenset({R.RESYNC_SOURCE, R.FENCED}),
