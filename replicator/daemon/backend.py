@@ -107,9 +107,7 @@ class SiteBackendMixin:
             except (CorruptValue, StorageFailed):
                 pass
             else:
-                self.m_reads.labels("ok").inc()
-                self.m_read_latency.observe(time.perf_counter() - started)
-                return version
+                return self._read_served(version, started)
         handle, future = self._handle(write=False)
         self.step(ev.ReadRequested(handle, key))
         try:
@@ -122,9 +120,12 @@ class SiteBackendMixin:
         if isinstance(result, ev.RejectRead):
             self.m_reads.labels(result.error).inc()
             raise self._unavailable("read")
+        return self._read_served(result, started)
+
+    def _read_served(self, version: Versioned | None, started: float) -> Versioned | None:
+        """Count a served read (at once or through the core) and its latency."""
         self.m_reads.labels("ok").inc()
         self.m_read_latency.observe(time.perf_counter() - started)
-        version: Versioned | None = result
         return version
 
     async def scan(self, start: bytes, end: bytes | None, limit: int, timeout_s: float) -> list[Versioned]:
